@@ -1,0 +1,50 @@
+"""The one prompt builder, shared by training and answering.
+
+What the model sees when it learns is what it sees when it answers: the same system prompt, the same
+layout of retrieved passages, rendered by the tokenizer's own chat template (never a hard-coded one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = (
+    "You are the company's knowledge-base assistant. Answer the employee's question briefly and "
+    "accurately, using the knowledge-base passages given with it. If they do not contain the answer, "
+    "say that you could not find it instead of guessing. Answer in the language of the question."
+)
+
+# Passages are trimmed so that the prompt stays well inside small models' context windows.
+MAX_PASSAGE_CHARS = 600
+
+
+@dataclass(frozen=True)
+class PromptPassage:
+    title: str
+    content: str
+
+
+def build_messages(question: str, *, input: str = "", passages: Sequence[PromptPassage] = ()) -> list[dict]:
+    """Chat messages for one question: system prompt, then a user turn with the passages and the question."""
+    parts = []
+    if passages:
+        blocks = [f"[{i}] {p.title}\n{p.content[:MAX_PASSAGE_CHARS].strip()}" for i, p in enumerate(passages, 1)]
+        parts.append("Knowledge base:\n" + "\n\n".join(blocks))
+    parts.append(f"Question: {question.strip()}")
+    if input and input.strip():
+        parts.append(f"Context: {input.strip()}")
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The generation prompt as text, through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!r} has no chat template; "
+            "use an instruction-tuned model (e.g. Qwen/Qwen2.5-0.5B-Instruct) or `tiny`"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

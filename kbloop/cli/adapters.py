@@ -1,0 +1,3 @@
+"""Commands: eval,adapters,promote,rollback,export."""
+
+from kbloop.cli.app import app  # noqa: F401

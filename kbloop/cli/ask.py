@@ -1,0 +1,3 @@
+"""Commands: ask."""
+
+from kbloop.cli.app import app  # noqa: F401

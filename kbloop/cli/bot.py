@@ -1,0 +1,3 @@
+"""Commands: bot."""
+
+from kbloop.cli.app import app  # noqa: F401

@@ -1,0 +1,192 @@
+"""Workspace, knowledge base, training data, curation queue and database commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kbloop.cli.app import app, ctx, fail
+from kbloop.settings import ENV_EXAMPLE
+
+kb_app = typer.Typer(help="The knowledge base the bot answers from.", no_args_is_help=True)
+data_app = typer.Typer(help="Training examples: import, export, statistics.", no_args_is_help=True)
+review_app = typer.Typer(help="The curation queue: pending examples from 👎 corrections and the playground.",
+                         invoke_without_command=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+app.add_typer(data_app, name="data")
+app.add_typer(review_app, name="review")
+app.add_typer(db_app, name="db")
+
+
+@app.command()
+def init() -> None:
+    """Create KBLOOP_HOME, the database (migrations applied) and a commented .env.example."""
+    from store import open_db
+
+    settings = ctx().settings
+    settings.kbloop_home.mkdir(parents=True, exist_ok=True)
+    settings.adapters_dir.mkdir(parents=True, exist_ok=True)
+    existed = settings.db_path.exists()
+    open_db(settings.db_path)
+    example = settings.kbloop_home / ".env.example"
+    example.write_text(ENV_EXAMPLE, encoding="utf-8")
+    verb = "up to date" if existed else "created"
+    typer.echo(f"Workspace {settings.kbloop_home} ready; database {settings.db_path} {verb}.")
+    typer.echo(f"Settings template: {example} (copy it to ./.env and edit).")
+
+
+@kb_app.command("import")
+def kb_import(
+    paths: Annotated[list[Path], typer.Argument(help="Markdown, text or HTML files, or folders (recursive).")],
+    embed: Annotated[bool, typer.Option(help="Compute semantic-search embeddings now (else on first answer).")] = True,
+) -> None:
+    """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it."""
+    from rich.progress import track
+
+    from store.documents import document_passages, find_kb_files
+    from store.kb import kb_stats, replace_document
+
+    c = ctx()
+    files = find_kb_files(paths)
+    if not files:
+        fail("no Markdown, text or HTML documents found in " + ", ".join(map(str, paths)))
+    # Parse everything first: a bad document stops the import before anything is written.
+    parsed = []
+    for f in files:
+        base = next((p for p in paths if p.is_dir() and f.is_relative_to(p)), f.parent)
+        parsed.append((f, document_passages(f, f.relative_to(base).as_posix())))
+    changed = 0
+    for f, passages in track(parsed, description="Importing", transient=True, disable=len(parsed) < 20):
+        _, was_changed = replace_document(c.db, passages[0].doc_path, passages)
+        changed += was_changed
+    if embed:
+        _embed_passages(c)
+    stats = kb_stats(c.db)
+    typer.echo(f"{len(files)} documents read, {changed} new or changed, {len(files) - changed} unchanged; "
+               f"knowledge base: {stats['documents']} documents, {stats['passages']} passages.")
+
+
+def _embed_passages(c) -> None:
+    try:
+        from finetune.retrieval import embed_missing_passages
+    except ImportError:  # retrieval not built yet in this checkout
+        return
+    embed_missing_passages(c.db)
+
+
+@data_app.command("import")
+def data_import(
+    file: Annotated[Path, typer.Argument(help="JSONL or CSV: instruction/input/output, question/answer or messages.")],
+    status: Annotated[str, typer.Option(help="approved (default) or pending (send through review).")] = "approved",
+) -> None:
+    """Import QA pairs as training examples. A file with any bad line is refused whole."""
+    from store.examples import add_examples
+    from store.formats import read_examples_file
+
+    if status not in ("approved", "pending"):
+        fail(f"--status must be approved or pending, not {status!r}")
+    c = ctx()
+    examples = read_examples_file(file)
+    added, dupes = add_examples(c.db, examples, status=status, source="import", reviewer="import" if status == "approved" else None)
+    typer.echo(f"{file}: {added} examples imported as {status}, {dupes} duplicates skipped.")
+
+
+@data_app.command("export")
+def data_export(
+    format: Annotated[str, typer.Option("--format", help="sft | messages | dpo | kto")],
+    out: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
+) -> None:
+    """Write training data as JSONL for TRL / LLaMA-Factory."""
+    from store.formats import EXPORT_FORMATS, write_export
+
+    if format not in EXPORT_FORMATS:
+        fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+    n = write_export(ctx().db, format, out)
+    typer.echo(f"{n} {format} records written to {out}.")
+
+
+@data_app.command("stats")
+def data_stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Counts of examples by status and source, feedback by vote, knowledge-base size."""
+    from store.examples import example_stats
+    from store.interactions import feedback_stats
+    from store.kb import kb_stats
+
+    c = ctx()
+    stats = {"examples": example_stats(c.db), "feedback": feedback_stats(c.db), "knowledge_base": kb_stats(c.db)}
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    ex, fb, kb = stats["examples"], stats["feedback"], stats["knowledge_base"]
+    typer.echo(f"Knowledge base: {kb['documents']} documents, {kb['passages']} passages")
+    typer.echo("Examples by status: " + ", ".join(f"{k} {v}" for k, v in ex["by_status"].items()))
+    typer.echo("Examples by source: " + ", ".join(f"{k} {v}" for k, v in ex["by_source"].items()))
+    typer.echo(f"Answers: {fb['interactions']}; votes 👍 {fb['up']} / 👎 {fb['down']}; corrections {fb['corrections']}")
+
+
+@review_app.callback()
+def review_list(
+    typer_ctx: typer.Context,
+    status: Annotated[str, typer.Option(help="pending | approved | rejected")] = "pending",
+    limit: Annotated[int, typer.Option(help="How many to show.")] = 50,
+) -> None:
+    """List examples waiting for review (or with another status)."""
+    if typer_ctx.invoked_subcommand is not None:
+        return
+    from store.examples import list_examples
+
+    items = list_examples(ctx().db, status=status, limit=limit)
+    if not items:
+        typer.echo(f"No {status} examples.")
+        return
+    for ex in items:
+        origin = f" (answer #{ex.interaction_id})" if ex.interaction_id else ""
+        typer.echo(f"#{ex.id} [{ex.source}{origin}] Q: {_one_line(ex.question)}")
+        if ex.rejected_answer:
+            typer.echo(f"    was: {_one_line(ex.rejected_answer)}")
+        typer.echo(f"    A:   {_one_line(ex.answer)}")
+
+
+def _one_line(text: str, width: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _reviewer() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@review_app.command("approve")
+def review_approve(
+    example_id: Annotated[int, typer.Argument(help="Example id (see `kbloop review`).")],
+    answer: Annotated[Optional[str], typer.Option(help="Replace the answer before approving.")] = None,
+) -> None:
+    """Approve an example, optionally with an edited answer."""
+    from store.examples import review_example
+
+    ex = review_example(ctx().db, example_id, decision="approved", reviewer=_reviewer(), answer=answer)
+    typer.echo(f"#{ex.id} approved: {_one_line(ex.answer)}")
+
+
+@review_app.command("reject")
+def review_reject(example_id: Annotated[int, typer.Argument(help="Example id.")]) -> None:
+    """Reject an example: it is never trained on."""
+    from store.examples import review_example
+
+    ex = review_example(ctx().db, example_id, decision="rejected", reviewer=_reviewer())
+    typer.echo(f"#{ex.id} rejected.")
+
+
+@db_app.command("backup")
+def db_backup(out: Annotated[Path, typer.Argument(help="Where to write the copy (must not exist).")]) -> None:
+    """A consistent copy of the database, safe while the bot and workers are running."""
+    from store import backup_db
+
+    path = backup_db(ctx().db, out)
+    typer.echo(f"Backup written to {path} ({path.stat().st_size // 1024} KiB).")

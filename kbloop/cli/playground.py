@@ -1,0 +1,3 @@
+"""Commands: playground."""
+
+from kbloop.cli.app import app  # noqa: F401

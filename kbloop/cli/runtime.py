@@ -1,0 +1,3 @@
+"""Commands: serve,demo."""
+
+from kbloop.cli.app import app  # noqa: F401

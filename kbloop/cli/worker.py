@@ -1,0 +1,3 @@
+"""Commands: worker."""
+
+from kbloop.cli.app import app  # noqa: F401

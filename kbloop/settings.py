@@ -1,0 +1,149 @@
+"""Settings: one typed object built from the environment and a `.env` file in the working directory.
+
+The variable names are a promise to users (see ARCHITECTURE.md, "Configuration"). Everything else in
+kbloop receives the pieces it needs from here instead of reading the environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """A missing or malformed setting; the message names the variable and what is expected."""
+
+
+def _split_csv(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [v.strip() for v in value if v.strip()]
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    kbloop_home: Path = Field(default=Path("./kbloop-data"), alias="KBLOOP_HOME")
+    kbloop_db: Path | None = Field(default=None, alias="KBLOOP_DB")
+    base_model: str = Field(default="Qwen/Qwen2.5-0.5B-Instruct", alias="KBLOOP_BASE_MODEL")
+    # Stored as raw strings: pydantic-settings would otherwise try to parse lists as JSON.
+    admins_raw: str = Field(default="", alias="KBLOOP_ADMINS")
+    notify_channel: str | None = Field(default=None, alias="KBLOOP_NOTIFY_CHANNEL")
+    playground_auth_raw: str | None = Field(default=None, alias="KBLOOP_PLAYGROUND_AUTH")
+    playground_admins_raw: str = Field(default="", alias="KBLOOP_PLAYGROUND_ADMINS")
+    slack_bot_token: str | None = Field(default=None, alias="SLACK_BOT_TOKEN")
+    slack_signing_secret: str | None = Field(default=None, alias="SLACK_SIGNING_SECRET")
+    slack_app_token: str | None = Field(default=None, alias="SLACK_APP_TOKEN")
+    slack_api_url: str = Field(default="https://slack.com/api/", alias="KBLOOP_SLACK_API_URL")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected an HF model id, a local model directory, or 'tiny'")
+        return v.strip()
+
+    @field_validator("playground_auth_raw")
+    @classmethod
+    def _auth_pairs(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        for pair in _split_csv(v):
+            user, sep, password = pair.partition(":")
+            if not sep or not user or not password:
+                raise ValueError(f"expected user:password pairs separated by commas, got {pair.split(':')[0]!r}…")
+        return v
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("expected an http(s) URL such as https://slack.com/api/")
+        return v if v.endswith("/") else v + "/"
+
+    @field_validator("slack_bot_token")
+    @classmethod
+    def _bot_token(cls, v: str | None) -> str | None:
+        if v and not v.startswith("xoxb-"):
+            raise ValueError("expected a bot token starting with xoxb-")
+        return v or None
+
+    @field_validator("slack_app_token")
+    @classmethod
+    def _app_token(cls, v: str | None) -> str | None:
+        if v and not v.startswith("xapp-"):
+            raise ValueError("expected an app-level token starting with xapp-")
+        return v or None
+
+    # Derived values -------------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.kbloop_db if self.kbloop_db is not None else self.kbloop_home / "kbloop.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.kbloop_home / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.kbloop_home / "models"
+
+    @property
+    def admins(self) -> list[str]:
+        return _split_csv(self.admins_raw)
+
+    @property
+    def playground_admins(self) -> list[str]:
+        return _split_csv(self.playground_admins_raw)
+
+    @property
+    def playground_auth(self) -> list[tuple[str, str]]:
+        return [tuple(p.split(":", 1)) for p in _split_csv(self.playground_auth_raw)]  # type: ignore[misc]
+
+
+def load_settings(**overrides) -> Settings:
+    """Build the settings, turning pydantic's report into one line per bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = err["loc"][0] if err["loc"] else "?"
+            alias = Settings.model_fields[field].alias if field in Settings.model_fields else field
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{alias}: {msg}")
+        raise SettingsError("\n".join(lines)) from None
+
+
+ENV_EXAMPLE = """\
+# kbloop settings. Copy to .env in the folder you run kbloop from, and uncomment what you need.
+
+# Folder for the database, adapters and cached models.
+# KBLOOP_HOME=./kbloop-data
+# Database path (defaults to $KBLOOP_HOME/kbloop.db).
+# KBLOOP_DB=
+# Base model: an HF model id, a local model directory, or `tiny` (offline, random weights, for trying).
+# KBLOOP_BASE_MODEL=Qwen/Qwen2.5-0.5B-Instruct
+
+# Slack user ids allowed to /kb-retrain, /kb-rollback and promote (comma separated). Empty: nobody.
+# KBLOOP_ADMINS=U012ABCDEF,U034GHIJKL
+# Channel id where training notices are posted.
+# KBLOOP_NOTIFY_CHANNEL=C0123456789
+
+# Playground login: user:password pairs, comma separated. Unset: the playground only listens on loopback.
+# KBLOOP_PLAYGROUND_AUTH=alice:change-me,bob:change-me-too
+# Playground users who may train, promote and roll back.
+# KBLOOP_PLAYGROUND_ADMINS=alice
+
+# Slack credentials (Basic Information and OAuth & Permissions pages of your Slack app).
+# SLACK_BOT_TOKEN=xoxb-...
+# SLACK_SIGNING_SECRET=...
+# Set this to use Socket Mode (no public URL needed):
+# SLACK_APP_TOKEN=xapp-...
+# Base URL of Slack's Web API (tests, proxies).
+# KBLOOP_SLACK_API_URL=https://slack.com/api/
+"""

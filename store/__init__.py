@@ -1,0 +1,9 @@
+"""kbloop's system of record: SQLite through sqlite-utils. No SQL lives outside this package.
+
+Open a connection per process or thread with `open_db(path)` (migrations applied on open); every
+read and write is a typed function in the module named for its table group.
+"""
+
+from store.db import NewerDatabaseError, StoreError, backup_db, local_db, open_db, write_transaction
+
+__all__ = ["open_db", "local_db", "backup_db", "write_transaction", "StoreError", "NewerDatabaseError"]

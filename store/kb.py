@@ -1,0 +1,124 @@
+"""Knowledge-base passages (`kb_docs`) and their full-text index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from store.db import write_transaction
+from store.text import content_hash, fts_query, now, search_text
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: int
+    doc_path: str
+    title: str
+    chunk_index: int
+    content: str
+
+
+@dataclass(frozen=True)
+class NewPassage:
+    doc_path: str
+    title: str
+    chunk_index: int
+    content: str
+
+
+def _row_to_passage(row: dict) -> Passage:
+    return Passage(row["id"], row["doc_path"], row["title"], row["chunk_index"], row["content"])
+
+
+def replace_document(db: sqlite_utils.Database, doc_path: str, passages: list[NewPassage]) -> tuple[int, bool]:
+    """Store a document's passages, replacing an older version of the same document.
+
+    Returns (number of passages, changed). An unchanged document keeps its rows (and embeddings).
+    """
+    with write_transaction(db):
+        existing = {r["chunk_index"]: r["content_hash"] for r in db["kb_docs"].rows_where("doc_path = ?", [doc_path])}
+        new_hashes = {p.chunk_index: content_hash(p.title, p.content) for p in passages}
+        if existing == new_hashes:
+            return len(passages), False
+        db.execute("DELETE FROM kb_docs WHERE doc_path = ?", [doc_path])
+        stamp = now()
+        db["kb_docs"].insert_all(
+            {
+                "doc_path": p.doc_path,
+                "title": p.title,
+                "chunk_index": p.chunk_index,
+                "content": p.content,
+                "search_text": search_text(p.title + "\n" + p.content),
+                "content_hash": new_hashes[p.chunk_index],
+                "created_at": stamp,
+            }
+            for p in passages
+        )
+    return len(passages), True
+
+
+def search_passages(db: sqlite_utils.Database, query: str, *, limit: int = 5) -> list[tuple[Passage, float]]:
+    """BM25 full-text search; higher score is better (FTS5's bm25() is negated)."""
+    match = fts_query(query)
+    if match is None:
+        return []
+    rows = db.execute(
+        """
+        SELECT kb_docs.id, doc_path, title, chunk_index, content, -bm25(kb_docs_fts) AS score
+        FROM kb_docs_fts JOIN kb_docs ON kb_docs.id = kb_docs_fts.rowid
+        WHERE kb_docs_fts MATCH ?
+        ORDER BY bm25(kb_docs_fts) LIMIT ?
+        """,
+        [match, limit],
+    ).fetchall()
+    return [(Passage(*r[:5]), float(r[5])) for r in rows]
+
+
+def get_passages(db: sqlite_utils.Database, ids: Iterable[int]) -> list[Passage]:
+    ids = list(ids)
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in db.query(f"SELECT * FROM kb_docs WHERE id IN ({marks})", ids)}
+    return [_row_to_passage(rows[i]) for i in ids if i in rows]
+
+
+def all_passages(db: sqlite_utils.Database) -> list[Passage]:
+    return [_row_to_passage(r) for r in db.query("SELECT * FROM kb_docs ORDER BY doc_path, chunk_index")]
+
+
+def passages_missing_embedding(db: sqlite_utils.Database, model_name: str) -> list[Passage]:
+    rows = db.query(
+        "SELECT * FROM kb_docs WHERE embedding IS NULL OR embedding_model IS NOT ? ORDER BY id", [model_name]
+    )
+    return [_row_to_passage(r) for r in rows]
+
+
+def set_embeddings(db: sqlite_utils.Database, model_name: str, embeddings: dict[int, bytes]) -> None:
+    with write_transaction(db):
+        db.conn.executemany(
+            "UPDATE kb_docs SET embedding = ?, embedding_model = ? WHERE id = ?",
+            [(blob, model_name, pid) for pid, blob in embeddings.items()],
+        )
+
+
+def all_embeddings(db: sqlite_utils.Database, model_name: str) -> list[tuple[int, bytes]]:
+    return [
+        (r[0], r[1])
+        for r in db.execute(
+            "SELECT id, embedding FROM kb_docs WHERE embedding IS NOT NULL AND embedding_model = ? ORDER BY id",
+            [model_name],
+        ).fetchall()
+    ]
+
+
+def kb_stats(db: sqlite_utils.Database) -> dict:
+    row = db.execute("SELECT COUNT(DISTINCT doc_path), COUNT(*) FROM kb_docs").fetchone()
+    return {"documents": row[0], "passages": row[1]}
+
+
+def all_kb_text(db: sqlite_utils.Database) -> Iterable[str]:
+    for r in db.execute("SELECT title, content FROM kb_docs ORDER BY id"):
+        yield r[0] + "\n" + r[1]

@@ -1,0 +1,190 @@
+"""Numbered schema migrations. Never edit a released migration: add the next number.
+
+Applied by `store.db.open_db` inside one IMMEDIATE transaction, recorded in `_sqlite_migrations`.
+Table and column names listed in ARCHITECTURE.md ("Store") are read by outside tools; keep them.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Migrations
+
+MIGRATIONS = Migrations("kbloop")
+
+
+@MIGRATIONS()
+def m001_initial(db) -> None:
+    # Knowledge-base passages. `search_text` is what FTS indexes: the title and body with Chinese
+    # runs split into overlapping character bigrams (FTS5's unicode61 tokenizer would otherwise see a
+    # whole Chinese sentence as one token). `embedding` is float32 little-endian, filled at import.
+    db["kb_docs"].create(
+        {
+            "id": int,
+            "doc_path": str,
+            "title": str,
+            "chunk_index": int,
+            "content": str,
+            "search_text": str,
+            "content_hash": str,
+            "embedding": bytes,
+            "embedding_model": str,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"doc_path", "title", "chunk_index", "content", "search_text", "content_hash", "created_at"},
+    )
+    db["kb_docs"].create_index(["doc_path", "chunk_index"], unique=True)
+    db["kb_docs"].create_index(["content_hash"])
+    db["kb_docs"].enable_fts(["search_text"], create_triggers=True, tokenize="unicode61")
+
+    db["interactions"].create(
+        {
+            "id": int,
+            "question": str,
+            "answer": str,
+            "source": str,  # slack | cli | playground
+            "user_id": str,
+            "channel_id": str,
+            "thread_ts": str,
+            "message_ts": str,
+            "event_id": str,
+            "adapter_version": str,
+            "sources": str,  # JSON list of {"title", "doc_path"}
+            "latency_ms": int,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"question", "answer", "source", "created_at"},
+    )
+    db["interactions"].create_index(["created_at"])
+    db["interactions"].create_index(["channel_id", "message_ts"])
+
+    db["feedback"].create(
+        {
+            "id": int,
+            "interaction_id": int,
+            "user_id": str,
+            "vote": int,  # +1 / -1
+            "correction": str,
+            "source": str,  # slack | playground
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        foreign_keys=[("interaction_id", "interactions", "id")],
+        not_null={"interaction_id", "user_id", "vote", "created_at", "updated_at"},
+    )
+    db["feedback"].create_index(["interaction_id", "user_id"], unique=True)
+
+    db["examples"].create(
+        {
+            "id": int,
+            "question": str,
+            "input": str,
+            "answer": str,
+            "status": str,  # pending | approved | rejected
+            "source": str,  # import | feedback | playground
+            "interaction_id": int,
+            "rejected_answer": str,  # the answer a correction replaced (DPO's "rejected")
+            "content_hash": str,
+            "reviewer": str,
+            "reviewed_at": str,
+            "note": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        foreign_keys=[("interaction_id", "interactions", "id")],
+        not_null={"question", "input", "answer", "status", "source", "content_hash", "created_at", "updated_at"},
+        defaults={"input": ""},
+    )
+    db["examples"].create_index(["content_hash"], unique=True)
+    db["examples"].create_index(["status"])
+    db["examples"].create_index(["interaction_id"])
+
+    db["adapters"].create(
+        {
+            "version": str,
+            "path": str,
+            "base_model": str,
+            "method": str,  # qlora | lora | full
+            "params": str,  # JSON
+            "dataset_hash": str,
+            "dataset_size": int,
+            "metrics": str,  # JSON
+            "status": str,  # candidate | active | retired
+            "job_id": int,
+            "note": str,
+            "created_at": str,
+            "activated_at": str,
+            "rolled_back_at": str,
+        },
+        pk="version",
+        not_null={"path", "base_model", "method", "status", "created_at"},
+    )
+    db["adapters"].create_index(["status"])
+
+    db["jobs"].create(
+        {
+            "id": int,
+            "kind": str,  # retrain
+            "status": str,  # queued | running | succeeded | failed | cancelled
+            "requester": str,
+            "reply_channel": str,  # where to report progress: a Slack channel / DM, or null
+            "reply_thread_ts": str,
+            "params": str,  # JSON
+            "progress": str,  # JSON: step, total_steps, loss, eta_s, phase
+            "result": str,  # JSON
+            "error": str,
+            "worker_id": str,
+            "pid": int,
+            "cancel_requested": int,
+            "created_at": str,
+            "started_at": str,
+            "heartbeat_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+        not_null={"kind", "status", "created_at"},
+        defaults={"cancel_requested": 0},
+    )
+    db["jobs"].create_index(["status"])
+
+    # Per-step training log; the playground plots it, Slack reports it.
+    db["train_steps"].create(
+        {
+            "id": int,
+            "run": str,  # the adapter version being trained
+            "job_id": int,
+            "step": int,
+            "epoch": float,
+            "loss": float,
+            "learning_rate": float,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+        not_null={"run", "step", "created_at"},
+    )
+    db["train_steps"].create_index(["run", "step"])
+
+    db["audit_log"].create(
+        {
+            "id": int,
+            "actor": str,
+            "action": str,
+            "target": str,
+            "allowed": int,
+            "detail": str,  # JSON
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"actor", "action", "allowed", "created_at"},
+    )
+    db["audit_log"].create_index(["created_at"])
+
+    # Slack event ids already handled, so a retried delivery never answers twice, across restarts.
+    db["slack_events"].create(
+        {"event_id": str, "received_at": str},
+        pk="event_id",
+        not_null={"received_at"},
+    )
