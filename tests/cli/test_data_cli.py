@@ -1,0 +1,186 @@
+"""The data commands on real files, including every kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SAMPLES
+
+
+@pytest.fixture
+def workspace(kbloop):
+    assert kbloop("init").exit_code == 0
+    return kbloop
+
+
+def test_init_creates_home_database_and_env_example(kbloop, kbloop_home):
+    r = kbloop("init")
+    assert r.exit_code == 0, r.stderr
+    assert (kbloop_home / "kbloop.db").exists()
+    assert "KBLOOP_BASE_MODEL" in (kbloop_home / ".env.example").read_text()
+    assert kbloop("init").exit_code == 0  # idempotent
+
+
+def test_commands_before_init_say_what_to_do(kbloop):
+    r = kbloop("data", "stats")
+    assert r.exit_code == 1 and "run `kbloop init` first" in r.stderr
+
+
+def test_every_command_has_help(kbloop):
+    for cmd in (["init"], ["kb", "import"], ["data", "import"], ["data", "export"], ["data", "stats"], ["review"],
+                ["review", "approve"], ["review", "reject"], ["db", "backup"]):
+        r = kbloop(*cmd, "--help")
+        assert r.exit_code == 0 and "Usage" in r.stdout, cmd
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_bad_jsonl_is_refused_whole_with_file_line_reasons(workspace, tmp_path):
+    bad = _write(tmp_path / "qa.jsonl", [
+        json.dumps({"instruction": "Good one?", "input": "", "output": "Yes."}),
+        '{"instruction": "broken",',
+        json.dumps({"instruction": "No answer", "input": ""}),
+        json.dumps({"instruction": "Empty answer", "output": "  "}),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"prompt": "x", "response": "y"}),
+    ])
+    r = workspace("data", "import", bad)
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert [line.removeprefix(f"kbloop: {bad}:").split(":")[0] for line in lines] == ["2", "3", "4", "5", "6"]
+    assert "broken JSON" in lines[0]
+    assert "missing or empty `output`" in lines[1] and "missing or empty `output`" in lines[2]
+    assert "expected a JSON object" in lines[3]
+    assert "unknown format" in lines[4]
+    assert "examples by status: pending 0, approved 0" in workspace("data", "stats").stdout.lower()
+
+
+def test_bad_csv_is_refused_whole(workspace, tmp_path):
+    bad = tmp_path / "qa.csv"
+    bad.write_text('question,answer\n"What is SSO?","Okta"\n"No answer",\n', encoding="utf-8")
+    r = workspace("data", "import", bad)
+    assert r.exit_code == 1 and f"{bad}:3: missing or empty `answer`" in r.stderr
+    good = tmp_path / "ok.csv"
+    good.write_text('instruction,input,output\n"What is SSO?",,"Okta, via the portal"\n', encoding="utf-8")
+    r = workspace("data", "import", good)
+    assert r.exit_code == 0 and "1 examples imported" in r.stdout
+
+
+def test_unknown_file_type_missing_path_and_non_utf8(workspace, tmp_path):
+    assert "unknown file type .xlsx" in workspace("data", "import", _write(tmp_path / "a.xlsx", ["x"])).stderr
+    assert "no such file" in workspace("data", "import", tmp_path / "missing.jsonl").stderr
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"question": "caf\xe9?", "answer": "oui"}\n'.encode("latin-1"))
+    r = workspace("data", "import", latin)
+    assert r.exit_code == 1 and f"{latin}:1: not UTF-8" in r.stderr
+    doc = tmp_path / "doc.md"
+    doc.write_bytes("# Caf\xe9\n".encode("latin-1"))
+    r = workspace("kb", "import", doc, "--no-embed")
+    assert r.exit_code == 1 and "not UTF-8" in r.stderr
+    assert "no such file or folder" in workspace("kb", "import", tmp_path / "nope").stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(workspace, tmp_path):
+    f = _write(tmp_path / "secret.jsonl", ['{"question": "q", "answer": "a"}'])
+    f.chmod(0)
+    assert "not readable" in workspace("data", "import", f).stderr
+
+
+def test_reimport_skips_duplicates_and_says_how_many(workspace):
+    qa = SAMPLES / "qa.jsonl"
+    first = workspace("data", "import", qa)
+    assert first.exit_code == 0, first.stderr
+    n = sum(1 for line in qa.read_text(encoding="utf-8").splitlines() if line.strip())
+    added = int(first.stdout.split(": ")[1].split()[0])
+    assert 0 < added <= n  # near-duplicates in the sample data collapse
+    second = workspace("data", "import", qa)
+    assert f"0 examples imported as approved, {n} duplicates skipped" in second.stdout
+
+
+def test_sample_workflow_and_exports_load_with_datasets(workspace, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    assert workspace("kb", "import", SAMPLES / "kb", "--no-embed").exit_code == 0
+    stats = json.loads(workspace("data", "stats", "--json").stdout)
+    assert stats["knowledge_base"]["documents"] >= 20
+    assert workspace("data", "import", SAMPLES / "qa.jsonl").exit_code == 0
+    expected = {"sft": ["instruction", "input", "output"], "messages": ["messages"],
+                "dpo": ["prompt", "chosen", "rejected"], "kto": ["prompt", "completion", "label"]}
+    # Feedback so that the preference formats are not empty.
+    from store import open_db
+    from store.examples import list_examples, review_example
+    from store.interactions import record_interaction, record_vote
+
+    db = open_db(os.environ["KBLOOP_HOME"] + "/kbloop.db")
+    iid = record_interaction(db, question="Where is the Berlin office?", answer="In Paris.", source="slack")
+    record_vote(db, interaction_id=iid, user_id="U1", vote=-1, correction="In Berlin-Mitte.")
+    iid2 = record_interaction(db, question="Payroll date?", answer="The 25th.", source="slack")
+    record_vote(db, interaction_id=iid2, user_id="U2", vote=1)
+    review_example(db, list_examples(db, status="pending")[0].id, decision="approved", reviewer="t")
+    for fmt, columns in expected.items():
+        out = tmp_path / f"{fmt}.jsonl"
+        r = workspace("data", "export", "--format", fmt, "--out", out)
+        assert r.exit_code == 0, r.stderr
+        ds = datasets.load_dataset("json", data_files=str(out), split="train")
+        assert ds.column_names == columns, fmt
+        assert len(ds) >= 1
+    kto = datasets.load_dataset("json", data_files=str(tmp_path / "kto.jsonl"), split="train")
+    assert sorted(kto["label"]) == [False, True]
+    assert workspace("data", "export", "--format", "alpaca", "--out", tmp_path / "x").exit_code == 1
+
+
+def test_backup_is_a_consistent_copy(workspace, tmp_path):
+    workspace("data", "import", SAMPLES / "qa.jsonl")
+    out = tmp_path / "backup.db"
+    assert workspace("db", "backup", out).exit_code == 0
+    import sqlite3
+
+    conn = sqlite3.connect(out)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0] > 200
+    assert "already exists" in workspace("db", "backup", out).stderr
+
+
+def test_review_approve_and_reject(workspace):
+    from store import open_db
+    from store.interactions import record_interaction, record_vote
+
+    db = open_db(os.environ["KBLOOP_HOME"] + "/kbloop.db")
+    for i, uid in enumerate(["U1", "U2"]):
+        iid = record_interaction(db, question=f"Question {i}?", answer="wrong", source="slack")
+        record_vote(db, interaction_id=iid, user_id=uid, vote=-1, correction=f"right {i}")
+    listing = workspace("review").stdout
+    assert "Question 0?" in listing and "right 1" in listing
+    r = workspace("review", "approve", "1", "--answer", "Edited right answer")
+    assert r.exit_code == 0 and "approved" in r.stdout
+    assert workspace("review", "reject", "2").exit_code == 0
+    assert "No pending examples." in workspace("review").stdout
+    assert "Edited right answer" in workspace("review", "--status", "approved").stdout
+    assert "no example with id 99" in workspace("review", "approve", "99").stderr
+
+
+def test_bad_setting_is_one_line_naming_the_variable(kbloop, monkeypatch):
+    monkeypatch.setenv("KBLOOP_PLAYGROUND_AUTH", "alice")
+    r = kbloop("init")
+    assert r.exit_code == 1
+    assert r.stderr.strip().startswith("kbloop: KBLOOP_PLAYGROUND_AUTH: expected user:password pairs")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_console_script_from_a_shell(tmp_path):
+    """The installed `kbloop` script, as a user runs it: exit codes and no traceback."""
+    exe = Path(sys.executable).parent / "kbloop"
+    env = {**os.environ, "KBLOOP_HOME": str(tmp_path / "h")}
+    ok = subprocess.run([exe, "init"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([exe, "data", "import", str(tmp_path / "none.jsonl")], env=env, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "no such file" in bad.stderr

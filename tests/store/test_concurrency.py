@@ -1,0 +1,40 @@
+"""Four processes recording votes at once lose none and never see "database is locked"."""
+
+import multiprocessing as mp
+
+import pytest
+
+from store import open_db
+from store.interactions import record_interaction, record_vote
+
+VOTES_PER_PROCESS = 1000
+
+
+def _vote_many(db_path: str, worker: int, interaction_ids: list[int], errors) -> None:
+    db = open_db(db_path)
+    try:
+        for i in range(VOTES_PER_PROCESS):
+            # Distinct (interaction, user) pairs: every vote must land as its own row.
+            record_vote(db, interaction_id=interaction_ids[i % len(interaction_ids)], user_id=f"U{worker}-{i}",
+                        vote=1 if i % 3 else -1)
+    except Exception as exc:  # reported to the parent, which fails the test
+        errors.put(f"{worker}: {exc!r}")
+
+
+@pytest.mark.slow
+def test_four_processes_record_4000_votes(db_path):
+    db = open_db(db_path)
+    ids = [record_interaction(db, question=f"q{i}", answer="a", source="cli") for i in range(10)]
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_vote_many, args=(str(db_path), w, ids, errors)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    problems = []
+    while not errors.empty():
+        problems.append(errors.get())
+    assert problems == []
+    assert all(p.exitcode == 0 for p in procs)
+    assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 4 * VOTES_PER_PROCESS
