@@ -128,3 +128,8 @@ def backup_db(db: sqlite_utils.Database, out: Path | str) -> Path:
 
 def schema_version(db: sqlite_utils.Database) -> list[str]:
     return [m.name for m in MIGRATIONS.applied(db)]
+
+
+def ping(db: sqlite_utils.Database) -> None:
+    """Raise if the database cannot answer a query (health checks)."""
+    db.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()

@@ -129,3 +129,22 @@ def document_passages(path: Path, doc_path: str, *, max_chars: int = 700) -> lis
         raise StoreError(f"{path}: the document is empty")
     return [NewPassage(doc_path=doc_path, title=title, chunk_index=i, content=chunk)
             for i, chunk in enumerate(chunk_text(title, text, max_chars=max_chars))]
+
+
+def import_documents(db, paths: list[Path]) -> tuple[int, int]:
+    """Read every document under `paths`, then store them. Returns (documents read, new or changed).
+
+    All files are parsed before anything is written: one bad document stops the import with nothing changed.
+    Each passage's `doc_path` is relative to the folder given (or the file's own folder).
+    """
+    from store.kb import replace_document
+
+    files = find_kb_files(paths)
+    if not files:
+        raise StoreError("no Markdown, text or HTML documents found in " + ", ".join(map(str, paths)))
+    parsed = []
+    for f in files:
+        base = next((p for p in paths if p.is_dir() and f.is_relative_to(p)), f.parent)
+        parsed.append(document_passages(f, f.relative_to(base).as_posix()))
+    changed = sum(replace_document(db, passages[0].doc_path, passages)[1] for passages in parsed)
+    return len(files), changed

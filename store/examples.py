@@ -221,3 +221,19 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 def example_as_dict(ex: Example) -> dict:
     return asdict(ex)
+
+
+def example_questions(db: sqlite_utils.Database, *, statuses: tuple[str, ...] = ("approved", "pending")) -> list[tuple[int, str, str]]:
+    """(id, question, status) of the examples in `statuses`: candidates for near-duplicate lookup."""
+    for s in statuses:
+        _check(s, STATUSES, "status")
+    marks = ",".join("?" * len(statuses))
+    return [tuple(r) for r in db.execute(f"SELECT id, question, status FROM examples WHERE status IN ({marks}) ORDER BY id",
+                                          list(statuses))]
+
+
+def examples_growth_by_source(db: sqlite_utils.Database) -> list[tuple[str, str, int]]:
+    """(day, source, approved examples created that day) for the dataset growth plot."""
+    return [tuple(r) for r in db.execute(
+        "SELECT substr(created_at, 1, 10) AS day, source, COUNT(*) FROM examples WHERE status = 'approved' "
+        "GROUP BY day, source ORDER BY day, source")]

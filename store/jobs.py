@@ -170,3 +170,30 @@ def log_train_step(db: sqlite_utils.Database, *, run: str, step: int, loss: floa
 def train_steps(db: sqlite_utils.Database, run: str) -> list[dict]:
     return [dict(r) for r in db.query("SELECT step, epoch, loss, learning_rate, created_at FROM train_steps "
                                       "WHERE run = ? ORDER BY step", [run])]
+
+
+def set_job_progress(db: sqlite_utils.Database, job_id: int, progress: dict) -> None:
+    """Progress written by the job's child process; the heartbeat stays the worker's (a live child of a
+    dead worker must not look alive)."""
+    with write_transaction(db):
+        db.execute("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'",
+                   [json.dumps(progress, ensure_ascii=False), job_id])
+
+
+def set_job_pid(db: sqlite_utils.Database, job_id: int, pid: int) -> None:
+    """The pid of the process running the job (the worker's child), for operators and `kbloop jobs`."""
+    with write_transaction(db):
+        db.execute("UPDATE jobs SET pid = ? WHERE id = ?", [pid, job_id])
+
+
+def abandon_job(db: sqlite_utils.Database, job_id: int, *, reason: str) -> Job | None:
+    """Mark a running job failed with `reason`, unless it already ended. Returns the job if it was changed."""
+    with write_transaction(db):
+        cur = db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status = 'running'",
+                         [now(), reason, job_id])
+        changed = cur.rowcount
+    return get_job(db, job_id) if changed else None
+
+
+def running_jobs(db: sqlite_utils.Database) -> list[Job]:
+    return [_job(r) for r in db.query("SELECT * FROM jobs WHERE status = 'running' ORDER BY id")]

@@ -122,3 +122,14 @@ def kb_stats(db: sqlite_utils.Database) -> dict:
 def all_kb_text(db: sqlite_utils.Database) -> Iterable[str]:
     for r in db.execute("SELECT title, content FROM kb_docs ORDER BY id"):
         yield r[0] + "\n" + r[1]
+
+
+def embedding_state(db: sqlite_utils.Database, model_name: str) -> tuple[int, int, int, int]:
+    """(passages, passages embedded with `model_name`, max id, sum of ids): a cheap fingerprint that
+    changes whenever passages are added, replaced or embedded, so a cached index knows it is stale."""
+    row = db.execute(
+        """SELECT COUNT(*), COALESCE(SUM(embedding IS NOT NULL AND embedding_model IS ?), 0),
+                  COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) FROM kb_docs""",
+        [model_name],
+    ).fetchone()
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])

@@ -188,3 +188,43 @@ def m001_initial(db) -> None:
         pk="event_id",
         not_null={"received_at"},
     )
+
+
+@MIGRATIONS()
+def m060_interaction_reviews(db) -> None:
+    # A curator's decision on an answer in the playground's review queue. Approving one creates an
+    # example (tied through examples.interaction_id); rejecting or merging one that has no example needs
+    # a record of its own, or the answer would stay in the queue forever.
+    db["interaction_reviews"].create(
+        {
+            "interaction_id": int,
+            "decision": str,  # approved | rejected | merged
+            "example_id": int,  # the example it became or was merged into
+            "reviewer": str,
+            "reviewed_at": str,
+        },
+        pk="interaction_id",
+        foreign_keys=[("interaction_id", "interactions", "id"), ("example_id", "examples", "id")],
+        not_null={"decision", "reviewer", "reviewed_at"},
+    )
+
+
+@MIGRATIONS()
+def m040_bot_errors(db) -> None:
+    # A Slack handler that fails still answers Slack 200 (a non-200 makes Slack retry and, repeated, turn
+    # the app's events off), so the failure is kept here for an admin to read instead of being lost.
+    db["bot_errors"].create(
+        {
+            "id": int,
+            "kind": str,  # event | command | action | view | answer | notify
+            "event_id": str,
+            "user_id": str,
+            "channel_id": str,
+            "error": str,  # exception type and message
+            "detail": str,  # JSON: traceback tail, payload summary
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"kind", "error", "created_at"},
+    )
+    db["bot_errors"].create_index(["created_at"])

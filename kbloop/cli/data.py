@@ -45,36 +45,21 @@ def kb_import(
     embed: Annotated[bool, typer.Option(help="Compute semantic-search embeddings now (else on first answer).")] = True,
 ) -> None:
     """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it."""
-    from rich.progress import track
-
-    from store.documents import document_passages, find_kb_files
-    from store.kb import kb_stats, replace_document
+    from store.documents import import_documents
+    from store.kb import kb_stats
 
     c = ctx()
-    files = find_kb_files(paths)
-    if not files:
-        fail("no Markdown, text or HTML documents found in " + ", ".join(map(str, paths)))
-    # Parse everything first: a bad document stops the import before anything is written.
-    parsed = []
-    for f in files:
-        base = next((p for p in paths if p.is_dir() and f.is_relative_to(p)), f.parent)
-        parsed.append((f, document_passages(f, f.relative_to(base).as_posix())))
-    changed = 0
-    for f, passages in track(parsed, description="Importing", transient=True, disable=len(parsed) < 20):
-        _, was_changed = replace_document(c.db, passages[0].doc_path, passages)
-        changed += was_changed
+    read, changed = import_documents(c.db, paths)
     if embed:
         _embed_passages(c)
     stats = kb_stats(c.db)
-    typer.echo(f"{len(files)} documents read, {changed} new or changed, {len(files) - changed} unchanged; "
+    typer.echo(f"{read} documents read, {changed} new or changed, {read - changed} unchanged; "
                f"knowledge base: {stats['documents']} documents, {stats['passages']} passages.")
 
 
 def _embed_passages(c) -> None:
-    try:
-        from finetune.retrieval import embed_missing_passages
-    except ImportError:  # retrieval not built yet in this checkout
-        return
+    from finetune.retrieval import embed_missing_passages
+
     embed_missing_passages(c.db)
 
 

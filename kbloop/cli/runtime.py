@@ -1,3 +1,148 @@
-"""Commands: serve,demo."""
+"""Commands: serve (everything in one process) and demo (offline, end to end, on sample data)."""
 
-from kbloop.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kbloop.cli.app import app, ctx, fail
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on. Beyond loopback needs KBLOOP_PLAYGROUND_AUTH.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    worker: Annotated[bool, typer.Option(help="Run queued retraining jobs in this process.")] = True,
+) -> None:
+    """One process: Slack endpoint (/slack/events), playground (/playground), /healthz and the job runner,
+    sharing one loaded model. With SLACK_APP_TOKEN it also connects through Socket Mode."""
+    from kbloop.serve import serve as run_serve
+    from playground import PlaygroundError
+
+    c = ctx()
+    c.db  # the workspace must exist: one clear line otherwise
+
+    def announce(services) -> None:
+        typer.echo(f"kbloop serving on http://{host}:{port}/  (playground: /playground/, health: /healthz)")
+        for note in services.notes:
+            typer.echo(f"  {note}")
+        typer.echo("Ctrl+C to stop.")
+
+    try:
+        run_serve(c.settings, host=host, port=port, with_worker=worker, on_ready=announce)
+    except PlaygroundError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+class _PrintProgress:
+    """A JobNotifier that draws the demo's training job on the terminal."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeRemainingColumn())
+        self.task = None
+
+    def job_started(self, job) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(f"Training (job {job.id})", total=None, info="starting")
+
+    def job_progress(self, job, progress: dict) -> None:
+        info = progress.get("phase", "")
+        if progress.get("loss") is not None:
+            info = f"{info} loss {progress['loss']:.3f}".strip()
+        self.progress.update(self.task, total=progress.get("total_steps") or progress.get("total"),
+                             completed=progress.get("step", 0), info=info)
+
+    def job_finished(self, job, outcome: dict) -> None:
+        self.progress.stop()
+        typer.echo(outcome.get("message", outcome.get("status", "")))
+        if outcome.get("table"):
+            typer.echo(outcome["table"])
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Interface for the playground.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the playground and Slack endpoint.")] = 8000,
+    serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the playground when ready.")] = True,
+) -> None:
+    """Offline, end to end: a workspace with the sample knowledge base and QA pairs, a first adapter trained on
+    the `tiny` base, a few answers with votes in the review queue, then the playground (and Slack when
+    configured). Safe to run again: it reuses what is already there."""
+    import threading
+
+    from finetune.engine import Engine
+    from finetune.retrieval import embed_missing_passages
+    from finetune.jobs import Worker, WorkerConfig, request_retrain
+    from kbloop.serve import samples_dir, serve as run_serve
+    from kbloop.settings import load_settings
+    from store import open_db
+    from store.adapters import active_adapter
+    from store.documents import import_documents
+    from store.examples import add_examples
+    from store.formats import read_examples_file
+    from store.interactions import feedback_stats, record_vote
+
+    samples = samples_dir()
+    if not (samples / "qa.jsonl").exists():
+        fail(f"{samples}: the sample data is missing; run the demo from a kbloop source checkout")
+    settings = load_settings(KBLOOP_BASE_MODEL="tiny")  # the demo is offline whatever the environment says
+    settings.kbloop_home.mkdir(parents=True, exist_ok=True)
+    db = open_db(settings.db_path)
+    typer.echo(f"Workspace: {settings.kbloop_home.resolve()}")
+
+    import_documents(db, [samples / "kb"])
+
+    embed_missing_passages(db)
+    added, dupes = add_examples(db, read_examples_file(samples / "qa.jsonl"), status="approved", source="import",
+                                reviewer="demo")
+    typer.echo(f"Knowledge base and QA pairs imported ({added} new examples, {dupes} already there).")
+
+    if active_adapter(db) is None:
+        typer.echo("Training a first adapter on the tiny base (a few minutes on two CPU cores)…")
+        job = request_retrain(db, requester="demo", params={"force": True})
+        worker = Worker(db_path=settings.db_path, home=settings.kbloop_home,
+                        config=WorkerConfig(base_model="tiny", progress_notify_interval_s=1.0,
+                                            heartbeat_interval_s=1.0, stale_after_s=30.0),
+                        notifier=_PrintProgress())
+        finished = worker.run_once(stop_event=threading.Event())
+        if finished is None or finished.id != job.id or finished.status != "succeeded":
+            error = finished.error if finished is not None else "the job did not run"
+            fail(f"the demo's training job failed: {error}")
+    active = active_adapter(db)
+    typer.echo(f"Active adapter: {active.version if active else 'none (base model)'}")
+
+    if feedback_stats(db)["interactions"] == 0:
+        engine = Engine(db_path=settings.db_path, home=settings.kbloop_home, base_model="tiny").start()
+        try:
+            if not engine.wait_ready(300):
+                fail(f"the model did not load: {engine.error}")
+            questions = [
+                ("How do I request a new laptop?", 1, None),
+                ("报销的截止时间是什么时候？", -1, None),
+                ("Where is the Berlin office?", -1, "Ask the office team in #berlin-office; the address is in the "
+                                                   "Berlin office guide."),
+                ("Who do I call for an IT emergency?", 1, None),
+            ]
+            for i, (question, vote, correction) in enumerate(questions):
+                answer = engine.answer(question, source="playground", user_id=f"demo-user-{i}")
+                record_vote(db, interaction_id=answer.interaction_id, user_id=f"demo-user-{i}", vote=vote,
+                            correction=correction, source="playground")
+        finally:
+            engine.close()
+        typer.echo("Seeded the review queue with a few answers and votes.")
+
+    if serve_after:
+        run_serve(settings, host=host, port=port, on_ready=lambda services: _announce_demo(host, port, services))
+
+
+def _announce_demo(host: str, port: int, services) -> None:
+    typer.echo(f"\nkbloop demo is running: open http://{host}:{port}/playground/")
+    for note in services.notes:
+        typer.echo(f"  {note}")
+    typer.echo("Ctrl+C to stop.")

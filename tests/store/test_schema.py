@@ -62,6 +62,11 @@ SCHEMA = {
         "indexes": {(("created_at",), False)},
         "fks": set(),
     },
+    "interaction_reviews": {
+        "columns": {"interaction_id": int, "decision": str, "example_id": int, "reviewer": str, "reviewed_at": str},
+        "indexes": set(),
+        "fks": {("interaction_id", "interactions", "id"), ("example_id", "examples", "id")},
+    },
     "slack_events": {
         "columns": {"event_id": str, "received_at": str},
         "indexes": {(("event_id",), True)},

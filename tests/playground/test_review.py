@@ -1,0 +1,143 @@
+"""The review tab's handlers, called directly on a real SQLite store."""
+
+import pytest
+
+from playground import review
+from playground.review import QueueFilter
+from store.examples import get_example, list_examples
+from store.interactions import record_interaction, record_vote, review_item
+
+
+def keys(rows):
+    return [r["key"] for r in rows]
+
+
+def test_queue_puts_thumbs_down_and_unreviewed_first(db, seeded):
+    rows = review.queue(db, QueueFilter())
+    assert {r["key"] for r in rows} == {f"i:{i}" for i in seeded.values()}
+    assert [r["down"] for r in rows][:2] == [1, 1]
+    vpn = next(r for r in rows if r["key"] == f"i:{seeded['vpn']}")
+    assert vpn["status"] == "pending" and vpn["corrected"]  # the correction made a pending example
+
+
+def test_queue_filters(db, seeded):
+    # Same vote counts, both to review: newest first.
+    assert keys(review.queue(db, QueueFilter(vote="down"))) == [f"i:{seeded['badge']}", f"i:{seeded['vpn']}"]
+    assert set(keys(review.queue(db, QueueFilter(vote="up")))) == {f"i:{seeded['leave']}", f"i:{seeded['payroll']}"}
+    assert set(keys(review.queue(db, QueueFilter(channel="C_HR")))) == {f"i:{seeded['leave']}", f"i:{seeded['payroll']}"}
+    assert keys(review.queue(db, QueueFilter(text="badge"))) == [f"i:{seeded['badge']}"]
+    assert keys(review.queue(db, QueueFilter(text="WireGuard"))) == [f"i:{seeded['vpn']}"]  # in the correction
+    assert keys(review.queue(db, QueueFilter(status="pending"))) == [f"i:{seeded['vpn']}"]
+    assert review.queue(db, QueueFilter(since="2000-01-01", until="2999-12-31"))
+    assert review.queue(db, QueueFilter(until="2000-01-01")) == []
+    with pytest.raises(review.StoreError, match="from date must be a date"):
+        review.queue(db, QueueFilter(since="yesterday"))
+
+
+def test_open_item_shows_correction_flags_and_near_duplicates(db, seeded):
+    item = review.open_item(db, f"i:{seeded['vpn']}")
+    assert item.proposed_answer.startswith("Install WireGuard") and item.answer == "Ask IT."
+    assert item.down == 1 and item.sources[0]["doc_path"] == "vpn-laptop-setup.md"
+    leave = review.open_item(db, f"i:{seeded['leave']}")
+    assert leave.duplicates and leave.duplicates[0].candidate.question == "如何申请年假"
+    payroll = review.open_item(db, f"i:{seeded['payroll']}")
+    assert [f.kind for f in payroll.flags] == ["e-mail address"]
+
+
+def test_one_click_approves_the_correction_and_records_the_curator(db, seeded, alice):
+    key = f"i:{seeded['vpn']}"
+    item = review.open_item(db, key)
+    out = review.approve(db, alice, key, answer=item.proposed_answer, expected_status=item.status)
+    assert out.ok, out.message
+    ex = get_example(db, out.example_id)
+    assert ex.status == "approved" and ex.reviewer == "alice" and ex.answer.startswith("Install WireGuard")
+    assert ex.rejected_answer == "Ask IT."  # DPO pair kept
+    assert review_item(db, seeded["vpn"])["status"] == "approved"
+    assert review.counts(db)["left"] == 3
+
+
+def test_edit_and_approve_an_answer_without_correction(db, seeded, bob):
+    key = f"i:{seeded['leave']}"
+    out = review.approve(db, bob, key, answer="在 HR 门户提交，经理审批后生效。", expected_status="unreviewed")
+    assert out.ok and "with your edit" in out.message
+    ex = get_example(db, out.example_id)
+    assert (ex.question, ex.source, ex.reviewer, ex.interaction_id) == ("怎么申请年假？", "playground", "bob", seeded["leave"])
+    assert ex.rejected_answer == "在 HR 系统中提交申请。"
+
+
+def test_nothing_is_approved_by_accident(db, seeded, alice):
+    # A 👎 answer that nobody corrected, unchanged: refused until edited or confirmed.
+    key = f"i:{seeded['badge']}"
+    out = review.approve(db, alice, key, answer="Buy a new one.")
+    assert not out.ok and "got 👎" in out.message
+    assert review_item(db, seeded["badge"])["status"] == "unreviewed"
+    # Someone else decided meanwhile: the stale decision is refused.
+    review.reject(db, alice, key)
+    out = review.approve(db, alice, key, answer="Report it at reception.", expected_status="unreviewed")
+    assert not out.ok and "changed since you opened it (now rejected by alice)" in out.message
+    assert review.approve(db, alice, key, answer="", expected_status="rejected").ok is False
+
+
+def test_flagged_answer_needs_confirmation_or_redaction(db, seeded, alice):
+    key = f"i:{seeded['payroll']}"
+    item = review.open_item(db, key)
+    out = review.approve(db, alice, key, answer=item.proposed_answer)
+    assert not out.ok and "e-mail address" in out.message
+    assert not [e for e in list_examples(db) if e.interaction_id == seeded["payroll"]]
+    redacted, msg = review.redact_answer(item.proposed_answer)
+    assert "payroll@example.com" not in redacted and "e-mail address" in msg
+    out = review.approve(db, alice, key, answer=redacted)
+    assert out.ok
+    assert get_example(db, out.example_id).answer == "On the 25th; ask [redacted e-mail address]."
+
+
+def test_flagged_answer_with_explicit_confirmation(db, seeded, alice):
+    key = f"i:{seeded['payroll']}"
+    out = review.approve(db, alice, key, answer="On the 25th; ask payroll@example.com.", confirm=True)
+    assert out.ok and "payroll@example.com" in get_example(db, out.example_id).answer
+
+
+def test_reject_a_correction_and_an_answer(db, seeded, alice):
+    assert review.reject(db, alice, f"i:{seeded['vpn']}").ok
+    ex = [e for e in list_examples(db) if e.interaction_id == seeded["vpn"]][0]
+    assert ex.status == "rejected" and ex.reviewer == "alice"
+    assert review.reject(db, alice, f"i:{seeded['badge']}").ok
+    assert review_item(db, seeded["badge"])["status"] == "rejected"
+    assert {r["key"] for r in review.queue(db, QueueFilter(status="rejected"))} == {f"i:{seeded['vpn']}", f"i:{seeded['badge']}"}
+
+
+def test_merge_into_an_existing_example(db, seeded, alice):
+    target = next(e for e in list_examples(db) if e.question == "如何申请年假")
+    key = f"i:{seeded['leave']}"
+    out = review.merge(db, alice, key, str(target.id), answer="提交年假申请，经理审批。")
+    assert out.ok, out.message
+    assert get_example(db, target.id).answer == "提交年假申请，经理审批。"
+    assert review_item(db, seeded["leave"])["status"] == "merged"
+    # A correction's pending example is rejected as merged, the target keeps its answer.
+    berlin = next(e for e in list_examples(db) if e.question == "Where is the Berlin office?")
+    out = review.merge(db, alice, f"i:{seeded['vpn']}", f"#{berlin.id}")
+    assert out.ok and get_example(db, berlin.id).answer == "Torstraße 1, Berlin."
+    assert review_item(db, seeded["vpn"])["status"] == "merged"
+    assert not review.merge(db, alice, f"i:{seeded['badge']}", None).ok
+
+
+def test_approving_a_question_already_in_the_dataset_asks_for_a_merge(db, alice):
+    iid = record_interaction(db, question="Where is the Berlin office?", answer="Torstraße 1.", source="slack")
+    record_vote(db, interaction_id=iid, user_id="U9", vote=1)
+    from store.examples import NewExample, add_examples
+
+    add_examples(db, [NewExample("Where is the Berlin office?", "Torstraße 1, Berlin.")])
+    out = review.approve(db, alice, f"i:{iid}", answer="Torstraße 1.")
+    assert not out.ok and "merge into it instead" in out.message
+    assert review.open_item(db, f"i:{iid}").duplicates[0].score == 1.0
+
+
+def test_pending_examples_without_an_answer_are_in_the_queue(db, alice):
+    from store.examples import NewExample, add_examples
+
+    add_examples(db, [NewExample("How do I expense a taxi?", "Upload the receipt in Expensify.")], status="pending")
+    rows = review.queue(db, QueueFilter())
+    assert rows[-1]["key"].startswith("e:")
+    out = review.approve(db, alice, rows[-1]["key"], answer="Upload the receipt in the expenses tool within 30 days.")
+    assert out.ok and get_example(db, int(rows[-1]["key"][2:])).reviewer == "alice"
+    assert review.counts(db)["left"] == 0
