@@ -39,3 +39,156 @@ def resolve_base(name: str, *, home: Path, db=None) -> str:
             "Qwen/Qwen2.5-0.5B-Instruct"
         )
     return name
+
+
+# --- Loading (training and inference) ------------------------------------------------------------------
+# The same tokenizer, dtype and end-of-turn handling serve training and answering.
+
+
+def is_tiny_base(path: str | Path) -> bool:
+    """True for a folder built by finetune.tiny (random weights: training uses TINY_DEFAULTS)."""
+    return (Path(path) / "TINY.md").exists()
+
+
+def device_kind() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype():
+    """bf16 where the hardware has it (CUDA with bf16), else fp16 on older GPUs, fp32 on the CPU (never fp16)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _load_error(base: str, exc: Exception) -> StoreError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(f"base model {base!r} could not be loaded: {first[:300]}")
+
+
+def load_tokenizer(base: str):
+    """The base's tokenizer; refuses one without a chat template (training and answering both need it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except Exception as exc:  # OSError for missing repos/folders, ValueError for odd configs
+        raise _load_error(base, exc) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise StoreError(
+            f"base model {base!r} has no chat template: use an instruction-tuned model "
+            "(e.g. Qwen/Qwen2.5-0.5B-Instruct) or `tiny`"
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding is masked by position (attention mask and labels), never by id, so any token will do;
+        # the end-of-turn token stays a real, trained token wherever it occurs.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with (<|im_end|> for Qwen), found by rendering one."""
+    marker = "\u2063kbloop-answer\u2063"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    suffix = text.split(marker, 1)[1] if marker in text else ""
+    special = set(tokenizer.all_special_ids)
+    for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return token_id
+    if tokenizer.eos_token_id is None:
+        raise StoreError("the tokenizer's chat template ends a turn with no special token and it has no EOS token")
+    return tokenizer.eos_token_id
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops at the end-of-turn token (and at EOS where that differs)."""
+    ids = [end_of_turn_id(tokenizer)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def quantization_config():
+    """QLoRA's 4-bit setting: NF4, double quantisation, bf16 compute (bitsandbytes runs it on CUDA and CPU).
+
+    GPUs without bf16 (before Ampere) compute in fp16 instead.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        compute = torch.float16
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_base_model(base: str, *, quantize: bool = False, device_map=None):
+    """The causal LM, in the hardware's dtype, optionally 4-bit (QLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": compute_dtype()}
+    if quantize:
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["device_map"] = device_map or {"": _local_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except Exception as exc:
+        raise _load_error(base, exc) from None
+
+
+def _local_device():
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    return "cpu"
+
+
+def load_model_for_inference(base_path_or_id: str, *, adapter_path: str | Path | None = None):
+    """(model, tokenizer) ready for greedy generation: eval mode, stop at the end-of-turn token.
+
+    `adapter_path` may be a PEFT adapter folder or a full model folder (method "full"); the tokenizer is taken
+    from it when it has one, so that training and answering see the same one.
+    """
+    import torch
+
+    tok_source = str(adapter_path) if adapter_path and (Path(adapter_path) / "tokenizer_config.json").exists() \
+        else base_path_or_id
+    tokenizer = load_tokenizer(tok_source)
+    if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").exists():
+        if not (Path(adapter_path) / "config.json").exists():
+            raise StoreError(f"{adapter_path}: neither a PEFT adapter (adapter_config.json) nor a model folder")
+        model = load_base_model(str(adapter_path))  # a fully fine-tuned model
+    else:
+        model = load_base_model(base_path_or_id)
+        if adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    if torch.cuda.is_available() and not hasattr(model, "hf_device_map"):
+        model = model.to("cuda")
+    model.eval()
+    stops = stop_token_ids(tokenizer)
+    gen = model.generation_config
+    gen.eos_token_id = stops
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.do_sample = False
+    for name in ("temperature", "top_p", "top_k"):
+        setattr(gen, name, None)
+    return model, tokenizer

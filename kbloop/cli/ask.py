@@ -1,3 +1,67 @@
-"""Commands: ask."""
+"""Command: ask — answer a question from the command line with the engine the bot uses."""
 
-from kbloop.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from kbloop.cli.app import app, ctx, fail
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question, in quotes.")],
+    adapter: Annotated[str, typer.Option(help="Which adapter answers: active (default), base, or a version like v3.")] = "active",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as one JSON object.")] = False,
+    k: Annotated[int, typer.Option("--k", min=1, max=20, help="Knowledge-base passages put into the prompt.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Longest answer, in tokens.")] = 256,
+    time_limit: Annotated[float, typer.Option(min=1.0, help="Stop generating after this many seconds.")] = 60.0,
+    record: Annotated[bool, typer.Option(help="Record the question and answer in the store (for feedback and review).")] = True,
+    load_timeout: Annotated[float, typer.Option(min=1.0, help="Give up if the model has not loaded after this many seconds.")] = 900.0,
+) -> None:
+    """Answer QUESTION from the knowledge base, with the base model and the active adapter (as the bot would).
+
+    Prints the answer, its sources, the adapter that answered, the latency and the interaction id under
+    which it was recorded.
+    """
+    from finetune.engine import ACTIVE, BASE, Engine, EngineConfig
+    from store.adapters import get_adapter
+
+    if not question.strip():
+        fail("the question is empty: pass it in quotes, e.g. kbloop ask \"How do I set up the VPN?\"")
+    c = ctx()
+    db = c.db  # one clear line when the workspace does not exist
+    if adapter not in (ACTIVE, BASE):
+        get_adapter(db, adapter)  # unknown version: StoreError lists the known ones
+    config = EngineConfig(k=k, max_new_tokens=max_new_tokens, time_limit_s=time_limit)
+    engine = Engine(db_path=c.settings.db_path, home=c.settings.kbloop_home, base_model=c.settings.base_model,
+                    config=config)
+    try:
+        engine.start()
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"Loading {c.settings.base_model}…", spinner="dots"):
+            engine.wait_ready(load_timeout)
+        if engine.error:
+            fail(f"could not load the model {c.settings.base_model!r} (KBLOOP_BASE_MODEL): {engine.error}")
+        if not engine.ready:
+            fail(f"the model {c.settings.base_model!r} did not load within {load_timeout:.0f}s (--load-timeout)")
+        result = engine.answer(question, source="cli", adapter=adapter, record=record)
+    finally:
+        engine.close()
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    typer.echo(result.text)
+    if result.sources:
+        typer.echo("\nSources:")
+        for s in result.sources:
+            typer.echo(f"  - {s.title} ({s.doc_path})")
+    footer = [f"adapter: {result.adapter_version or 'base'}", f"{result.latency_ms} ms"]
+    if result.interaction_id is not None:
+        footer.append(f"interaction #{result.interaction_id}")
+    typer.echo("\n" + " · ".join(footer))
+    if result.notice:
+        typer.echo(f"note: {result.notice}", err=True)

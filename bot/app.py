@@ -1,0 +1,106 @@
+"""Building the bolt App: the Web API client, the listeners, and what runs beside them.
+
+    config = BotConfig.from_settings(settings)
+    app = build_app(config=config, engine=engine, db_path=settings.db_path)
+    run_http(app, "127.0.0.1", 3000)          # or run_socket_mode(app, config.app_token)
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from slack_bolt import App
+from slack_sdk import WebClient
+from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
+
+from bot.commands import register_command_handlers
+from bot.config import BotConfig
+from bot.handlers import BotRuntime, register_feedback_handlers, register_question_handlers
+
+log = logging.getLogger("kbloop.bot")
+
+
+def make_web_client(config: BotConfig) -> WebClient:
+    """A WebClient on KBLOOP_SLACK_API_URL that retries after a 429 (honouring Retry-After) and after
+    connection errors. slack_sdk only retries connection errors by default."""
+    return WebClient(
+        token=config.bot_token, base_url=config.api_url,
+        retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=2),
+                        RateLimitErrorRetryHandler(max_retry_count=config.rate_limit_retries)],
+    )
+
+
+def build_app(*, config: BotConfig, engine, db_path: Path) -> App:
+    """The Slack app with every listener registered. `app.kbloop` is its BotRuntime (engine, store,
+    answer pool); `shutdown(app)` stops the answer pool."""
+    app = App(
+        client=make_web_client(config),
+        signing_secret=config.signing_secret or "",
+        # Socket Mode requests are not signed; HTTP ones are checked (401 on a bad signature or a
+        # timestamp older than 5 minutes) before any listener runs.
+        request_verification_enabled=bool(config.signing_secret),
+        # Verify the token lazily (first request), so the app can be built while Slack is unreachable.
+        token_verification_enabled=False,
+        # Ack first, work after: listeners run in this pool and the HTTP response leaves at ack().
+        process_before_response=False,
+        listener_executor=ThreadPoolExecutor(max_workers=config.listener_workers,
+                                             thread_name_prefix="kbloop-listener"),
+        ignoring_self_events_enabled=True,
+        raise_error_for_unhandled_request=False,
+    )
+    runtime = BotRuntime(config=config, engine=engine, db_path=Path(db_path))
+    app.kbloop = runtime  # type: ignore[attr-defined]
+
+    register_question_handlers(app, runtime)
+    register_feedback_handlers(app, runtime)
+    register_command_handlers(app, runtime)
+    _register_catch_all(app)
+
+    @app.error
+    def on_error(error, body, logger):
+        # Reached when a listener raised. The HTTP response (200 once ack() was called) is bolt's;
+        # here the failure is kept so it is not lost.
+        body = body or {}
+        event = body.get("event") or {}
+        user = (body.get("user") or {}).get("id") if isinstance(body.get("user"), dict) else body.get("user_id")
+        runtime.record_error(body.get("type") or body.get("command") or "request", error,
+                             event_id=body.get("event_id"), user_id=user or event.get("user"),
+                             channel_id=event.get("channel") or body.get("channel_id"))
+
+    return app
+
+
+def _register_catch_all(app: App) -> None:
+    """Events we receive but do not act on still get a 200: bolt answers 404 to an unhandled request,
+    which Slack counts as a failed delivery (retries, then disables the app's events)."""
+    import re
+
+    @app.event(re.compile(".*"))
+    def ignore_other_events():
+        pass
+
+
+def runtime_of(app: App) -> BotRuntime:
+    return app.kbloop  # type: ignore[attr-defined]
+
+
+def shutdown(app: App, *, wait: bool = True) -> None:
+    """Stop the answer pool (answers in progress finish when `wait`)."""
+    runtime_of(app).shutdown(wait=wait)
+
+
+def health(app: App) -> tuple[bool, dict]:
+    """Ready when the store answers a query and the engine has loaded its model."""
+    rt = runtime_of(app)
+    detail: dict = {}
+    try:
+        rt.db().execute("SELECT 1 FROM interactions LIMIT 1").fetchall()
+        detail["store"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        detail["store"] = f"{type(exc).__name__}: {exc}"
+    ready = bool(getattr(rt.engine, "ready", True))
+    error = getattr(rt.engine, "error", None)
+    detail["model"] = "ready" if ready else (f"failed: {error}" if error else "loading")
+    return detail["store"] == "ok" and ready, detail

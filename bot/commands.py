@@ -1,0 +1,185 @@
+"""Admin and status slash commands: /kb-retrain, /kb-rollback (admins only), /kb-status (everyone).
+
+Every admin command, allowed or refused, is written to audit_log (action "slack:/kb-retrain" …) before
+anything else happens. Replies are ephemeral, through the command's response_url.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from slack_bolt import App
+
+from bot import messages
+from bot.blocks import escape_mrkdwn
+from bot.handlers import BotRuntime
+from store import StoreError
+from store.adapters import active_adapter
+from store.audit import record_audit
+from store.jobs import JobAlreadyActive, active_jobs
+
+log = logging.getLogger("kbloop.bot")
+
+# Metrics shown by /kb-status, in this order, with the label people see.
+STATUS_METRICS = (
+    ("heldout_loss", "held-out loss"), ("heldout_token_f1", "token F1"), ("heldout_exact_match", "exact match"),
+    ("train_reproduced", "train reproduced"), ("stop_rate", "stop rate"), ("forgetting_delta", "forgetting Δ"),
+)
+RETRAIN_SHORTCUTS = {"force"}
+
+
+def parse_retrain_args(text: str) -> dict:
+    """`force method=lora rank=16 epochs=2` -> {"force": True, "train": {"method": "lora", "rank": 16, …}}.
+    Names are finetune.config.TrainConfig fields (request_retrain checks them). ValueError on bad syntax."""
+    params: dict = {}
+    train: dict = {}
+    for word in text.split():
+        if word.lower() in RETRAIN_SHORTCUTS:
+            params[word.lower()] = True
+            continue
+        key, sep, raw = word.partition("=")
+        if not sep or not key or not raw:
+            raise ValueError(f"`{word}` is not key=value")
+        train[key.replace("-", "_")] = _coerce(raw)
+    if train:
+        params["train"] = train
+    return params
+
+
+def _coerce(raw: str):
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(raw.lower(), raw)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def status_text(db, *, engine=None) -> str:
+    """The /kb-status report in mrkdwn (outside values escaped)."""
+    lines = [messages.STATUS_TITLE]
+    active = active_adapter(db)
+    if active is None:
+        lines.append(messages.STATUS_NO_ADAPTER)
+    else:
+        rank = active.params.get("rank") or active.params.get("r")
+        desc = ", ".join(x for x in (active.method, f"r={rank}" if rank else "",
+                                     f"{active.dataset_size} examples" if active.dataset_size else "") if x)
+        since = (active.activated_at or active.created_at or "")[:16].replace("T", " ")
+        lines.append(f"Active adapter: *{escape_mrkdwn(active.version)}* ({escape_mrkdwn(desc)}), since {since} UTC")
+        metrics = active.metrics if isinstance(active.metrics, dict) else {}
+        shown = [f"{label} {_fmt(metrics[key])}" for key, label in STATUS_METRICS if metrics.get(key) is not None]
+        if shown:
+            lines.append("Metrics: " + escape_mrkdwn(" · ".join(shown)))
+    jobs = active_jobs(db)
+    if not jobs:
+        lines.append(messages.STATUS_NO_JOBS)
+    for job in jobs:
+        lines.append("• " + escape_mrkdwn(_describe_job(job)))
+    if engine is not None:
+        ready = getattr(engine, "ready", True)
+        lines.append(f"Model: {escape_mrkdwn(str(getattr(engine, 'base_model', '')))} "
+                     f"({'ready' if ready else 'loading'})")
+    return "\n".join(lines)
+
+
+def _describe_job(job) -> str:
+    try:
+        from finetune.jobs import describe_job
+
+        return describe_job(job)
+    except ImportError:  # an older finetune without the jobs module
+        return f"job {job.id} ({job.requester}) is {job.status}"
+
+
+def _request_retrain(db, *, requester: str, reply_channel: str | None, params: dict):
+    try:
+        from finetune.jobs import request_retrain
+    except ImportError:
+        from store.jobs import enqueue_job
+
+        return enqueue_job(db, kind="retrain", requester=requester, reply_channel=reply_channel, params=params)
+    return request_retrain(db, requester=requester, reply_channel=reply_channel, params=params)
+
+
+def _rollback(db, *, actor: str):
+    try:
+        from finetune.registry import rollback
+    except ImportError:
+        from store.adapters import rollback_adapter
+
+        return rollback_adapter(db)
+    return rollback(db, actor=actor)
+
+
+def _refuse(rt: BotRuntime, respond, command: dict, name: str) -> bool:
+    """Audit the command; refuse it (True) if the user is not an admin."""
+    user = command.get("user_id") or "?"
+    allowed = rt.config.is_admin(user)
+    record_audit(rt.db(), actor=user, action=f"slack:{name}", allowed=allowed,
+                 detail={"text": command.get("text") or "", "channel": command.get("channel_id")})
+    if not allowed:
+        log.warning("refused %s from %s (not in KBLOOP_ADMINS)", name, user)
+        text = messages.NOT_ADMIN.format(command=name)
+        if not rt.config.admins:
+            text += messages.NO_ADMINS_CONFIGURED
+        respond(text=text, response_type="ephemeral")
+    return not allowed
+
+
+def register_command_handlers(app: App, rt: BotRuntime) -> None:
+    @app.command("/kb-retrain")
+    def on_retrain(ack, command, respond):
+        ack()
+        if _refuse(rt, respond, command, "/kb-retrain"):
+            return
+        user, channel = command["user_id"], command.get("channel_id")
+        try:
+            params = parse_retrain_args(command.get("text") or "")
+            job = _request_retrain(rt.db(), requester=user, reply_channel=channel, params=params)
+        except ValueError as exc:
+            respond(text=f"{escape_mrkdwn(str(exc))}. {messages.RETRAIN_USAGE}", response_type="ephemeral")
+            return
+        except JobAlreadyActive as exc:
+            job = exc.job
+            progress = ""
+            if job.status == "running" and job.progress:
+                try:
+                    from finetune.jobs import describe_progress
+
+                    progress = " (" + describe_progress(job.progress) + ")"
+                except ImportError:
+                    pass
+            respond(text=messages.retrain_already_active(job.id, job.status, job.requester, escape_mrkdwn(progress)),
+                    response_type="ephemeral")
+            return
+        except StoreError as exc:
+            respond(text=messages.retrain_failed_to_queue(escape_mrkdwn(str(exc))) + "\n" + messages.RETRAIN_USAGE,
+                    response_type="ephemeral")
+            return
+        record_audit(rt.db(), actor=user, action="retrain_queued", allowed=True, target=f"job:{job.id}",
+                     detail={"params": job.params, "channel": channel})
+        respond(text=messages.retrain_queued(job.id, rt.config.notify_channel), response_type="ephemeral")
+
+    @app.command("/kb-rollback")
+    def on_rollback(ack, command, respond):
+        ack()
+        if _refuse(rt, respond, command, "/kb-rollback"):
+            return
+        try:
+            current, previous = _rollback(rt.db(), actor=command["user_id"])
+        except StoreError as exc:
+            respond(text=messages.rollback_failed(escape_mrkdwn(str(exc))), response_type="ephemeral")
+            return
+        respond(text=messages.rolled_back(escape_mrkdwn(current.version),
+                                          escape_mrkdwn(previous.version) if previous else None),
+                response_type="ephemeral")
+
+    @app.command("/kb-status")
+    def on_status(ack, respond):
+        ack()
+        respond(text=status_text(rt.db(), engine=rt.engine), response_type="ephemeral")

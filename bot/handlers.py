@@ -1,0 +1,311 @@
+"""Slack listeners: questions (mentions, DMs, /kb), feedback (buttons, the correction modal), admin commands.
+
+Every listener acknowledges first and then works: Slack wants a 200 within 3 seconds, and bolt runs
+listeners in a thread pool (`process_before_response=False`), so the HTTP response leaves as soon as
+`ack()` is called (events are acked by bolt before the listener runs). Generating an answer takes
+longer, so listeners only filter, dedupe and hand the question to `BotRuntime.answers`, a separate pool
+that waits on the engine; the listener threads stay free and acks stay fast under load.
+
+Duplicates: Slack retries an event it thinks was not delivered (`X-Slack-Retry-Num`, same `event_id`),
+and one mention of the bot can arrive both as `app_mention` and as `message`. Each delivery claims its
+event id and the (channel, ts) of the message in the store (`claim_slack_event`, persisted, so also
+across restarts); only the first claim answers. The cost of claiming before answering is at-most-once:
+a crash between the claim and the answer leaves that question unanswered rather than answered twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slack_bolt import App
+from slack_sdk.webhook import WebhookClient
+
+from bot import blocks, messages
+from bot.config import BotConfig
+from bot.priority import AckPriority
+from bot.ratelimit import QuestionRateLimiter
+from store import StoreError, local_db
+from store.audit import record_audit
+from store.interactions import (
+    claim_slack_events, get_interaction, record_bot_error, record_vote, set_interaction_message,
+)
+
+log = logging.getLogger("kbloop.bot")
+
+# Engine notices that mean "no real answer was generated": no buttons, a note instead of sources.
+NOT_ANSWERED = ("starting", "unavailable", "closed", "empty")
+
+
+@dataclass(kw_only=True)
+class BotRuntime:
+    """What the listeners share: config, the engine, the store, the answer pool and the rate limiter."""
+
+    config: BotConfig
+    engine: object  # finetune.engine.Engine, or anything with its answer() signature
+    db_path: Path
+    answers: ThreadPoolExecutor = field(init=False)
+    limiter: QuestionRateLimiter = field(init=False)
+    priority: AckPriority = field(default_factory=AckPriority)
+
+    def __post_init__(self) -> None:
+        self.answers = ThreadPoolExecutor(max_workers=self.config.answer_workers, thread_name_prefix="kbloop-answer")
+        self.limiter = QuestionRateLimiter(max_questions=self.config.rate_limit_questions,
+                                           window_s=self.config.rate_limit_window_s)
+
+    def db(self):
+        return local_db(self.db_path)  # one connection per thread
+
+    def record_error(self, kind: str, exc: BaseException, *, event_id: str | None = None,
+                     user_id: str | None = None, channel_id: str | None = None) -> int | None:
+        """Log and keep a handler failure; returns its id to show people as a reference (None if the
+        store itself failed)."""
+        log.error("slack %s handler failed: %s", kind, exc, exc_info=exc)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
+        try:
+            return record_bot_error(self.db(), kind=kind, error=f"{type(exc).__name__}: {exc}", event_id=event_id,
+                                    user_id=user_id, channel_id=channel_id, detail={"traceback": tb})
+        except Exception:  # noqa: BLE001 - the log line above already has it
+            log.exception("could not record the error in the store")
+            return None
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.answers.shutdown(wait=wait)
+
+
+# ------------------------------------------------------------------------------------------------
+# Questions
+# ------------------------------------------------------------------------------------------------
+
+def ignored_event(event: dict, *, bot_user_id: str | None) -> str | None:
+    """Why an event is not a question for us (None: it is). Own messages, other bots, edits, deletions,
+    joins and every other message subtype are ignored."""
+    if event.get("subtype"):
+        return f"subtype {event['subtype']}"
+    if event.get("bot_id") or event.get("bot_profile"):
+        return "from a bot"
+    user = event.get("user")
+    if not user:
+        return "no user"
+    if bot_user_id and user == bot_user_id:
+        return "our own message"
+    if event.get("edited") or event.get("hidden"):
+        return "an edit"
+    return None
+
+
+def question_text(text: str, *, bot_user_id: str | None) -> str:
+    """The question as the user typed it: our mention removed, Slack's &amp;/&lt;/&gt; turned back."""
+    if bot_user_id:
+        text = re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", " ", text or "")
+    return re.sub(r"\s+", " ", blocks.unescape_slack(text or "")).strip()
+
+
+def render_answer(answer) -> tuple[list[dict], str]:
+    starting = (answer.notice or "") in NOT_ANSWERED
+    who = f"adapter {answer.adapter_version}" if answer.adapter_version else "base model"
+    footer = None if starting else f"{who} · {answer.latency_ms / 1000:.1f} s"
+    return blocks.answer_message(
+        text=answer.text, source_titles=[s.title for s in answer.sources],
+        interaction_id=None if starting else answer.interaction_id, footer=footer, starting=starting,
+    )
+
+
+def _claim_delivery(rt: BotRuntime, body: dict, event: dict) -> bool:
+    """True for the first delivery of this event and of the message it is about."""
+    keys = [body["event_id"]] if body.get("event_id") else []
+    if event.get("channel") and event.get("ts"):
+        keys.append(f"msg:{event['channel']}:{event['ts']}")
+    if keys and not claim_slack_events(rt.db(), keys):
+        log.info("ignoring %s %s: already answered (retry %s)", event.get("type"), keys,
+                 body.get("retry_attempt"))
+        return False
+    return True
+
+
+def _answer_in_channel(rt: BotRuntime, client, *, question: str, user: str, channel: str,
+                       thread_ts: str | None, event_id: str | None) -> None:
+    """Post "working on it", ask the engine, replace the placeholder with the answer (chat.update)."""
+    placeholder_ts = None
+    try:
+        rt.priority.wait_for_quiet()
+        placeholder = client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=messages.WORKING)
+        placeholder_ts = placeholder["ts"]
+        answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel,
+                                  thread_ts=thread_ts, event_id=event_id)
+        if answer.interaction_id is not None:  # before the update: a vote may follow at once
+            set_interaction_message(rt.db(), answer.interaction_id, channel_id=channel, message_ts=placeholder_ts,
+                                    thread_ts=thread_ts)
+        answer_blocks, text = render_answer(answer)
+        rt.priority.wait_for_quiet()
+        client.chat_update(channel=channel, ts=placeholder_ts, text=text, blocks=answer_blocks)
+    except Exception as exc:  # noqa: BLE001 - Slack already has its 200; keep the error, tell the user
+        ref = rt.record_error("answer", exc, event_id=event_id, user_id=user, channel_id=channel)
+        note = messages.ERROR_NOTE.format(ref=ref if ref is not None else "?")
+        try:
+            if placeholder_ts:
+                client.chat_update(channel=channel, ts=placeholder_ts, text=note, blocks=[])
+            else:
+                client.chat_postEphemeral(channel=channel, user=user, thread_ts=thread_ts, text=note)
+        except Exception:  # noqa: BLE001
+            log.exception("could not tell %s about the failure", user)
+
+
+def _answer_slash(rt: BotRuntime, respond, *, question: str, user: str, channel: str) -> None:
+    try:
+        answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel)
+        answer_blocks, text = render_answer(answer)
+        respond(text=text, blocks=answer_blocks, response_type="ephemeral", replace_original=False)
+    except Exception as exc:  # noqa: BLE001
+        ref = rt.record_error("answer", exc, user_id=user, channel_id=channel)
+        try:
+            respond(text=messages.ERROR_NOTE.format(ref=ref if ref is not None else "?"), response_type="ephemeral")
+        except Exception:  # noqa: BLE001
+            log.exception("could not tell %s about the failure", user)
+
+
+def _question_event(rt: BotRuntime, *, body: dict, event: dict, context, client, in_thread: bool) -> None:
+    bot_user_id = context.get("bot_user_id")
+    why = ignored_event(event, bot_user_id=bot_user_id)
+    if why:
+        log.debug("ignoring %s event: %s", event.get("type"), why)
+        return
+    if not _claim_delivery(rt, body, event):
+        return
+    user, channel = event["user"], event["channel"]
+    thread_ts = event.get("thread_ts") or (event["ts"] if in_thread else None)
+    question = question_text(event.get("text", ""), bot_user_id=bot_user_id)
+    is_dm = event.get("channel_type") == "im"
+
+    def tell(text: str) -> None:
+        if is_dm:
+            client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+        else:
+            client.chat_postEphemeral(channel=channel, user=user, thread_ts=thread_ts, text=text)
+
+    if not question:
+        tell(messages.EMPTY_QUESTION)
+        return
+    wait = rt.limiter.try_acquire(user)
+    if wait:
+        tell(messages.rate_limited(wait))
+        return
+    rt.answers.submit(_answer_in_channel, rt, client, question=question, user=user, channel=channel,
+                      thread_ts=thread_ts, event_id=body.get("event_id"))
+
+
+def register_question_handlers(app: App, rt: BotRuntime) -> None:
+    @app.event("app_mention")
+    def on_app_mention(body, event, context, client):
+        _question_event(rt, body=body, event=event, context=context, client=client, in_thread=True)
+
+    @app.event("message")
+    def on_message(body, event, context, client):
+        # Only direct messages are questions here. In channels the bot answers mentions, which Slack also
+        # sends as app_mention: answering `message` too would answer them twice.
+        if event.get("channel_type") != "im":
+            return
+        _question_event(rt, body=body, event=event, context=context, client=client, in_thread=False)
+
+    @app.command("/kb")
+    def on_kb(ack, command, respond):
+        question = blocks.unescape_slack(command.get("text") or "").strip()
+        user, channel = command.get("user_id"), command.get("channel_id")
+        if not question:
+            ack(text=messages.EMPTY_QUESTION, response_type="ephemeral")
+            return
+        wait = rt.limiter.try_acquire(user)
+        if wait:
+            ack(text=messages.rate_limited(wait), response_type="ephemeral")
+            return
+        ack(text=messages.SLASH_WORKING, response_type="ephemeral")
+        rt.answers.submit(_answer_slash, rt, respond, question=question, user=user, channel=channel)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feedback
+# ------------------------------------------------------------------------------------------------
+
+def _interaction_id(value: str | None) -> int | None:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _tell(text: str, *, response_url: str | None, client, channel: str | None, user: str) -> None:
+    """An ephemeral note to one person: through the response_url when there is one (works in DMs and in
+    channels the bot is not a member of), else chat.postEphemeral, else a DM."""
+    if response_url:
+        WebhookClient(response_url).send(text=text, response_type="ephemeral", replace_original=False)
+    elif channel:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+    else:
+        client.chat_postMessage(channel=user, text=text)
+
+
+def register_feedback_handlers(app: App, rt: BotRuntime) -> None:
+    @app.action(blocks.ACTION_UP)
+    def on_feedback_up(ack, body, action, client):
+        ack()
+        user = body["user"]["id"]
+        channel = (body.get("channel") or {}).get("id")
+        iid = _interaction_id(action.get("value"))
+        try:
+            if iid is None:
+                raise StoreError(f"bad interaction id {action.get('value')!r}")
+            record_vote(rt.db(), interaction_id=iid, user_id=user, vote=1)
+            text = messages.THANKS_UP
+        except StoreError:
+            text = messages.UNKNOWN_INTERACTION
+        _tell(text, response_url=body.get("response_url"), client=client, channel=channel, user=user)
+
+    @app.action(blocks.ACTION_DOWN)
+    def on_feedback_down(ack, body, action, client):
+        ack()
+        user = body["user"]["id"]
+        channel = (body.get("channel") or {}).get("id")
+        iid = _interaction_id(action.get("value"))
+        try:
+            interaction = get_interaction(rt.db(), iid) if iid is not None else None
+        except StoreError:
+            interaction = None
+        if interaction is None:
+            _tell(messages.UNKNOWN_INTERACTION, response_url=body.get("response_url"), client=client,
+                  channel=channel, user=user)
+            return
+        # trigger_id lives 3 seconds: open the modal before anything else.
+        view = blocks.correction_modal(interaction_id=interaction.id, question=interaction.question,
+                                       metadata={"channel": channel, "response_url": body.get("response_url")})
+        client.views_open(trigger_id=body["trigger_id"], view=view)
+        # The 👎 counts even if the modal is closed without a correction.
+        record_vote(rt.db(), interaction_id=interaction.id, user_id=user, vote=-1)
+
+    @app.view(blocks.CORRECTION_CALLBACK)
+    def on_correction_submitted(ack, body, view, client):
+        user = body["user"]["id"]
+        state = (view.get("state") or {}).get("values") or {}
+        correction = ((state.get(blocks.CORRECTION_BLOCK) or {}).get(blocks.CORRECTION_ACTION) or {}).get("value")
+        correction = (correction or "").strip()
+        if len(correction) > messages.CORRECTION_MAX:
+            ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: messages.CORRECTION_TOO_LONG})
+            return
+        ack()
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+        except ValueError:
+            meta = {}
+        iid = _interaction_id(meta.get("interaction_id"))
+        try:
+            if iid is None:
+                raise StoreError("no interaction id in the modal")
+            record_vote(rt.db(), interaction_id=iid, user_id=user, vote=-1, correction=correction or None)
+            text = messages.THANKS_CORRECTION if correction else messages.THANKS_DOWN
+        except StoreError:
+            text = messages.UNKNOWN_INTERACTION
+        _tell(text, response_url=meta.get("response_url"), client=client, channel=meta.get("channel"), user=user)

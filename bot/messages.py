@@ -1,0 +1,87 @@
+"""Every text the bot shows to people, in one place (wording changes happen here, not in handlers).
+
+Functions take already-escaped values where they embed them in mrkdwn; see bot.blocks.escape_mrkdwn.
+"""
+
+from __future__ import annotations
+
+WORKING = ":hourglass_flowing_sand: Looking that up…"
+SLASH_WORKING = ":hourglass_flowing_sand: Looking that up… (only you can see this)"
+EMPTY_QUESTION = ("Ask me a question about our knowledge base, e.g. `@kbloop how do I request VPN access?`, "
+                  "or `/kb how do I request VPN access?`.")
+SOURCES_LABEL = "*Sources:*"
+NO_SOURCES = "_No knowledge-base passage matched; this answer may be unreliable._"
+FEEDBACK_PROMPT = "Was this helpful?"
+BUTTON_UP = "👍 Helpful"
+BUTTON_DOWN = "👎 Not right"
+STARTING_NOTE = "_The model is still loading; ask again in a moment._"
+
+THANKS_UP = "Thanks! Your 👍 is recorded."
+THANKS_DOWN = "Thanks, your 👎 is recorded."
+THANKS_CORRECTION = ("Thanks! Your 👎 and your correction are recorded; a curator will review it before it is "
+                     "used for training.")
+UNKNOWN_INTERACTION = "I can't find that answer any more, so the vote was not recorded."
+
+MODAL_TITLE = "Improve this answer"
+MODAL_SUBMIT = "Send"
+MODAL_CLOSE = "Cancel"
+MODAL_INTRO = "Your 👎 is recorded. If you know the right answer, a curator will review it and use it for training."
+MODAL_QUESTION_LABEL = "Question"
+MODAL_INPUT_LABEL = "What would the right answer be?"
+MODAL_INPUT_HINT = "Optional. Plain text; a curator reviews it before it is used for training."
+CORRECTION_MAX = 3000
+CORRECTION_TOO_LONG = f"Please keep the correction under {CORRECTION_MAX} characters."
+
+NOT_ADMIN = "Sorry, only kbloop admins can use `{command}`. Ask one of them, or see `/kb-status`."
+NO_ADMINS_CONFIGURED = " (No admins are configured yet: set KBLOOP_ADMINS.)"
+RETRAIN_USAGE = ("Usage: `/kb-retrain [method=qlora|lora|full] [rank=N|auto] [epochs=N]`. "
+                 "With no options the defaults are used.")
+ERROR_NOTE = "Sorry, something went wrong while answering. The error was recorded (ref E{ref})."
+TRUNCATED = "\n…_(answer shortened to fit in Slack)_"
+
+
+def rate_limited(seconds: int) -> str:
+    return (f"You're asking faster than I can keep up :sweat_smile: Please try again in about {seconds} s "
+            f"(so everyone gets answers quickly).")
+
+
+def retrain_queued(job_id: int, notify_channel: str | None) -> str:
+    where = f" and in <#{notify_channel}>" if notify_channel else ""
+    return (f":rocket: Retraining queued as job *#{job_id}*. I'll report progress and the outcome here{where}. "
+            "`/kb-status` shows where it stands.")
+
+
+def retrain_already_active(job_id: int, status: str, requester: str | None, progress: str) -> str:
+    who = f", requested by <@{requester}>" if requester and requester.startswith(("U", "W")) else ""
+    return (f"A retraining job is already {status}: *#{job_id}*{who}{progress}. "
+            "Only one runs at a time; try again when it finishes.")
+
+
+def retrain_failed_to_queue(reason: str) -> str:
+    return f"Could not queue a retraining job: {reason}"
+
+
+def rolled_back(from_version: str, to_version: str | None) -> str:
+    target = f"*{to_version}*" if to_version else "the base model (no adapter)"
+    return f":leftwards_arrow_with_hook: Rolled back from *{from_version}* to {target}. New answers use it now."
+
+
+def rollback_failed(reason: str) -> str:
+    return f"Nothing was rolled back: {reason}"
+
+
+def job_started(job_id: int) -> str:
+    return f":gear: Training job *#{job_id}* started."
+
+
+def job_progress(job_id: int, progress_text: str) -> str:
+    return f":gear: Training job *#{job_id}*: {progress_text}"
+
+
+def job_finished(job_id: int, headline: str) -> str:
+    return f"Training job *#{job_id}* finished: {headline}"
+
+
+STATUS_TITLE = "*kbloop status*"
+STATUS_NO_ADAPTER = "Active adapter: none (answers come from the base model)."
+STATUS_NO_JOBS = "No retraining job is queued or running."

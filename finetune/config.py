@@ -1,0 +1,151 @@
+"""The training configuration: one typed object, and how its unset fields get their values.
+
+A field left at None means "the default for this base and this data". `resolve_config` fills them in:
+
+- a real base (an HF id or a model folder) gets the seed's recipe: QLoRA, r=8, alpha=32, dropout 0.1,
+  all linear projections, lr 2e-4, 3 epochs, batch 4 x accumulation 4, warmup 10%;
+- the `tiny` base (random weights, built locally) gets TINY_DEFAULTS: it has to *memorise* its training
+  answers from scratch, which takes many more, larger steps than adapting a pretrained model;
+- `rank="auto"` applies the seed's rank table to the data (finetune.recommend).
+
+The resolved config (what was actually used) comes back in TrainOutcome.config, with the reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+METHODS = ("qlora", "lora", "full")
+# Qwen2 / Llama naming; "all-linear" finds whatever linear layers a model has (except the output head).
+ALL_LINEAR = "all-linear"
+QWEN_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Below this many training examples training is refused: the held-out evaluation and the gate mean nothing.
+MIN_TRAIN_EXAMPLES = 8
+
+# The seed's recipe, kept for real (pretrained) bases.
+SEED_DEFAULTS = dict(
+    method="qlora", rank=8, alpha=32, dropout=0.1, targets=ALL_LINEAR, epochs=3.0, learning_rate=2e-4,
+    batch_size=4, grad_accum=4, warmup=0.1, max_length=1024, gradient_checkpointing=True,
+)
+
+# The tiny base has random weights: nothing to adapt, everything to memorise. Measured on
+# samples/qa.jsonl (docs/benchmarks-training.md): these reproduce >= 90% of the training answers exactly
+# under greedy decoding. Why each differs from the seed:
+#   lora      - 4-bit quantising a 4M-parameter model saves nothing and makes CPU steps slower;
+#   rank 64   - memorising ~220 answers through frozen random weights needs capacity, and the model is tiny;
+#   lr 2e-3, many epochs, small batches - from-scratch memorisation needs many large updates;
+#   dropout 0 - dropout fights memorisation;
+#   no gradient checkpointing - activations of a 4M model are small; recomputing them only costs time.
+TINY_DEFAULTS = dict(
+    method="lora", rank=64, alpha=64, dropout=0.0, targets=ALL_LINEAR, epochs=12.0, learning_rate=2e-3,
+    batch_size=8, grad_accum=1, warmup=0.05, max_length=768, gradient_checkpointing=False,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that decides a training run. None = the default for the base (see module docstring)."""
+
+    base: str = "Qwen/Qwen2.5-0.5B-Instruct"  # HF id or model folder (resolve `tiny` with models.resolve_base)
+    method: str | None = None  # qlora | lora | full
+    rank: int | str | None = None  # N, or "auto" (the seed's table applied to the data)
+    alpha: int | None = None
+    dropout: float | None = None
+    targets: str | tuple[str, ...] | None = None  # "all-linear" or module names
+    epochs: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None  # per device
+    grad_accum: int | None = None
+    warmup: float | None = None  # fraction of the steps
+    max_length: int | None = None  # tokens of prompt + answer; longer prompts are cut from the passages
+    gradient_checkpointing: bool | None = None
+    seed: int = 42
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    save_steps: int | None = None  # checkpoint every N optimiser steps (None: about 5 per run)
+    version: str | None = None  # the adapter version to register (None: the registry picks the next)
+    k_passages: int = 3  # retrieved passages per training prompt (the engine must use the same)
+
+    def as_params(self) -> dict:
+        """JSON-able form for the registry's metadata."""
+        data = asdict(self)
+        if isinstance(data["targets"], tuple):
+            data["targets"] = list(data["targets"])
+        return data
+
+
+def parse_targets(text: str | None) -> str | tuple[str, ...] | None:
+    """`--targets`: "all-linear", or module names separated by commas ("q_proj,v_proj")."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text in (ALL_LINEAR, "all"):
+        return ALL_LINEAR
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def resolve_config(config: TrainConfig, *, tiny: bool, n_examples: int, profile=None) -> tuple[TrainConfig, list[str]]:
+    """Fill the unset fields; returns the resolved config and one line per default that was applied.
+
+    `profile` (finetune.recommend.DataProfile) is only needed for rank="auto"; it is computed by the caller
+    from the training examples.
+    """
+    from finetune.recommend import recommend_for_profile
+
+    defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
+    source = "tiny-base default" if tiny else "seed default"
+    notes: list[str] = []
+    updates: dict = {}
+    for f in fields(TrainConfig):
+        if f.name in defaults and getattr(config, f.name) is None:
+            updates[f.name] = defaults[f.name]
+    if config.rank == "auto":
+        if profile is None:
+            raise ValueError("rank='auto' needs the data profile")
+        rec = recommend_for_profile(profile)
+        updates["rank"] = rec.rank
+        if config.alpha is None:
+            updates["alpha"] = rec.alpha
+        notes.append(f"rank auto -> r={rec.rank}, alpha={updates.get('alpha', config.alpha)}: {rec.reasons[0]}")
+    resolved = replace(config, **updates)
+    applied = [k for k in updates if k not in ("rank", "alpha") or config.rank != "auto"]
+    if applied:
+        notes.append(f"{source}s: " + ", ".join(f"{k}={_fmt(updates[k])}" for k in applied))
+    if tiny:
+        notes.append("base is `tiny` (random weights): it memorises its training answers, so it trains with many "
+                     "epochs and a high learning rate; pass options to override")
+    _validate(resolved, n_examples=n_examples)
+    return resolved, notes
+
+
+def _fmt(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _validate(c: TrainConfig, *, n_examples: int) -> None:
+    from store import StoreError
+
+    if c.method not in METHODS:
+        raise StoreError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
+    if not isinstance(c.rank, int) or c.rank < 1:
+        raise StoreError(f"rank must be a positive number or 'auto', not {c.rank!r}")
+    checks = [
+        (c.alpha is not None and c.alpha > 0, f"alpha must be positive, not {c.alpha}"),
+        (0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
+        (c.epochs > 0, f"epochs must be positive, not {c.epochs}"),
+        (0 < c.learning_rate < 1, f"learning rate must be in (0, 1), not {c.learning_rate}"),
+        (c.batch_size >= 1, f"batch size must be at least 1, not {c.batch_size}"),
+        (c.grad_accum >= 1, f"gradient accumulation must be at least 1, not {c.grad_accum}"),
+        (0 <= c.warmup < 1, f"warmup is a fraction of the steps in [0, 1), not {c.warmup}"),
+        (c.max_length >= 64, f"max length must be at least 64 tokens, not {c.max_length}"),
+        (c.k_passages >= 0, f"passages per prompt must be 0 or more, not {c.k_passages}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise StoreError(message)
+    if n_examples < MIN_TRAIN_EXAMPLES:
+        raise StoreError(
+            f"only {n_examples} training example{'s' if n_examples != 1 else ''}; at least {MIN_TRAIN_EXAMPLES} "
+            "are needed (approve more in `kbloop review` or import a file with `kbloop data import`)"
+        )

@@ -1,0 +1,231 @@
+"""Training data: examples with their retrieved passages, the held-out split, tokenisation and batching.
+
+How one example becomes tokens (the defects of the seed's recipe, fixed):
+
+    prompt     = tokenizer.apply_chat_template(system + user(passages, question), add_generation_prompt)
+    completion = the answer + the end-of-turn token (<|im_end|>), as the template closes an assistant turn
+    input_ids  = prompt ids + completion ids
+    labels     = -100 for every prompt token, the completion ids otherwise (so <|im_end|> is learned)
+
+Padding is masked by *position* (attention_mask 0, label -100 past each example's length), never by
+token id, so a pad token that equals EOS can never hide the real end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from finetune.prompting import PromptPassage, build_messages, render_prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    question: str
+    input: str
+    answer: str
+    passages: list[PromptPassage] = field(default_factory=list)
+
+
+def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingExample]:
+    """Store examples -> training examples carrying the passages retrieved for their question.
+
+    Retrieval is the engine's own (finetune.retrieval), so a prompt at training time has the passages the
+    same question gets when it is asked.
+    """
+    from finetune.retrieval import retrieve_passages
+
+    out = []
+    for ex in examples:
+        passages = retrieve_passages(db, ex.question, k=k) if k > 0 else []
+        out.append(TrainingExample(
+            question=ex.question, input=ex.input or "", answer=ex.answer,
+            passages=[PromptPassage(title=p.title, content=p.content) for p in passages],
+        ))
+    return out
+
+
+def _unit_hash(question: str) -> float:
+    digest = hashlib.sha256(" ".join(question.lower().split()).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_heldout(examples: Sequence, *, fraction: float = 0.1) -> tuple[list, list]:
+    """(train, heldout), deterministic by question hash: an example stays on its side as the data grows.
+
+    With at least 5 examples the held-out side gets at least one.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"held-out fraction must be in [0, 1), not {fraction}")
+    keyed = [(_unit_hash(ex.question), i) for i, ex in enumerate(examples)]
+    held = {i for h, i in keyed if h < fraction}
+    if fraction > 0 and not held and len(examples) >= 5:
+        held = {min(keyed)[1]}
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    heldout = [ex for i, ex in enumerate(examples) if i in held]
+    return train, heldout
+
+
+def training_examples_from_file(path: Path | str) -> list[TrainingExample]:
+    """A training-data file (any format `kbloop data import` reads), without passages."""
+    from store.formats import read_examples_file
+
+    return [TrainingExample(question=e.question, input=e.input or "", answer=e.answer, passages=[])
+            for e in read_examples_file(path)]
+
+
+def save_training_examples(path: Path | str, examples: Sequence[TrainingExample]) -> None:
+    """JSONL with the passages, for a training run in another process (torchrun, the job worker)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
+
+
+def load_training_examples(path: Path | str) -> list[TrainingExample]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                out.append(TrainingExample(question=d["question"], input=d.get("input", ""), answer=d["answer"],
+                                           passages=[PromptPassage(**p) for p in d.get("passages", [])]))
+    return out
+
+
+# --- Tokenisation --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TruncationReport:
+    """What max_length cost: examples that lost passages, had their prompt cut, or their answer cut."""
+
+    max_length: int
+    examples: int = 0
+    passages_dropped: int = 0  # examples that lost one or more retrieved passages
+    prompts_cut: int = 0  # examples whose prompt was cut from the left even without passages
+    answers_cut: int = 0  # answers longer than half of max_length (trained without their end-of-turn)
+
+    @property
+    def affected(self) -> int:
+        return self.passages_dropped + self.prompts_cut + self.answers_cut
+
+    def text(self) -> str:
+        if not self.affected:
+            return f"all {self.examples} examples fit in {self.max_length} tokens"
+        parts = []
+        if self.passages_dropped:
+            parts.append(f"{self.passages_dropped} lost retrieved passages")
+        if self.prompts_cut:
+            parts.append(f"{self.prompts_cut} had their prompt cut from the start")
+        if self.answers_cut:
+            parts.append(f"{self.answers_cut} had their answer cut (too long to learn to stop)")
+        return f"of {self.examples} examples longer than {self.max_length} tokens: " + "; ".join(parts)
+
+
+def _completion_text(tokenizer, messages: list[dict], prompt: str, answer: str, eot_text: str) -> str:
+    """The answer as the chat template closes an assistant turn, up to and including the end-of-turn token."""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+    if full.startswith(prompt):
+        completion = full[len(prompt):]
+        cut = completion.find(eot_text)
+        if cut >= 0:
+            return completion[: cut + len(eot_text)]
+    # Templates that rewrite earlier turns (e.g. reasoning markers): the answer followed by the turn's end.
+    return answer + eot_text
+
+
+def encode_example(tokenizer, ex: TrainingExample, *, max_length: int, eot_id: int,
+                   report: TruncationReport | None = None) -> dict:
+    """input_ids and labels for one example (prompt masked, answer and end-of-turn learned)."""
+    eot_text = tokenizer.convert_ids_to_tokens(eot_id)
+    passages = list(ex.passages)
+    dropped = False
+    while True:
+        messages = build_messages(ex.question, input=ex.input, passages=passages)
+        prompt = render_prompt(tokenizer, messages)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion = _completion_text(tokenizer, messages, prompt, ex.answer, eot_text)
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) + len(completion_ids) <= max_length or not passages:
+            break
+        # Too long: the least relevant passage goes first (retrieval returns them best first).
+        passages.pop()
+        dropped = True
+    answer_cut = prompt_cut = False
+    if len(completion_ids) > max_length // 2 and len(prompt_ids) + len(completion_ids) > max_length:
+        completion_ids = completion_ids[: max(max_length // 2, max_length - len(prompt_ids))]
+        answer_cut = True
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        prompt_ids = prompt_ids[len(prompt_ids) + len(completion_ids) - max_length:]
+        prompt_cut = True
+    if report is not None:
+        report.examples += 1
+        report.passages_dropped += dropped
+        report.prompts_cut += prompt_cut
+        report.answers_cut += answer_cut
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids),
+    }
+
+
+def encode_examples(tokenizer, examples: Sequence[TrainingExample], *, max_length: int,
+                    eot_id: int) -> tuple[list[dict], TruncationReport]:
+    report = TruncationReport(max_length=max_length)
+    encoded = [encode_example(tokenizer, ex, max_length=max_length, eot_id=eot_id, report=report) for ex in examples]
+    return encoded, report
+
+
+class CompletionCollator:
+    """Pads a batch to its longest example (right padding); padding is masked by position only.
+
+    It also marks the positions whose next token is a label (`logits_to_keep`, a (B, T) bool mask): the
+    model then projects only those hidden states onto the vocabulary. The prompt is most of every sequence,
+    so this skips most of the output head's work and memory (the logits of a 150k vocabulary are large).
+    """
+
+    def __init__(self, *, pad_id: int, pad_to_multiple_of: int | None = 8):
+        self.pad_id = pad_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            longest = -(-longest // self.multiple) * self.multiple
+        n = len(features)
+        input_ids = torch.full((n, longest), self.pad_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            length = len(f["input_ids"])
+            input_ids[row, :length] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.tensor(f["labels"], dtype=torch.long)
+            attention[row, :length] = 1
+        keep = torch.zeros((n, longest), dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "logits_to_keep": keep}
+
+
+def answer_token_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy over the answer tokens, for logits computed only where `logits_to_keep` was True.
+
+    Summed and divided by the number of answer tokens in the whole (accumulated, all-device) batch when the
+    Trainer gives it, so that every token weighs the same whatever the batch it landed in.
+    """
+    import torch.nn.functional as F
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]  # (N, V): kept positions only
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,), row-major like the kept positions
+    logits = logits.reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
+    if hasattr(denominator, "to"):
+        denominator = denominator.to(loss.device)
+    return loss / denominator

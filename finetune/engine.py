@@ -1,0 +1,464 @@
+"""The answer engine: one loaded model per process, answering questions grounded on the knowledge base.
+
+    engine = Engine(db_path=settings.db_path, home=settings.kbloop_home, base_model=settings.base_model)
+    engine.start()                      # loads in the background, returns at once
+    engine.wait_ready(120)
+    answer = engine.answer("How do I set up the VPN?", source="cli")
+    engine.close()
+
+How a question is answered: the caller's thread retrieves passages (finetune.retrieval) and hands a
+request to the one generation worker thread. The worker takes whatever requests are waiting, checks
+which adapter is active in the store (one cheap query per batch), groups the batch by adapter, and
+generates each group in one left-padded batch, greedy by default, bounded by max new tokens and a wall
+time limit, stopping at the end-of-turn token. The caller's thread then records the interaction.
+
+Hot-swap: adapters are PEFT LoRA folders loaded once each under their version name and switched with
+set_adapter between batches; "base" runs with adapters disabled. A promote or rollback therefore takes
+effect on the next batch; a batch already generating finishes on the adapter it started with.
+
+Assumptions: adapters in the registry were trained on this engine's base model; an adapter that fails to
+load is reported in the answer's notice and the base answers. A full fine-tune (method "full") is
+loaded as a second model beside the base (one at a time: it is as large as the base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from finetune.prompting import PromptPassage, build_messages, render_prompt
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+ACTIVE = "active"
+
+# User-facing texts, together so the bot and the playground show the same words.
+STARTING_TEXT = "I'm starting up: the model is still loading. Please ask again in a minute."
+EMPTY_TEXT = "Please ask a question: the message was empty."
+NO_MATCH_TEXT = "I could not find anything about this in the knowledge base, so I can't answer it reliably."
+NO_MATCH_TEXT_ZH = "我在知识库中没有找到相关内容，无法可靠地回答这个问题。"
+UNAVAILABLE_TEXT = "The answer engine is not available: {error}"
+CLOSED_TEXT = "The answer engine is shutting down; please ask again in a moment."
+TIMEOUT_TEXT = "Sorry, answering took too long. Please try again."
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine retrieves and generates. One object, built once, passed down."""
+
+    k: int = 3  # passages in the prompt
+    max_new_tokens: int = 256
+    time_limit_s: float = 60.0  # wall-time bound on one generation batch
+    do_sample: bool = False  # greedy: the same question gets the same answer
+    temperature: float = 0.7  # only with do_sample
+    max_batch_size: int = 16
+    # After the first request arrives, wait this long for others to join its batch.
+    batch_window_s: float = 0.02
+    adapter_cache_size: int = 3  # LoRA adapters kept loaded (the active one, the previous, one compared)
+    max_context_tokens: int = 4096  # cap on the prompt + answer, below the model's own limit
+    request_timeout_s: float = 600.0  # how long answer() waits for the worker before giving up
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+@dataclass(frozen=True)
+class Source:
+    title: str
+    doc_path: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    sources: list[Source]
+    adapter_version: str | None  # the adapter that generated it; None = the base model
+    latency_ms: int
+    interaction_id: int | None  # the row in `interactions`; None when not recorded
+    notice: str | None = None  # starting | empty | no_match | trimmed: … | adapter errors | timeout
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Request:
+    question: str
+    passages: list  # store.kb.Passage
+    adapter: str  # "active" | "base" | a version
+    future: Future = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _Generated:
+    text: str
+    adapter_version: str | None
+    notices: tuple[str, ...] = ()
+
+
+def _is_chinese(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+def sources_of(passages) -> list[Source]:
+    """Each document once, in retrieval order."""
+    seen: dict[str, Source] = {}
+    for p in passages:
+        seen.setdefault(p.doc_path, Source(title=p.title, doc_path=p.doc_path))
+    return list(seen.values())
+
+
+class Engine:
+    """One model, one generation worker thread; thread-safe `answer()` for any number of callers."""
+
+    def __init__(self, *, db_path: Path, home: Path, base_model: str, config: EngineConfig | None = None):
+        self.db_path = Path(db_path)
+        self.home = Path(home)
+        self.base_model = base_model
+        self.config = config or EngineConfig()
+        self.error: str | None = None  # why loading failed, if it did
+        self._ready = threading.Event()
+        self._loaded = threading.Event()  # loading finished, successfully or not
+        self._stop = threading.Event()
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._loader: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        # Owned by the worker thread once loaded:
+        self.model = None  # the base model, wrapped in a PeftModel once an adapter is loaded
+        self.tokenizer = None
+        self._base_path: str | None = None
+        self._loaded_adapters: OrderedDict[str, str] = OrderedDict()  # version -> path, LRU order
+        self._failed_adapters: dict[str, str] = {}  # version -> error
+        self._full_models: OrderedDict[str, object] = OrderedDict()  # version -> model (method "full")
+        self._eos_ids: list[int] = []
+        self._context_tokens = self.config.max_context_tokens
+        self.batches_run = 0  # for benchmarks and tests: how many generate() calls
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Load the model in a background thread and return at once."""
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._load, name="kbloop-engine-load", daemon=True)
+            self._loader.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        self._loaded.wait(timeout)
+        return self.ready
+
+    def close(self) -> None:
+        """Stop the worker; requests still waiting are answered with a shutting-down notice."""
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=self.config.time_limit_s + 5)
+        while True:
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            req.future.set_result(_Generated(CLOSED_TEXT, None, ("closed",)))
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _load(self) -> None:
+        try:
+            from finetune.models import load_model_for_inference, resolve_base, stop_token_ids
+            from finetune.retrieval import embedding_model
+            from store import local_db
+
+            db = local_db(self.db_path)
+            self._base_path = resolve_base(self.base_model, home=self.home, db=db)
+            model, tokenizer = load_model_for_inference(self._base_path)
+            if self.config.device:
+                model = model.to(self.config.device)
+            tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+            self.tokenizer, self.model = tokenizer, model
+            self._eos_ids = list(dict.fromkeys(stop_token_ids(tokenizer) + self._end_of_turn_ids(model, tokenizer)))
+            model_limit = getattr(model.config, "max_position_embeddings", None) or self.config.max_context_tokens
+            self._context_tokens = min(int(model_limit), self.config.max_context_tokens)
+            embedding_model()  # warm the retrieval model too, so the first question does not pay for it
+            self._worker = threading.Thread(target=self._work, name="kbloop-engine-generate", daemon=True)
+            self._worker.start()
+            self._ready.set()
+        except Exception as exc:  # reported through answer() and .error; the process keeps running
+            from store import StoreError
+
+            log.exception("engine: loading %s failed", self.base_model)
+            self.error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+        finally:
+            self._loaded.set()
+
+    @staticmethod
+    def _end_of_turn_ids(model, tokenizer) -> list[int]:
+        ids: list[int] = []
+        configured = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.append(configured)
+        elif configured:
+            ids += list(configured)
+        for token in ("<|im_end|>", tokenizer.eos_token):
+            tid = tokenizer.convert_tokens_to_ids(token) if token else None
+            if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+                ids.append(tid)
+        return list(dict.fromkeys(ids))
+
+    # --- answering (any thread) ---------------------------------------------------------------------
+
+    def answer(self, question: str, *, source: str = "cli", user_id: str | None = None,
+               channel_id: str | None = None, thread_ts: str | None = None, event_id: str | None = None,
+               adapter: str = ACTIVE, record: bool = True) -> Answer:
+        """Answer one question. Returns at once with a "starting up" answer while the model loads."""
+        started = time.monotonic()
+
+        def elapsed_ms() -> int:
+            return int((time.monotonic() - started) * 1000)
+
+        question = (question or "").strip()
+        if not question:
+            return Answer(EMPTY_TEXT, [], None, elapsed_ms(), None, "empty")
+        if not self.ready:
+            if self.error:
+                return Answer(UNAVAILABLE_TEXT.format(error=self.error), [], None, elapsed_ms(), None, "unavailable")
+            return Answer(STARTING_TEXT, [], None, elapsed_ms(), None, "starting")
+        if self._stop.is_set():
+            return Answer(CLOSED_TEXT, [], None, elapsed_ms(), None, "closed")
+
+        from finetune.retrieval import retrieve_passages
+        from store import local_db
+        from store.adapters import get_adapter
+
+        db = local_db(self.db_path)
+        if adapter not in (ACTIVE, BASE):
+            get_adapter(db, adapter)  # an unknown version is the caller's error: StoreError names it
+        passages = retrieve_passages(db, question, k=self.config.k)
+        if not passages:
+            text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
+            generated = _Generated(text, self._resolve_version(db, adapter), ("no_match",))
+        else:
+            req = _Request(question=question, passages=passages, adapter=adapter)
+            self._queue.put(req)
+            try:
+                generated = req.future.result(timeout=self.config.request_timeout_s)
+            except TimeoutError:
+                generated = _Generated(TIMEOUT_TEXT, None, ("timeout",))
+        sources = sources_of(passages) if passages and "closed" not in generated.notices else []
+        notice = "; ".join(generated.notices) or None
+        latency = elapsed_ms()
+        interaction_id = None
+        if record and not ({"closed", "timeout"} & set(generated.notices)):
+            from store.interactions import record_interaction
+
+            interaction_id = record_interaction(
+                db, question=question, answer=generated.text, source=source,
+                sources=[asdict(s) for s in sources], adapter_version=generated.adapter_version,
+                latency_ms=latency, user_id=user_id, channel_id=channel_id, thread_ts=thread_ts, event_id=event_id,
+            )
+        return Answer(generated.text, sources, generated.adapter_version, latency, interaction_id, notice)
+
+    def _resolve_version(self, db, adapter: str) -> str | None:
+        """The adapter version a request asks for: "active" -> the store's active one (None = base)."""
+        if adapter == BASE:
+            return None
+        if adapter == ACTIVE:
+            from store.adapters import active_adapter
+
+            active = active_adapter(db)
+            return active.version if active else None
+        return adapter
+
+    # --- the generation worker ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        from store import local_db
+
+        db = local_db(self.db_path)
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.config.batch_window_s
+            while len(batch) < self.config.max_batch_size:
+                try:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                self._run_batch(db, batch)
+            except BaseException as exc:  # never leave a caller waiting
+                log.exception("engine: a generation batch failed")
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+
+    def _run_batch(self, db, batch: list[_Request]) -> None:
+        # The active adapter is looked up once per batch: a promote lands between batches.
+        active = self._resolve_version(db, ACTIVE) if any(r.adapter == ACTIVE for r in batch) else None
+        groups: dict[str | None, list[_Request]] = {}
+        for req in batch:
+            version = active if req.adapter == ACTIVE else self._resolve_version(db, req.adapter)
+            groups.setdefault(version, []).append(req)
+        for version, requests in groups.items():
+            model, used, notices, scope = self._select_model(db, version)
+            prompts, trims = zip(*(self._prompt(r) for r in requests))
+            with scope:
+                texts = self._generate(model, list(prompts))
+            self.batches_run += 1
+            for req, text, trim in zip(requests, texts, trims):
+                req.future.set_result(_Generated(text, used, tuple(notices) + ((trim,) if trim else ())))
+
+    # --- adapters -----------------------------------------------------------------------------------
+
+    def _select_model(self, db, version: str | None):
+        """(model, version in use, notices, context to generate in) for the next generate() call."""
+        if version is None:
+            return self.model, None, [], self._adapters_off()
+        if version in self._full_models:
+            self._full_models.move_to_end(version)
+            return self._full_models[version], version, [], contextlib.nullcontext()
+        if version not in self._loaded_adapters:
+            error = self._load_adapter(db, version)
+            if error:
+                notice = f"adapter {version} could not be loaded ({error}); answered with the base model"
+                return self.model, None, [notice], self._adapters_off()
+            if version in self._full_models:
+                return self._full_models[version], version, [], contextlib.nullcontext()
+        self._loaded_adapters.move_to_end(version)
+        self.model.set_adapter(version)
+        self._evict_adapters(keep=version)
+        return self.model, version, [], contextlib.nullcontext()
+
+    def _load_adapter(self, db, version: str) -> str | None:
+        """Load a registered version once: a PEFT adapter onto the shared base, or a full fine-tune
+        (method "full") as its own model. Returns an error text instead of raising."""
+        if version in self._failed_adapters:
+            return self._failed_adapters[version]
+        from store.adapters import get_adapter
+
+        try:
+            record = get_adapter(db, version)
+            path = Path(record.path)
+            if not (path / "adapter_config.json").exists():
+                if not (path / "config.json").exists():
+                    raise ValueError(f"{path} is neither a PEFT adapter nor a model folder")
+                from finetune.models import load_base_model
+
+                self._full_models[version] = load_base_model(str(path)).to(self._base_device()).eval()
+                while len(self._full_models) > 1:  # a full model is as big as the base: keep one
+                    self._full_models.popitem(last=False)
+                log.info("engine: loaded full model %s from %s", version, path)
+                return None
+            from peft import PeftModel
+
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version,
+                                                       is_trainable=False)
+            self.model.eval()
+            self._loaded_adapters[version] = str(path)
+            log.info("engine: loaded adapter %s from %s", version, path)
+            return None
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("engine: adapter %s could not be loaded: %s", version, error)
+            self._failed_adapters[version] = error
+            return error
+
+    def _base_device(self):
+        return next(self.model.parameters()).device
+
+    def _adapters_off(self):
+        """The base model's behaviour: PEFT's disable_adapter context once adapters are loaded."""
+        if self._loaded_adapters:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _evict_adapters(self, *, keep: str) -> None:
+        while len(self._loaded_adapters) > max(1, self.config.adapter_cache_size):
+            oldest = next(v for v in self._loaded_adapters if v != keep)
+            self.model.delete_adapter(oldest)
+            del self._loaded_adapters[oldest]
+            log.info("engine: unloaded adapter %s", oldest)
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loaded_adapters)
+
+    # --- prompts and generation ---------------------------------------------------------------------
+
+    def _prompt(self, req: _Request) -> tuple[str, str | None]:
+        """The rendered prompt, trimmed to the context window; and a notice when something was cut."""
+        tok = self.tokenizer
+        budget = self._context_tokens - self.config.max_new_tokens
+        passages = [PromptPassage(p.title, p.content) for p in req.passages]
+        question = req.question
+
+        def length(q: str, ps) -> int:
+            return len(tok(render_prompt(tok, build_messages(q, passages=ps)), add_special_tokens=False).input_ids)
+
+        if length(question, passages) <= budget:
+            return render_prompt(tok, build_messages(question, passages=passages)), None
+        q_ids = tok(question, add_special_tokens=False).input_ids
+        # Keep the passages if the question can still be told in a useful length; else drop them from the end.
+        while True:
+            room = budget - length("", passages)
+            if room >= min(64, len(q_ids)) or not passages:
+                break
+            passages = passages[:-1]
+        room = max(1, room)
+        trimmed = tok.decode(q_ids[:room], skip_special_tokens=True) if len(q_ids) > room else question
+        notice = (f"trimmed: the question was cut to {min(room, len(q_ids))} of {len(q_ids)} tokens "
+                  "to fit the model's context")
+        if len(passages) < len(req.passages):
+            notice += f"; {len(req.passages) - len(passages)} passage(s) left out"
+        return render_prompt(tok, build_messages(trimmed, passages=passages)), notice
+
+    def _generate(self, model, prompts: list[str]) -> list[str]:
+        """Greedy (by default) generation for a left-padded batch; returns the cleaned answer texts."""
+        import torch
+        from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
+
+        tok = self.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self._base_device())
+        gen = GenerationConfig(
+            max_new_tokens=self.config.max_new_tokens,
+            do_sample=self.config.do_sample,
+            temperature=self.config.temperature if self.config.do_sample else None,
+            top_p=None, top_k=None,
+            eos_token_id=self._eos_ids or None,
+            pad_token_id=tok.pad_token_id,
+        )
+        stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                 generation_config=gen, stopping_criteria=stop)
+        new_tokens = out[:, enc.input_ids.shape[1]:]  # (B, new)
+        return [self._clean(tok.decode(row, skip_special_tokens=True)) for row in new_tokens]
+
+    @staticmethod
+    def _clean(text: str) -> str:
+        # Special tokens are already skipped; a chat marker that survives as plain text ends the answer.
+        for marker in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
+            text = text.split(marker)[0]
+        return text.strip()

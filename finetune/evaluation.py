@@ -1,0 +1,346 @@
+"""Evaluating a model (base, adapter or full fine-tune) before it may answer anyone.
+
+    metrics = evaluate(model, tokenizer, heldout=heldout, train=train)
+
+What is measured, all greedy and reproducible:
+
+- `heldout_loss`: mean cross-entropy per answer token (the answer and the end-of-turn token, never the
+  prompt) on the held-out split, prompts built by `finetune.prompting` exactly as when answering.
+- `heldout_exact_match`, `heldout_token_f1`: generated answers against the reference, after normalising
+  case, width and punctuation; tokens are words, and single characters for Chinese / Japanese / Korean
+  (which are written without spaces, so word-level F1 would be all-or-nothing there).
+- `train_reproduced`: the share of (a deterministic sample of) training examples reproduced exactly.
+- `stop_rate`: the share of all generations that ended with the end-of-turn token within their budget.
+- `forgetting_base_loss` / `forgetting_adapter_loss` / `forgetting_delta`: language-model loss on general
+  text shipped with kbloop (finetune/data/general.txt), without and with the adapter; a large positive delta
+  means the fine-tune damaged what the base knew.
+
+Assumptions: the tokenizer has a chat template, and its end-of-turn token is the one
+`finetune.models.end_of_turn_id` finds (<|im_end|> for Qwen).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.prompting import build_messages, render_prompt
+
+if TYPE_CHECKING:
+    from finetune.data import TrainingExample
+
+# A copy of samples/general.txt inside the package, so that an installed kbloop has it.
+GENERAL_TEXT_PATH = Path(__file__).parent / "data" / "general.txt"
+
+METRIC_KEYS = (
+    "heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",
+    "forgetting_base_loss", "forgetting_adapter_loss", "forgetting_delta", "n_heldout", "n_train_sampled",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    max_new_tokens: int = 256  # upper bound; each batch gets its longest reference answer + `new_token_margin`
+    new_token_margin: int = 24
+    generation_batch_size: int = 8
+    loss_batch_size: int = 4  # logits are (batch, length, vocabulary): keep small for 150k-token vocabularies
+    train_sample: int = 32  # training examples checked for reproduction
+    forgetting_tokens: int = 2048  # how much of the general text the probe reads
+    forgetting_window: int = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Text metrics
+
+
+_CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Normalised tokens of an answer: NFKC, lower case, punctuation and symbols dropped; CJK per character.
+
+    "The VPN, obviously!" -> ["the", "vpn", "obviously"];  "年假为15天。" -> ["年", "假", "为", "15", "天"]
+    """
+    text = unicodedata.normalize("NFKC", text or "").lower()
+    text = "".join(" " if unicodedata.category(ch)[0] in "PSC" else ch for ch in text)
+    text = _CJK_CHAR.sub(lambda m: f" {m.group()} ", text)
+    return text.split()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(answer_tokens(prediction) == answer_tokens(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token-overlap F1 on `answer_tokens`; two empty answers agree."""
+    pred, ref = answer_tokens(prediction), answer_tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-side helpers
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token that closes an assistant turn in the tokenizer's chat template (<|im_end|> for Qwen)."""
+    from finetune.models import end_of_turn_id
+
+    return tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+
+
+def _stop_ids(tokenizer, model) -> list[int]:
+    from finetune.models import stop_token_ids
+
+    ids = set(stop_token_ids(tokenizer))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(ids)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def prompt_ids(tokenizer, example: TrainingExample) -> list[int]:
+    messages = build_messages(example.question, input=example.input, passages=example.passages)
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The tokens the model should produce: the answer, then the end-of-turn token."""
+    return tokenizer(answer.strip() + end_of_turn_token(tokenizer), add_special_tokens=False)["input_ids"]
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _token_nll(model, sequences: list[tuple[list[int], int]], *, pad_id: int, batch_size: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of the tokens after position `start` in each sequence, and their count.
+
+    Right padding, so positions need no correction.
+    """
+    import torch
+
+    total, count = 0.0, 0
+    device = _device(model)
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i : i + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, (ids, start) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            labels[row, start : len(ids)] = torch.tensor(ids[start:])
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # (B, T, V)
+        targets = labels[:, 1:].to(device)  # token t is predicted at position t-1
+        keep = targets != -100
+        picked = logits[:, :-1][keep].float()  # (N, V): only the scored positions, in float32
+        nll = torch.nn.functional.cross_entropy(picked, targets[keep], reduction="sum")
+        total += float(nll)
+        count += int(keep.sum())
+    return total, count
+
+
+def answer_loss(model, tokenizer, examples: Sequence[TrainingExample], *, batch_size: int = 4) -> float | None:
+    """Mean cross-entropy per answer token (end-of-turn included); None without examples."""
+    if not examples:
+        return None
+    seqs = []
+    for ex in examples:
+        p = prompt_ids(tokenizer, ex)
+        seqs.append((p + answer_ids(tokenizer, ex.answer), len(p)))
+    total, count = _token_nll(model, seqs, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    return total / count if count else None
+
+
+def general_text_loss(model, tokenizer, text: str, *, max_tokens: int = 2048, window: int = 256,
+                      batch_size: int = 4) -> float | None:
+    """Plain language-model loss per token on `text`, read in windows (the forgetting probe)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = [(ids[i : i + window], 0) for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
+    if not windows:
+        return None
+    total, count = _token_nll(model, windows, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    return total / count if count else None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    stopped: bool  # ended with the end-of-turn token within its budget
+
+
+def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, config: EvalConfig | None = None,
+                     on_batch: Callable[[int], None] | None = None) -> list[Generation]:
+    """Greedy answers, batched with left padding (so every row's next token sits at the same position)."""
+    import torch
+
+    config = config or EvalConfig()
+    stop_ids = _stop_ids(tokenizer, model)
+    pad_id = _pad_id(tokenizer)
+    device = _device(model)
+    out: list[Generation] = []
+    for i in range(0, len(examples), config.generation_batch_size):
+        batch = examples[i : i + config.generation_batch_size]
+        prompts = [prompt_ids(tokenizer, ex) for ex in batch]
+        # Enough room to say the longest reference answer and stop; no more (generation is the slow part).
+        budget = min(config.max_new_tokens,
+                     max(len(answer_ids(tokenizer, ex.answer)) for ex in batch) + config.new_token_margin)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            input_ids[row, width - len(p) :] = torch.tensor(p)
+            attention[row, width - len(p) :] = 1
+        with torch.inference_mode():
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=budget,
+                do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id,
+            )
+        for row in generated[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
+            tokens = row if cut is None else row[:cut]
+            out.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), cut is not None))
+        if on_batch:
+            on_batch(len(out))
+    return out
+
+
+def sample_for_reproduction(train: Sequence[TrainingExample], n: int) -> list[TrainingExample]:
+    """A deterministic sample: the same training set always yields the same examples."""
+    keyed = sorted(train, key=lambda ex: hashlib.sha256(f"{ex.question}\x1f{ex.input}".encode()).hexdigest())
+    return keyed[:n]
+
+
+def load_general_text(path: Path | None = None) -> str:
+    path = path or GENERAL_TEXT_PATH
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: general text for the forgetting probe is missing ({exc.strerror})") from None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def evaluate(
+    model, tokenizer, *, heldout: Sequence[TrainingExample], train: Sequence[TrainingExample] = (),
+    config: EvalConfig | None = None, general_text: str | None = None, base_general_loss: float | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """All metrics of one model on one held-out split (see the module docstring). Keys: `METRIC_KEYS` + extras.
+
+    The forgetting probe's base loss: with a PEFT model, measured with its adapter disabled; else
+    `base_general_loss` when given (a full fine-tune), else the model is the base itself (delta 0).
+    """
+    config = config or EvalConfig()
+    started = time.monotonic()
+    say = on_progress or (lambda _msg: None)
+    model.eval()
+
+    say("held-out loss")
+    heldout_loss = answer_loss(model, tokenizer, heldout, batch_size=config.loss_batch_size)
+
+    sampled = sample_for_reproduction(train, config.train_sample)
+    say(f"generating {len(heldout) + len(sampled)} answers")
+    generations = generate_answers(model, tokenizer, list(heldout) + sampled, config=config)
+    held_gen, train_gen = generations[: len(heldout)], generations[len(heldout) :]
+
+    say("forgetting probe")
+    text = general_text if general_text is not None else load_general_text()
+    adapter_general = general_text_loss(model, tokenizer, text, max_tokens=config.forgetting_tokens,
+                                        window=config.forgetting_window, batch_size=config.loss_batch_size)
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        with model.disable_adapter():
+            base_general = general_text_loss(model, tokenizer, text, max_tokens=config.forgetting_tokens,
+                                             window=config.forgetting_window, batch_size=config.loss_batch_size)
+    elif base_general_loss is not None:
+        base_general = base_general_loss
+    else:
+        base_general = adapter_general
+
+    metrics: dict[str, Any] = {
+        "heldout_loss": _finite(heldout_loss),
+        "heldout_exact_match": _mean([exact_match(g.text, ex.answer) for g, ex in zip(held_gen, heldout)]),
+        "heldout_token_f1": _mean([token_f1(g.text, ex.answer) for g, ex in zip(held_gen, heldout)]),
+        "train_reproduced": _mean([exact_match(g.text, ex.answer) for g, ex in zip(train_gen, sampled)]),
+        "stop_rate": _mean([float(g.stopped) for g in generations]),
+        "forgetting_base_loss": _finite(base_general),
+        "forgetting_adapter_loss": _finite(adapter_general),
+        "forgetting_delta": (_finite(adapter_general - base_general)
+                             if adapter_general is not None and base_general is not None else None),
+        "n_heldout": len(heldout),
+        "n_train_sampled": len(sampled),
+        "eval_seconds": round(time.monotonic() - started, 2),
+    }
+    # A few generated answers, so that a reader of the metadata sees what the numbers mean.
+    metrics["heldout_samples"] = [
+        {"question": ex.question, "reference": ex.answer, "generated": g.text, "stopped": g.stopped}
+        for g, ex in list(zip(held_gen, heldout))[:5]
+    ]
+    return metrics
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    return round(x, 6) if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Presentation
+
+_LABELS = {
+    "heldout_loss": ("held-out loss", "loss"),
+    "heldout_exact_match": ("held-out exact match", "pct"),
+    "heldout_token_f1": ("held-out token F1", "pct"),
+    "train_reproduced": ("training reproduced", "pct"),
+    "stop_rate": ("stops at end of turn", "pct"),
+    "forgetting_adapter_loss": ("general-text loss", "loss"),
+    "forgetting_delta": ("forgetting (vs base)", "signed"),
+}
+
+
+def format_value(key: str, value) -> str:
+    if value is None:
+        return "n/a"
+    kind = _LABELS.get(key, (key, "loss"))[1]
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "signed":
+        return f"{value:+.3f}"
+    return f"{value:.3f}"
+
+
+def metrics_table(metrics: dict[str, Any], *, title: str = "") -> str:
+    """One model's metrics as aligned text (the CLI prints it; Slack wraps it in a code block)."""
+    rows = [(label, format_value(key, metrics.get(key))) for key, (label, _) in _LABELS.items()]
+    rows.append(("held-out / sampled", f"{metrics.get('n_heldout', 0)} / {metrics.get('n_train_sampled', 0)}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [title] if title else []
+    lines += [f"{label:<{width}}  {value:>10}" for label, value in rows]
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""The child process that runs one job for a worker (finetune.jobs.Worker starts it; people don't).
+
+    python -m finetune.jobrun JOB_ID --db PATH --home PATH --base BASE --worker-id ID
+
+or the same module under `accelerate launch` / `torchrun` (every rank runs it; rank 0 reports), started
+as `python -m finetune.jobrun --exec torchrun … -m finetune.jobrun JOB_ID …`.
+
+It dies with its parent (PR_SET_PDEATHSIG), stops at the next training step on SIGTERM, writes progress
+(`jobs.progress`) and the per-step log (`train_steps`) to the store, and leaves its outcome in
+`$KBLOOP_HOME/jobs/<id>/outcome.json` for the worker, which alone finishes the job and promotes.
+Exit status: 0 done, 1 failed, 2 the job is not this worker's (any more), 3 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from store import StoreError, open_db
+from store.jobs import Job, get_job, log_train_step, set_job_progress
+from store.text import now
+
+EXIT_OK, EXIT_FAILED, EXIT_NOT_OURS, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+class JobCancelled(Exception):
+    """The job was asked to stop (SIGTERM), or it is no longer this worker's."""
+
+
+class ProgressReporter:
+    """Writes the job's progress JSON (phase, step, total, loss, eta_s, updated_at) and the step log.
+
+    Only the main rank writes; writes are spaced `min_interval_s` apart (the last step always lands).
+    """
+
+    def __init__(self, db, job: Job, *, is_main: bool = True, min_interval_s: float = 0.5):
+        self.db, self.job, self.is_main, self.min_interval_s = db, job, is_main, min_interval_s
+        self.run = f"job-{job.id}"
+        self.progress: dict = {"phase": "starting"}
+        self._last_write = 0.0
+        self._last_logged_step = -1
+
+    def phase(self, name: str, **extra) -> None:
+        self.progress = {**self.progress, "phase": name, **extra}
+        self._write(force=True)
+
+    def step(self, info) -> None:
+        """`on_step` for finetune.training.train_adapter: a StepInfo(step, total_steps, epoch, loss, lr, eta_s)."""
+        step, total = int(info.step), int(info.total_steps)
+        self.progress = {
+            **self.progress, "phase": "training", "step": step, "total": total,
+            "loss": None if info.loss is None else float(info.loss),
+            "epoch": None if info.epoch is None else float(info.epoch),
+            "eta_s": None if info.eta_s is None else float(info.eta_s),
+        }
+        if self.is_main and step != self._last_logged_step:
+            self._last_logged_step = step
+            log_train_step(self.db, run=self.run, step=step, loss=self.progress["loss"], epoch=self.progress["epoch"],
+                           learning_rate=getattr(info, "learning_rate", None), job_id=self.job.id)
+        self._write(force=step >= total)
+
+    def _write(self, *, force: bool) -> None:
+        if not self.is_main:
+            return
+        t = time.monotonic()
+        if not force and t - self._last_write < self.min_interval_s:
+            return
+        self._last_write = t
+        set_job_progress(self.db, self.job.id, {**self.progress, "updated_at": now()})
+
+
+class StopSignal:
+    """`should_stop()` for training: SIGTERM received, or the job stopped being this worker's."""
+
+    def __init__(self, db, job_id: int, worker_id: str, *, check_every_s: float = 2.0):
+        self.db, self.job_id, self.worker_id, self.check_every_s = db, job_id, worker_id, check_every_s
+        self.event = threading.Event()
+        self._next_check = 0.0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.event.set())
+
+    def __call__(self) -> bool:
+        if self.event.is_set():
+            return True
+        t = time.monotonic()
+        if t >= self._next_check:
+            self._next_check = t + self.check_every_s
+            job = get_job(self.db, self.job_id)
+            if job.status != "running" or job.worker_id != self.worker_id:
+                self.event.set()
+        return self.event.is_set()
+
+    def check(self) -> None:
+        if self():
+            raise JobCancelled("the job was cancelled or taken from this worker")
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies: a `kill -9` of the worker takes the training
+    with it, so an orphan can never register anything for a job the next worker already failed."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the job-ownership checks still hold
+        pass
+    parent = os.environ.get("KBLOOP_JOB_PARENT_PID")
+    # Launched directly by the worker: if it is already gone, the death signal came too late.
+    if parent and os.environ.get("RANK") is None and os.getppid() != int(parent):
+        os._exit(EXIT_NOT_OURS)
+
+
+def write_outcome(home: Path, job_id: int, outcome: dict) -> None:
+    from finetune.jobs import job_dir
+
+    out = job_dir(home, job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "outcome.json.partial"
+    tmp.write_text(json.dumps(outcome, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    tmp.replace(out / "outcome.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# What a job does
+# --------------------------------------------------------------------------------------------------
+
+Runner = Callable[..., dict]
+
+
+def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReporter, should_stop: StopSignal) -> dict:
+    """Train a candidate on the approved examples, evaluated against the active adapter on the same held-out
+    set, and register it as a candidate. The worker promotes it when the gate passed."""
+    from finetune.config import TrainConfig
+    from finetune.registry import train_candidate
+    from store.examples import approved_snapshot
+
+    examples, digest = approved_snapshot(db)
+    expected = os.environ.get("KBLOOP_JOB_DATASET_HASH")
+    if expected and digest != expected:  # every rank must train on the same snapshot
+        raise StoreError("the approved examples changed while the job started; queue it again")
+    reporter.phase("preparing", dataset_hash=digest, n_examples=len(examples))
+    config = TrainConfig(base=base, **(job.params.get("train") or {}))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return _train_as_helper_rank(db, config, home=home, examples=examples, should_stop=should_stop)
+
+    def on_phase(text: str) -> None:  # "preparing data", "training", "evaluating v3", "saving"
+        reporter.phase(text.split(" ")[0], detail=text, **({} if text == "training" else {"eta_s": None}))
+
+    result = train_candidate(db, home=home, config=config, job_id=job.id, on_step=reporter.step,
+                             should_stop=should_stop, on_phase=on_phase)
+    adapter, verdict = result.adapter, result.verdict
+    return {
+        "status": "done", "version": adapter.version, "passed": bool(verdict.passed),
+        "reasons": list(verdict.reasons), "table": verdict.table, "metrics": adapter.metrics,
+        "active_version": result.active.version if result.active else None,
+        "dataset_hash": adapter.dataset_hash or digest, "n_examples": adapter.dataset_size or len(examples),
+    }
+
+
+def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> dict:
+    """Ranks other than 0 under accelerate/torchrun: the same training split into a scratch folder, so that
+    DDP's collectives line up with rank 0's train_candidate; rank 0 alone evaluates and registers."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from finetune.data import build_training_examples, split_heldout
+    from finetune.models import resolve_base
+    from finetune.training import train_adapter
+
+    train, _heldout = split_heldout(build_training_examples(db, examples, k=config.k_passages))
+    scratch = Path(tempfile.mkdtemp(prefix=f"kbloop-rank{os.environ.get('RANK')}-"))
+    try:
+        train_adapter(replace(config, base=resolve_base(config.base, home=home, db=db)), list(train), scratch,
+                      should_stop=should_stop)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"status": "done", "rank": int(os.environ.get("RANK", "0"))}
+
+
+RUNNERS: dict[str, Runner] = {"retrain": run_retrain}
+
+
+def _cancelled_exceptions() -> tuple[type[BaseException], ...]:
+    try:
+        from finetune.training import TrainingCancelled
+    except ImportError:
+        return (JobCancelled,)
+    return (JobCancelled, TrainingCancelled)
+
+
+def main(argv: list[str] | None = None, *, runners: dict[str, Runner] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--exec"]:
+        # `--exec LAUNCHER …`: the launcher (torchrun, accelerate) inherits the death signal through
+        # execve, so a killed worker takes the launcher, and the launcher its ranks.
+        die_with_parent()
+        os.execvp(argv[1], argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m finetune.jobrun", description=__doc__.split("\n\n")[0])
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--worker-id", required=True)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    runners = runners or RUNNERS
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    db = open_db(args.db)
+    job = get_job(db, args.job_id)
+    if job.status != "running" or job.worker_id != args.worker_id:
+        print(f"job {job.id} is {job.status} for {job.worker_id}, not running for {args.worker_id}", file=sys.stderr)
+        return EXIT_NOT_OURS
+    stop = StopSignal(db, job.id, args.worker_id)
+    stop.install()
+    reporter = ProgressReporter(db, job, is_main=is_main)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    print(f"{now()} job {job.id} ({job.kind}) started, pid {os.getpid()}, rank {os.environ.get('RANK', '0')}",
+          flush=True)
+
+    def finish(outcome: dict, code: int) -> int:
+        if is_main:
+            outcome["elapsed_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
+            write_outcome(args.home, job.id, outcome)
+        print(f"{now()} job {job.id}: {outcome.get('status')} {outcome.get('error') or ''}", flush=True)
+        return code
+
+    runner = runners.get(job.kind)
+    if runner is None:
+        return finish({"status": "failed", "error": f"no runner for job kind {job.kind!r}"}, EXIT_FAILED)
+    try:
+        outcome = runner(db, job, home=args.home, base=args.base, reporter=reporter, should_stop=stop)
+    except _cancelled_exceptions():
+        return finish({"status": "cancelled", "error": "cancelled before the candidate was registered"},
+                      EXIT_CANCELLED)
+    except StoreError as exc:  # a user-fixable problem: say it in one line
+        return finish({"status": "failed", "error": str(exc)}, EXIT_FAILED)
+    except Exception as exc:
+        traceback.print_exc()
+        return finish({"status": "failed", "error": f"{type(exc).__name__}: {exc}"}, EXIT_FAILED)
+    return finish(outcome, EXIT_OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

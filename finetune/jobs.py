@@ -1,0 +1,525 @@
+"""Retraining jobs: the queue's front door (`request_retrain`) and the worker that runs them.
+
+A job is a row in the store's `jobs` table. A `Worker` claims one atomically, heartbeats while it runs,
+and runs the training in a CHILD PROCESS (`python -m finetune.jobrun JOB_ID …`, or the same module under
+`accelerate launch` / `torchrun` with N processes), so that a crash or an out-of-memory kill ends the job,
+not the worker, the bot or the playground that share its process.
+
+Who writes what:
+- the worker (parent) owns the job's status and heartbeat: it claims, heartbeats, cancels, promotes and
+  finishes; a worker that dies stops heartbeating, and the next worker marks its job failed;
+- the child writes progress (`progress` JSON: phase, step, total, loss, eta_s) and the training log
+  (`train_steps`), trains and registers a *candidate* (finetune.registry.train_candidate), and leaves its
+  outcome in `$KBLOOP_HOME/jobs/<id>/outcome.json`;
+- the worker then promotes the candidate when the gate passed and reports the outcome (JobNotifier).
+
+Assumptions: one training job runs at a time across every worker of a database (claim_next_job
+refuses to start a second); the child dies with its worker (PR_SET_PDEATHSIG), and a candidate is
+promoted only by a worker that still owns the job, so nothing half-trained or abandoned is ever served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from finetune.jobrun import EXIT_OK
+from store import StoreError, open_db
+from store.jobs import (
+    Job, JobAlreadyActive, abandon_job, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, get_job,
+    heartbeat, running_jobs, set_job_pid,
+)
+
+log = logging.getLogger("kbloop.jobs")
+
+RETRAIN = "retrain"
+LAUNCHERS = ("python", "accelerate", "torchrun")
+
+
+
+class JobNotifier(Protocol):
+    """Told about a job's life; implemented by bot.SlackJobNotifier (thread or DM of the requester)."""
+
+    def job_started(self, job: Job) -> None: ...
+
+    def job_progress(self, job: Job, progress: dict) -> None: ...
+
+    def job_finished(self, job: Job, outcome: dict) -> None:
+        """`outcome`: status (succeeded|failed|cancelled), outcome (promoted|candidate|unchanged|failed|
+        cancelled), version, promoted, reasons (list of str), table (the metric table as text), message
+        (one line for people), metrics, active_version, dataset_hash, n_examples, error."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How the worker runs jobs. Built once from settings/CLI options (kbloop.cli.worker.worker_config)."""
+
+    base_model: str = "tiny"
+    # The worker refreshes its job's heartbeat this often; a job whose heartbeat is older than
+    # `stale_after_s` belongs to a dead worker and is marked failed by the next worker that looks.
+    heartbeat_interval_s: float = 5.0
+    stale_after_s: float = 60.0
+    poll_interval_s: float = 2.0  # how often an idle worker looks for a queued job
+    cancel_grace_s: float = 15.0  # SIGTERM, then SIGKILL after this long
+    progress_notify_interval_s: float = 30.0  # at most one progress notice per this many seconds
+    # Multi-GPU: run the child under `accelerate launch` or `torchrun` with `nproc` processes.
+    launcher: str = "python"
+    nproc: int = 1
+    # The child's command before its arguments; None = this interpreter running finetune.jobrun.
+    child_command: tuple[str, ...] | None = None
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise StoreError(f"worker launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
+        if self.nproc < 1:
+            raise StoreError(f"worker nproc must be at least 1, not {self.nproc}")
+        if self.launcher == "python" and self.nproc != 1:
+            raise StoreError("worker nproc > 1 needs launcher accelerate or torchrun")
+        if self.heartbeat_interval_s <= 0 or self.stale_after_s <= 2 * self.heartbeat_interval_s:
+            raise StoreError(
+                f"stale_after_s ({self.stale_after_s}) must be more than twice heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}), or live jobs would be declared dead"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Asking for a job
+# ------------------------------------------------------------------------------------------------
+
+def request_retrain(db, *, requester: str, reply_channel: str | None = None, reply_thread_ts: str | None = None,
+                    params: dict | None = None) -> Job:
+    """Queue a retraining job. Raises store.jobs.JobAlreadyActive (with `.job`) while one is queued or
+    running; `describe_job(exc.job)` says which and when it should end.
+
+    `params`: {"force": true} trains even if the approved examples did not change; {"train": {...}}
+    overrides training settings (finetune.config.TrainConfig field names).
+    """
+    params = dict(params or {})
+    unknown = set(params) - {"force", "train"}
+    if unknown:
+        raise StoreError(f"unknown retrain parameter(s): {', '.join(sorted(unknown))} (known: force, train)")
+    if not isinstance(params.get("train", {}), dict):
+        raise StoreError("retrain parameter `train` must be an object of training settings")
+    _check_train_overrides(params.get("train") or {})
+    return enqueue_job(db, kind=RETRAIN, requester=requester, params=params, reply_channel=reply_channel,
+                       reply_thread_ts=reply_thread_ts, exclusive=True)
+
+
+def _check_train_overrides(overrides: dict) -> None:
+    if not overrides:
+        return
+    try:
+        from finetune.config import TrainConfig
+    except ImportError:  # training not installed in this checkout: the child will say so
+        return
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise StoreError(f"unknown training setting(s): {', '.join(bad)}")
+
+
+def job_eta_s(job: Job, *, now: _dt.datetime | None = None) -> float | None:
+    """Seconds until the job is expected to end, from the child's last progress report; None if unknown."""
+    return _eta_from_progress(job.progress, now=now) if job.status == "running" else None
+
+
+def _eta_from_progress(progress: dict, *, now: _dt.datetime | None = None) -> float | None:
+    eta = progress.get("eta_s")
+    if eta is None:
+        return None
+    stamp = progress.get("updated_at")
+    if stamp:
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        eta -= max(0.0, (now - _dt.datetime.fromisoformat(stamp)).total_seconds())
+    return max(0.0, float(eta))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d}s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def describe_job(job: Job) -> str:
+    """One line for people: 'job 7 (requested by U1) is running: training step 12/40, loss 1.234, about 2 min left'."""
+    who = f" (requested by {job.requester})" if job.requester else ""
+    if job.status == "queued":
+        return f"job {job.id}{who} is queued"
+    if job.status != "running":
+        tail = f": {job.error}" if job.error else ""
+        return f"job {job.id}{who} {job.status}{tail}"
+    return f"job {job.id}{who} is running: {describe_progress(job.progress)}"
+
+
+def describe_progress(progress: dict) -> str:
+    """'training step 12/40, loss 1.234; about 2 min 05s left'."""
+    p = progress
+    doing = p.get("detail") or p.get("phase", "starting")
+    if p.get("total") and p.get("phase") == "training":
+        doing += f" step {p.get('step', 0)}/{p['total']}"
+    if p.get("loss") is not None:
+        doing += f", loss {p['loss']:.3f}"
+    eta = _eta_from_progress(p)
+    return doing + (f"; about {format_duration(eta)} left" if eta is not None else "; end time not known yet")
+
+
+def job_dir(home: Path, job_id: int) -> Path:
+    return Path(home) / "jobs" / str(job_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker
+# ------------------------------------------------------------------------------------------------
+
+class Worker:
+    """Claims queued jobs one at a time and runs each in a child process.
+
+    `run_once()` recovers jobs of dead workers, then runs at most one job to its end; `run_forever(stop)`
+    repeats until `stop` is set (`kbloop worker`, or a thread inside `kbloop serve`).
+    """
+
+    def __init__(self, *, db_path: Path, home: Path, config: WorkerConfig | None = None,
+                 notifier: JobNotifier | None = None):
+        self.db_path = Path(db_path)
+        self.home = Path(home)
+        self.config = config or WorkerConfig()
+        self.notifier = notifier
+        self._db = None
+        self._db_thread: int | None = None
+
+    @property
+    def db(self):
+        # sqlite3 connections are per thread: the worker opens its own in the thread that runs it.
+        if self._db is None or self._db_thread != threading.get_ident():
+            self._db = open_db(self.db_path)
+            self._db_thread = threading.get_ident()
+        return self._db
+
+    # -- loop ------------------------------------------------------------------------------------
+    def run_forever(self, stop_event: threading.Event) -> None:
+        log.info("worker %s watching %s", self.config.worker_id, self.db_path)
+        while not stop_event.is_set():
+            try:
+                job = self.run_once(stop_event=stop_event)
+            except Exception:  # a broken job must not end the loop that serves the next one
+                log.exception("worker %s: job run failed", self.config.worker_id)
+                job = None
+            if job is None:
+                stop_event.wait(self.config.poll_interval_s)
+
+    def run_once(self, *, stop_event: threading.Event | None = None) -> Job | None:
+        """Recover abandoned jobs, then claim and run one queued job. Returns the finished job, or None."""
+        self.recover_abandoned()
+        job = claim_next_job(self.db, worker_id=self.config.worker_id, pid=os.getpid())
+        if job is None:
+            return None
+        log.info("worker %s claimed job %s (%s)", self.config.worker_id, job.id, job.kind)
+        self._notify("job_started", job)
+        try:
+            outcome = self._run(job, stop_event or threading.Event())
+        except Exception as exc:  # the worker's own failure: the job says why, the worker lives on
+            log.exception("job %s failed in the worker", job.id)
+            outcome = _failed(f"the worker failed while running the job: {exc}")
+        return self._finish(job, outcome)
+
+    def recover_abandoned(self) -> list[Job]:
+        """Fail running jobs whose worker is gone: a dead local process at once, any other once stale."""
+        failed = []
+        host = socket.gethostname()
+        for job in running_jobs(self.db):
+            w_host, _, rest = (job.worker_id or "").partition(":")
+            w_pid = rest.partition(":")[0]
+            if job.worker_id != self.config.worker_id and w_host == host and w_pid.isdigit() \
+                    and not _pid_alive(int(w_pid)):
+                gone = abandon_job(self.db, job.id, reason=(
+                    f"worker {job.worker_id} died while running the job (process {w_pid} is gone); "
+                    "nothing from it was promoted"))
+                if gone:
+                    failed.append(gone)
+        failed += fail_stale_jobs(self.db, stale_after_s=self.config.stale_after_s)
+        for job in failed:
+            log.warning("job %s marked failed: %s", job.id, job.error)
+            self._notify("job_finished", job, _failed(job.error or "the worker stopped"))
+        return failed
+
+    # -- one job -----------------------------------------------------------------------------------
+    def _run(self, job: Job, stop_event: threading.Event) -> dict:
+        outcome = self._before_child(job)
+        if outcome is not None:
+            return outcome
+        self._dataset_hash = None
+        if job.kind == RETRAIN and self.config.launcher != "python":
+            from finetune.models import resolve_base
+            from store.examples import approved_snapshot
+
+            self._dataset_hash = approved_snapshot(self.db)[1]  # every rank checks it trains on this
+            resolve_base(self.config.base_model, home=self.home, db=self.db)  # build `tiny` once, not per rank
+        workdir = job_dir(self.home, job.id)
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        rc, how = self._supervise(job, workdir, stop_event)
+        return self._after_child(job, workdir, rc, how)
+
+    def _before_child(self, job: Job) -> dict | None:
+        """Retraining: refuse an empty dataset, skip an unchanged one (unless forced)."""
+        if job.kind != RETRAIN:
+            return None
+        from store.adapters import active_adapter
+        from store.examples import approved_snapshot
+
+        examples, digest = approved_snapshot(self.db)
+        if not examples:
+            return _failed("there are no approved examples to train on; approve some with `kbloop review` "
+                           "or the playground first")
+        from finetune.registry import dataset_unchanged
+
+        if not job.params.get("force") and dataset_unchanged(self.db):
+            active = active_adapter(self.db)
+            msg = (f"the approved examples ({len(examples)}, hash {digest}) have not changed since the active "
+                   f"adapter {active.version if active else ''} was trained; nothing to do "
+                   "(retrain with force to train anyway)")
+            return {"status": "succeeded", "outcome": "unchanged", "version": None, "promoted": False,
+                    "reasons": [msg], "table": "", "message": msg, "metrics": {},
+                    "active_version": active.version if active else None, "dataset_hash": digest,
+                    "n_examples": len(examples), "error": None}
+        return None
+
+    def child_command(self, job: Job) -> list[str]:
+        args = [str(job.id), "--db", str(self.db_path), "--home", str(self.home),
+                "--base", self.config.base_model, "--worker-id", self.config.worker_id]
+        if self.config.child_command:
+            return [*self.config.child_command, *args]
+        if self.config.launcher == "python":
+            return [sys.executable, "-m", "finetune.jobrun", *args]
+        # Launchers start behind `jobrun --exec`, which gives them the death signal before exec'ing them.
+        wrap = [sys.executable, "-m", "finetune.jobrun", "--exec"]
+        if self.config.launcher == "torchrun":
+            return [*wrap, sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={self.config.nproc}", "-m", "finetune.jobrun", *args]
+        # accelerate: `--cpu` lets the same command run N processes on gloo where there is no GPU.
+        launch = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={self.config.nproc}",
+                  "--num_machines=1"]
+        if not _has_gpu():
+            launch.append("--cpu")
+        elif self.config.nproc > 1:
+            launch.append("--multi_gpu")
+        return [*wrap, *launch, "-m", "finetune.jobrun", *args]
+
+    def _supervise(self, job: Job, workdir: Path, stop_event: threading.Event) -> tuple[int, str]:
+        """Run the child to its end: heartbeat, pass progress on, cancel (TERM, then KILL) when asked."""
+        cfg = self.config
+        env = dict(os.environ, KBLOOP_JOB_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+        if getattr(self, "_dataset_hash", None):
+            env["KBLOOP_JOB_DATASET_HASH"] = self._dataset_hash
+        # The child must import this checkout's packages whatever the working directory.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        with open(workdir / "child.log", "ab") as logf:
+            proc = subprocess.Popen(self.child_command(job), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            set_job_pid(self.db, job.id, proc.pid)
+            return self._watch(job, proc, stop_event)
+        except BaseException:  # the worker itself failed (or was interrupted): never leave the child behind
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+            raise
+
+    def _watch(self, job: Job, proc: subprocess.Popen, stop_event: threading.Event) -> tuple[int, str]:
+        cfg = self.config
+        how = "exited"
+        term_at: float | None = None
+        next_beat = 0.0
+        last_notice = time.monotonic()
+        last_progress: dict = {}
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                return rc, how
+            t = time.monotonic()
+            if t >= next_beat:
+                next_beat = t + cfg.heartbeat_interval_s
+                if heartbeat(self.db, job.id) and term_at is None:
+                    how, term_at = "cancelled", t
+                    log.info("job %s: cancellation requested, stopping the child", job.id)
+                    _signal_group(proc, signal.SIGTERM)
+                progress = get_job(self.db, job.id).progress
+                if progress and progress != last_progress and t - last_notice >= cfg.progress_notify_interval_s:
+                    last_progress, last_notice = progress, t
+                    self._notify("job_progress", job, progress)
+            if stop_event.is_set() and term_at is None:
+                how, term_at = "stopped", t
+                _signal_group(proc, signal.SIGTERM)
+            if term_at is not None and t - term_at > cfg.cancel_grace_s:
+                _signal_group(proc, signal.SIGKILL)
+                term_at = float("inf")  # killed once; wait for the exit
+            time.sleep(min(0.2, cfg.heartbeat_interval_s))
+
+    def _after_child(self, job: Job, workdir: Path, rc: int, how: str) -> dict:
+        outcome = _read_outcome(workdir)
+        if how == "cancelled":
+            msg = "cancelled by an admin"
+            if outcome.get("version"):
+                msg += f"; candidate {outcome['version']} was finished but is not promoted"
+            return {**_empty(), "status": "cancelled", "outcome": "cancelled", "message": msg, "reasons": [msg],
+                    "version": outcome.get("version"), "error": msg}
+        if how == "stopped":
+            return _failed("the worker was stopped while the job ran; nothing was promoted")
+        if rc != EXIT_OK or outcome.get("status") != "done":
+            return _failed(_child_failure(rc, outcome, workdir))
+        if job.kind != RETRAIN:
+            return {**_empty(), **outcome, "status": "succeeded", "outcome": outcome.get("outcome", "done")}
+        return self._conclude_retrain(job, outcome)
+
+    def _conclude_retrain(self, job: Job, trained: dict) -> dict:
+        """Promote the candidate when the gate passed; otherwise keep it as a candidate, saying why."""
+        from store.adapters import set_adapter_note
+
+        version = trained["version"]
+        outcome = {**_empty(), **trained, "status": "succeeded"}
+        # Only a worker that still owns the job may promote (a stale-marked job was given up).
+        current = get_job(self.db, job.id)
+        if current.status != "running" or current.worker_id != self.config.worker_id:
+            return _failed(f"the job was taken from this worker ({current.status}); candidate {version} is not promoted")
+        if trained.get("passed"):
+            from finetune.registry import promote
+
+            try:
+                promote(self.db, version, actor=f"job {job.id} for {job.requester or 'unknown'}")
+            except StoreError as exc:
+                outcome.update(outcome="candidate", promoted=False, reasons=[str(exc)],
+                               message=f"{version} trained but not promoted: {exc}")
+                set_adapter_note(self.db, version, f"not promoted: {exc}")
+                return outcome
+            outcome.update(outcome="promoted", promoted=True,
+                           message=f"{version} trained on {trained.get('n_examples', '?')} examples and promoted: "
+                                   "the bot answers with it now")
+            return outcome
+        reasons = trained.get("reasons") or ["the gate did not pass"]
+        set_adapter_note(self.db, version, "not promoted: " + "; ".join(reasons))
+        outcome.update(outcome="candidate", promoted=False,
+                       message=f"{version} trained but not promoted: {'; '.join(reasons)}. "
+                               f"{trained.get('active_version') or 'The current model'} stays active.")
+        return outcome
+
+    def _finish(self, job: Job, outcome: dict) -> Job:
+        status = outcome["status"]
+        result = {k: v for k, v in outcome.items() if k != "error"}
+        current = get_job(self.db, job.id)
+        if current.status == "running":
+            job = finish_job(self.db, job.id, status=status, result=result,
+                             error=outcome.get("error") if status != "succeeded" else None)
+        else:  # already ended elsewhere (marked stale): keep that verdict
+            job = current
+            outcome = {**outcome, "status": current.status, "error": current.error}
+        log.info("job %s %s: %s", job.id, job.status, outcome.get("message") or outcome.get("error"))
+        self._notify("job_finished", job, outcome)
+        return job
+
+    def _notify(self, method: str, job: Job, *args) -> None:
+        if self.notifier is None:
+            return
+        try:
+            getattr(self.notifier, method)(job, *args)
+        except Exception:  # Slack being down must not fail the job
+            log.exception("notifier %s failed for job %s", method, job.id)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+def _empty() -> dict:
+    return {"status": "failed", "outcome": "failed", "version": None, "promoted": False, "reasons": [],
+            "table": "", "message": "", "metrics": {}, "active_version": None, "dataset_hash": None,
+            "n_examples": None, "error": None}
+
+
+def _failed(reason: str) -> dict:
+    return {**_empty(), "reasons": [reason], "message": f"failed: {reason}", "error": reason}
+
+
+def _read_outcome(workdir: Path) -> dict:
+    path = workdir / "outcome.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _child_failure(rc: int, outcome: dict, workdir: Path) -> str:
+    if outcome.get("error"):
+        return outcome["error"]
+    if rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
+        return f"the training process was killed by {name}{hint}; see {workdir / 'child.log'}"
+    tail = _log_tail(workdir / "child.log")
+    return f"the training process exited with status {rc}" + (f": {tail}" if tail else "") + \
+        f"; see {workdir / 'child.log'}"
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    # The child leads its own process group: launchers' rank processes get the signal too.
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (dead, not yet reaped by its parent) is not a live worker.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+__all__ = [
+    "JobNotifier", "WorkerConfig", "Worker", "request_retrain", "describe_job", "job_eta_s", "describe_progress", "format_duration",
+    "job_dir", "JobAlreadyActive", "LAUNCHERS",
+]

@@ -1,0 +1,375 @@
+"""Supervised fine-tuning: LoRA, QLoRA or full, on chat-formatted question/answer examples.
+
+    train_adapter(config, train_examples, out_dir)            # in-process
+    torchrun --nproc_per_node 2 -m finetune.training \\
+        --config cfg.json --data train.jsonl --out DIR        # the same code, data-parallel
+
+Supports: QLoRA (4-bit NF4, double quantisation, bf16 compute, via bitsandbytes on CUDA or CPU), LoRA and
+full fine-tuning; loss on answer tokens only, the end-of-turn token learned (finetune.data); batches
+grouped by length (little padding); gradient checkpointing compatible with PEFT (non-reentrant, input
+grads enabled); bf16 where the hardware has it; per-step callbacks, cancellation, checkpoints and resume;
+data-parallel training under `torchrun` / `accelerate launch` (gloo on CPU, NCCL on GPUs).
+
+Assumptions: checkpoints hold the adapter (or model) and the optimiser state and are kept in
+out_dir/checkpoints until training finishes; a finished run leaves only the final adapter and tokenizer in
+out_dir. Nothing here registers or renames anything: the caller (finetune.registry) trains into a
+temporary folder and renames it when evaluation is done, so an interrupted run leaves nothing usable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.config import ALL_LINEAR, TrainConfig, resolve_config
+from finetune.data import CompletionCollator, TrainingExample, TruncationReport, answer_token_loss, encode_examples
+from store import StoreError
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingCancelled(Exception):
+    """should_stop() returned True: training stopped, nothing was written to out_dir except checkpoints."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None
+    learning_rate: float | None
+    eta_s: float | None
+
+
+@dataclass
+class TrainOutcome:
+    out_dir: Path
+    config: TrainConfig  # the resolved config: what was actually used
+    notes: list[str]  # defaults applied and why, truncation, resume
+    method: str
+    n_examples: int
+    steps: int
+    epochs: float
+    final_loss: float | None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    runtime_s: float = 0.0
+    truncation: TruncationReport | None = None
+    resumed_from_step: int | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def train_adapter(
+    config: TrainConfig,
+    train: Sequence[TrainingExample],
+    out_dir: Path,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
+) -> TrainOutcome:
+    """Train on `train` and write a PEFT adapter folder (or, for method "full", a model folder) into out_dir.
+
+    `config.base` is an HF id or a model folder (resolve `tiny` first with finetune.models.resolve_base).
+    Raises store.StoreError for bad input (too few examples, unknown base, rank too large, disk full) and
+    TrainingCancelled when should_stop() says so.
+    """
+    from finetune import models
+    from finetune.recommend import profile_examples
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    tiny = models.is_tiny_base(config.base)
+    config, notes = resolve_config(config, tiny=tiny, n_examples=len(train),
+                                   profile=profile_examples(train) if config.rank == "auto" else None)
+    tokenizer = models.load_tokenizer(config.base)
+    eot_id = models.end_of_turn_id(tokenizer)
+    encoded, truncation = encode_examples(tokenizer, train, max_length=config.max_length, eot_id=eot_id)
+    if truncation.affected:
+        notes.append(truncation.text())
+
+    model = _prepare_model(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / CHECKPOINTS
+    resume_from = _latest_checkpoint(checkpoints) if resume else None
+    if resume and resume_from is None:
+        notes.append("no checkpoint to resume from: training from the start")
+    trainer, tracker = _build_trainer(config, model, tokenizer, encoded, checkpoints, on_step, should_stop)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except OSError as exc:
+        raise _disk_error(exc, checkpoints) if exc.errno == errno.ENOSPC else exc
+    if tracker.cancelled:
+        raise TrainingCancelled(f"training cancelled at step {trainer.state.global_step}")
+    resumed_step = _checkpoint_step(resume_from) if resume_from else None
+    if resumed_step is not None:
+        notes.append(f"resumed from the checkpoint at step {resumed_step}")
+
+    _save_final(trainer, tokenizer, out_dir, full=config.method == "full")
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    losses = tracker.losses
+    return TrainOutcome(
+        out_dir=out_dir, config=config, notes=notes, method=config.method, n_examples=len(train),
+        steps=trainer.state.global_step, epochs=float(trainer.state.epoch or 0.0),
+        final_loss=losses[-1][1] if losses else None, losses=losses, runtime_s=time.monotonic() - started,
+        truncation=truncation, resumed_from_step=resumed_step, trainable_params=trainable, total_params=total,
+    )
+
+
+# --- Model -----------------------------------------------------------------------------------------------
+
+
+def _prepare_model(config: TrainConfig):
+    """Load the base for the method, wrap it in LoRA where asked, and set up gradient checkpointing."""
+    from finetune import models
+
+    quantize = config.method == "qlora"
+    model = models.load_base_model(config.base, quantize=quantize)
+    model.config.use_cache = False  # the KV cache is for generation; with checkpointing it only wastes memory
+    gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses gradients of frozen-input LoRA layers
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad = True
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = _target_modules(model, config.targets)
+    smallest = min(features for _, features in targets.values())
+    if config.rank > smallest:
+        raise StoreError(
+            f"rank {config.rank} is larger than the smallest targeted layer of {config.base} ({smallest} features); "
+            f"choose a rank of at most {smallest}"
+        )
+    if config.gradient_checkpointing and not quantize:
+        # Frozen embeddings produce inputs without grad; checkpointed blocks then need this to backprop.
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=sorted(targets),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _target_modules(model, targets) -> dict[str, tuple[str, int]]:
+    """Leaf names of the linear layers to adapt -> (an example module, min(in, out) features)."""
+    import torch
+
+    linear_types = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except Exception:  # bitsandbytes absent or without a backend: plain linear layers only
+        pass
+    output_head = model.get_output_embeddings()
+    found: dict[str, tuple[str, int]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, linear_types) or module is output_head:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        size = min(module.in_features, module.out_features)
+        if leaf in found:
+            size = min(size, found[leaf][1])
+        found[leaf] = (name, size)
+    if targets in (None, ALL_LINEAR):
+        if not found:
+            raise StoreError(f"{model.config._name_or_path}: no linear layers to adapt")
+        return found
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise StoreError(
+            f"target module(s) {', '.join(missing)} not in the model; it has: {', '.join(sorted(found))}"
+        )
+    return {t: found[t] for t in targets}
+
+
+# --- Trainer ---------------------------------------------------------------------------------------------
+
+
+class _Tracker:
+    """Trainer callback: per-step loss to on_step, ETA, and cancellation through should_stop."""
+
+    def __init__(self, on_step, should_stop):
+        from transformers import TrainerCallback
+
+        tracker = self
+        self.on_step, self.should_stop = on_step, should_stop
+        self.losses: list[tuple[int, float]] = []
+        self.cancelled = False
+        self._t0: float | None = None
+        self._step0 = 0
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                tracker._t0, tracker._step0 = time.monotonic(), state.global_step
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if not logs or "loss" not in logs or not state.is_world_process_zero:
+                    return
+                loss = float(logs["loss"])
+                tracker.losses.append((state.global_step, loss))
+                done = state.global_step - tracker._step0
+                eta = None
+                if done > 0 and tracker._t0 is not None:
+                    eta = (time.monotonic() - tracker._t0) / done * max(state.max_steps - state.global_step, 0)
+                if tracker.on_step is not None:
+                    tracker.on_step(StepInfo(step=state.global_step, total_steps=state.max_steps,
+                                             epoch=float(state.epoch or 0.0), loss=loss,
+                                             learning_rate=logs.get("learning_rate"), eta_s=eta))
+
+            def on_step_end(self, args, state, control, **kw):
+                if tracker.should_stop is not None and tracker.should_stop():
+                    tracker.cancelled = True
+                    control.should_training_stop = True
+                    control.should_save = False
+
+        self.callback = Callback()
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], checkpoints: Path, on_step, should_stop):
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(len(encoded) / (config.batch_size * config.grad_accum * world)))
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    save_steps = config.save_steps or max(1, total_steps // 5)
+    on_cuda = torch.cuda.is_available()
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup,  # a float < 1 is a fraction of the steps (transformers 5)
+        # bf16 on GPUs that have it; fp16 on older GPUs; fp32 on the CPU (never fp16 there).
+        bf16=bf16,
+        fp16=on_cuda and not bf16,
+        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_backend=None if on_cuda or world == 1 else "gloo",
+        ddp_find_unused_parameters=False if world > 1 else None,
+        use_cpu=not on_cuda,
+    )
+    tracker = _Tracker(on_step, should_stop)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=encoded, processing_class=tokenizer,
+        data_collator=CompletionCollator(pad_id=tokenizer.pad_token_id), callbacks=[tracker.callback],
+        compute_loss_func=answer_token_loss,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress is the caller's (on_step), not print()
+    return trainer, tracker
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    if not checkpoints.is_dir():
+        return None
+    found = [p for p in checkpoints.glob("checkpoint-*") if _checkpoint_step(p) is not None
+             and (p / "trainer_state.json").exists()]
+    return max(found, key=_checkpoint_step) if found else None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _disk_error(exc: OSError, where: Path) -> StoreError:
+    return StoreError(f"disk full while writing {where}: free some space and train again (nothing was registered)")
+
+
+def _save_final(trainer, tokenizer, out_dir: Path, *, full: bool) -> None:
+    """Write the adapter (or model) and tokenizer: into a sibling folder first, then moved into out_dir."""
+    if not trainer.is_world_process_zero():
+        return
+    staging = out_dir / ".writing"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        for item in staging.iterdir():
+            os.replace(item, out_dir / item.name)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            for name in os.listdir(out_dir):
+                if name != CHECKPOINTS:
+                    target = out_dir / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            raise _disk_error(exc, out_dir) from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not full:
+        _check_adapter_folder(out_dir)
+
+
+def _check_adapter_folder(out_dir: Path) -> None:
+    cfg = json.loads((out_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if cfg.get("modules_to_save"):
+        raise StoreError(f"{out_dir}: the adapter would carry modules_to_save, which vLLM cannot load")
+
+
+# --- Command line (torchrun / accelerate launch) ---------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune.training --config C --data D --out O [--resume]`, also under torchrun."""
+    import argparse
+
+    from finetune.data import load_training_examples
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.training", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
+    parser.add_argument("--data", required=True, help="JSONL of training examples (finetune.data.save_training_examples)")
+    parser.add_argument("--out", required=True, help="output folder for the adapter")
+    parser.add_argument("--resume", action="store_true")
+    a = parser.parse_args(argv)
+    raw = json.loads(Path(a.config).read_text(encoding="utf-8"))
+    if isinstance(raw.get("targets"), list):
+        raw["targets"] = tuple(raw["targets"])
+    outcome = train_adapter(TrainConfig(**raw), load_training_examples(a.data), Path(a.out), resume=a.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"steps": outcome.steps, "final_loss": outcome.final_loss, "out_dir": str(outcome.out_dir),
+                          "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

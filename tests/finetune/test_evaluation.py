@@ -1,0 +1,143 @@
+"""Evaluation: text metrics (fast) and the model-side measurements on the tiny base (slow)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+
+from finetune.evaluation import (
+    GENERAL_TEXT_PATH,
+    METRIC_KEYS,
+    answer_ids,
+    answer_loss,
+    answer_tokens,
+    evaluate,
+    exact_match,
+    generate_answers,
+    load_general_text,
+    metrics_table,
+    prompt_ids,
+    sample_for_reproduction,
+    token_f1,
+)
+
+# --- text metrics ---------------------------------------------------------------------------------
+
+
+def test_answer_tokens_words_and_cjk_characters():
+    assert answer_tokens("The VPN, obviously!") == ["the", "vpn", "obviously"]
+    assert answer_tokens("年假为15天。") == ["年", "假", "为", "15", "天"]
+    # Full-width forms fold to ASCII (NFKC); mixed scripts split at the boundary.
+    assert answer_tokens("ＶＰＮ需要2FA") == ["vpn", "需", "要", "2fa"]
+    assert answer_tokens("  ") == []
+
+
+def test_exact_match_ignores_case_punctuation_and_spacing():
+    assert exact_match("Submit it in Expensify.", "submit it in expensify") == 1.0
+    assert exact_match("年假为 15 天！", "年假为15天。") == 1.0
+    assert exact_match("Submit it in Expensify", "Submit it in SAP") == 0.0
+    assert exact_match("", "") == 1.0
+
+
+def test_token_f1_english():
+    assert token_f1("the blue car", "the blue car") == 1.0
+    assert token_f1("red", "blue") == 0.0
+    # 2 of 3 predicted tokens match, 2 of 4 reference tokens: P=2/3, R=1/2.
+    assert token_f1("a blue car", "the blue car today") == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+
+
+def test_token_f1_chinese_is_character_level():
+    # Word-level F1 would see one token each and score 0; per character, 4 of 5 agree.
+    assert token_f1("年假十五天", "年假为十五天") == pytest.approx(2 * (5 / 5) * (5 / 6) / (1 + 5 / 6))
+    assert token_f1("病假", "年假") == pytest.approx(0.5)
+    assert token_f1("", "年假") == 0.0
+
+
+def test_token_f1_counts_repeats_once_each():
+    assert token_f1("yes yes yes", "yes") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+
+
+@dataclass
+class Ex:
+    question: str
+    answer: str
+    input: str = ""
+    passages: list = field(default_factory=list)
+
+
+def test_reproduction_sample_is_deterministic_and_order_free():
+    exs = [Ex(f"question {i}", f"answer {i}") for i in range(50)]
+    a = sample_for_reproduction(exs, 10)
+    b = sample_for_reproduction(list(reversed(exs)), 10)
+    assert [e.question for e in a] == [e.question for e in b]
+    assert len(a) == 10 and len(sample_for_reproduction(exs[:3], 10)) == 3
+
+
+def test_general_text_ships_inside_the_package():
+    text = load_general_text()
+    assert GENERAL_TEXT_PATH.is_relative_to(GENERAL_TEXT_PATH.parents[1])
+    assert len(text.split()) > 300
+
+
+def test_metrics_table_formats_missing_values():
+    table = metrics_table({"heldout_loss": 1.23456, "heldout_exact_match": 0.5, "n_heldout": 4})
+    assert "1.235" in table and "50.0%" in table and "n/a" in table
+
+
+# --- on a model (tiny base, random weights) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.tiny import ensure_tiny_base
+    from tests.finetune.registry_fixtures import sample_texts
+
+    home = tmp_path_factory.mktemp("eval-home")
+    path = ensure_tiny_base(home, sample_texts())
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.slow
+def test_answer_loss_scores_only_the_answer_and_end_of_turn(tiny):
+    model, tok = tiny
+    ex = Ex("How many vacation days?", "Thirty.")
+    p, a = prompt_ids(tok, ex), answer_ids(tok, ex.answer)
+    assert tok.convert_ids_to_tokens(a[-1]) == "<|im_end|>"
+    loss = answer_loss(model, tok, [ex])
+    # Random weights over a 4k vocabulary: close to uniform, ln(4096) ~ 8.3.
+    assert 5.0 < loss < 12.0
+    # Batched with right padding gives the same per-token mean as one at a time.
+    other = Ex("Where is the Berlin office?", "At Torstrasse 1, on the third floor, next to the bakery.")
+    both = answer_loss(model, tok, [ex, other], batch_size=2)
+    n1, n2 = len(a), len(answer_ids(tok, other.answer))
+    one_by_one = (answer_loss(model, tok, [ex]) * n1 + answer_loss(model, tok, [other]) * n2) / (n1 + n2)
+    assert both == pytest.approx(one_by_one, rel=1e-4)
+    assert len(p) > 20
+
+
+@pytest.mark.slow
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    model, tok = tiny
+    exs = [Ex("Short?", "Yes."), Ex("A much longer question about the travel booking policy in Berlin?", "No.")]
+    batched = generate_answers(model, tok, exs)
+    single = [generate_answers(model, tok, [e])[0] for e in exs]
+    assert [g.text for g in batched] == [g.text for g in single]
+
+
+@pytest.mark.slow
+def test_evaluate_returns_every_metric(tiny):
+    model, tok = tiny
+    held = [Ex("How many vacation days?", "Thirty."), Ex("年假有几天？", "十五天。")]
+    train = [Ex(f"Question {i}?", f"Answer {i}.") for i in range(5)]
+    m = evaluate(model, tok, heldout=held, train=train)
+    assert set(METRIC_KEYS) <= set(m)
+    assert m["n_heldout"] == 2 and m["n_train_sampled"] == 5
+    assert 0.0 <= m["heldout_token_f1"] <= 1.0 and 0.0 <= m["stop_rate"] <= 1.0
+    # A plain model is its own base: no forgetting.
+    assert m["forgetting_delta"] == 0.0 and math.isfinite(m["forgetting_base_loss"])
+    empty = evaluate(model, tok, heldout=[], train=[])
+    assert empty["heldout_loss"] is None and empty["heldout_exact_match"] is None and empty["n_heldout"] == 0

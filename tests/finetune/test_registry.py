@@ -1,0 +1,334 @@
+"""The adapter registry: the gate (fast), promote / rollback / audit (fast, real SQLite), and training a
+candidate end to end on the tiny base (slow)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.registry import (
+    META_FILE,
+    GateConfig,
+    clean_stale_temp,
+    dataset_unchanged,
+    gate,
+    promote,
+    rollback,
+    stored_verdict,
+    vllm_problems,
+)
+from store import StoreError
+from store import adapters as rows
+from store.audit import list_audit
+from store.examples import NewExample, add_examples, approved_snapshot
+
+GOOD = {"heldout_loss": 1.00, "heldout_exact_match": 0.50, "heldout_token_f1": 0.70, "stop_rate": 0.90,
+        "train_reproduced": 0.8, "forgetting_adapter_loss": 5.0, "forgetting_delta": 0.3, "n_heldout": 10,
+        "n_train_sampled": 32}
+
+
+# --- the gate --------------------------------------------------------------------------------------
+
+
+def test_gate_passes_an_equal_or_better_candidate():
+    assert gate(GOOD, GOOD).passed
+    better = GOOD | {"heldout_loss": 0.8, "heldout_exact_match": 0.6}
+    verdict = gate(better, GOOD, candidate_label="v2", active_label="v1")
+    assert verdict.passed and verdict.against == "v1"
+    assert "no worse than v1" in verdict.reasons[0]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"heldout_loss": 1.03}, "held-out loss 1.030 is higher than active's 1.000"),
+    ({"heldout_exact_match": 0.47}, "exact match 47.0% is below"),
+    ({"heldout_token_f1": 0.60}, "token F1 60.0% is below"),
+    ({"stop_rate": 0.85}, "stops at the end of its turn in 85.0%"),
+    ({"n_heldout": 0}, "no held-out examples"),
+    ({"heldout_token_f1": None}, "token F1 could not be measured"),
+])
+def test_gate_fails_a_worse_candidate_and_says_why(change, words):
+    verdict = gate(GOOD | change, GOOD)
+    assert not verdict.passed
+    assert any(words in r for r in verdict.reasons), verdict.reasons
+
+
+def test_gate_tolerances_are_inclusive_and_configurable():
+    # Within 2 % on loss and 2 points on scores: still "no worse".
+    assert gate(GOOD | {"heldout_loss": 1.019, "heldout_exact_match": 0.481, "heldout_token_f1": 0.681}, GOOD).passed
+    strict = GateConfig(loss_rel_tolerance=0.0, score_tolerance=0.0)
+    assert not gate(GOOD | {"heldout_loss": 1.001}, GOOD, config=strict).passed
+    # Forgetting and training reproduction are reported, not gated.
+    assert gate(GOOD | {"forgetting_delta": 3.0, "train_reproduced": 0.0}, GOOD).passed
+
+
+def test_gate_against_a_base_without_measurements_only_needs_the_candidate_measured():
+    assert gate(GOOD, {}).passed
+
+
+def test_gate_table_has_both_columns_and_signed_deltas():
+    table = gate(GOOD | {"heldout_loss": 0.9, "heldout_token_f1": 0.75}, GOOD,
+                 candidate_label="v2", active_label="v1").table
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["metric", "v2", "v1"]
+    loss = next(line for line in lines if line.startswith("held-out loss"))
+    assert "0.900" in loss and "1.000" in loss and "-0.100" in loss and loss.endswith("better")
+    f1 = next(line for line in lines if line.startswith("held-out token F1"))
+    assert "75.0%" in f1 and "+5.0" in f1
+    assert any(line.startswith("forgetting (vs base)") for line in lines)
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+def _adapter_folder(path: Path, **config) -> Path:
+    path.mkdir(parents=True)
+    cfg = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": None,
+           "bias": "none", "use_dora": False} | config
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    (path / "adapter_model.safetensors").write_bytes(b"\0")
+    return path
+
+
+def test_vllm_problems_names_each_violation(tmp_path):
+    assert vllm_problems(_adapter_folder(tmp_path / "ok")) == []
+    bad = vllm_problems(_adapter_folder(tmp_path / "bad", r=128, modules_to_save=["lm_head"],
+                                        target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    text = " | ".join(bad)
+    assert "modules_to_save" in text and "rank 128 is above 64" in text and "embed_tokens" in text and "DoRA" in text
+    assert vllm_problems(tmp_path / "missing") == [f"{tmp_path / 'missing'}: no adapter_config.json"]
+
+
+def test_clean_stale_temp_removes_only_folders_whose_writer_died(kbloop_home):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(done.stdout)
+    root = kbloop_home / "adapters"
+    dead = root / f".tmp-v3-{dead_pid}-abcd1234"
+    mine = root / f".tmp-v4-{os.getpid()}-abcd1234"
+    finished = root / "v2"
+    for p in (dead, mine, finished):
+        p.mkdir(parents=True)
+    assert clean_stale_temp(kbloop_home) == [dead]
+    assert not dead.exists() and mine.exists() and finished.exists()
+
+
+# --- promote / rollback / audit (registered rows, real store) ---------------------------------------
+
+
+def _register(db, home: Path, version: str, metrics: dict, *, against: str = "base", against_metrics=None,
+              dataset_hash: str = "h") -> rows.Adapter:
+    path = _adapter_folder(home / "adapters" / version)
+    verdict = gate(metrics, against_metrics if against_metrics is not None else GOOD, active_label=against)
+    full = metrics | {"gate": {"against": against, "against_metrics": against_metrics or GOOD,
+                               "passed": verdict.passed, "reasons": verdict.reasons}}
+    return rows.register_adapter(db, version=version, path=str(path), base_model="tiny", method="lora",
+                                 params={"rank": 8}, dataset_hash=dataset_hash, dataset_size=10, metrics=full)
+
+
+def test_promote_a_passing_candidate_records_the_actor(db, kbloop_home):
+    _register(db, kbloop_home, "v1", GOOD)
+    verdict = promote(db, "v1", actor="U_ADMIN")
+    assert verdict.passed
+    assert rows.active_adapter(db).version == "v1"
+    entry = list_audit(db)[0]
+    assert (entry["actor"], entry["action"], entry["target"], entry["allowed"]) == ("U_ADMIN", "promote", "v1", True)
+    assert entry["detail"]["forced"] is False and entry["detail"]["previous"] is None
+
+
+def test_promote_refuses_a_failing_candidate_unless_forced(db, kbloop_home):
+    _register(db, kbloop_home, "v1", GOOD | {"heldout_loss": 2.0})
+    with pytest.raises(StoreError, match=r"v1 not promoted: held-out loss 2\.000 is higher .*--force"):
+        promote(db, "v1", actor="U1")
+    assert rows.active_adapter(db) is None
+    assert list_audit(db)[0]["allowed"] is False
+    verdict = promote(db, "v1", actor="U_ADMIN", force=True)
+    assert not verdict.passed and rows.active_adapter(db).version == "v1"
+    entry = list_audit(db)[0]
+    assert entry["allowed"] is True and entry["detail"]["forced"] is True and entry["actor"] == "U_ADMIN"
+
+
+def test_promote_needs_a_comparison_with_the_adapter_active_now(db, kbloop_home):
+    _register(db, kbloop_home, "v1", GOOD)
+    _register(db, kbloop_home, "v2", GOOD)  # also compared with the base
+    promote(db, "v1", actor="a")
+    verdict = stored_verdict(db, rows.get_adapter(db, "v2"))
+    assert not verdict.passed and "compared with base, but v1 is active now" in verdict.reasons[0]
+    with pytest.raises(StoreError, match="kbloop eval v2"):
+        promote(db, "v2", actor="a")
+
+
+def test_promote_bad_input(db, kbloop_home):
+    _register(db, kbloop_home, "v1", GOOD)
+    with pytest.raises(StoreError, match=r"no adapter 'v9' \(known: v1\)"):
+        promote(db, "v9", actor="a")
+    promote(db, "v1", actor="a")
+    with pytest.raises(StoreError, match="v1 is already the active adapter"):
+        promote(db, "v1", actor="a")
+    _register(db, kbloop_home, "v2", GOOD, against="v1")
+    promote(db, "v2", actor="a")
+    with pytest.raises(StoreError, match="v1 is retired"):  # use rollback, or force
+        promote(db, "v1", actor="a")
+    # A folder that vanished cannot be promoted, not even by force.
+    _register(db, kbloop_home, "v3", GOOD, against="v2")
+    (kbloop_home / "adapters" / "v3" / "adapter_model.safetensors").unlink()
+    with pytest.raises(StoreError, match="incomplete adapter folder"):
+        promote(db, "v3", actor="a", force=True)
+    assert rows.active_adapter(db).version == "v2"
+
+
+def test_rollback_goes_back_step_by_step_to_the_base(db, kbloop_home):
+    with pytest.raises(StoreError, match="nothing to roll back"):
+        rollback(db, actor="a")
+    _register(db, kbloop_home, "v1", GOOD)
+    promote(db, "v1", actor="a")
+    _register(db, kbloop_home, "v2", GOOD, against="v1")
+    promote(db, "v2", actor="a")
+    frm, to = rollback(db, actor="U_ADMIN")
+    assert (frm.version, to.version) == ("v2", "v1") and rows.active_adapter(db).version == "v1"
+    entry = list_audit(db)[0]
+    assert (entry["action"], entry["actor"], entry["detail"]) == ("rollback", "U_ADMIN", {"from": "v2", "to": "v1"})
+    frm, to = rollback(db, actor="a")
+    assert frm.version == "v1" and to is None and rows.active_adapter(db) is None
+
+
+def test_dataset_unchanged_follows_the_approved_snapshot(db, kbloop_home):
+    add_examples(db, [NewExample(question="q1", answer="a1"), NewExample(question="q2", answer="a2")])
+    assert not dataset_unchanged(db)  # nothing active yet
+    _, digest = approved_snapshot(db)
+    _register(db, kbloop_home, "v1", GOOD, dataset_hash=digest)
+    promote(db, "v1", actor="a")
+    assert dataset_unchanged(db)
+    add_examples(db, [NewExample(question="q3", answer="a3")])
+    assert not dataset_unchanged(db)
+
+
+# --- training a candidate on the tiny base (slow) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A store seeded with the sample KB and 24 approved QA pairs; one candidate trained (v1).
+
+    Prompts without retrieved passages (k_passages=0) keep sequences short: the point here is the
+    registry's lifecycle, not answer quality (retrieval in prompts is covered by the CLI eval test)."""
+    from finetune.config import TrainConfig
+    from finetune.evaluation import EvalConfig
+    from finetune.registry import train_candidate
+    from store import open_db
+    from tests.finetune.registry_fixtures import seed_store
+
+    home = tmp_path_factory.mktemp("registry-home")
+    db = open_db(home / "kbloop.db")
+    seed_store(db, n_examples=24)
+    steps = []
+    phases = []
+    config = TrainConfig(base="tiny", epochs=2.0, k_passages=0, max_length=256)
+    # Short generation budgets and probe: random weights never stop on their own, so the base's answers
+    # always run to the budget.
+    eval_config = EvalConfig(train_sample=4, forgetting_tokens=512, new_token_margin=8, max_new_tokens=64)
+    result = train_candidate(db, home=home, config=config, on_step=steps.append, on_phase=phases.append,
+                             eval_config=eval_config)
+    return {"home": home, "db": db, "result": result, "steps": steps, "phases": phases, "config": config,
+            "eval_config": eval_config}
+
+
+@pytest.mark.slow
+def test_train_candidate_registers_a_complete_evaluated_candidate(workspace):
+    home, db, result = workspace["home"], workspace["db"], workspace["result"]
+    adapter = result.adapter
+    assert adapter.version == "v1" and adapter.status == "candidate" and result.active is None
+    folder = home / "adapters" / "v1"
+    assert Path(adapter.path) == folder
+    names = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", META_FILE} <= names
+    assert not [n for n in os.listdir(home / "adapters") if n.startswith(".tmp-")]
+    assert not (folder / "checkpoints").exists()
+    assert vllm_problems(folder) == []
+    assert workspace["steps"] and workspace["steps"][-1].step == workspace["steps"][-1].total_steps
+    assert "training" in workspace["phases"] and "evaluating base on the same held-out set" in workspace["phases"]
+
+    meta = json.loads((folder / META_FILE).read_text())
+    snapshot, digest = approved_snapshot(db)
+    assert meta["version"] == "v1" and meta["base"] == "tiny" and meta["method"] == "lora"
+    assert meta["dataset_hash"] == digest == adapter.dataset_hash and meta["dataset_size"] == 24
+    assert meta["n_train"] + meta["n_heldout"] == 24 and meta["n_heldout"] >= 1
+    assert meta["params"]["rank"] == 64 and meta["created"]
+
+    m = adapter.metrics
+    for key in ("heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",
+                "forgetting_base_loss", "forgetting_adapter_loss", "forgetting_delta", "n_heldout", "n_train_sampled"):
+        assert key in m, key
+    assert m["n_train_sampled"] == 4
+    base = m["gate"]["against_metrics"]
+    assert m["gate"]["against"] == "base" == result.verdict.against
+    # Two epochs on the answers already beat random weights on answers it never saw.
+    assert m["heldout_loss"] < base["heldout_loss"]
+    assert base["forgetting_delta"] == 0.0 and m["forgetting_base_loss"] == pytest.approx(base["forgetting_base_loss"])
+    assert "held-out loss" in result.verdict.table and "v1" in result.verdict.table
+
+
+@pytest.mark.slow
+def test_registered_adapter_loads_with_plain_peft_in_a_fresh_process(workspace):
+    home = workspace["home"]
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from peft import PeftModel\n"
+        "base = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "model = PeftModel.from_pretrained(base, sys.argv[2])\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "out = model(**tok(['hello'], return_tensors='pt')).logits\n"
+        "print('LOADED', tuple(out.shape), len(model.peft_config['default'].target_modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(home / "models" / "tiny"), str(home / "adapters" / "v1")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LOADED (1, " in done.stdout and done.stdout.strip().endswith(" 7")
+
+
+@pytest.mark.slow
+def test_cancelled_or_failed_training_leaves_nothing_behind(workspace, monkeypatch):
+    from dataclasses import replace
+
+    from finetune import registry
+    from finetune.registry import train_candidate
+    from finetune.training import TrainingCancelled
+
+    home, db = workspace["home"], workspace["db"]
+    before = sorted(os.listdir(home / "adapters"))
+    with pytest.raises(TrainingCancelled):
+        train_candidate(db, home=home, config=workspace["config"], should_stop=lambda: True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(registry, "evaluate_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train_candidate(db, home=home, config=replace(workspace["config"], epochs=0.3))
+    assert sorted(os.listdir(home / "adapters")) == before
+    assert [a.version for a in rows.list_adapters(db)] == ["v1"]
+
+
+@pytest.mark.slow
+def test_next_candidate_is_compared_with_the_active_adapter(workspace):
+    from finetune.registry import train_candidate
+
+    home, db = workspace["home"], workspace["db"]
+    if rows.active_adapter(db) is None:
+        promote(db, "v1", actor="test", force=True)
+    assert dataset_unchanged(db)
+    from tests.finetune.registry_fixtures import sample_qa
+
+    add_examples(db, [NewExample(question=q, answer=a) for q, a in sample_qa(30)[24:]])
+    assert not dataset_unchanged(db)
+    result = train_candidate(db, home=home, config=workspace["config"], eval_config=workspace["eval_config"])
+    assert result.adapter.version == "v2" and result.active.version == "v1"
+    assert result.verdict.against == "v1" and result.adapter.metrics["gate"]["against"] == "v1"
+    assert result.adapter.dataset_size == 30
+    # Its stored verdict is the one the worker will promote on.
+    assert stored_verdict(db, rows.get_adapter(db, "v2")).passed == result.verdict.passed
