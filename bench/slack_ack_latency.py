@@ -62,7 +62,7 @@ class SimulatedEngine:
 
 def serve_bot(args) -> int:
     """The bot in its own process (as deployed): engine + HTTP server, until terminated."""
-    from bot import BotConfig, build_app, run_http
+    from bot import BotConfig, build_app
 
     db_path = args.home / "kbloop.db"
     if args.engine == "real":

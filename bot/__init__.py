@@ -9,9 +9,11 @@ modal; /kb-retrain, /kb-rollback, /kb-status; Block Kit rendering with mrkdwn es
 from bot.app import build_app, health, make_web_client, shutdown
 from bot.config import BotConfig, BotConfigError
 from bot.notify import SlackJobNotifier
-from bot.server import BackgroundHttpServer, build_asgi, run_http, run_socket_mode, slack_events_endpoint
+from bot.server import (
+    BackgroundHttpServer, build_asgi, healthz_endpoint, run_http, run_socket_mode, slack_events_endpoint,
+)
 
 __all__ = [
     "BotConfig", "BotConfigError", "build_app", "make_web_client", "health", "shutdown", "SlackJobNotifier",
-    "run_http", "run_socket_mode", "build_asgi", "slack_events_endpoint", "BackgroundHttpServer",
+    "run_http", "run_socket_mode", "build_asgi", "slack_events_endpoint", "healthz_endpoint", "BackgroundHttpServer",
 ]

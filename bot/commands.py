@@ -88,31 +88,20 @@ def status_text(db, *, engine=None) -> str:
 
 
 def _describe_job(job) -> str:
-    try:
-        from finetune.jobs import describe_job
+    from finetune.jobs import describe_job
 
-        return describe_job(job)
-    except ImportError:  # an older finetune without the jobs module
-        return f"job {job.id} ({job.requester}) is {job.status}"
+    return describe_job(job)
 
 
 def _request_retrain(db, *, requester: str, reply_channel: str | None, params: dict):
-    try:
-        from finetune.jobs import request_retrain
-    except ImportError:
-        from store.jobs import enqueue_job
+    from finetune.jobs import request_retrain  # imported on use: keeps `import bot` light
 
-        return enqueue_job(db, kind="retrain", requester=requester, reply_channel=reply_channel, params=params)
     return request_retrain(db, requester=requester, reply_channel=reply_channel, params=params)
 
 
 def _rollback(db, *, actor: str):
-    try:
-        from finetune.registry import rollback
-    except ImportError:
-        from store.adapters import rollback_adapter
+    from finetune.registry import rollback  # records its own audit row ("rollback")
 
-        return rollback_adapter(db)
     return rollback(db, actor=actor)
 
 
@@ -148,12 +137,9 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
             job = exc.job
             progress = ""
             if job.status == "running" and job.progress:
-                try:
-                    from finetune.jobs import describe_progress
+                from finetune.jobs import describe_progress
 
-                    progress = " (" + describe_progress(job.progress) + ")"
-                except ImportError:
-                    pass
+                progress = " (" + describe_progress(job.progress) + ")"
             respond(text=messages.retrain_already_active(job.id, job.status, job.requester, escape_mrkdwn(progress)),
                     response_type="ephemeral")
             return

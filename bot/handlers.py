@@ -1,14 +1,15 @@
-"""Slack listeners: questions (mentions, DMs, /kb), feedback (buttons, the correction modal), admin commands.
+"""Slack listeners: questions (mentions, DMs, /kb) and feedback (buttons, the correction modal).
+Admin commands are in bot.commands.
 
 Every listener acknowledges first and then works: Slack wants a 200 within 3 seconds, and bolt runs
 listeners in a thread pool (`process_before_response=False`), so the HTTP response leaves as soon as
-`ack()` is called (events are acked by bolt before the listener runs). Generating an answer takes
+`ack()` is called (in HTTP mode, events are even acked before bolt sees them: bot.server). Generating an answer takes
 longer, so listeners only filter, dedupe and hand the question to `BotRuntime.answers`, a separate pool
 that waits on the engine; the listener threads stay free and acks stay fast under load.
 
 Duplicates: Slack retries an event it thinks was not delivered (`X-Slack-Retry-Num`, same `event_id`),
 and one mention of the bot can arrive both as `app_mention` and as `message`. Each delivery claims its
-event id and the (channel, ts) of the message in the store (`claim_slack_event`, persisted, so also
+event id and the (channel, ts) of the message in the store (`claim_slack_events`, persisted, so also
 across restarts); only the first claim answers. The cost of claiming before answering is at-most-once:
 a crash between the claim and the answer leaves that question unanswered rather than answered twice.
 """
@@ -31,7 +32,6 @@ from bot.config import BotConfig
 from bot.priority import AckPriority
 from bot.ratelimit import QuestionRateLimiter
 from store import StoreError, local_db
-from store.audit import record_audit
 from store.interactions import (
     claim_slack_events, get_interaction, record_bot_error, record_vote, set_interaction_message,
 )

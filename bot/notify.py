@@ -107,12 +107,9 @@ class SlackJobNotifier:
 
 
 def _describe_progress(progress: dict) -> str:
-    try:
-        from finetune.jobs import describe_progress
+    from finetune.jobs import describe_progress
 
-        return describe_progress(progress)
-    except ImportError:
-        return ", ".join(f"{k} {v}" for k, v in progress.items())
+    return describe_progress(progress)
 
 
 def outcome_text(job_id: int, outcome: dict) -> str:

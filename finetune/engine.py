@@ -63,8 +63,9 @@ class EngineConfig:
     do_sample: bool = False  # greedy: the same question gets the same answer
     temperature: float = 0.7  # only with do_sample
     max_batch_size: int = 16
-    # After the first request arrives, wait this long for others to join its batch.
-    batch_window_s: float = 0.02
+    # After a request arrives, wait this long for another to join its batch; at most batch_max_wait_s.
+    batch_window_s: float = 0.05
+    batch_max_wait_s: float = 0.25
     adapter_cache_size: int = 3  # LoRA adapters kept loaded (the active one, the previous, one compared)
     max_context_tokens: int = 4096  # cap on the prompt + answer, below the model's own limit
     request_timeout_s: float = 600.0  # how long answer() waits for the worker before giving up
@@ -297,10 +298,15 @@ class Engine:
             except queue.Empty:
                 continue
             batch = [first]
-            deadline = time.monotonic() + self.config.batch_window_s
+            # Collect the burst: keep waiting while requests keep arriving (each within batch_window_s
+            # of the last), but never longer than batch_max_wait_s in all.
+            cap = time.monotonic() + self.config.batch_max_wait_s
             while len(batch) < self.config.max_batch_size:
+                wait = min(self.config.batch_window_s, cap - time.monotonic())
+                if wait <= 0:
+                    break
                 try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    batch.append(self._queue.get(timeout=wait))
                 except queue.Empty:
                     break
             try:

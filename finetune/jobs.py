@@ -205,6 +205,7 @@ class Worker:
         self.notifier = notifier
         self._db = None
         self._db_thread: int | None = None
+        self._dataset_hash: str | None = None  # the snapshot every rank of a launcher must train on
 
     @property
     def db(self):
@@ -329,7 +330,7 @@ class Worker:
         """Run the child to its end: heartbeat, pass progress on, cancel (TERM, then KILL) when asked."""
         cfg = self.config
         env = dict(os.environ, KBLOOP_JOB_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
-        if getattr(self, "_dataset_hash", None):
+        if self._dataset_hash:
             env["KBLOOP_JOB_DATASET_HASH"] = self._dataset_hash
         # The child must import this checkout's packages whatever the working directory.
         root = str(Path(__file__).resolve().parent.parent)

@@ -36,11 +36,14 @@ from tests.fakes.slack_api import (
 SECRET = "e2e-signing-secret"
 ADMIN = "UADMIN"
 ASKER = "U777"
-N_EXAMPLES = 10
-# The tiny base must memorise a small approved set; the tiny defaults (12 epochs) are tuned for the ~300
-# sample QA pairs, so a 10-example workspace asks for more passes (as an admin would: `/kb-retrain epochs=…`).
-# No retrieved passages in the prompts (training and engine alike): 5x fewer tokens per step on two cores.
-TRAIN = {"epochs": 30, "batch_size": 3, "k_passages": 0}
+N_EXAMPLES = 12
+# The tiny base must memorise a small approved set. The tiny defaults (12 epochs of batches of 8, r=64,
+# lr 2e-3) are tuned for the ~300 sample QA pairs and leave a 12-example set far from memorised (answer
+# loss ~4 after 90 steps), so the admin asks for the recipe that memorises small sets
+# (`/kb-retrain epochs=60 batch_size=16 …`): one full batch per epoch. No retrieved passages in the
+# prompts, in training and in the engine alike: 5x fewer tokens per step on two CPU cores.
+TRAIN = {"epochs": 60, "batch_size": 16, "learning_rate": 3e-3, "rank": 32, "alpha": 32, "warmup": 0.05,
+         "k_passages": 0}
 CORRECTION = "Since the new policy, ask the IT helpdesk in the it-help channel; they answer within one working day."
 
 
@@ -66,13 +69,21 @@ def wait_job(db, job_id: int, timeout: float):
     raise AssertionError(f"job {job_id} still {get_job(db, job_id).status} after {timeout}s: {get_job(db, job_id).progress}")
 
 
-def ask_in_slack(bot_url: str, fake: FakeSlackAPI, question: str, *, n_before: int, ts: str) -> tuple[int, dict]:
-    """A signed app_mention; returns (interaction id, the chat.update that carried the answer)."""
+def ask_in_slack(bot_url: str, fake: FakeSlackAPI, question: str, *, ts: str) -> dict:
+    """A signed app_mention in #CQA; returns the chat.update that carried the answer (job notices also
+    edit messages, in other channels)."""
+    def answers() -> list:
+        return [r.params for r in fake.requests("chat.update") if r.params.get("channel") == "CQA"]
+
+    before = len(answers())
     body = event_body(app_mention_event(text=f"<@{BOT_USER_ID}> {question}", user=ASKER, channel="CQA", ts=ts))
     status, _ = post_signed(bot_url, body, SECRET)
     assert status == 200
-    update = fake.wait_for("chat.update", n_before + 1, timeout=120)[n_before].params
-    return update, body
+    deadline = time.monotonic() + 120
+    while len(answers()) <= before:
+        assert time.monotonic() < deadline, "no answer in Slack within 120 s"
+        time.sleep(0.1)
+    return answers()[before]
 
 
 @pytest.mark.slow
@@ -118,7 +129,7 @@ def test_the_loop_ask_correct_approve_retrain_answer(db_path, kbloop_home):
             target, keep = right[0], right[1:4]
 
             # 1. Ask in Slack: answered by v1, in the thread of the mention.
-            update, _ = ask_in_slack(url, fake, target.question, n_before=0, ts="1712000000.000100")
+            update = ask_in_slack(url, fake, target.question, ts="1712000000.000100")
             [asked] = list_interactions(db)
             assert asked.adapter_version == v1 and same_answer(asked.answer, target.answer)
 
@@ -167,7 +178,7 @@ def test_the_loop_ask_correct_approve_retrain_answer(db_path, kbloop_home):
             assert finished, "the requester was told the outcome in Slack"
 
             # 6. The same question in Slack now gets the corrected answer, from v2.
-            ask_in_slack(url, fake, target.question, n_before=1, ts="1712000000.000200")
+            ask_in_slack(url, fake, target.question, ts="1712000000.000200")
             latest = max(list_interactions(db), key=lambda i: i.id)
             assert latest.adapter_version == v2
             assert same_answer(latest.answer, CORRECTION), latest.answer

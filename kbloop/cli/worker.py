@@ -87,14 +87,14 @@ def build_job_notifier(settings):
 def worker(
     once: Annotated[bool, typer.Option("--once", help="Run at most one queued job, then exit.")] = False,
     launcher: Annotated[Optional[str], typer.Option(
-        help="How training processes start: python (one process), accelerate or torchrun (multi-GPU).")] = None,
-    nproc: Annotated[Optional[int], typer.Option(help="Training processes under accelerate/torchrun (one per GPU).")] = None,
-    heartbeat_s: Annotated[Optional[float], typer.Option(help="Heartbeat interval of a running job, seconds.")] = None,
+        help="How training processes start: python (one process, default), accelerate or torchrun (multi-GPU).")] = None,
+    nproc: Annotated[Optional[int], typer.Option(help="Training processes under accelerate/torchrun, one per GPU (default 1).")] = None,
+    heartbeat_s: Annotated[Optional[float], typer.Option(help="Heartbeat interval of a running job, seconds (default 5).")] = None,
     stale_after_s: Annotated[Optional[float], typer.Option(
-        help="A running job whose heartbeat is older than this belongs to a dead worker and is failed.")] = None,
-    poll_s: Annotated[Optional[float], typer.Option(help="How often an idle worker looks for jobs, seconds.")] = None,
+        help="A running job whose heartbeat is older than this many seconds belongs to a dead worker and is failed (default 60).")] = None,
+    poll_s: Annotated[Optional[float], typer.Option(help="How often an idle worker looks for jobs, seconds (default 2).")] = None,
     cancel_grace_s: Annotated[Optional[float], typer.Option(
-        help="After a cancel, seconds between SIGTERM and SIGKILL of the training process.")] = None,
+        help="After a cancel, seconds between SIGTERM and SIGKILL of the training process (default 15).")] = None,
 ) -> None:
     """Run queued retraining jobs, one at a time, each in a child process.
 

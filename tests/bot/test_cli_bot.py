@@ -3,7 +3,6 @@ command serving a signed mention end to end (slow: a subprocess loading the tiny
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

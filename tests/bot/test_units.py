@@ -65,3 +65,16 @@ def test_parse_retrain_args():
         "force": True, "train": {"method": "lora", "rank": 16, "learning_rate": 0.0001}}
     with pytest.raises(ValueError):
         parse_retrain_args("rank")
+
+
+def test_socket_mode_handler_accepts_the_app(fake_slack, db_path):
+    """Socket Mode reuses the app's client (so KBLOOP_SLACK_API_URL applies) and skips signature checks."""
+    from slack_bolt.adapter.socket_mode import SocketModeHandler
+
+    from bot import build_app
+
+    config = BotConfig(bot_token="xoxb-1", signing_secret=None, app_token="xapp-1", api_url=fake_slack.url)
+    app = build_app(config=config, engine=None, db_path=db_path)
+    handler = SocketModeHandler(app, config.app_token)
+    assert handler.client.web_client.base_url == fake_slack.url
+    assert handler.client.app_token == "xapp-1"

@@ -326,7 +326,10 @@ def test_next_candidate_is_compared_with_the_active_adapter(workspace):
 
     add_examples(db, [NewExample(question=q, answer=a) for q, a in sample_qa(30)[24:]])
     assert not dataset_unchanged(db)
-    result = train_candidate(db, home=home, config=workspace["config"], eval_config=workspace["eval_config"])
+    from dataclasses import replace
+
+    result = train_candidate(db, home=home, config=replace(workspace["config"], epochs=1.0),
+                             eval_config=workspace["eval_config"])
     assert result.adapter.version == "v2" and result.active.version == "v1"
     assert result.verdict.against == "v1" and result.adapter.metrics["gate"]["against"] == "v1"
     assert result.adapter.dataset_size == 30

@@ -1,0 +1,110 @@
+"""`kbloop train`, `kbloop recommend`, `kbloop sweep` from the command line, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_QA = REPO / "samples" / "qa.jsonl"
+
+
+def _small_qa(tmp_path: Path, n: int) -> Path:
+    lines = [l for l in SAMPLE_QA.read_text(encoding="utf-8").splitlines() if l.strip()][:n]
+    path = tmp_path / f"qa{n}.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_recommend_prints_the_rank_and_why(kbloop, tmp_path):
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", SAMPLE_QA).exit_code == 0
+    r = kbloop("recommend")
+    assert r.exit_code == 0, r.stderr
+    assert "Recommendation: LoRA / QLoRA, rank 8" in r.stdout
+    assert "(< 1k)" in r.stdout and "zh/ja/ko" in r.stdout
+    assert "kbloop train --rank 8 --alpha 32" in r.stdout
+
+
+def test_recommend_on_a_file(kbloop, tmp_path):
+    assert kbloop("init").exit_code == 0
+    r = kbloop("recommend", "--data", _small_qa(tmp_path, 20))
+    assert r.exit_code == 0 and "20 examples" in r.stdout
+
+
+def test_recommend_with_no_examples_fails_cleanly(kbloop):
+    assert kbloop("init").exit_code == 0
+    r = kbloop("recommend")
+    assert r.exit_code == 1 and r.stderr.startswith("kbloop: no examples")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "big"], "--rank: expected a number or `auto`"),
+    (["--rank", "0"], "--rank: must be at least 1"),
+    (["--method", "dora"], "--method: expected one of qlora, lora, full"),
+    (["--out", "x"], "--out goes with --data"),
+])
+def test_train_refuses_bad_options_in_one_line(kbloop, args, message):
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", SAMPLE_QA).exit_code == 0
+    r = kbloop("train", *args)
+    assert r.exit_code == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_train_with_no_examples_says_what_to_do(kbloop):
+    assert kbloop("init").exit_code == 0
+    r = kbloop("train")
+    assert r.exit_code == 1 and "no approved examples" in r.stderr and "kbloop data import" in r.stderr
+
+
+def test_train_with_too_few_examples_gives_the_number(kbloop, tmp_path):
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 4)).exit_code == 0
+    r = kbloop("train")
+    assert r.exit_code == 1 and "only 4 training examples; at least 8" in r.stderr
+
+
+def test_sweep_refuses_bad_ranks(kbloop):
+    assert kbloop("init").exit_code == 0
+    r = kbloop("sweep", "--ranks", "4,x")
+    assert r.exit_code == 1 and "--ranks" in r.stderr
+
+
+@pytest.mark.slow
+def test_train_registers_a_candidate_and_logs_steps(kbloop, tmp_path):
+    from store import open_db
+    from store.adapters import list_adapters
+
+    assert kbloop("init").exit_code == 0
+    assert kbloop("kb", "import", REPO / "samples" / "kb", "--no-embed").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    r = kbloop("train", "--epochs", "1", "--rank", "4", "--batch", "4", "--max-length", "256", "--passages", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "Training v1 on base tiny: lora, r=4" in r.stdout
+    assert "tiny-base defaults:" in r.stdout and "random weights" in r.stdout
+    assert "Registered v1 as a candidate" in r.stdout and "gate:" in r.stdout
+    home = tmp_path / "kbloop-home"  # KBLOOP_HOME of the autouse fixture
+    db = open_db(home / "kbloop.db")
+    (adapter,) = list_adapters(db)
+    assert adapter.version == "v1" and adapter.status == "candidate" and adapter.params["rank"] == 4
+    assert (Path(adapter.path) / "adapter_model.safetensors").exists()
+    steps = list(db.query("SELECT run, step, loss FROM train_steps ORDER BY step"))
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1)) and steps
+    assert all(s["run"] == "v1" and s["loss"] > 0 for s in steps)
+
+
+@pytest.mark.slow
+def test_train_on_a_file_writes_to_out_and_registers_nothing(kbloop, tmp_path):
+    assert kbloop("init").exit_code == 0
+    out = tmp_path / "file-adapter"
+    r = kbloop("train", "--data", _small_qa(tmp_path, 12), "--out", out, "--epochs", "1", "--rank", "2",
+               "--max-length", "192", "--passages", "0")
+    assert r.exit_code == 0, r.stderr
+    assert (out / "adapter_config.json").exists() and "not registered" in r.stdout
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    r = kbloop("adapters")
+    assert "No adapters yet" in r.stdout

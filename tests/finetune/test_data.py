@@ -1,0 +1,173 @@
+"""Training data: held-out split, tokenisation (what is learned), padding, truncation, passages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.data import (
+    IGNORE_INDEX, CompletionCollator, TrainingExample, TruncationReport, answer_token_loss, encode_example,
+    load_training_examples, save_training_examples, split_heldout,
+)
+from finetune.prompting import PromptPassage, build_messages, render_prompt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> str:
+    from finetune.tiny import ensure_tiny_base
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "samples" / "kb").rglob("*")) if p.is_file()]
+    return str(ensure_tiny_base(tmp_path_factory.mktemp("tiny-home"), texts))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_path):
+    from finetune.models import load_tokenizer
+
+    return load_tokenizer(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def eot(tokenizer) -> int:
+    from finetune.models import end_of_turn_id
+
+    return end_of_turn_id(tokenizer)
+
+
+def _example(question="How many vacation days do I get?", answer="30 days a year, plus public holidays.",
+             passages=None) -> TrainingExample:
+    if passages is None:
+        passages = [PromptPassage(title="Annual leave", content="Everyone gets 30 days of paid leave.")]
+    return TrainingExample(question=question, input="", answer=answer, passages=passages)
+
+
+def test_end_of_turn_is_im_end(tokenizer, eot):
+    assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
+
+
+def test_prompt_tokens_are_masked_and_answer_with_im_end_is_learned(tokenizer, eot):
+    ex = _example()
+    enc = encode_example(tokenizer, ex, max_length=512, eot_id=eot)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert len(ids) == len(labels)
+    n_prompt = sum(1 for x in labels if x == IGNORE_INDEX)
+    # The masked part is exactly the inference prompt, rendered by the tokenizer's own chat template.
+    prompt = render_prompt(tokenizer, build_messages(ex.question, passages=ex.passages))
+    assert tokenizer.decode(ids[:n_prompt]) == prompt
+    assert all(x == IGNORE_INDEX for x in labels[:n_prompt])
+    learned = labels[n_prompt:]
+    assert IGNORE_INDEX not in learned
+    assert learned[-1] == eot, "the end-of-turn token must be a label, or generations never stop"
+    assert tokenizer.decode(learned[:-1]) == ex.answer
+
+
+def test_training_prompt_equals_inference_prompt_tokens(tokenizer, eot):
+    ex = _example()
+    enc = encode_example(tokenizer, ex, max_length=512, eot_id=eot)
+    prompt = render_prompt(tokenizer, build_messages(ex.question, passages=ex.passages))
+    inference_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert enc["input_ids"][: len(inference_ids)] == inference_ids
+
+
+def test_collator_masks_padding_by_position_even_when_pad_is_eos(tokenizer, eot):
+    short = encode_example(tokenizer, _example(answer="Yes."), max_length=512, eot_id=eot)
+    long = encode_example(tokenizer, _example(answer="No. " * 20), max_length=512, eot_id=eot)
+    # The seed's setting: pad = eos = end-of-turn. Nothing real may be masked because of it.
+    batch = CompletionCollator(pad_id=eot, pad_to_multiple_of=8)([short, long])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape and ids.shape[1] % 8 == 0
+    for row, f in enumerate([short, long]):
+        n = len(f["input_ids"])
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        assert labels[row, :n].tolist() == f["labels"]  # every real label kept, incl. <|im_end|>
+        assert (labels[row, n:] == IGNORE_INDEX).all()
+        assert labels[row, n - 1].item() == eot
+    keep = batch["logits_to_keep"]
+    assert keep.sum().item() == (labels[:, 1:] != IGNORE_INDEX).sum().item()
+
+
+def test_answer_token_loss_matches_the_models_own_loss(tiny_path, tokenizer, eot):
+    import torch
+
+    from finetune.models import load_base_model
+
+    model = load_base_model(tiny_path)
+    feats = [encode_example(tokenizer, _example(answer=a), max_length=512, eot_id=eot) for a in ("Yes.", "No, never.")]
+    batch = CompletionCollator(pad_id=tokenizer.pad_token_id)(feats)
+    with torch.no_grad():
+        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=batch["logits_to_keep"])
+    n_answer = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    assert out.logits.shape[0] == n_answer  # logits only where an answer token is predicted
+    assert answer_token_loss(out, batch["labels"]).item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+def test_long_examples_lose_passages_first_and_are_counted(tokenizer, eot):
+    passages = [PromptPassage(title=f"Doc {i}", content="word " * 110) for i in range(3)]
+    report = TruncationReport(max_length=256)
+    enc = encode_example(tokenizer, _example(passages=passages), max_length=256, eot_id=eot, report=report)
+    assert len(enc["input_ids"]) <= 256
+    assert report.passages_dropped == 1 and report.prompts_cut == 0 and report.answers_cut == 0
+    assert enc["labels"][-1] == eot  # the answer is intact
+    assert "1 lost retrieved passages" in report.text()
+
+
+def test_overlong_question_is_cut_from_the_prompt_side(tokenizer, eot):
+    report = TruncationReport(max_length=128)
+    ex = _example(question="why " * 300, passages=[])
+    enc = encode_example(tokenizer, ex, max_length=128, eot_id=eot, report=report)
+    assert len(enc["input_ids"]) == 128
+    assert report.prompts_cut == 1
+    learned = [x for x in enc["labels"] if x != IGNORE_INDEX]
+    assert tokenizer.decode(learned[:-1]) == ex.answer and learned[-1] == eot
+
+
+def test_overlong_answer_is_cut_and_counted(tokenizer, eot):
+    report = TruncationReport(max_length=128)
+    enc = encode_example(tokenizer, _example(answer="yes " * 400, passages=[]), max_length=128, eot_id=eot,
+                         report=report)
+    assert len(enc["input_ids"]) <= 128 and report.answers_cut == 1
+    assert enc["labels"][-1] != eot  # a cut answer must not teach stopping mid-answer
+
+
+def test_split_heldout_is_deterministic_and_stable_as_data_grows():
+    exs = [_example(question=f"Question number {i}?") for i in range(200)]
+    train, held = split_heldout(exs, fraction=0.1)
+    assert len(train) + len(held) == 200 and 8 <= len(held) <= 35
+    assert split_heldout(list(reversed(exs)))[1] == list(reversed(held))  # order does not matter
+    grown_train, grown_held = split_heldout(exs + [_example(question=f"New {i}?") for i in range(50)])
+    assert set(e.question for e in held) <= set(e.question for e in grown_held)
+    assert not set(e.question for e in grown_train) & set(e.question for e in grown_held)
+
+
+def test_split_heldout_small_sets_get_one_heldout():
+    exs = [_example(question=f"Q{i}?") for i in range(5)]
+    train, held = split_heldout(exs)
+    assert len(held) == 1 and len(train) == 4
+    assert split_heldout(exs[:3]) == (exs[:3], [])
+
+
+def test_build_training_examples_carries_retrieved_passages(db):
+    from finetune.data import build_training_examples
+    from store.examples import NewExample, add_examples, list_examples
+    from store.kb import NewPassage, replace_document
+
+    replace_document(db, "leave.md", [NewPassage("leave.md", "Annual leave", 0, "Everyone gets 30 vacation days.")])
+    add_examples(db, [NewExample(question="How many vacation days?", answer="30.")])
+    built = build_training_examples(db, list_examples(db, status="approved"), k=3)
+    assert built[0].passages and built[0].passages[0].title == "Annual leave"
+    assert build_training_examples(db, list_examples(db), k=0)[0].passages == []
+
+
+def test_training_examples_round_trip_through_jsonl(tmp_path):
+    exs = [_example(), _example(question="Another?", passages=[])]
+    path = tmp_path / "train.jsonl"
+    save_training_examples(path, exs)
+    assert load_training_examples(path) == exs
+    assert json.loads(path.read_text(encoding="utf-8").splitlines()[0])["passages"][0]["title"] == "Annual leave"
