@@ -17,6 +17,7 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, R
 
 from bot.commands import register_command_handlers
 from bot.config import BotConfig
+from store.db import ping
 from bot.handlers import BotRuntime, register_feedback_handlers, register_question_handlers
 
 log = logging.getLogger("kbloop.bot")
@@ -96,7 +97,7 @@ def health(app: App) -> tuple[bool, dict]:
     rt = runtime_of(app)
     detail: dict = {}
     try:
-        rt.db().execute("SELECT 1 FROM interactions LIMIT 1").fetchall()
+        ping(rt.db())
         detail["store"] = "ok"
     except Exception as exc:  # noqa: BLE001
         detail["store"] = f"{type(exc).__name__}: {exc}"

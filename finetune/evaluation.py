@@ -12,7 +12,7 @@ What is measured, all greedy and reproducible:
 - `train_reproduced`: the share of (a deterministic sample of) training examples reproduced exactly.
 - `stop_rate`: the share of all generations that ended with the end-of-turn token within their budget.
 - `forgetting_base_loss` / `forgetting_adapter_loss` / `forgetting_delta`: language-model loss on general
-  text shipped with kbloop (finetune/data/general.txt), without and with the adapter; a large positive delta
+  text shipped with kbloop (finetune/assets/general.txt), without and with the adapter; a large positive delta
   means the fine-tune damaged what the base knew.
 
 Assumptions: the tokenizer has a chat template, and its end-of-turn token is the one
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from finetune.data import TrainingExample
 
 # A copy of samples/general.txt inside the package, so that an installed kbloop has it.
-GENERAL_TEXT_PATH = Path(__file__).parent / "data" / "general.txt"
+GENERAL_TEXT_PATH = Path(__file__).parent / "assets" / "general.txt"
 
 METRIC_KEYS = (
     "heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",

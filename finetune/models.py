@@ -12,7 +12,7 @@ TINY = "tiny"
 
 def _fallback_texts() -> Iterable[str]:
     """Text for the tiny tokenizer when the knowledge base is still empty: the shipped general text."""
-    general = Path(__file__).parent / "data" / "general.txt"
+    general = Path(__file__).parent / "assets" / "general.txt"
     if general.exists():
         yield general.read_text(encoding="utf-8")
 

@@ -133,3 +133,11 @@ def schema_version(db: sqlite_utils.Database) -> list[str]:
 def ping(db: sqlite_utils.Database) -> None:
     """Raise if the database cannot answer a query (health checks)."""
     db.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()
+
+
+def database_file(db: sqlite_utils.Database) -> str:
+    """The file behind a connection (a per-connection key for in-memory databases): cache keys."""
+    for _seq, name, file in db.execute("PRAGMA database_list").fetchall():
+        if name == "main" and file:
+            return file
+    return f"memory:{id(db.conn)}"

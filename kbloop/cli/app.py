@@ -45,12 +45,33 @@ def fail(message: str) -> None:
     raise UserError(message)
 
 
+def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts, exits) of Typer's vendored click and of click itself, whichever is in use."""
+    usage, aborts, exits = [], [], []
+    try:
+        from typer import _click
+        from typer.exceptions import Abort, Exit
+
+        usage.append(_click.exceptions.ClickException)
+        aborts.append(Abort)
+        exits.append(Exit)
+    except ImportError:
+        pass
+    import click
+
+    usage.append(click.exceptions.ClickException)
+    aborts.append(click.exceptions.Abort)
+    exits.append(click.exceptions.Exit)
+    return tuple(usage), tuple(aborts), tuple(exits)
+
+
 def run(application: typer.Typer, args: list[str] | None = None) -> int:
     """Run the CLI, turning the project's own errors into one clear line on stderr."""
     from store import StoreError
 
+    usage_errors, aborts, exits = _cli_exceptions()
     try:
-        application(args=args, standalone_mode=False)
+        result = application(args=args, standalone_mode=False)
     except (UserError, SettingsError, StoreError) as exc:
         for line in str(exc).splitlines() or ["error"]:
             print(f"kbloop: {line}", file=sys.stderr)
@@ -58,16 +79,15 @@ def run(application: typer.Typer, args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kbloop: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as exc:  # typer.Exit inside commands
+    except usage_errors as exc:  # bad options: the usage line and the problem, as click formats them
+        exc.show()
+        return exc.exit_code
+    except aborts:
+        print("kbloop: aborted", file=sys.stderr)
+        return 1
+    except exits as exc:
+        return exc.exit_code
+    except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception as exc:  # click's usage errors have their own formatting
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("kbloop: aborted", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    # standalone_mode=False hands back typer.Exit's code as the return value.
+    return result if isinstance(result, int) else 0

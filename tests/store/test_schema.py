@@ -67,6 +67,12 @@ SCHEMA = {
         "indexes": set(),
         "fks": {("interaction_id", "interactions", "id"), ("example_id", "examples", "id")},
     },
+    "bot_errors": {
+        "columns": {"id": int, "kind": str, "event_id": str, "user_id": str, "channel_id": str, "error": str,
+                    "detail": str, "created_at": str},
+        "indexes": {(("created_at",), False)},
+        "fks": set(),
+    },
     "slack_events": {
         "columns": {"event_id": str, "received_at": str},
         "indexes": {(("event_id",), True)},
