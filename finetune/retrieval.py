@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlite_utils
 
+from store.db import database_file
 from store.kb import (
     Passage,
     all_embeddings,
@@ -154,20 +155,13 @@ _indexes: dict[str, _Index] = {}
 _index_lock = threading.Lock()
 
 
-def _db_key(db: sqlite_utils.Database) -> str:
-    for _seq, name, file in db.execute("PRAGMA database_list").fetchall():
-        if name == "main":
-            return file or f"memory:{id(db.conn)}"
-    return f"memory:{id(db.conn)}"
-
-
 def _dense_index(db: sqlite_utils.Database) -> _Index:
     """The embeddings matrix for this database, reloaded only when its passages changed."""
     state = embedding_state(db, EMBEDDING_MODEL)
     if state[1] < state[0]:  # imported without embeddings (kb import --no-embed): compute them now
         embed_missing_passages(db)
         state = embedding_state(db, EMBEDDING_MODEL)
-    key = _db_key(db)
+    key = database_file(db)
     with _index_lock:
         index = _indexes.get(key)
         if index is not None and index.state == state:
