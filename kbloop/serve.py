@@ -12,6 +12,7 @@ Shutdown (SIGINT / SIGTERM): stop taking work, let answers in flight finish, sto
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +146,17 @@ def serve(settings: Settings, *, host: str, port: int, with_worker: bool = True,
                                                timeout_graceful_shutdown=30))
         if on_ready is not None:
             threading.Thread(target=_announce_when_started, args=(server, services, on_ready), daemon=True).start()
+        # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to the handler that
+        # was there before; a quiet one lets the rest of the shutdown (services.stop) run and exit 0.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _note_signal)
         server.run()
     finally:
         services.stop()
+
+
+def _note_signal(signum, _frame) -> None:
+    log.info("received %s: shutting down", signal.Signals(signum).name)
 
 
 def _announce_when_started(server, services: Services, on_ready) -> None:
