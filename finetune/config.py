@@ -29,9 +29,9 @@ SEED_DEFAULTS = dict(
     batch_size=4, grad_accum=4, warmup=0.1, max_length=1024, gradient_checkpointing=True,
 )
 
-# The tiny base has random weights: nothing to adapt, everything to memorise. Measured on
-# samples/qa.jsonl (docs/benchmarks-training.md): these reproduce >= 90% of the training answers exactly
-# under greedy decoding. Why each differs from the seed:
+# The tiny base has random weights: nothing to adapt, everything to memorise. The target is for these to
+# reproduce >= 90% of samples/qa.jsonl's answers exactly under greedy decoding. That is NOT reached yet:
+# LoRA on a random base memorises poorly (docs/benchmarks-training.md). Why each differs from the seed:
 #   lora      - 4-bit quantising a 4M-parameter model saves nothing and makes CPU steps slower;
 #   rank 64   - memorising ~220 answers through frozen random weights needs capacity, and the model is tiny;
 #   lr 2e-3, many epochs, small batches - from-scratch memorisation needs many large updates;

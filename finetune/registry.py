@@ -313,9 +313,14 @@ def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
     if not examples:
         raise StoreError("no approved examples: import some with `kbloop data import FILE` "
                          "or approve pending ones with `kbloop review`")
-    built = build_training_examples(db, examples, k=k_passages)
-    train, heldout = split_heldout(built)
-    return _EvalSet(heldout=list(heldout), train=list(train), dataset_hash=digest, dataset_size=len(examples))
+    # An approved correction of a real answer is exactly what the bot must learn: it always trains. The
+    # held-out set is drawn (by question hash) from the rest, so it stays stable as corrections arrive.
+    corrections = [e for e in examples if e.interaction_id is not None]
+    rest = [e for e in examples if e.interaction_id is None]
+    train_rest, heldout = split_heldout(rest)
+    train = build_training_examples(db, list(train_rest) + corrections, k=k_passages)
+    heldout = build_training_examples(db, list(heldout), k=k_passages)
+    return _EvalSet(heldout=heldout, train=train, dataset_hash=digest, dataset_size=len(examples))
 
 
 def evaluate_model(base_path: str, *, adapter_dir: Path | None, eval_set: _EvalSet,

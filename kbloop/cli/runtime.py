@@ -114,6 +114,16 @@ def demo(
         if finished is None or finished.id != job.id or finished.status != "succeeded":
             error = finished.error if finished is not None else "the job did not run"
             fail(f"the demo's training job failed: {error}")
+        version = finished.result.get("version")
+        if active_adapter(db) is None and version:
+            # The tiny base has random weights: an adapter that memorises the training answers cannot beat
+            # it on held-out loss, so the gate keeps it as a candidate. The demo promotes it as an admin
+            # would (`kbloop promote --force`, audited); later adapters meet the gate against it.
+            from finetune.registry import promote
+
+            promote(db, version, actor="demo", force=True)
+            typer.echo(f"{version} promoted by the demo (forced: the tiny base's first adapter cannot pass the "
+                       "held-out gate against random weights; see docs/training.md).")
     active = active_adapter(db)
     typer.echo(f"Active adapter: {active.version if active else 'none (base model)'}")
 

@@ -509,7 +509,7 @@ def test_kill_9_during_training_fails_the_job_keeps_the_active_adapter_and_the_n
         sorted(a.version for a in list_adapters(db))
 
     with Engine(db_path=workspace.db_path, home=workspace.home, base_model="tiny",
-                config=EngineConfig(k=0, max_new_tokens=16, time_limit_s=60)).start() as engine:
+                config=EngineConfig(max_new_tokens=16, time_limit_s=60)).start() as engine:
         assert engine.wait_ready(300), engine.error
         answer = engine.answer("How do I connect to the VPN?", record=False)
         assert answer.adapter_version == v_active and answer.text

@@ -335,3 +335,24 @@ def test_next_candidate_is_compared_with_the_active_adapter(workspace):
     assert result.adapter.dataset_size == 30
     # Its stored verdict is the one the worker will promote on.
     assert stored_verdict(db, rows.get_adapter(db, "v2")).passed == result.verdict.passed
+
+
+def test_approved_corrections_always_train_never_held_out(db):
+    """A curator-approved correction must be learned: the held-out split is drawn from the other examples."""
+    from finetune.data import split_heldout
+    from finetune.registry import _eval_set
+    from store.examples import NewExample, add_examples, list_examples, review_example
+    from store.interactions import record_interaction, record_vote
+
+    add_examples(db, [NewExample(f"Imported question {i}?", f"Answer {i}.") for i in range(40)])
+    candidates = [NewExample(f"Corrected question {i}?", "x") for i in range(200)]
+    _, would_be_held = split_heldout(candidates)
+    question = would_be_held[0].question  # hashes to the held-out side
+    iid = record_interaction(db, question=question, answer="wrong", source="slack")
+    record_vote(db, interaction_id=iid, user_id="U1", vote=-1, correction="The right answer.")
+    review_example(db, list_examples(db, status="pending")[0].id, decision="approved", reviewer="t")
+
+    eval_set = _eval_set(db, k_passages=0)
+    assert question in [ex.question for ex in eval_set.train]
+    assert question not in [ex.question for ex in eval_set.heldout]
+    assert eval_set.heldout and all(ex.question.startswith("Imported") for ex in eval_set.heldout)
