@@ -10,6 +10,9 @@ from store import open_db
 from store.interactions import get_interaction
 from tests.conftest import SAMPLES
 
+# Loads the tiny base and the embedding model: tens of seconds, so not in the fast suite.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def workspace(kbloop, tmp_path):

@@ -31,6 +31,9 @@ from store.interactions import get_interaction
 from store.kb import replace_document
 from tests.conftest import SAMPLES
 
+# Loads the tiny base and the embedding model: tens of seconds, so not in the fast suite.
+pytestmark = pytest.mark.slow
+
 QUESTIONS = [
     "How do I set up the VPN on my laptop?",
     "How many weeks of parental leave do I get?",

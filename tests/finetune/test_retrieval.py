@@ -114,6 +114,7 @@ def test_index_follows_a_reimported_document_and_embeds_on_demand(tmp_path):
     assert not passages_missing_embedding(db, EMBEDDING_MODEL)
 
 
+@pytest.mark.slow
 def test_hybrid_recall_beats_each_retriever_alone_on_the_eval_set(kb_db):
     """A quality check, not a timing: the fused ranking finds more source documents than either alone."""
     import dataclasses
