@@ -23,8 +23,7 @@ from finetune.engine import Engine, EngineConfig  # noqa: E402
 from finetune.models import resolve_base  # noqa: E402
 from finetune.retrieval import embed_missing_passages  # noqa: E402
 from store import open_db  # noqa: E402
-from store.documents import document_passages, find_kb_files  # noqa: E402
-from store.kb import replace_document  # noqa: E402
+from store.documents import import_documents  # noqa: E402
 
 SAMPLES = REPO / "samples"
 
@@ -32,10 +31,7 @@ SAMPLES = REPO / "samples"
 def prepare_workspace(home: Path):
     """A store with the sample KB (embedded) and the tiny base built; returns the open db."""
     db = open_db(home / "kbloop.db")
-    root = SAMPLES / "kb"
-    for f in find_kb_files([root]):
-        passages = document_passages(f, f.relative_to(root).as_posix())
-        replace_document(db, passages[0].doc_path, passages)
+    import_documents(db, [SAMPLES / "kb"])
     embed_missing_passages(db)
     resolve_base("tiny", home=home, db=db)
     return db

@@ -26,16 +26,13 @@ sys.path.insert(0, str(REPO))
 
 from finetune.retrieval import DEFAULT_CONFIG, RetrievalConfig, embed_missing_passages, retrieve_scored  # noqa: E402
 from store import open_db  # noqa: E402
-from store.documents import document_passages, find_kb_files  # noqa: E402
-from store.kb import replace_document  # noqa: E402
+from store.documents import import_documents  # noqa: E402
 
 SAMPLES = REPO / "samples"
 
 
 def load_kb(db, root: Path) -> None:
-    for f in find_kb_files([root]):
-        passages = document_passages(f, f.relative_to(root).as_posix())
-        replace_document(db, passages[0].doc_path, passages)
+    import_documents(db, [root])
     embed_missing_passages(db)
 
 

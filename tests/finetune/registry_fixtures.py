@@ -25,14 +25,10 @@ def sample_qa(n: int | None = None) -> list[tuple[str, str]]:
 
 def seed_store(db, *, n_examples: int = 40) -> None:
     """The sample knowledge base and the first `n_examples` sample QA pairs, approved."""
-    from store.documents import document_passages, find_kb_files
+    from store.documents import import_documents
     from store.examples import NewExample, add_examples
-    from store.kb import replace_document
 
-    root = SAMPLES / "kb"
-    for f in find_kb_files([root]):
-        passages = document_passages(f, f.relative_to(root).as_posix())
-        replace_document(db, passages[0].doc_path, passages)
+    import_documents(db, [SAMPLES / "kb"])
     add_examples(db, [NewExample(question=q, answer=a) for q, a in sample_qa(n_examples)])
 
 

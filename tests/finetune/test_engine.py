@@ -26,9 +26,8 @@ from finetune.models import resolve_base
 from finetune.retrieval import embed_missing_passages
 from store import StoreError, open_db
 from store.adapters import activate_adapter, register_adapter, rollback_adapter
-from store.documents import document_passages, find_kb_files
+from store.documents import import_documents
 from store.interactions import get_interaction
-from store.kb import replace_document
 from tests.conftest import SAMPLES
 
 # Loads the tiny base and the embedding model: tens of seconds, so not in the fast suite.
@@ -75,10 +74,7 @@ def workspace(tmp_path_factory):
     home = tmp_path_factory.mktemp("engine-home")
     db_path = home / "kbloop.db"
     db = open_db(db_path)
-    root = SAMPLES / "kb"
-    for f in find_kb_files([root]):
-        passages = document_passages(f, f.relative_to(root).as_posix())
-        replace_document(db, passages[0].doc_path, passages)
+    import_documents(db, [SAMPLES / "kb"])
     embed_missing_passages(db)
     base = resolve_base("tiny", home=home, db=db)
     for version, seed in (("v1", 1), ("v2", 2), ("v3", 3)):

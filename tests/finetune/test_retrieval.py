@@ -15,15 +15,13 @@ from finetune.retrieval import (
     retrieve_scored,
 )
 from store import open_db
-from store.documents import document_passages, find_kb_files
+from store.documents import import_documents
 from store.kb import NewPassage, all_embeddings, passages_missing_embedding, replace_document
 from tests.conftest import SAMPLES
 
 
 def import_kb(db, root):
-    for f in find_kb_files([root]):
-        passages = document_passages(f, f.relative_to(root).as_posix())
-        replace_document(db, passages[0].doc_path, passages)
+    import_documents(db, [root])
 
 
 @pytest.fixture(scope="module")
