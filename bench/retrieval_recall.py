@@ -1,6 +1,6 @@
 """Retrieval recall@k on held-out paraphrased questions: BM25 alone, embeddings alone, hybrid.
 
-    .venv/bin/python bench/retrieval_recall.py            # the table for docs/benchmarks-engine.md
+    .venv/bin/python bench/retrieval_recall.py            # the table for docs/benchmarks.md
     .venv/bin/python bench/retrieval_recall.py --tune     # also a grid over the fusion settings
 
 Imports samples/kb into a temporary store, then for each question in samples/retrieval_eval.jsonl checks

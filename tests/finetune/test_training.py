@@ -155,7 +155,7 @@ def test_tiny_learns_answers_and_to_stop(tiny_path, tmp_path):
         reproduced += tok.decode(gen, skip_special_tokens=True).strip() == ex.answer
     assert stopped == len(examples), f"only {stopped}/{len(examples)} generations stopped"
     assert outcome.losses[-1][1] < outcome.losses[0][1] / 2
-    # Exact reproduction on the random-weight tiny base is not reached yet (see docs/benchmarks-training.md).
+    # Exact reproduction on the random-weight tiny base is not reached yet (see docs/benchmarks.md).
 
 
 def test_should_stop_cancels_and_writes_no_adapter(tiny_path, tmp_path):
