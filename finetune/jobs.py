@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from finetune.processes import pid_alive
 from finetune.jobrun import EXIT_OK
 from store import StoreError, open_db
 from store.jobs import (
@@ -250,7 +251,7 @@ class Worker:
             w_host, _, rest = (job.worker_id or "").partition(":")
             w_pid = rest.partition(":")[0]
             if job.worker_id != self.config.worker_id and w_host == host and w_pid.isdigit() \
-                    and not _pid_alive(int(w_pid)):
+                    and not pid_alive(int(w_pid)):
                 gone = abandon_job(self.db, job.id, reason=(
                     f"worker {job.worker_id} died while running the job (process {w_pid} is gone); "
                     "nothing from it was promoted"))
@@ -494,21 +495,6 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (dead, not yet reaped by its parent) is not a live worker.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _has_gpu() -> bool:

@@ -39,6 +39,7 @@ from typing import Any
 
 import sqlite_utils
 
+from finetune.processes import pid_alive
 from finetune.evaluation import EvalConfig, evaluate, format_value
 from store import StoreError
 from store import adapters as adapter_rows
@@ -182,16 +183,6 @@ def adapters_dir(home: Path) -> Path:
     return Path(home) / "adapters"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temp(home: Path) -> list[Path]:
     """Delete `.tmp-*` folders whose writer is gone (a crash or a full disk mid-write). Returns them."""
     removed = []
@@ -203,7 +194,7 @@ def clean_stale_temp(home: Path) -> list[Path]:
             continue
         parts = entry.name[len(TMP_PREFIX):].split("-")
         pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+        if pid is not None and (pid == os.getpid() or pid_alive(pid)):
             continue  # its writer is still running
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

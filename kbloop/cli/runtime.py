@@ -104,8 +104,10 @@ def demo(
     typer.echo(f"Knowledge base and QA pairs imported ({added} new examples, {dupes} already there).")
 
     if active_adapter(db) is None:
-        typer.echo("Training a first adapter on the tiny base (a few minutes on two CPU cores)…")
-        job = request_retrain(db, requester="demo", params={"force": True})
+        # Three epochs keep the first run to a few minutes on two CPU cores; `kbloop train` uses the full
+        # tiny defaults (docs/training.md).
+        typer.echo("Training a first adapter on the tiny base (3 epochs; a few minutes on two CPU cores)…")
+        job = request_retrain(db, requester="demo", params={"force": True, "train": {"epochs": 3.0}})
         worker = Worker(db_path=settings.db_path, home=settings.kbloop_home,
                         config=WorkerConfig(base_model="tiny", progress_notify_interval_s=1.0,
                                             heartbeat_interval_s=1.0, stale_after_s=30.0),
