@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from finetune.processes import pid_alive
 from finetune.jobrun import EXIT_OK
+from finetune.processes import pid_alive
 from store import StoreError, open_db
 from store.jobs import (
     Job, JobAlreadyActive, abandon_job, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, get_job,

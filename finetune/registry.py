@@ -39,8 +39,8 @@ from typing import Any
 
 import sqlite_utils
 
-from finetune.processes import pid_alive
 from finetune.evaluation import EvalConfig, evaluate, format_value
+from finetune.processes import pid_alive
 from store import StoreError
 from store import adapters as adapter_rows
 from store.audit import record_audit
