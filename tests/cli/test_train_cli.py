@@ -82,7 +82,8 @@ def test_train_registers_a_candidate_and_logs_steps(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
     assert kbloop("kb", "import", REPO / "samples" / "kb", "--no-embed").exit_code == 0
     assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
-    r = kbloop("train", "--epochs", "1", "--rank", "4", "--batch", "4", "--max-length", "256", "--passages", "1")
+    r = kbloop("train", "--method", "lora", "--epochs", "1", "--rank", "4", "--batch", "4", "--max-length", "256",
+               "--passages", "1")
     assert r.exit_code == 0, r.stderr
     assert "Training v1 on base tiny: lora, r=4" in r.stdout
     assert "tiny-base defaults:" in r.stdout and "random weights" in r.stdout
@@ -101,7 +102,7 @@ def test_train_registers_a_candidate_and_logs_steps(kbloop, tmp_path):
 def test_train_on_a_file_writes_to_out_and_registers_nothing(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
     out = tmp_path / "file-adapter"
-    r = kbloop("train", "--data", _small_qa(tmp_path, 12), "--out", out, "--epochs", "1", "--rank", "2",
+    r = kbloop("train", "--method", "lora", "--data", _small_qa(tmp_path, 12), "--out", out, "--epochs", "1", "--rank", "2",
                "--max-length", "192", "--passages", "0")
     assert r.exit_code == 0, r.stderr
     assert (out / "adapter_config.json").exists() and "not registered" in r.stdout
