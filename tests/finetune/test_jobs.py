@@ -384,7 +384,7 @@ def test_kill_9_of_the_worker_takes_its_child_along_and_the_next_worker_fails_th
 N_EXAMPLES = 16
 # Enough steps for the candidate to beat the base clearly on the held-out loss; not a memorisation run.
 # No passages in the prompts: 5x fewer tokens per step on two CPU cores (the engine uses the same k).
-TRAIN = {"epochs": 8, "batch_size": 4, "k_passages": 0}
+TRAIN = {"method": "lora", "epochs": 8, "batch_size": 4, "k_passages": 0}
 
 
 class Workspace:

@@ -227,7 +227,7 @@ def workspace(tmp_path_factory):
     seed_store(db, n_examples=24)
     steps = []
     phases = []
-    config = TrainConfig(base="tiny", epochs=2.0, k_passages=0, max_length=256)
+    config = TrainConfig(base="tiny", method="lora", epochs=2.0, k_passages=0, max_length=256)
     # Short generation budgets and probe: random weights never stop on their own, so the base's answers
     # always run to the budget.
     eval_config = EvalConfig(train_sample=4, forgetting_tokens=512, new_token_margin=8, max_new_tokens=64)
@@ -257,7 +257,7 @@ def test_train_candidate_registers_a_complete_evaluated_candidate(workspace):
     assert meta["version"] == "v1" and meta["base"] == "tiny" and meta["method"] == "lora"
     assert meta["dataset_hash"] == digest == adapter.dataset_hash and meta["dataset_size"] == 24
     assert meta["n_train"] + meta["n_heldout"] == 24 and meta["n_heldout"] >= 1
-    assert meta["params"]["rank"] == 64 and meta["created"]
+    assert meta["params"]["rank"] == 8 and meta["created"]
 
     m = adapter.metrics
     for key in ("heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",
