@@ -118,14 +118,14 @@ def demo(
             fail(f"the demo's training job failed: {error}")
         version = finished.result.get("version")
         if active_adapter(db) is None and version:
-            # The tiny base has random weights: an adapter that memorises the training answers cannot beat
-            # it on held-out loss, so the gate keeps it as a candidate. The demo promotes it as an admin
-            # would (`kbloop promote --force`, audited); later adapters meet the gate against it.
+            # The tiny base has random weights: an adapter that memorises the training answers can score
+            # worse than it on held-out loss, so the gate may keep it as a candidate. The demo then promotes
+            # it as an admin would (`kbloop promote --force`, audited); later adapters meet the gate against it.
             from finetune.registry import promote
 
             promote(db, version, actor="demo", force=True)
-            typer.echo(f"{version} promoted by the demo (forced: the tiny base's first adapter cannot pass the "
-                       "held-out gate against random weights; see docs/training.md).")
+            typer.echo(f"{version} promoted by the demo (forced: it did not pass the held-out gate against the "
+                       "tiny base's random weights; see docs/training.md).")
     active = active_adapter(db)
     typer.echo(f"Active adapter: {active.version if active else 'none (base model)'}")
 
