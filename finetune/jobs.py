@@ -329,7 +329,6 @@ class Worker:
 
     def _supervise(self, job: Job, workdir: Path, stop_event: threading.Event) -> tuple[int, str]:
         """Run the child to its end: heartbeat, pass progress on, cancel (TERM, then KILL) when asked."""
-        cfg = self.config
         env = dict(os.environ, KBLOOP_JOB_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
         if self._dataset_hash:
             env["KBLOOP_JOB_DATASET_HASH"] = self._dataset_hash

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import sqlite_utils
 
@@ -207,20 +207,11 @@ def example_stats(db: sqlite_utils.Database) -> dict:
     return {"by_status": by_status, "by_source": by_source}
 
 
-def examples_growth(db: sqlite_utils.Database) -> list[tuple[str, int]]:
-    """(day, approved examples created that day), for the playground's growth plot."""
-    return [tuple(r) for r in db.execute(
-        "SELECT substr(created_at, 1, 10) AS day, COUNT(*) FROM examples WHERE status = 'approved' GROUP BY day ORDER BY day"
-    )]
-
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise StoreError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
 
-
-def example_as_dict(ex: Example) -> dict:
-    return asdict(ex)
 
 
 def example_questions(db: sqlite_utils.Database, *, statuses: tuple[str, ...] = ("approved", "pending")) -> list[tuple[int, str, str]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sqlite_utils
 
@@ -140,27 +140,6 @@ def votes_for(db: sqlite_utils.Database, interaction_id: int) -> list[Vote]:
         "SELECT interaction_id, user_id, vote, correction, source, created_at, updated_at FROM feedback "
         "WHERE interaction_id = ? ORDER BY updated_at", [interaction_id])]
 
-
-def review_queue(db: sqlite_utils.Database, *, limit: int = 500) -> list[dict]:
-    """Interactions with feedback, 👎 and not yet reviewed first, with vote counts and the pending example."""
-    sql = """
-    SELECT i.*, 
-      SUM(CASE WHEN f.vote = 1 THEN 1 ELSE 0 END) AS up,
-      SUM(CASE WHEN f.vote = -1 THEN 1 ELSE 0 END) AS down,
-      GROUP_CONCAT(f.correction, '\n---\n') AS corrections,
-      (SELECT e.id FROM examples e WHERE e.interaction_id = i.id ORDER BY e.id DESC LIMIT 1) AS example_id,
-      (SELECT e.status FROM examples e WHERE e.interaction_id = i.id ORDER BY e.id DESC LIMIT 1) AS example_status
-    FROM interactions i JOIN feedback f ON f.interaction_id = i.id
-    GROUP BY i.id
-    ORDER BY (example_status IS NULL OR example_status = 'pending') DESC, down DESC, i.id DESC
-    LIMIT ?
-    """
-    out = []
-    for r in db.query(sql, [limit]):
-        r = dict(r)
-        r["sources"] = json.loads(r["sources"] or "[]")
-        out.append(r)
-    return out
 
 
 def feedback_stats(db: sqlite_utils.Database) -> dict:

@@ -85,9 +85,6 @@ def get_passages(db: sqlite_utils.Database, ids: Iterable[int]) -> list[Passage]
     return [_row_to_passage(rows[i]) for i in ids if i in rows]
 
 
-def all_passages(db: sqlite_utils.Database) -> list[Passage]:
-    return [_row_to_passage(r) for r in db.query("SELECT * FROM kb_docs ORDER BY doc_path, chunk_index")]
-
 
 def passages_missing_embedding(db: sqlite_utils.Database, model_name: str) -> list[Passage]:
     rows = db.query(

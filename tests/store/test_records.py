@@ -5,7 +5,7 @@ import pytest
 from store import StoreError
 from store.adapters import activate_adapter, active_adapter, next_version, register_adapter, rollback_adapter
 from store.examples import NewExample, add_examples, approved_snapshot, list_examples, review_example
-from store.interactions import claim_slack_event, record_interaction, record_vote, review_queue, votes_for
+from store.interactions import claim_slack_event, record_interaction, record_vote, review_items, votes_for
 from store.jobs import JobAlreadyActive, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, heartbeat, request_cancel
 from store.kb import NewPassage, replace_document, search_passages
 from store.text import search_terms
@@ -25,8 +25,8 @@ def test_correction_becomes_pending_example_for_review(db):
     pending = list_examples(db, status="pending")
     assert [(e.question, e.answer, e.rejected_answer, e.source) for e in pending] == [
         ("Who approves travel?", "Your team lead approves travel.", "Nobody", "feedback")]
-    queue = review_queue(db)
-    assert queue[0]["id"] == iid and queue[0]["down"] == 1 and queue[0]["example_status"] == "pending"
+    queue = review_items(db)
+    assert queue[0]["id"] == iid and queue[0]["down"] == 1 and queue[0]["status"] == "pending"
     ex = review_example(db, pending[0].id, decision="approved", reviewer="alice", answer="Team leads approve travel.")
     assert ex.status == "approved" and ex.reviewer == "alice" and ex.answer == "Team leads approve travel."
 
