@@ -141,6 +141,7 @@ class Engine:
         self._loaded_adapters: OrderedDict[str, str] = OrderedDict()  # version -> path, LRU order
         self._failed_adapters: dict[str, str] = {}  # version -> error
         self._full_models: OrderedDict[str, object] = OrderedDict()  # version -> model (method "full")
+        self._passages: dict[str, int] = {}  # version -> passages per prompt it was trained with
         self._eos_ids: list[int] = []
         self._context_tokens = self.config.max_context_tokens
         self.batches_run = 0  # for benchmarks and tests: how many generate() calls
@@ -250,7 +251,9 @@ class Engine:
         db = local_db(self.db_path)
         if adapter not in (ACTIVE, BASE):
             get_adapter(db, adapter)  # an unknown version is the caller's error: StoreError names it
-        passages = retrieve_passages(db, question, k=self.config.k)
+        # Enough passages for the prompt of the adapter that will most likely answer, and for the sources.
+        k = max(self.config.k, self._passages_for(db, self._resolve_version(db, adapter)))
+        passages = retrieve_passages(db, question, k=k)
         if not passages:
             text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
             generated = _Generated(text, self._resolve_version(db, adapter), ("no_match",))
@@ -326,7 +329,8 @@ class Engine:
             groups.setdefault(version, []).append(req)
         for version, requests in groups.items():
             model, used, notices, scope = self._select_model(db, version)
-            prompts, trims = zip(*(self._prompt(r) for r in requests))
+            k = self._passages_for(db, used)
+            prompts, trims = zip(*(self._prompt(r, k) for r in requests))
             with scope:
                 texts = self._generate(model, list(prompts))
             self.batches_run += 1
@@ -334,6 +338,21 @@ class Engine:
                 req.future.set_result(_Generated(text, used, tuple(notices) + ((trim,) if trim else ())))
 
     # --- adapters -----------------------------------------------------------------------------------
+
+    def _passages_for(self, db, version: str | None) -> int:
+        """Passages in the prompt: as many as the adapter was trained with; the engine's k for the base."""
+        if version is None:
+            return self.config.k
+        if version not in self._passages:
+            from finetune.registry import passages_of
+            from store import StoreError
+            from store.adapters import get_adapter
+
+            try:
+                self._passages[version] = passages_of(get_adapter(db, version))
+            except StoreError:  # unknown version: the caller hears about it elsewhere
+                return self.config.k
+        return self._passages[version]
 
     def _select_model(self, db, version: str | None):
         """(model, version in use, notices, context to generate in) for the next generate() call."""
@@ -413,11 +432,12 @@ class Engine:
 
     # --- prompts and generation ---------------------------------------------------------------------
 
-    def _prompt(self, req: _Request) -> tuple[str, str | None]:
-        """The rendered prompt, trimmed to the context window; and a notice when something was cut."""
+    def _prompt(self, req: _Request, k: int) -> tuple[str, str | None]:
+        """The rendered prompt with the best `k` passages, trimmed to the context window; and a notice when
+        something was cut."""
         tok = self.tokenizer
         budget = self._context_tokens - self.config.max_new_tokens
-        passages = [PromptPassage(p.title, p.content) for p in req.passages]
+        passages = [PromptPassage(p.title, p.content) for p in req.passages[:k]]
         question = req.question
 
         def length(q: str, ps) -> int:
@@ -436,8 +456,8 @@ class Engine:
         trimmed = tok.decode(q_ids[:room], skip_special_tokens=True) if len(q_ids) > room else question
         notice = (f"trimmed: the question was cut to {min(room, len(q_ids))} of {len(q_ids)} tokens "
                   "to fit the model's context")
-        if len(passages) < len(req.passages):
-            notice += f"; {len(req.passages) - len(passages)} passage(s) left out"
+        if len(passages) < len(req.passages[:k]):
+            notice += f"; {len(req.passages[:k]) - len(passages)} passage(s) left out"
         return render_prompt(tok, build_messages(trimmed, passages=passages)), notice
 
     def _generate(self, model, prompts: list[str]) -> list[str]:

@@ -176,15 +176,17 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> d
     import tempfile
     from dataclasses import replace
 
+    from finetune.config import prompt_passages
     from finetune.data import build_training_examples, split_heldout
-    from finetune.models import resolve_base
+    from finetune.models import is_tiny_base, resolve_base
     from finetune.training import train_adapter
 
+    base_path = resolve_base(config.base, home=home, db=db)
+    config = replace(config, base=base_path, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
     train, _heldout = split_heldout(build_training_examples(db, examples, k=config.k_passages))
     scratch = Path(tempfile.mkdtemp(prefix=f"kbloop-rank{os.environ.get('RANK')}-"))
     try:
-        train_adapter(replace(config, base=resolve_base(config.base, home=home, db=db)), list(train), scratch,
-                      should_stop=should_stop)
+        train_adapter(config, list(train), scratch, should_stop=should_stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"status": "done", "rank": int(os.environ.get("RANK", "0"))}

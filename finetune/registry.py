@@ -295,6 +295,13 @@ class _EvalSet:
     train: list
     dataset_hash: str
     dataset_size: int
+    k_passages: int
+
+
+def passages_of(adapter: adapter_rows.Adapter) -> int:
+    """Retrieved passages per prompt the adapter was trained with (3 for adapters that predate the record)."""
+    k = adapter.params.get("k_passages")
+    return 3 if k is None else int(k)
 
 
 def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
@@ -311,7 +318,8 @@ def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
     train_rest, heldout = split_heldout(rest)
     train = build_training_examples(db, list(train_rest) + corrections, k=k_passages)
     heldout = build_training_examples(db, list(heldout), k=k_passages)
-    return _EvalSet(heldout=heldout, train=train, dataset_hash=digest, dataset_size=len(examples))
+    return _EvalSet(heldout=heldout, train=train, dataset_hash=digest, dataset_size=len(examples),
+                    k_passages=k_passages)
 
 
 def evaluate_model(base_path: str, *, adapter_dir: Path | None, eval_set: _EvalSet,
@@ -356,6 +364,8 @@ def _evaluate_registered(db, home: Path, adapter: adapter_rows.Adapter | None, b
     problem = adapter_folder_problem(adapter)
     if problem:
         raise StoreError(problem)
+    if passages_of(adapter) != eval_set.k_passages:  # each model is asked the way it was trained
+        eval_set = _eval_set(db, k_passages=passages_of(adapter))
     base_path = resolve_base(adapter.base_model, home=home, db=db)
     general = _base_general_loss(base_path) if adapter.method == "full" else None
     return evaluate_model(base_path, adapter_dir=Path(adapter.path), eval_set=eval_set,
@@ -421,17 +431,18 @@ def train_candidate(
 ) -> CandidateResult:
     """Snapshot -> split -> train (temp folder) -> evaluate candidate and active -> metadata -> rename ->
     register as candidate. Never promotes. `on_phase(text)` hears "training", "evaluating …", "saving"."""
-    from finetune.models import resolve_base
+    from finetune.config import prompt_passages
+    from finetune.models import is_tiny_base, resolve_base
     from finetune.training import train_adapter
 
     home = Path(home)
     phase = on_phase or (lambda _p: None)
     clean_stale_temp(home)
     _precheck(config)
-    k = getattr(config, "k_passages", 3)
     phase("preparing data")
-    eval_set = _eval_set(db, k_passages=k)
     base_path = resolve_base(config.base, home=home, db=db)
+    config = replace(config, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
+    eval_set = _eval_set(db, k_passages=config.k_passages)
     version = _pick_version(db, home, getattr(config, "version", None))
     active = adapter_rows.active_adapter(db)
 
@@ -510,7 +521,7 @@ def evaluate_version(db: sqlite_utils.Database, version: str, *, home: Path, eva
     problem = adapter_folder_problem(adapter)
     if problem:
         raise StoreError(problem)
-    eval_set = _eval_set(db, k_passages=int(adapter.params.get("k_passages", 3)))
+    eval_set = _eval_set(db, k_passages=passages_of(adapter))
     active = adapter_rows.active_adapter(db)
     against = active if active is not None and active.version != version else None
     label = against.version if against else "base"

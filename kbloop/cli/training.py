@@ -90,19 +90,19 @@ def _pick_version(db, home: Path, requested: str | None) -> str:
 @app.command()
 def train(
     base: Annotated[Optional[str], typer.Option(help="HF model id, local model folder, or `tiny` (default: KBLOOP_BASE_MODEL).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="qlora (4-bit base, default), lora, or full.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="qlora (4-bit base, default), lora, or full (tiny: full).")] = None,
     rank: Annotated[Optional[str], typer.Option(help=RANK_HELP)] = None,
-    alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 32; tiny: 64).")] = None,
+    alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 32).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout (default 0.1; tiny: 0).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="`all-linear` (default) or module names, e.g. q_proj,v_proj.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Epochs (default 3; tiny: more, it memorises from scratch).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 2e-4; tiny: 2e-3).")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Examples per step and device (default 4).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs (default 3; tiny: 20, it memorises from scratch).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 2e-4; tiny: 1e-3).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Examples per step and device (default 4; tiny: 8).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps (default 4).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Max tokens per example; longer prompts lose passages first.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     version: Annotated[Optional[str], typer.Option("--version", "--output-version", help="Version name to register (default: next vN).")] = None,
-    passages: Annotated[int, typer.Option(help="Retrieved KB passages per training prompt (as the engine uses).")] = 3,
+    passages: Annotated[Optional[int], typer.Option(help="Retrieved KB passages per training prompt; the engine asks the adapter with as many (default 3; tiny: 0).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Train on this file (JSONL/CSV as `kbloop data import` reads) instead of the store; writes to --out, registers nothing.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --data: the folder to write the adapter to (must not exist).")] = None,
 ) -> None:
@@ -166,7 +166,8 @@ def _echo_defaults(config, examples) -> None:
         fail(str(exc))
     typer.echo(f"Training {config.version} on base {config.base}: {resolved.method}, r={resolved.rank}, "
                f"alpha={resolved.alpha}, lr={resolved.learning_rate}, epochs={resolved.epochs:g}, "
-               f"batch {resolved.batch_size} x {resolved.grad_accum}, max length {resolved.max_length}.")
+               f"batch {resolved.batch_size} x {resolved.grad_accum}, max length {resolved.max_length}, "
+               f"{resolved.k_passages} passages per prompt.")
     for note in notes:
         typer.echo(f"  {note}")
 
@@ -177,8 +178,9 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     import shutil
     import tempfile
 
+    from finetune.config import prompt_passages
     from finetune.data import build_training_examples, split_heldout
-    from finetune.models import resolve_base
+    from finetune.models import is_tiny_base, resolve_base
     from finetune.training import train_adapter
     from store.formats import read_examples_file
 
@@ -187,9 +189,10 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     if out.exists():
         fail(f"{out}: already exists; choose a new folder (nothing was written)")
     examples = read_examples_file(data)
+    base_path = resolve_base(config.base, home=c.settings.kbloop_home, db=c.db)
+    config = replace(config, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
     built = build_training_examples(c.db, examples, k=config.k_passages)
     train_set, heldout = split_heldout(built)
-    base_path = resolve_base(config.base, home=c.settings.kbloop_home, db=c.db)
     run = config.version or f"file:{data.name}"
     _echo_defaults(replace(config, version=run), train_set)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +282,7 @@ def sweep(
     for rank in grid:
         config = _config(base=base, method=method, rank=str(rank), alpha=max(1, round(ratio * rank)), dropout=None,
                          targets=None, epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum,
-                         max_length=max_length, seed=seed, version=None, passages=3)
+                         max_length=max_length, seed=seed, version=None, passages=None)
         run = _pick_version(c.db, c.settings.kbloop_home, None)
         config = replace(config, version=run)
         typer.echo(f"— rank {rank} (alpha {config.alpha}) as {run}")
