@@ -1,6 +1,6 @@
 """kbloop's SFT vs the seed's recipe: same base, same data, same epochs, rank and batch; one run each.
 
-    .venv/bin/python bench/train_vs_seed.py [--pairs 1000] [--epochs 1] [--out bench/out/train_vs_seed.json]
+    .venv/bin/python bench/train_vs_seed.py [--pairs 1000] [--epochs 2] [--out bench/out/train_vs_seed.json]
 
 The seed's recipe, with only its crashes fixed (so it runs at all):
 - HF Trainer + DataCollatorForLanguageModeling(mlm=False), pad = eos, labels = the whole input;
@@ -10,10 +10,12 @@ The seed's recipe, with only its crashes fixed (so it runs at all):
   quantisation, as the seed had none) and prepare_model_for_kbit_training (gradient checkpointing on);
 - fp16=True (fixed: off, there is no fp16 on a CPU).
 kbloop: finetune.training.train_adapter with the seed's hyperparameters (QLoRA r=8, alpha 32, dropout
-0.1, all linear projections, batch 4 x 4, warmup 10%, cosine) on the same pairs.
+0.1, all linear projections, batch 4 x 4, warmup 10%, cosine) and kbloop's own default for gradient
+checkpointing ("auto": on only when a batch's activations would not fit comfortably) on the same pairs.
 
-Base: a Qwen2-architecture model of ~10M parameters with random weights, built locally (finetune.tiny).
-A random base learns nothing at the seed's lr 2e-4 in one epoch, so both runs use --lr (default 2e-3).
+Base: a Qwen2-architecture model of ~10M parameters built locally (finetune.tiny), pretrained for
+--pretrain-steps next-token steps on the sample KB and the general text (LoRA cannot adapt random weights).
+A small base learns little at the seed's lr 2e-4, so both runs use --lr (default 2e-3).
 Data: 1,000 QA pairs of varied length, made from samples/qa.jsonl by joining 1-4 pairs into one question
 and one answer. Each recipe trains in its own process (peak RSS measured per process). Held-out: 10% of
 the pairs by question hash (finetune.data.split_heldout). Metrics, each recipe with its own prompt format:
@@ -60,14 +62,44 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def build_base(home: Path) -> str:
+def build_base(home: Path, *, pretrain_steps: int) -> str:
+    """A ~10M-parameter Qwen2 model, briefly pretrained (next-token, full parameters) on the sample KB and
+    the general text, so that it is a small language model to adapt rather than noise (LoRA cannot adapt
+    random weights: docs/training.md). Neither recipe's prompt format is in its pretraining data."""
+    import torch
+
     from finetune.tiny import TinySpec, build_tiny_base
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "samples" / "kb").rglob("*")) if p.is_file()]
-    texts.append((REPO / "samples" / "qa.jsonl").read_text(encoding="utf-8"))
+    texts.append((REPO / "finetune" / "assets" / "general.txt").read_text(encoding="utf-8"))
     spec = TinySpec(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=6, num_key_value_heads=2)
-    return str(build_tiny_base(home / "base10m", texts, spec=spec))
+    path = build_tiny_base(home / "base10m", texts, spec=spec)
+    if not pretrain_steps:
+        return str(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = [i for t in texts for i in tok(t + "\n\n", add_special_tokens=False)["input_ids"]]
+    block, batch = 256, 8
+    blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)  # (N, block)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    started = time.monotonic()
+    for step in range(pretrain_steps):
+        rows = blocks[torch.randint(len(blocks), (batch,), generator=generator)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == pretrain_steps - 1:
+            print(f"pretraining the base: step {step + 1}/{pretrain_steps}, loss {loss.item():.2f}, "
+                  f"{time.monotonic() - started:.0f} s", flush=True)
+    model.save_pretrained(path)
+    return str(path)
 
 
 # --- The two recipes (each runs in a child process) -----------------------------------------------------
@@ -115,7 +147,7 @@ def train_kbloop(base: str, train: list[dict], out: Path, a) -> dict:
     examples = [TrainingExample(question=p["question"], input="", answer=p["answer"], passages=[]) for p in train]
     config = TrainConfig(base=base, method="qlora", rank=a.rank, alpha=32, dropout=0.1, targets="all-linear",
                          epochs=float(a.epochs), learning_rate=a.lr, batch_size=4, grad_accum=4, warmup=0.1,
-                         max_length=a.seed_max_length, gradient_checkpointing=True, k_passages=0)
+                         max_length=a.seed_max_length, gradient_checkpointing="auto", k_passages=0)
     t = time.monotonic()
     outcome = train_adapter(config, examples, out / "adapter")
     return {"train_seconds": time.monotonic() - t, "steps": outcome.steps}
@@ -170,10 +202,11 @@ def child(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed-max-length", type=int, default=256, help="the seed pads every example to this")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="next-token steps on the KB text for the base")
     p.add_argument("--max-eval", type=int, default=100, help="held-out examples generated for the stop rate")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "train_vs_seed.json"))
     p.add_argument("--child", choices=["seed", "kbloop"])
@@ -185,7 +218,7 @@ def main() -> None:
     from finetune.data import split_heldout
 
     work = Path(tempfile.mkdtemp(prefix="train-vs-seed-"))
-    base = build_base(work)
+    base = build_base(work, pretrain_steps=a.pretrain_steps)
     (work / "base.txt").write_text(base)
     pairs = make_pairs(a.pairs)
 
@@ -197,6 +230,7 @@ def main() -> None:
     train, heldout = [q.d for q in train], [q.d for q in heldout]
     (work / "train.json").write_text(json.dumps(train))
     results = {"pairs": a.pairs, "train": len(train), "heldout": len(heldout), "epochs": a.epochs, "rank": a.rank,
+               "pretrain_steps": a.pretrain_steps,
                "lr": a.lr, "seed_max_length": a.seed_max_length, "cpu": os.cpu_count(),
                "load_avg_start": os.getloadavg()[0]}
     import torch

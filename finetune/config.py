@@ -26,7 +26,7 @@ MIN_TRAIN_EXAMPLES = 8
 # The seed's recipe, kept for real (pretrained) bases.
 SEED_DEFAULTS = dict(
     method="qlora", rank=8, alpha=32, dropout=0.1, targets=ALL_LINEAR, epochs=3.0, learning_rate=2e-4,
-    batch_size=4, grad_accum=4, warmup=0.1, max_length=1024, gradient_checkpointing=True, k_passages=3,
+    batch_size=4, grad_accum=4, warmup=0.1, max_length=1024, gradient_checkpointing="auto", k_passages=3,
 )
 
 # The tiny base has random weights: nothing to adapt, everything to memorise (docs/benchmarks.md, "tiny").
@@ -63,7 +63,9 @@ class TrainConfig:
     grad_accum: int | None = None
     warmup: float | None = None  # fraction of the steps
     max_length: int | None = None  # tokens of prompt + answer; longer prompts are cut from the passages
-    gradient_checkpointing: bool | None = None
+    # True | False | "auto": on when one batch's activations would take more than a quarter of the free
+    # memory (finetune.training.checkpointing_needed). The seed always checkpoints, paying ~30% more compute.
+    gradient_checkpointing: bool | str | None = None
     seed: int = 42
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
@@ -146,6 +148,8 @@ def _validate(c: TrainConfig, *, n_examples: int) -> None:
         (0 <= c.warmup < 1, f"warmup is a fraction of the steps in [0, 1), not {c.warmup}"),
         (c.max_length >= 64, f"max length must be at least 64 tokens, not {c.max_length}"),
         (c.k_passages >= 0, f"passages per prompt must be 0 or more, not {c.k_passages}"),
+        (c.gradient_checkpointing in (True, False, "auto"),
+         f"gradient checkpointing must be true, false or auto, not {c.gradient_checkpointing!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.config import ALL_LINEAR, TrainConfig, resolve_config
@@ -96,6 +96,10 @@ def train_adapter(
     if truncation.affected:
         notes.append(truncation.text())
 
+    if config.gradient_checkpointing == "auto":
+        needed, why = checkpointing_needed(config)
+        config = replace(config, gradient_checkpointing=needed)
+        notes.append(f"gradient checkpointing {'on' if needed else 'off'}: {why}")
     model = _prepare_model(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -130,6 +134,36 @@ def train_adapter(
 
 
 # --- Model -----------------------------------------------------------------------------------------------
+
+
+def activation_bytes(model_config, *, batch_size: int, max_length: int, dtype_bytes: int) -> int:
+    """Activations one training batch keeps for the backward pass: ~34 values per hidden unit, token and
+    layer (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"; the
+    attention-score term is left out, as SDPA does not keep the scores)."""
+    text = getattr(model_config, "text_config", None) or model_config
+    per_token_layer = 34 * text.hidden_size * dtype_bytes // 2
+    return batch_size * max_length * text.num_hidden_layers * per_token_layer
+
+
+def checkpointing_needed(config: TrainConfig) -> tuple[bool, str]:
+    """Whether to recompute activations in the backward pass: only when one batch's activations would take
+    more than a quarter of the memory free on the training device. Recomputing costs ~30% more compute."""
+    import psutil
+    import torch
+    from transformers import AutoConfig
+
+    from finetune import models
+
+    need = activation_bytes(AutoConfig.from_pretrained(config.base), batch_size=config.batch_size,
+                            max_length=config.max_length, dtype_bytes=torch.finfo(models.compute_dtype()).bits // 8)
+    if torch.cuda.is_available():
+        free, where = torch.cuda.mem_get_info()[0], "GPU"
+    else:
+        free, where = psutil.virtual_memory().available, "RAM"
+    gib = 1024**3
+    why = (f"a batch's activations take ~{need / gib:.2f} GiB of {free / gib:.1f} GiB free {where} "
+           f"(batch {config.batch_size} x {config.max_length} tokens)")
+    return need > free / 4, why
 
 
 def _prepare_model(config: TrainConfig):

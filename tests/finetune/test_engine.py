@@ -184,6 +184,38 @@ def test_an_explicit_version_answers_beside_the_active_one(engine, workspace):
         engine.answer(q, adapter="v99")
 
 
+def test_each_adapter_is_asked_with_the_passages_it_was_trained_with(engine, workspace):
+    """An adapter records its prompts' passage count (tiny's default is none); the engine builds that prompt,
+    and still names the retrieved sources."""
+    import torch
+
+    from finetune.models import load_model_for_inference
+    from finetune.prompting import PromptPassage, build_messages, render_prompt
+    from finetune.retrieval import retrieve_passages
+
+    db, home = workspace["db"], workspace["home"]
+    path = home / "adapters" / "v1"
+    for version, k in (("v1-k0", 0), ("v1-k1", 1)):
+        register_adapter(db, version=version, path=str(path), base_model="tiny", method="lora",
+                         params={"r": 8, "k_passages": k}, dataset_hash=None, dataset_size=0, metrics={})
+    question = QUESTIONS[1]
+    top = retrieve_passages(db, question, k=3)[0]
+    model, tok = load_model_for_inference(resolve_base("tiny", home=home, db=db), adapter_path=path)
+
+    def greedy(passages) -> str:
+        ids = tok(render_prompt(tok, build_messages(question, passages=passages)), return_tensors="pt",
+                  add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=engine.config.max_new_tokens, do_sample=False)
+        return tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+    without = engine.answer(question, adapter="v1-k0", record=False)
+    assert without.text == greedy([])
+    assert without.sources and without.sources[0].doc_path == top.doc_path
+    with_one = engine.answer(question, adapter="v1-k1", record=False)
+    assert with_one.text == greedy([PromptPassage(top.title, top.content)])
+
+
 def test_adapter_cache_unloads_the_least_recently_used(engine, workspace):
     activate_adapter(workspace["db"], "v1")
     for version in ("v1", "v2", "v3"):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import MIN_TRAIN_EXAMPLES, SEED_DEFAULTS, TINY_DEFAULTS, TrainConfig, parse_targets, resolve_config
+from finetune.config import (
+    MIN_TRAIN_EXAMPLES, SEED_DEFAULTS, TINY_DEFAULTS, TrainConfig, parse_targets, prompt_passages, resolve_config,
+)
 from finetune.data import TrainingExample
 from finetune.recommend import DataProfile, language_of, profile_examples, recommend, recommend_for_profile
 from store import StoreError
@@ -69,6 +71,14 @@ def test_tiny_base_gets_its_own_defaults_and_user_values_win():
     assert any("random weights" in n for n in notes)
 
 
+def test_prompt_passages_default_per_base_and_the_user_value_wins():
+    assert prompt_passages(TrainConfig(), tiny=True) == 0  # tiny cannot read: passages only cost compute
+    assert prompt_passages(TrainConfig(), tiny=False) == SEED_DEFAULTS["k_passages"] == 3
+    assert prompt_passages(TrainConfig(k_passages=2), tiny=True) == 2
+    cfg, _ = resolve_config(TrainConfig(), tiny=True, n_examples=100)
+    assert cfg.k_passages == 0
+
+
 def test_rank_auto_uses_the_table():
     exs = [TrainingExample(question=f"q{i}", input="", answer="a short answer") for i in range(2_000)]
     cfg, notes = resolve_config(TrainConfig(rank="auto"), tiny=False, n_examples=len(exs), profile=profile_examples(exs))
@@ -86,6 +96,7 @@ def test_too_few_examples_are_refused_with_the_number():
 @pytest.mark.parametrize("field, value, message", [
     ("method", "dora", "method must be one of"), ("rank", 0, "rank must be a positive"),
     ("dropout", 1.5, "dropout"), ("learning_rate", 0.0, "learning rate"), ("max_length", 10, "max length"),
+    ("gradient_checkpointing", "sometimes", "gradient checkpointing must be true, false or auto"),
 ])
 def test_bad_values_are_refused(field, value, message):
     with pytest.raises(StoreError, match=message):

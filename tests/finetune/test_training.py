@@ -88,6 +88,21 @@ def test_adapter_loads_for_inference_and_stops_at_im_end(lora_run, tiny_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "training changed nothing"
 
 
+def test_gradient_checkpointing_auto_is_on_only_when_activations_would_crowd_memory(tiny_path):
+    from types import SimpleNamespace
+
+    from finetune.training import activation_bytes, checkpointing_needed
+
+    # Qwen2.5-0.5B (24 layers, hidden 896), batch 4 x 1024 tokens in fp32: ~5.6 GB of activations.
+    qwen = activation_bytes(SimpleNamespace(hidden_size=896, num_hidden_layers=24), batch_size=4, max_length=1024,
+                            dtype_bytes=4)
+    assert 5e9 < qwen < 6.5e9
+    off, why = checkpointing_needed(_config(tiny_path, batch_size=4, max_length=160))
+    assert not off and "GiB free RAM" in why and "batch 4 x 160 tokens" in why
+    on, _ = checkpointing_needed(_config(tiny_path, batch_size=100_000, max_length=2048))
+    assert on
+
+
 def test_gradient_checkpointing_works_with_lora(tiny_path, tmp_path):
     from finetune.training import train_adapter
 
