@@ -53,11 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
+    parser.add_argument("--max-length-ratio", type=float, default=EngineConfig.max_length_ratio,
+                        help="prompts differing more in length generate apart (a large value: one batch)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         prepare_workspace(home)
-        config = EngineConfig(max_new_tokens=args.max_new_tokens, max_batch_size=args.questions)
+        config = EngineConfig(max_new_tokens=args.max_new_tokens, max_batch_size=args.questions,
+                              max_length_ratio=args.max_length_ratio)
         engine = Engine(db_path=home / "kbloop.db", home=home, base_model="tiny", config=config).start()
         assert engine.wait_ready(600), engine.error
         questions = eval_questions(args.questions)

@@ -63,6 +63,8 @@ class EngineConfig:
     do_sample: bool = False  # greedy: the same question gets the same answer
     temperature: float = 0.7  # only with do_sample
     max_batch_size: int = 16
+    # Prompts whose lengths differ more than this generate in separate batches (padding costs every step).
+    max_length_ratio: float = 1.5
     # After a request arrives, wait this long for another to join its batch; at most batch_max_wait_s.
     batch_window_s: float = 0.05
     batch_max_wait_s: float = 0.25
@@ -109,6 +111,18 @@ class _Generated:
 
 def _is_chinese(text: str) -> bool:
     return bool(_CJK.search(text))
+
+
+def length_buckets(lengths: list[int], ratio: float) -> list[list[int]]:
+    """Indices of `lengths`, shortest first, grouped so that in each group the longest is at most `ratio`
+    times the shortest."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if buckets and lengths[i] <= ratio * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 def sources_of(passages) -> list[Source]:
@@ -331,11 +345,16 @@ class Engine:
             model, used, notices, scope = self._select_model(db, version)
             k = self._passages_for(db, used)
             prompts, trims = zip(*(self._prompt(r, k) for r in requests))
+            lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False).input_ids]
             with scope:
-                texts = self._generate(model, list(prompts))
-            self.batches_run += 1
-            for req, text, trim in zip(requests, texts, trims):
-                req.future.set_result(_Generated(text, used, tuple(notices) + ((trim,) if trim else ())))
+                # Similar lengths generate together: a left-padded batch computes every row at the length of
+                # its longest prompt, and its cache grows from there at every step.
+                for bucket in length_buckets(lengths, self.config.max_length_ratio):
+                    texts = self._generate(model, [prompts[i] for i in bucket])
+                    self.batches_run += 1
+                    for i, text in zip(bucket, texts):
+                        requests[i].future.set_result(
+                            _Generated(text, used, tuple(notices) + ((trims[i],) if trims[i] else ())))
 
     # --- adapters -----------------------------------------------------------------------------------
 
