@@ -133,12 +133,15 @@ def demo(
         try:
             if not engine.wait_ready(300):
                 fail(f"the model did not load: {engine.error}")
+            # Three questions v1 was trained on (tiny answers them word for word) and two it was not (tiny
+            # has nothing sensible to say): one of those gets a correction, the loop's starting point.
             questions = [
-                ("How do I request a new laptop?", 1, None),
+                ("My laptop was stolen. What do I do?", 1, None),
+                ("停车罚单可以报销吗？", 1, None),
+                ("What are the IT helpdesk opening hours?", 1, None),
                 ("报销的截止时间是什么时候？", -1, None),
                 ("Where is the Berlin office?", -1, "Ask the office team in #berlin-office; the address is in the "
                                                    "Berlin office guide."),
-                ("Who do I call for an IT emergency?", 1, None),
             ]
             for i, (question, vote, correction) in enumerate(questions):
                 answer = engine.answer(question, source="playground", user_id=f"demo-user-{i}")
