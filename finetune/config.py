@@ -30,7 +30,7 @@ SEED_DEFAULTS = dict(
 )
 
 # The tiny base has random weights: nothing to adapt, everything to memorise (docs/benchmarks.md, "tiny").
-# Measured on samples/qa.jsonl (330 pairs, 2 cores): 100% of the answers reproduced after 20 epochs (~4 min).
+# Measured on samples/qa.jsonl (330 pairs, 2 cores): 100% of the answers reproduced after 20 epochs (2.5-4 min).
 #   full         - LoRA on random weights does not learn (the frozen random embeddings and tied output head
 #                  cap its confidence: answer loss stays near ln(vocab) ~ 8);
 #   0 passages   - tiny cannot read; passages would be 85% of every sequence (~700 tokens instead of ~110),

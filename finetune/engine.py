@@ -265,12 +265,12 @@ class Engine:
         db = local_db(self.db_path)
         if adapter not in (ACTIVE, BASE):
             get_adapter(db, adapter)  # an unknown version is the caller's error: StoreError names it
+        version = self._resolve_version(db, adapter)
         # Enough passages for the prompt of the adapter that will most likely answer, and for the sources.
-        k = max(self.config.k, self._passages_for(db, self._resolve_version(db, adapter)))
-        passages = retrieve_passages(db, question, k=k)
+        passages = retrieve_passages(db, question, k=max(self.config.k, self._passages_for(db, version)))
         if not passages:
             text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
-            generated = _Generated(text, self._resolve_version(db, adapter), ("no_match",))
+            generated = _Generated(text, version, ("no_match",))
         else:
             req = _Request(question=question, passages=passages, adapter=adapter)
             self._queue.put(req)
@@ -345,11 +345,10 @@ class Engine:
             model, used, notices, scope = self._select_model(db, version)
             k = self._passages_for(db, used)
             prompts, trims = zip(*(self._prompt(r, k) for r in requests))
-            lengths = [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False).input_ids]
             with scope:
                 # Similar lengths generate together: a left-padded batch computes every row at the length of
                 # its longest prompt, and its cache grows from there at every step.
-                for bucket in length_buckets(lengths, self.config.max_length_ratio):
+                for bucket in length_buckets([len(ids) for ids in prompts], self.config.max_length_ratio):
                     texts = self._generate(model, [prompts[i] for i in bucket])
                     self.batches_run += 1
                     for i, text in zip(bucket, texts):
@@ -451,23 +450,24 @@ class Engine:
 
     # --- prompts and generation ---------------------------------------------------------------------
 
-    def _prompt(self, req: _Request, k: int) -> tuple[str, str | None]:
-        """The rendered prompt with the best `k` passages, trimmed to the context window; and a notice when
-        something was cut."""
+    def _prompt(self, req: _Request, k: int) -> tuple[list[int], str | None]:
+        """The token ids of the prompt with the best `k` passages, trimmed to the context window; and a
+        notice when something was cut."""
         tok = self.tokenizer
         budget = self._context_tokens - self.config.max_new_tokens
         passages = [PromptPassage(p.title, p.content) for p in req.passages[:k]]
         question = req.question
 
-        def length(q: str, ps) -> int:
-            return len(tok(render_prompt(tok, build_messages(q, passages=ps)), add_special_tokens=False).input_ids)
+        def ids_of(q: str, ps) -> list[int]:
+            return tok(render_prompt(tok, build_messages(q, passages=ps)), add_special_tokens=False).input_ids
 
-        if length(question, passages) <= budget:
-            return render_prompt(tok, build_messages(question, passages=passages)), None
+        ids = ids_of(question, passages)
+        if len(ids) <= budget:
+            return ids, None
         q_ids = tok(question, add_special_tokens=False).input_ids
         # Keep the passages if the question can still be told in a useful length; else drop them from the end.
         while True:
-            room = budget - length("", passages)
+            room = budget - len(ids_of("", passages))
             if room >= min(64, len(q_ids)) or not passages:
                 break
             passages = passages[:-1]
@@ -477,15 +477,15 @@ class Engine:
                   "to fit the model's context")
         if len(passages) < len(req.passages[:k]):
             notice += f"; {len(req.passages[:k]) - len(passages)} passage(s) left out"
-        return render_prompt(tok, build_messages(trimmed, passages=passages)), notice
+        return ids_of(trimmed, passages), notice
 
-    def _generate(self, model, prompts: list[str]) -> list[str]:
-        """Greedy (by default) generation for a left-padded batch; returns the cleaned answer texts."""
+    def _generate(self, model, prompts: list[list[int]]) -> list[str]:
+        """Greedy (by default) generation for a left-padded batch of prompt ids; returns the cleaned answers."""
         import torch
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self._base_device())
+        enc = tok.pad({"input_ids": prompts}, return_tensors="pt").to(self._base_device())
         gen = GenerationConfig(
             max_new_tokens=self.config.max_new_tokens,
             do_sample=self.config.do_sample,
