@@ -11,7 +11,8 @@ The seed's recipe, with only its crashes fixed (so it runs at all):
 - fp16=True (fixed: off, there is no fp16 on a CPU).
 kbloop: finetune.training.train_adapter with the seed's hyperparameters (QLoRA r=8, alpha 32, dropout
 0.1, all linear projections, batch 4 x 4, warmup 10%, cosine) and kbloop's own default for gradient
-checkpointing ("auto": on only when a batch's activations would not fit comfortably) on the same pairs.
+checkpointing ("auto": for QLoRA the feed-forward blocks, whole layers only when memory is short) on the
+same pairs.
 
 Base: a Qwen2-architecture model of ~10M parameters built locally (finetune.tiny), pretrained for
 --pretrain-steps next-token steps on the sample KB and the general text (LoRA cannot adapt random weights).
@@ -106,7 +107,6 @@ def build_base(home: Path, *, pretrain_steps: int) -> str:
 
 
 def train_seed(base: str, train: list[dict], out: Path, a) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
@@ -189,13 +189,25 @@ def kbloop_prompt(tok, question):
     return render_prompt(tok, build_messages(question))
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory. Not getrusage's ru_maxrss: Linux carries that across
+    fork + exec, so a child started by this (larger) parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def child(a) -> None:
     work = Path(a.work)
     base = (work / "base.txt").read_text()
     train = json.loads((work / "train.json").read_text())
     fn = train_seed if a.child == "seed" else train_kbloop
     result = fn(base, train, work / a.child, a)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     (work / f"{a.child}.json").write_text(json.dumps(result))
 
 
@@ -233,8 +245,6 @@ def main() -> None:
                "pretrain_steps": a.pretrain_steps,
                "lr": a.lr, "seed_max_length": a.seed_max_length, "cpu": os.cpu_count(),
                "load_avg_start": os.getloadavg()[0]}
-    import torch
-
     from finetune.models import load_base_model
 
     results["base_params"] = sum(p.numel() for p in load_base_model(base).parameters())

@@ -63,8 +63,9 @@ class TrainConfig:
     grad_accum: int | None = None
     warmup: float | None = None  # fraction of the steps
     max_length: int | None = None  # tokens of prompt + answer; longer prompts are cut from the passages
-    # True | False | "auto": on when one batch's activations would take more than a quarter of the free
-    # memory (finetune.training.checkpointing_needed). The seed always checkpoints, paying ~30% more compute.
+    # True (whole layers) | "mlp" (feed-forward blocks only) | False | "auto": whole layers when one batch's
+    # activations would take more than a quarter of the free memory, else "mlp" for QLoRA and off for the
+    # other methods (finetune.training.choose_checkpointing).
     gradient_checkpointing: bool | str | None = None
     seed: int = 42
     weight_decay: float = 0.0
@@ -148,8 +149,8 @@ def _validate(c: TrainConfig, *, n_examples: int) -> None:
         (0 <= c.warmup < 1, f"warmup is a fraction of the steps in [0, 1), not {c.warmup}"),
         (c.max_length >= 64, f"max length must be at least 64 tokens, not {c.max_length}"),
         (c.k_passages >= 0, f"passages per prompt must be 0 or more, not {c.k_passages}"),
-        (c.gradient_checkpointing in (True, False, "auto"),
-         f"gradient checkpointing must be true, false or auto, not {c.gradient_checkpointing!r}"),
+        (c.gradient_checkpointing in (True, False, "auto", "mlp"),
+         f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}"),
     ]
     for ok, message in checks:
         if not ok:

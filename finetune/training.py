@@ -6,8 +6,10 @@
 
 Supports: QLoRA (4-bit NF4, double quantisation, bf16 compute, via bitsandbytes on CUDA or CPU), LoRA and
 full fine-tuning; loss on answer tokens only, the end-of-turn token learned (finetune.data); batches
-grouped by length (little padding); gradient checkpointing compatible with PEFT (non-reentrant, input
-grads enabled); bf16 where the hardware has it; per-step callbacks, cancellation, checkpoints and resume;
+grouped by length (little padding); the output head, the loss and LoRA dropout fused (finetune.fused: no
+full logits, no dropout copies); gradient checkpointing compatible with PEFT (non-reentrant, input
+grads enabled); freed memory handed back to the OS after each micro-batch on the CPU; bf16 where the
+hardware has it; per-step callbacks, cancellation, checkpoints and resume;
 data-parallel training under `torchrun` / `accelerate launch` (gloo on CPU, NCCL on GPUs).
 
 Assumptions: checkpoints hold the adapter (or model) and the optimiser state and are kept in
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.config import ALL_LINEAR, TrainConfig, resolve_config
-from finetune.data import CompletionCollator, TrainingExample, TruncationReport, answer_token_loss, encode_examples
+from finetune.data import CompletionCollator, TrainingExample, TruncationReport, encode_examples
+from finetune.fused import answer_token_loss, fuse_lora_dropout, fuse_output_head, unfuse_output_head
 from store import StoreError
 
 CHECKPOINTS = "checkpoints"
@@ -97,10 +100,11 @@ def train_adapter(
         notes.append(truncation.text())
 
     if config.gradient_checkpointing == "auto":
-        needed, why = checkpointing_needed(config)
-        config = replace(config, gradient_checkpointing=needed)
-        notes.append(f"gradient checkpointing {'on' if needed else 'off'}: {why}")
+        mode, why = choose_checkpointing(config)
+        config = replace(config, gradient_checkpointing=mode)
+        notes.append(f"gradient checkpointing {'off' if mode is False else 'on'}: {why}")
     model = _prepare_model(config)
+    head_weight = fuse_output_head(model)  # the loss applies the head chunk by chunk: no full logits
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -109,11 +113,14 @@ def train_adapter(
     resume_from = _latest_checkpoint(checkpoints) if resume else None
     if resume and resume_from is None:
         notes.append("no checkpoint to resume from: training from the start")
-    trainer, tracker = _build_trainer(config, model, tokenizer, encoded, checkpoints, on_step, should_stop)
+    trainer, tracker = _build_trainer(config, model, tokenizer, encoded, checkpoints, on_step, should_stop,
+                                      head_weight=head_weight)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as exc:
         raise _disk_error(exc, checkpoints) if exc.errno == errno.ENOSPC else exc
+    finally:
+        unfuse_output_head(model)
     if tracker.cancelled:
         raise TrainingCancelled(f"training cancelled at step {trainer.state.global_step}")
     resumed_step = _checkpoint_step(resume_from) if resume_from else None
@@ -145,9 +152,15 @@ def activation_bytes(model_config, *, batch_size: int, max_length: int, dtype_by
     return batch_size * max_length * text.num_hidden_layers * per_token_layer
 
 
-def checkpointing_needed(config: TrainConfig) -> tuple[bool, str]:
-    """Whether to recompute activations in the backward pass: only when one batch's activations would take
-    more than a quarter of the memory free on the training device. Recomputing costs ~30% more compute."""
+def choose_checkpointing(config: TrainConfig) -> tuple[bool | str, str]:
+    """What `gradient_checkpointing="auto"` means for this run: True (whole layers), "mlp" or False.
+
+    Whole layers when one batch's activations would take more than a quarter of the memory free on the
+    training device (recomputing a layer costs ~25-35% more compute). Otherwise QLoRA, the method for
+    training in the least memory, still recomputes its feed-forward blocks: their intermediate tensors are
+    about half of what a layer keeps, for ~10% more compute (the bench: peak below the seed recipe's, which
+    checkpoints whole layers). LoRA and full fine-tuning keep everything.
+    """
     import psutil
     import torch
     from transformers import AutoConfig
@@ -163,7 +176,11 @@ def checkpointing_needed(config: TrainConfig) -> tuple[bool, str]:
     gib = 1024**3
     why = (f"a batch's activations take ~{need / gib:.2f} GiB of {free / gib:.1f} GiB free {where} "
            f"(batch {config.batch_size} x {config.max_length} tokens)")
-    return need > free / 4, why
+    if need > free / 4:
+        return True, f"whole layers: {why}"
+    if config.method == "qlora":
+        return "mlp", f"feed-forward blocks only (QLoRA trains in the least memory): {why}"
+    return False, why
 
 
 def _prepare_model(config: TrainConfig):
@@ -174,14 +191,17 @@ def _prepare_model(config: TrainConfig):
     model = models.load_base_model(config.base, quantize=quantize)
     model.config.use_cache = False  # the KV cache is for generation; with checkpointing it only wastes memory
     gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses gradients of frozen-input LoRA layers
+    whole_layers = config.gradient_checkpointing is True
     if quantize:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+            model, use_gradient_checkpointing=whole_layers, gradient_checkpointing_kwargs=gc_kwargs
         )
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    elif whole_layers:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+    if config.gradient_checkpointing == "mlp":
+        _checkpoint_feed_forward(model)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad = True
@@ -196,14 +216,37 @@ def _prepare_model(config: TrainConfig):
             f"rank {config.rank} is larger than the smallest targeted layer of {config.base} ({smallest} features); "
             f"choose a rank of at most {smallest}"
         )
-    if config.gradient_checkpointing and not quantize:
+    if whole_layers and not quantize:
         # Frozen embeddings produce inputs without grad; checkpointed blocks then need this to backprop.
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=sorted(targets),
         bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    fuse_lora_dropout(model)  # same dropout, without PEFT's extra copies and slow CPU masks
+    return model
+
+
+def _checkpoint_feed_forward(model) -> None:
+    """Recompute each decoder layer's feed-forward block (`mlp`) in the backward pass instead of keeping its
+    intermediate tensors (gate, up, their product: 3-4 x intermediate_size values per token)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    if not blocks:
+        raise StoreError(f"{model.config._name_or_path}: no `mlp` blocks to checkpoint; "
+                         "use gradient checkpointing true (whole layers) instead of mlp")
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, _block=block, **kwargs):
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        block.forward = checkpointed
 
 
 def _target_modules(model, targets) -> dict[str, tuple[str, int]]:
@@ -282,7 +325,37 @@ class _Tracker:
         self.callback = Callback()
 
 
-def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], checkpoints: Path, on_step, should_stop):
+def _trim_memory_callback():
+    """Trainer callback (CPU): hand the memory freed by each micro-batch back to the OS.
+
+    Batches grouped by length have a different shape every step, and glibc keeps the freed blocks of one
+    shape in fragments that the next shape cannot reuse: on the 10M bench model the peak was 119 MB lower
+    with this (1,116 vs 997 MB over 80 micro-batches, docs/benchmarks.md), at no measurable cost in time.
+    """
+    import ctypes
+    import ctypes.util
+
+    from transformers import TrainerCallback
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        trim = None
+
+    class Callback(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kw):
+            if trim is not None:
+                trim(0)
+
+        on_step_end = on_substep_end
+
+    return Callback()
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], checkpoints: Path, on_step, should_stop,
+                   *, head_weight=None):
+    import functools
+
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -322,8 +395,9 @@ def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], c
     tracker = _Tracker(on_step, should_stop)
     trainer = Trainer(
         model=model, args=args, train_dataset=encoded, processing_class=tokenizer,
-        data_collator=CompletionCollator(pad_id=tokenizer.pad_token_id), callbacks=[tracker.callback],
-        compute_loss_func=answer_token_loss,
+        data_collator=CompletionCollator(pad_id=tokenizer.pad_token_id),
+        callbacks=[tracker.callback] + ([] if on_cuda else [_trim_memory_callback()]),
+        compute_loss_func=functools.partial(answer_token_loss, head_weight=head_weight),
     )
     from transformers.trainer_callback import PrinterCallback
 

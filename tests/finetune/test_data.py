@@ -5,37 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from finetune.data import (
-    IGNORE_INDEX, CompletionCollator, TrainingExample, TruncationReport, answer_token_loss, encode_example,
+    IGNORE_INDEX, CompletionCollator, TrainingExample, TruncationReport, encode_example,
     load_training_examples, save_training_examples, split_heldout,
 )
 from finetune.prompting import PromptPassage, build_messages, render_prompt
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> str:
-    from finetune.tiny import ensure_tiny_base
-
-    texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "samples" / "kb").rglob("*")) if p.is_file()]
-    return str(ensure_tiny_base(tmp_path_factory.mktemp("tiny-home"), texts))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_path):
-    from finetune.models import load_tokenizer
-
-    return load_tokenizer(tiny_path)
-
-
-@pytest.fixture(scope="module")
-def eot(tokenizer) -> int:
-    from finetune.models import end_of_turn_id
-
-    return end_of_turn_id(tokenizer)
 
 
 def _example(question="How many vacation days do I get?", answer="30 days a year, plus public holidays.",
@@ -78,34 +54,17 @@ def test_collator_masks_padding_by_position_even_when_pad_is_eos(tokenizer, eot)
     long = encode_example(tokenizer, _example(answer="No. " * 20), max_length=512, eot_id=eot)
     # The seed's setting: pad = eos = end-of-turn. Nothing real may be masked because of it.
     batch = CompletionCollator(pad_id=eot, pad_to_multiple_of=8)([short, long])
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    assert ids.shape == labels.shape == mask.shape and ids.shape[1] % 8 == 0
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape and ids.shape[1] % 8 == 0
+    assert "attention_mask" not in batch  # right padding: causal attention never reaches it
     for row, f in enumerate([short, long]):
         n = len(f["input_ids"])
-        assert mask[row, :n].all() and not mask[row, n:].any()
+        assert ids[row, :n].tolist() == f["input_ids"]
         assert labels[row, :n].tolist() == f["labels"]  # every real label kept, incl. <|im_end|>
         assert (labels[row, n:] == IGNORE_INDEX).all()
         assert labels[row, n - 1].item() == eot
     keep = batch["logits_to_keep"]
     assert keep.sum().item() == (labels[:, 1:] != IGNORE_INDEX).sum().item()
-
-
-def test_answer_token_loss_matches_the_models_own_loss(tiny_path, tokenizer, eot):
-    import torch
-
-    from finetune.models import load_base_model
-
-    model = load_base_model(tiny_path)
-    feats = [encode_example(tokenizer, _example(answer=a), max_length=512, eot_id=eot) for a in ("Yes.", "No, never.")]
-    batch = CompletionCollator(pad_id=tokenizer.pad_token_id)(feats)
-    with torch.no_grad():
-        reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=batch["logits_to_keep"])
-    n_answer = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-    assert out.logits.shape[0] == n_answer  # logits only where an answer token is predicted
-    assert answer_token_loss(out, batch["labels"]).item() == pytest.approx(reference.item(), rel=1e-4)
 
 
 def test_long_examples_lose_passages_first_and_are_counted(tokenizer, eot):

@@ -96,7 +96,7 @@ def test_too_few_examples_are_refused_with_the_number():
 @pytest.mark.parametrize("field, value, message", [
     ("method", "dora", "method must be one of"), ("rank", 0, "rank must be a positive"),
     ("dropout", 1.5, "dropout"), ("learning_rate", 0.0, "learning rate"), ("max_length", 10, "max length"),
-    ("gradient_checkpointing", "sometimes", "gradient checkpointing must be true, false or auto"),
+    ("gradient_checkpointing", "sometimes", "gradient checkpointing must be true, false, mlp or auto"),
 ])
 def test_bad_values_are_refused(field, value, message):
     with pytest.raises(StoreError, match=message):

@@ -30,14 +30,6 @@ def _qa(n: int) -> list[TrainingExample]:
             for r in rows[:n]]
 
 
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory) -> str:
-    from finetune.tiny import ensure_tiny_base
-
-    texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "samples" / "kb").rglob("*")) if p.is_file()]
-    return str(ensure_tiny_base(tmp_path_factory.mktemp("tiny-home"), texts))
-
-
 def _config(tiny_path, **kw) -> TrainConfig:
     # Short runs: what is tested is the machinery, not the quality.
     values = dict(base=tiny_path, method="lora", rank=4, alpha=8, epochs=1.0, batch_size=4, grad_accum=1,
@@ -88,19 +80,21 @@ def test_adapter_loads_for_inference_and_stops_at_im_end(lora_run, tiny_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "training changed nothing"
 
 
-def test_gradient_checkpointing_auto_is_on_only_when_activations_would_crowd_memory(tiny_path):
+def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_memory_and_qlora_mlps(tiny_path):
     from types import SimpleNamespace
 
-    from finetune.training import activation_bytes, checkpointing_needed
+    from finetune.training import activation_bytes, choose_checkpointing
 
     # Qwen2.5-0.5B (24 layers, hidden 896), batch 4 x 1024 tokens in fp32: ~5.6 GB of activations.
     qwen = activation_bytes(SimpleNamespace(hidden_size=896, num_hidden_layers=24), batch_size=4, max_length=1024,
                             dtype_bytes=4)
     assert 5e9 < qwen < 6.5e9
-    off, why = checkpointing_needed(_config(tiny_path, batch_size=4, max_length=160))
-    assert not off and "GiB free RAM" in why and "batch 4 x 160 tokens" in why
-    on, _ = checkpointing_needed(_config(tiny_path, batch_size=100_000, max_length=2048))
-    assert on
+    off, why = choose_checkpointing(_config(tiny_path, batch_size=4, max_length=160))
+    assert off is False and "GiB free RAM" in why and "batch 4 x 160 tokens" in why
+    whole, _ = choose_checkpointing(_config(tiny_path, batch_size=100_000, max_length=2048))
+    assert whole is True
+    mlp, why = choose_checkpointing(_config(tiny_path, method="qlora", batch_size=4, max_length=160))
+    assert mlp == "mlp" and why.startswith("feed-forward blocks only")
 
 
 def test_gradient_checkpointing_works_with_lora(tiny_path, tmp_path):
@@ -114,6 +108,41 @@ def test_gradient_checkpointing_works_with_lora(tiny_path, tmp_path):
     b = [v for k, v in weights.items() if "lora_B" in k]
     assert b and all(v.abs().sum() > 0 for v in b), "some LoRA layers got no gradient through checkpointing"
     assert outcome.steps == 2
+
+
+def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(tiny_path):
+    import torch
+
+    from finetune.config import resolve_config
+    from finetune.training import _prepare_model
+
+    ids = torch.randint(10, 300, (2, 48))
+    results = {}
+    for mode in (False, "mlp"):
+        cfg, _ = resolve_config(_config(tiny_path, method="qlora", dropout=0.1, gradient_checkpointing=mode),
+                                tiny=True, n_examples=8)
+        torch.manual_seed(0)
+        model = _prepare_model(cfg)
+        for name, p in model.named_parameters():  # lora_B starts at zero: give it values so every grad is live
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        model.train()
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[mode] = (sum(kept), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (kept_all, grads_all), (kept_mlp, grads_mlp) = results[False], results["mlp"]
+    assert kept_mlp < 0.8 * kept_all
+    assert grads_mlp.keys() == grads_all.keys() and any("mlp" in n for n in grads_all)
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_mlp[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_qlora_quantises_the_base_with_bitsandbytes_on_this_machine(tiny_path, tmp_path):
