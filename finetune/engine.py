@@ -484,8 +484,6 @@ class Engine:
         import torch
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
-        from finetune.kv_cache import GrowingCache
-
         tok = self.tokenizer
         enc = tok.pad({"input_ids": prompts}, return_tensors="pt").to(self._base_device())
         gen = GenerationConfig(
@@ -499,8 +497,7 @@ class Engine:
         stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s)])
         with torch.inference_mode():
             out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                 generation_config=gen, stopping_criteria=stop,
-                                 cache=GrowingCache(reserve=self.config.max_new_tokens))
+                                 generation_config=gen, stopping_criteria=stop)
         new_tokens = out[:, enc.input_ids.shape[1]:]  # (B, new)
         return [self._clean(tok.decode(row, skip_special_tokens=True)) for row in new_tokens]
 
