@@ -187,7 +187,7 @@ class CompletionCollator:
     None is needed: under causal attention a real token only sees the tokens before it, so padding at the
     end is invisible to it, and padding positions carry no label. Without a mask SDPA runs its causal kernel
     and handles grouped-query attention itself instead of copying keys and values to every head (-21 MB
-    peak on the bench's 10M model, tests/finetune/test_data.py checks the gradients are the same).
+    peak on the bench's 10M model; tests/finetune/test_fused.py checks the gradients are the same).
 
     It also marks the positions whose next token is a label (`logits_to_keep`, a (B, T) bool mask): the
     model then projects only those hidden states onto the vocabulary. The prompt is most of every sequence,

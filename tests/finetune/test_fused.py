@@ -107,7 +107,7 @@ def test_dropout_masks_have_the_asked_rate_and_follow_the_seed():
     x = torch.ones(1000, 1000)
     keep = fused.keep_mask(x, 0.1, seed=7)
     assert keep.dtype == x.dtype and keep.shape == x.shape
-    assert abs((1 - keep.mean().item()) - 0.1) < 0.002  # 1M draws: the rate within 4 standard deviations
+    assert abs((1 - keep.mean().item()) - 0.1) < 0.002  # 1M draws: sd 0.0003, so this allows ~7 sd
     assert torch.equal(fused.keep_mask(x, 0.1, seed=7), keep)
     assert not torch.equal(fused.keep_mask(x, 0.1, seed=8), keep)
     layer = fused.DropoutLinear(1000, 4, bias=False)
