@@ -1,19 +1,22 @@
 """Batched generation: 16 concurrent questions vs the same 16 answered one after another (tiny base).
 
-    .venv/bin/python bench/engine_batching.py [--questions 16] [--max-new-tokens 64]
+    .venv/bin/python bench/engine_batching.py [--questions 16] [--max-new-tokens 256] [--repeats 3]
 
 Builds a workspace in a temporary folder (sample KB, tiny base), starts one Engine, answers the questions
-one by one, then all at once from 16 threads, and checks that the answers are identical (greedy).
+one by one, then all at once from 16 threads, and checks that the answers are identical (greedy); `--repeats`
+times, reporting each run and the median speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,12 +52,50 @@ def eval_questions(n: int) -> list[str]:
     return [r["question"] for r in rows][:n]
 
 
+@dataclass(frozen=True)
+class Run:
+    t_seq: float
+    t_par: float
+    batches: int
+    median_ms: int
+    same: bool
+    distinct: int  # different answers among the questions' (the random tiny base often repeats one token)
+
+
+def run_both(engine: Engine, questions: list[str]) -> Run:
+    """The questions one after another, then all at once from as many threads."""
+    started = time.perf_counter()
+    sequential = [engine.answer(q, record=False) for q in questions]
+    t_seq = time.perf_counter() - started
+
+    results = [None] * len(questions)
+    barrier = threading.Barrier(len(questions) + 1)
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        results[i] = engine.answer(questions[i], record=False)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    batches_before = engine.batches_run
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    t_par = time.perf_counter() - started
+    return Run(t_seq, t_par, engine.batches_run - batches_before,
+               sorted(a.latency_ms for a in results)[len(results) // 2],
+               [a.text for a in sequential] == [a.text for a in results], len({a.text for a in results}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
     parser.add_argument("--max-length-ratio", type=float, default=EngineConfig.max_length_ratio,
                         help="prompts differing more in length generate apart (a large value: one batch)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of both ways (this VM's timings vary ~10%%)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -69,36 +110,19 @@ def main() -> None:
         from finetune.retrieval import retrieve_passages
         for q in questions:
             retrieve_passages(engine_db(home), q, k=config.k)
-        started = time.perf_counter()
-        sequential = [engine.answer(q, record=False) for q in questions]
-        t_seq = time.perf_counter() - started
-
-        results = [None] * len(questions)
-        barrier = threading.Barrier(len(questions) + 1)
-
-        def ask(i: int) -> None:
-            barrier.wait()
-            results[i] = engine.answer(questions[i], record=False)
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
-        for t in threads:
-            t.start()
-        batches_before = engine.batches_run
-        barrier.wait()
-        started = time.perf_counter()
-        for t in threads:
-            t.join()
-        t_par = time.perf_counter() - started
-        batches = engine.batches_run - batches_before
+        runs = [run_both(engine, questions) for _ in range(args.repeats)]
         engine.close()
-    same = [a.text for a in sequential] == [a.text for a in results]
     n = len(questions)
-    print(f"{n} questions, max_new_tokens={args.max_new_tokens}, tiny base, CPU")
-    print(f"one after another: {t_seq:.2f}s  ({n / t_seq:.2f} answers/s)")
-    print(f"concurrent:        {t_par:.2f}s  ({n / t_par:.2f} answers/s) in {batches} generate() batch(es)")
-    print(f"speed-up: {t_seq / t_par:.1f}x; identical answers: {same}")
-    print(f"concurrent latency per answer: median {sorted(a.latency_ms for a in results)[n // 2]} ms, "
-          f"max {max(a.latency_ms for a in results)} ms")
+    print(f"{n} questions, max_new_tokens={args.max_new_tokens}, max_length_ratio={args.max_length_ratio}, "
+          f"tiny base, CPU")
+    for i, run in enumerate(runs, 1):
+        print(f"run {i}: one after another {run.t_seq:.2f}s ({n / run.t_seq:.2f} answers/s); concurrent "
+              f"{run.t_par:.2f}s ({n / run.t_par:.2f} answers/s) in {run.batches} generate() batch(es); "
+              f"speed-up {run.t_seq / run.t_par:.1f}x; median latency in the burst {run.median_ms} ms; "
+              f"identical answers: {run.same} ({run.distinct} distinct)")
+    speedups = sorted(run.t_seq / run.t_par for run in runs)
+    print(f"speed-up: median {statistics.median(speedups):.1f}x (lowest {speedups[0]:.1f}x) over {len(runs)} runs")
+    same = all(run.same for run in runs)
     if not same:
         sys.exit(1)
 

@@ -9,8 +9,9 @@
 How a question is answered: the caller's thread retrieves passages (finetune.retrieval) and hands a
 request to the one generation worker thread. The worker takes whatever requests are waiting, checks
 which adapter is active in the store (one cheap query per batch), groups the batch by adapter, and
-generates each group in one left-padded batch, greedy by default, bounded by max new tokens and a wall
-time limit, stopping at the end-of-turn token. The caller's thread then records the interaction.
+generates each group as one batch: every prompt is prefilled alone, then all decode together from one
+left-padded KV cache (finetune.kv_cache), greedy by default, bounded by max new tokens and a wall time
+limit, stopping at the end-of-turn token. The caller's thread then records the interaction.
 
 Hot-swap: adapters are PEFT LoRA folders loaded once each under their version name and switched with
 set_adapter between batches; "base" runs with adapters disabled. A promote or rollback therefore takes
@@ -63,8 +64,10 @@ class EngineConfig:
     do_sample: bool = False  # greedy: the same question gets the same answer
     temperature: float = 0.7  # only with do_sample
     max_batch_size: int = 16
-    # Prompts whose lengths differ more than this generate in separate batches (padding costs every step).
-    max_length_ratio: float = 1.5
+    # Prompts whose lengths differ more than this generate in separate batches. Padding costs only attention
+    # over the padded cache at each decode step (prompts are prefilled alone), while every extra batch pays
+    # a full decode of its own: split only for very different lengths (docs/benchmarks.md, "Batching").
+    max_length_ratio: float = 3.0
     # After a request arrives, wait this long for another to join its batch; at most batch_max_wait_s.
     batch_window_s: float = 0.05
     batch_max_wait_s: float = 0.25
@@ -346,8 +349,7 @@ class Engine:
             k = self._passages_for(db, used)
             prompts, trims = zip(*(self._prompt(r, k) for r in requests))
             with scope:
-                # Similar lengths generate together: a left-padded batch computes every row at the length of
-                # its longest prompt, and its cache grows from there at every step.
+                # A left-padded batch attends over its longest prompt's length in every row at every step.
                 for bucket in length_buckets([len(ids) for ids in prompts], self.config.max_length_ratio):
                     texts = self._generate(model, [prompts[i] for i in bucket])
                     self.batches_run += 1
@@ -480,12 +482,14 @@ class Engine:
         return ids_of(trimmed, passages), notice
 
     def _generate(self, model, prompts: list[list[int]]) -> list[str]:
-        """Greedy (by default) generation for a left-padded batch of prompt ids; returns the cleaned answers."""
+        """Greedy (by default) generation for a batch of prompt ids; returns the cleaned answers. Each prompt
+        is prefilled alone and the batch decodes from one left-padded cache (finetune.kv_cache)."""
         import torch
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
+        from finetune.kv_cache import cache_kwarg, prefill
+
         tok = self.tokenizer
-        enc = tok.pad({"input_ids": prompts}, return_tensors="pt").to(self._base_device())
         gen = GenerationConfig(
             max_new_tokens=self.config.max_new_tokens,
             do_sample=self.config.do_sample,
@@ -494,11 +498,13 @@ class Engine:
             eos_token_id=self._eos_ids or None,
             pad_token_id=tok.pad_token_id,
         )
-        stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s)])
+        stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s, initial_timestamp=time.time())])
         with torch.inference_mode():
-            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                 generation_config=gen, stopping_criteria=stop)
-        new_tokens = out[:, enc.input_ids.shape[1]:]  # (B, new)
+            cache, input_ids, attention_mask = prefill(model, prompts, reserve=self.config.max_new_tokens,
+                                                       pad_token_id=tok.pad_token_id)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
+                                 stopping_criteria=stop, **{cache_kwarg(model): cache})
+        new_tokens = out[:, input_ids.shape[1]:]  # (B, new)
         return [self._clean(tok.decode(row, skip_special_tokens=True)) for row in new_tokens]
 
     @staticmethod

@@ -195,13 +195,14 @@ class Generation:
 
 def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, config: EvalConfig | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[Generation]:
-    """Greedy answers, batched with left padding (so every row's next token sits at the same position)."""
+    """Greedy answers, batched like the engine's (finetune.kv_cache: prefilled one by one, decoded together)."""
     import torch
+
+    from finetune.kv_cache import cache_kwarg, prefill
 
     config = config or EvalConfig()
     stop_ids = _stop_ids(tokenizer, model)
     pad_id = _pad_id(tokenizer)
-    device = _device(model)
     out: list[Generation] = []
     for i in range(0, len(examples), config.generation_batch_size):
         batch = examples[i : i + config.generation_batch_size]
@@ -209,17 +210,13 @@ def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, c
         # Enough room to say the longest reference answer and stop; no more (generation is the slow part).
         budget = min(config.max_new_tokens,
                      max(len(answer_ids(tokenizer, ex.answer)) for ex in batch) + config.new_token_margin)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p) :] = torch.tensor(p)
-            attention[row, width - len(p) :] = 1
         with torch.inference_mode():
+            cache, input_ids, attention = prefill(model, prompts, reserve=budget, pad_token_id=pad_id)
             generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=budget,
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=budget, **{cache_kwarg(model): cache},
                 do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id,
             )
+        width = input_ids.shape[1]
         for row in generated[:, width:].tolist():
             cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
             tokens = row if cut is None else row[:cut]

@@ -153,12 +153,14 @@ def test_concurrent_questions_are_batched_and_answered_as_one_by_one(engine, wor
 
 
 def test_prompts_of_very_different_lengths_generate_in_separate_batches():
-    # Real prompt lengths of 16 sample questions: 5 long Chinese prompts would pad the 11 others by ~60%.
+    # Real prompt lengths of 16 sample questions (5 long Chinese prompts), and one far longer prompt.
     lengths = [585, 537, 1191, 603, 547, 1004, 555, 633, 560, 1178, 577, 724, 660, 985, 586, 1156]
     buckets = length_buckets(lengths, 1.5)
     assert [sorted(lengths[i] for i in b) for b in buckets] == [
         [537, 547, 555, 560, 577, 585, 586, 603, 633, 660, 724], [985, 1004, 1156, 1178, 1191]]
-    assert length_buckets(lengths, 100.0) == [sorted(range(16), key=lengths.__getitem__)]
+    by_length = sorted(range(16), key=lengths.__getitem__)
+    assert length_buckets(lengths, EngineConfig.max_length_ratio) == [by_length]  # the default keeps them together
+    assert length_buckets(lengths + [3900], EngineConfig.max_length_ratio) == [by_length, [16]]
 
 
 def test_hot_swap_follows_the_active_adapter_without_restart(engine, workspace):
