@@ -11,7 +11,8 @@ request to the one generation worker thread. The worker takes whatever requests 
 which adapter is active in the store (one cheap query per batch), groups the batch by adapter, and
 generates each group as one batch: every prompt is prefilled alone, then all decode together from one
 left-padded KV cache (finetune.kv_cache), greedy by default, bounded by max new tokens and a wall time
-limit, stopping at the end-of-turn token. The caller's thread then records the interaction.
+limit, stopping at the end-of-turn token. Each answer goes back to its caller as soon as its own row
+stops, not when the whole batch does. The caller's thread then records the interaction.
 
 Hot-swap: adapters are PEFT LoRA folders loaded once each under their version name and switched with
 set_adapter between batches; "base" runs with adapters disabled. A promote or rollback therefore takes
@@ -31,6 +32,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,6 +128,38 @@ def length_buckets(lengths: list[int], ratio: float) -> list[list[int]]:
         else:
             buckets.append([i])
     return buckets
+
+
+class FinishedRows:
+    """A generate() streamer (transformers' put/end protocol) that hands each row's new token ids over as
+    soon as the row ends with a stop token, and the rest when generation ends: in a batch, a short answer
+    does not wait for the longest one."""
+
+    def __init__(self, stop_ids: list[int], on_finished: Callable[[int, list[int]], None]):
+        self.stop_ids = set(stop_ids)
+        self.on_finished = on_finished
+        self.tokens: list[list[int]] | None = None  # per row, the new tokens so far
+        self.finished: set[int] = set()
+
+    def put(self, value) -> None:
+        if self.tokens is None:  # generate() puts the prompt ids first
+            self.tokens = [[] for _ in range(value.shape[0])]
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if row in self.finished:
+                continue  # generate() goes on feeding it padding
+            self.tokens[row].append(token)
+            if token in self.stop_ids:
+                self._finish(row)
+
+    def end(self) -> None:
+        for row in range(len(self.tokens or [])):
+            if row not in self.finished:
+                self._finish(row)
+
+    def _finish(self, row: int) -> None:
+        self.finished.add(row)
+        self.on_finished(row, self.tokens[row])
 
 
 def sources_of(passages) -> list[Source]:
@@ -351,11 +385,13 @@ class Engine:
             with scope:
                 # A left-padded batch attends over its longest prompt's length in every row at every step.
                 for bucket in length_buckets([len(ids) for ids in prompts], self.config.max_length_ratio):
-                    texts = self._generate(model, [prompts[i] for i in bucket])
-                    self.batches_run += 1
-                    for i, text in zip(bucket, texts):
+                    def deliver(row: int, text: str, bucket=bucket) -> None:
+                        i = bucket[row]
                         requests[i].future.set_result(
                             _Generated(text, used, tuple(notices) + ((trims[i],) if trims[i] else ())))
+
+                    self.batches_run += 1
+                    self._generate(model, [prompts[i] for i in bucket], deliver)
 
     # --- adapters -----------------------------------------------------------------------------------
 
@@ -481,9 +517,10 @@ class Engine:
             notice += f"; {len(req.passages[:k]) - len(passages)} passage(s) left out"
         return ids_of(trimmed, passages), notice
 
-    def _generate(self, model, prompts: list[list[int]]) -> list[str]:
-        """Greedy (by default) generation for a batch of prompt ids; returns the cleaned answers. Each prompt
-        is prefilled alone and the batch decodes from one left-padded cache (finetune.kv_cache)."""
+    def _generate(self, model, prompts: list[list[int]], deliver: Callable[[int, str], None]) -> None:
+        """Greedy (by default) generation for a batch of prompt ids. Each prompt is prefilled alone and the
+        batch decodes from one left-padded cache (finetune.kv_cache); each row's cleaned answer goes to
+        `deliver(row, text)` as soon as that row stops, or when the batch ends."""
         import torch
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
@@ -499,13 +536,13 @@ class Engine:
             pad_token_id=tok.pad_token_id,
         )
         stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s, initial_timestamp=time.time())])
+        rows = FinishedRows(self._eos_ids, lambda row, ids: deliver(
+            row, self._clean(tok.decode(ids, skip_special_tokens=True))))
         with torch.inference_mode():
             cache, input_ids, attention_mask = prefill(model, prompts, reserve=self.config.max_new_tokens,
                                                        pad_token_id=tok.pad_token_id)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
-                                 stopping_criteria=stop, **{cache_kwarg(model): cache})
-        new_tokens = out[:, input_ids.shape[1]:]  # (B, new)
-        return [self._clean(tok.decode(row, skip_special_tokens=True)) for row in new_tokens]
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
+                           stopping_criteria=stop, streamer=rows, **{cache_kwarg(model): cache})
 
     @staticmethod
     def _clean(text: str) -> str:
