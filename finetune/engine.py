@@ -255,8 +255,12 @@ class Engine:
         except Exception as exc:  # reported through answer() and .error; the process keeps running
             from store import StoreError
 
-            log.exception("engine: loading %s failed", self.base_model)
-            self.error = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, StoreError):  # an expected failure whose message says it all: no traceback
+                self.error = str(exc)
+                log.error("engine: %s", self.error)
+            else:
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("engine: loading %s failed", self.base_model)
         finally:
             self._loaded.set()
 
@@ -436,6 +440,7 @@ class Engine:
             return self._failed_adapters[version]
         from store.adapters import get_adapter
 
+        record = None
         try:
             record = get_adapter(db, version)
             path = Path(record.path)
@@ -462,6 +467,8 @@ class Engine:
             return None
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
+            if record is not None and record.base_model != self.base_model:  # the likely cause, named first
+                error = f"it was trained on {record.base_model!r}, this engine runs {self.base_model!r}: {error}"
             log.error("engine: adapter %s could not be loaded: %s", version, error)
             self._failed_adapters[version] = error
             return error

@@ -159,4 +159,7 @@ def _announce_demo(host: str, port: int, services) -> None:
     typer.echo(f"\nkbloop demo is running: open http://{host}:{port}/playground/")
     for note in services.notes:
         typer.echo(f"  {note}")
+    # Other commands read KBLOOP_BASE_MODEL, whose default is the hub model, not the demo's base.
+    typer.echo('  CLI, from another terminal here: KBLOOP_BASE_MODEL=tiny kbloop ask "Who must be notified about '
+               'a SEV1, and how fast?"')
     typer.echo("Ctrl+C to stop.")

@@ -329,6 +329,18 @@ def test_an_adapter_that_cannot_load_is_reported_and_the_base_answers(engine, wo
     assert get_interaction(db, a.interaction_id).adapter_version is None
 
 
+def test_an_adapter_of_another_base_that_cannot_load_names_the_bases(engine, workspace):
+    db = workspace["db"]
+    folder = workspace["home"] / "adapters" / "v5"
+    folder.mkdir()
+    register_adapter(db, version="v5", path=str(folder), base_model="Qwen/Qwen2.5-7B-Instruct", method="lora",
+                     params={}, dataset_hash=None, dataset_size=0, metrics={})
+    a = engine.answer(QUESTIONS[0], adapter="v5", record=False)
+    assert a.adapter_version is None
+    assert "adapter v5 could not be loaded (it was trained on 'Qwen/Qwen2.5-7B-Instruct', this engine runs " \
+           "'tiny'" in a.notice
+
+
 def test_empty_question_gets_a_clear_message_and_is_not_recorded(engine):
     for question in ("", "   \n"):
         a = engine.answer(question)
@@ -361,10 +373,12 @@ def test_while_loading_answers_at_once_with_starting_up(workspace):
     eng.close()
 
 
-def test_a_base_model_that_does_not_exist_is_reported(workspace, tmp_path):
+def test_a_base_model_that_does_not_exist_is_reported(workspace, tmp_path, caplog):
     eng = Engine(db_path=workspace["db_path"], home=workspace["home"], base_model=str(tmp_path / "nope")).start()
     assert not eng.wait_ready(60)
     assert "not found" in eng.error
+    logged = [r for r in caplog.records if r.name == "finetune.engine" and "not found" in r.getMessage()]
+    assert logged and logged[0].exc_info is None  # the message says it all: no traceback on the terminal
     a = eng.answer("How do I set up the VPN?")
     assert a.notice == "unavailable" and "not found" in a.text
     eng.close()
