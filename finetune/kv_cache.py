@@ -2,8 +2,8 @@
 
 Why not hand generate() the left-padded batch as it is: on the CPU the batched prefill computed every row
 at the longest prompt's length, and with a padding mask attention can take neither the causal shortcut nor
-skip the padding. For 16 prompts of 537-1,191 tokens it took 2.3 s, against 1.0 s for the same prompts one
-by one (docs/benchmarks.md, "Batching"). And transformers' DynamicCache appends each new token with
+skip the padding. For 16 prompts of 537-1,191 tokens it took 2.3-2.8 s, against 1.0-1.2 s for the same
+prompts one by one (docs/benchmarks.md, "Batching"). And transformers' DynamicCache appends each new token with
 torch.cat, which copies the whole cache, in every layer, at every step: a fifth of a batched decode step.
 
     cache, input_ids, attention_mask = prefill(model, prompts, reserve=max_new_tokens, pad_token_id=pad)
@@ -68,8 +68,8 @@ def _forward_parameters(model) -> set[str]:
 
 
 def cache_kwarg(model) -> str:
-    """The name forward() and generate() take the cache by: `cache` since transformers 5.24 deprecated
-    `past_key_values` (removed in 5.40); older 5.x releases know only `past_key_values`."""
+    """The name forward() and generate() take the cache by: `cache` in recent transformers 5 releases (5.24
+    warns that `past_key_values` goes in 5.40), `past_key_values` in the earlier ones."""
     return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
