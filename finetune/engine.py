@@ -528,28 +528,22 @@ class Engine:
         """Greedy (by default) generation for a batch of prompt ids. Each prompt is prefilled alone and the
         batch decodes from one left-padded cache (finetune.kv_cache); each row's cleaned answer goes to
         `deliver(row, text)` as soon as that row stops, or when the batch ends."""
-        import torch
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
-        from finetune.kv_cache import cache_kwarg, prefill
+        from finetune.kv_cache import generate_batch
 
         tok = self.tokenizer
         gen = GenerationConfig(
-            max_new_tokens=self.config.max_new_tokens,
             do_sample=self.config.do_sample,
             temperature=self.config.temperature if self.config.do_sample else None,
             top_p=None, top_k=None,
             eos_token_id=self._eos_ids or None,
-            pad_token_id=tok.pad_token_id,
         )
         stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s, initial_timestamp=time.time())])
         rows = FinishedRows(self._eos_ids, lambda row, ids: deliver(
             row, self._clean(tok.decode(ids, skip_special_tokens=True))))
-        with torch.inference_mode():
-            cache, input_ids, attention_mask = prefill(model, prompts, reserve=self.config.max_new_tokens,
-                                                       pad_token_id=tok.pad_token_id)
-            model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
-                           stopping_criteria=stop, streamer=rows, **{cache_kwarg(model): cache})
+        generate_batch(model, prompts, max_new_tokens=self.config.max_new_tokens, pad_token_id=tok.pad_token_id,
+                       generation_config=gen, stopping_criteria=stop, streamer=rows)
 
     @staticmethod
     def _clean(text: str) -> str:

@@ -196,9 +196,7 @@ class Generation:
 def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, config: EvalConfig | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[Generation]:
     """Greedy answers, batched like the engine's (finetune.kv_cache: prefilled one by one, decoded together)."""
-    import torch
-
-    from finetune.kv_cache import cache_kwarg, prefill
+    from finetune.kv_cache import generate_batch
 
     config = config or EvalConfig()
     stop_ids = _stop_ids(tokenizer, model)
@@ -210,14 +208,9 @@ def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, c
         # Enough room to say the longest reference answer and stop; no more (generation is the slow part).
         budget = min(config.max_new_tokens,
                      max(len(answer_ids(tokenizer, ex.answer)) for ex in batch) + config.new_token_margin)
-        with torch.inference_mode():
-            cache, input_ids, attention = prefill(model, prompts, reserve=budget, pad_token_id=pad_id)
-            generated = model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=budget, **{cache_kwarg(model): cache},
-                do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id,
-            )
-        width = input_ids.shape[1]
-        for row in generated[:, width:].tolist():
+        generated = generate_batch(model, prompts, max_new_tokens=budget, pad_token_id=pad_id, do_sample=False,
+                                   eos_token_id=stop_ids)
+        for row in generated.tolist():
             cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
             tokens = row if cut is None else row[:cut]
             out.append(Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(), cut is not None))

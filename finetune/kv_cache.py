@@ -6,8 +6,7 @@ skip the padding. For 16 prompts of 537-1,191 tokens it took 2.3-2.8 s, against 
 prompts one by one (docs/benchmarks.md, "Batching"). And transformers' DynamicCache appends each new token with
 torch.cat, which copies the whole cache, in every layer, at every step: a fifth of a batched decode step.
 
-    cache, input_ids, attention_mask = prefill(model, prompts, reserve=max_new_tokens, pad_token_id=pad)
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_kwarg(model): cache}, ...)
+    new_tokens = generate_batch(model, prompts, max_new_tokens=256, pad_token_id=pad, eos_token_id=eos, ...)
 
 `prefill` runs each prompt but its last token through the model alone (no padding, no mask), and copies
 the keys and values into one buffer per layer, right-aligned like a left-padded batch, with room for
@@ -103,3 +102,14 @@ def prefill(model, prompts: list[list[int]], *, reserve: int, pad_token_id: int
         input_ids[row, longest - len(ids):] = torch.tensor(ids, device=device)
         attention_mask[row, longest - len(ids):] = 1
     return cache, input_ids, attention_mask
+
+
+def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_token_id: int, **generate_kwargs
+                   ) -> torch.Tensor:
+    """generate() on prompts prefilled one by one; the new tokens, (batch, new), padded after a row stops.
+    `generate_kwargs` go to generate() as they are (generation config, stopping criteria, streamer, ...)."""
+    with torch.inference_mode():
+        cache, input_ids, attention_mask = prefill(model, prompts, reserve=max_new_tokens, pad_token_id=pad_token_id)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_token_id, **generate_kwargs, **{cache_kwarg(model): cache})
+    return out[:, input_ids.shape[1]:]
