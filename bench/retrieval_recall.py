@@ -1,21 +1,36 @@
-"""Retrieval recall@k on held-out paraphrased questions: BM25 alone, embeddings alone, hybrid.
+"""Retrieval on two knowledge bases kbloop was not tuned on the test half of: recall, "nothing found", latency.
 
-    .venv/bin/python bench/retrieval_recall.py            # the table for docs/benchmarks.md
-    .venv/bin/python bench/retrieval_recall.py --tune     # also a grid over the fusion settings
+    .venv/bin/python bench/retrieval_recall.py                     # report (test halves) -> bench/out/
+    .venv/bin/python bench/retrieval_recall.py --tune              # grid over RetrievalConfig on the tuning halves
+    KBLOOP_EMBEDDING_MODEL=minilm .venv/bin/python bench/retrieval_recall.py --tune   # the other embedder
 
-Imports samples/kb into a temporary store, then for each question in samples/retrieval_eval.jsonl checks
-whether its source document is among the first k distinct documents of the ranking (document recall@k).
-Per language of the question, and split into same-language and cross-lingual questions (an English
-question about a Chinese document or the reverse). The BM25 baseline is store.kb.search_passages on the
-raw question and the embeddings baseline a pure cosine ranking, both without match thresholds; hybrid is
-exactly what the engine uses (segmented BM25 query, weighted reciprocal rank fusion, thresholds).
+Knowledge bases and questions (each question has a `split`, tune or test; only test is reported):
+- `sample`: samples/kb (English and Chinese documents) with samples/retrieval_eval.jsonl (split here,
+  alternately within each language x same/cross-language group) and bench/data/retrieval/sample_offtopic.jsonl;
+- `bilingual`: bench/data/retrieval/kb (a logistics company's KB: English, Chinese and mixed documents) with
+  bench/data/retrieval/questions.jsonl (same-language, cross-language and off-topic questions).
+Recall@3 is document recall: is the question's source among the first 3 distinct documents retrieved?
+"Nothing found" (the engine's empty answer) is counted separately for covered questions (false nothing
+found) and off-topic ones (correct).
+
+Transfer: the same questions against a 5-document KB (5 documents of `bilingual`) and a ~500-document KB
+(both KBs plus generated distractor documents); the decisions must agree. Latency: a 1,000-passage KB, query
+embedding included (the query-vector cache is cleared before every question).
+Passage embeddings are cached on disk (by model and text) so re-runs and the grid do not re-embed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import itertools
 import json
+import os
+import platform
+import random
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -24,81 +39,357 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.retrieval import DEFAULT_CONFIG, RetrievalConfig, embed_missing_passages, retrieve_scored  # noqa: E402
+import numpy as np  # noqa: E402
+
+import store.text  # noqa: E402
+from finetune import embedding, retrieval  # noqa: E402
+from finetune.retrieval import DEFAULT_CONFIG, RetrievalConfig, fuse, retrieve_scored  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
+from store.kb import NewPassage, passages_missing_embedding, replace_document, set_embeddings  # noqa: E402
 
-SAMPLES = REPO / "samples"
+DATA = REPO / "bench" / "data" / "retrieval"
+OUT = REPO / "bench" / "out"
+CACHE = Path(os.environ.get("KBLOOP_BENCH_CACHE", Path(tempfile.gettempdir()) / "kbloop-bench-embeddings"))
+K = 3
+SMALL_KB = ["en/forklift-certification.md", "en/returns-policy.md", "zh/canteen.md", "zh/customs-declaration.md",
+            "mixed/shipping-cutoff.md"]
 
 
-def load_kb(db, root: Path) -> None:
-    import_documents(db, [root])
-    embed_missing_passages(db)
+# --- data ------------------------------------------------------------------------------------------
+
+def _split_alternately(rows: list[dict], group) -> list[dict]:
+    seen: dict = {}
+    for row in rows:
+        g = group(row)
+        row.setdefault("split", "tune" if seen.get(g, 0) % 2 == 0 else "test")
+        seen[g] = seen.get(g, 0) + 1
+    return rows
 
 
-def doc_language(source: str) -> str:
-    return "zh" if source.startswith("kb/zh/") or source.endswith("-zh.md") else "en"
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def doc_language(doc: str) -> str:
+    if doc.startswith("mixed/"):
+        return "mixed"
+    return "zh" if doc.startswith("zh/") or doc.endswith("-zh.md") else "en"
+
+
+def sample_questions() -> list[dict]:
+    rows = [dict(r, source=r["source"].removeprefix("kb/")) for r in _read_jsonl(REPO / "samples" / "retrieval_eval.jsonl")]
+    rows += _read_jsonl(DATA / "sample_offtopic.jsonl")
+    return _split_alternately(rows, lambda r: (r["lang"], r["source"] and doc_language(r["source"]) == r["lang"]))
+
+
+def bilingual_questions() -> list[dict]:
+    return _read_jsonl(DATA / "questions.jsonl")
 
 
 def groups_of(row: dict) -> list[str]:
-    same = "same-language" if doc_language(row["source"]) == row["lang"] else "cross-lingual"
-    return [row["lang"], "all", same]
+    if row["source"] is None:
+        return ["off-topic", f"off-topic {row['lang']}"]
+    lang, doc = row["lang"], doc_language(row["source"])
+    kind = "mixed doc" if doc == "mixed" else ("same-language" if doc == lang else "cross-language")
+    return ["covered", f"{lang} question", kind, f"{kind} {lang}"]
 
 
-def top_documents(db, question: str, *, k: int, mode: str, config: RetrievalConfig) -> list[str]:
-    ranked = retrieve_scored(db, question, k=config.candidates, mode=mode, config=config)
-    return list(dict.fromkeys(s.passage.doc_path for s in ranked))[:k]
+# --- a store with cached embeddings ------------------------------------------------------------------
+
+def _cache_file() -> Path:
+    name = embedding.embedding_model_name()
+    return CACHE / (hashlib.sha1(name.encode()).hexdigest()[:16] + ".npz")
 
 
-def recall(db, rows: list[dict], *, k: int, mode: str, config: RetrievalConfig) -> dict[str, float]:
-    hits: dict[str, list[int]] = {}
+_cache: dict[str, np.ndarray] | None = None
+
+
+def embed_cached(db) -> int:
+    """embed_missing_passages, through a disk cache keyed by the text: the grid and re-runs never re-embed."""
+    global _cache
+    if _cache is None:
+        f = _cache_file()
+        _cache = dict(np.load(f)) if f.exists() else {}
+    model = embedding.embedding_model_name()
+    missing = passages_missing_embedding(db, model)
+    keys = [hashlib.sha1(retrieval._passage_text(p).encode()).hexdigest() for p in missing]
+    todo = [(p, key) for p, key in zip(missing, keys) if key not in _cache]
+    for start in range(0, len(todo), 16):
+        chunk = todo[start : start + 16]
+        vectors = embedding.embed_passages([retrieval._passage_text(p) for p, _ in chunk])
+        _cache.update({key: v for (_, key), v in zip(chunk, vectors)})
+        print(f"  embedded {start + len(chunk)}/{len(todo)}", file=sys.stderr, flush=True)
+    if todo:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(_cache_file(), **_cache)
+    set_embeddings(db, model, {p.id: _cache[key].astype("<f4").tobytes() for p, key in zip(missing, keys)})
+    return len(missing)
+
+
+def build_kb(folder: Path, roots: list[tuple[Path, list[str] | None]], distractors: int = 0):
+    """A fresh store with the documents of `roots` (all, or the listed doc paths) and generated distractors."""
+    db = open_db(folder / "kb.db")
+    for root, only in roots:
+        if only is None:
+            import_documents(db, [root])
+        else:
+            import_documents(db, [root / d for d in only])
+            # import_documents names a lone file by its name: keep the folder in doc_path, as a folder import does
+            for d in only:
+                db.execute("UPDATE kb_docs SET doc_path = ? WHERE doc_path = ?", [d, Path(d).name])
+    for i, (path, title, body) in enumerate(distractor_documents(distractors)):
+        replace_document(db, path, [NewPassage(path, title, 0, body)])
+    embed_cached(db)
+    return db
+
+
+# Generated documents about things no question asks (team pages, project notes, a glossary), in English
+# and Chinese, with workplace words that overlap the questions' (booking, laptop, order, 申请, 系统).
+_TEAMS = ["Atlas", "Beacon", "Cobalt", "Delta", "Ember", "Falcon", "Garnet", "Harbor", "Indigo", "Juniper", "Kestrel",
+          "Lumen", "Meridian", "Nimbus", "Onyx", "Pioneer", "Quartz", "Raven", "Sierra", "Tundra"]
+_TOPICS = ["invoice matching", "route optimisation", "supplier onboarding", "pallet tracking", "demand forecasting",
+           "yard scheduling", "carrier rating", "customer portal", "billing exports", "inventory counts",
+           "label templates", "dock appointments", "EDI messages", "warehouse heat maps", "driver app"]
+_ZH_TOPICS = ["发票核对", "路线优化", "供应商准入", "托盘追踪", "需求预测", "堆场排班", "承运商评分", "客户门户", "账单导出",
+              "库存盘点", "标签模板", "月台预约", "电子数据交换", "仓库热力图", "司机应用"]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
+_ZH_DAYS = ["周一", "周二", "周三", "周四", "周五"]
+
+
+def distractor_documents(n: int) -> list[tuple[str, str, str]]:
+    rng = random.Random(15)
+    docs = []
+    for i in range(n):
+        team, topic, zh_topic = rng.choice(_TEAMS), rng.choice(_TOPICS), rng.choice(_ZH_TOPICS)
+        day, zh_day, hour = rng.randrange(5), rng.randrange(5), rng.randrange(9, 17)
+        if i % 2 == 0:
+            title = f"Team {team}: {topic} ({i})"
+            body = (f"The {team} team owns {topic}. Stand-up is on {_DAYS[day]} at {hour}:00 in the {team} room; "
+                    f"the sprint demo is every other {_DAYS[(day + 2) % 5]}. Requests go to the {team} queue in the "
+                    f"service portal; please include the order or shipment number. Release {rng.randrange(2, 40)}.{i} "
+                    f"moves {topic} to the new system and retires report R-{rng.randrange(100, 999)}.")
+        else:
+            title = f"{zh_topic}项目周报（第 {i} 期）"
+            body = (f"{team} 小组本周继续推进{zh_topic}。{_ZH_DAYS[zh_day]} {hour} 点在三号会议室开周会，"
+                    f"需求请在服务门户提交并注明订单号。第 {rng.randrange(2, 40)} 版本将{zh_topic}迁移到新系统，"
+                    f"旧报表 R-{rng.randrange(100, 999)} 下月停用。如有问题请联系项目负责人。")
+        docs.append((f"generated/{i:04d}.md", title, body))
+    return docs
+
+
+# --- measurement -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    doc: str
+    relevance: float | None
+    coverage: float
+    bm25: float | None
+
+
+def candidates(db, question: str) -> tuple[list[Candidate], float]:
+    """Every fused candidate with its evidence (no decision, no cut), and the query's best BM25 score."""
+    wide = dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf"))
+    ranked = retrieve_scored(db, question, k=10_000, config=wide)
+    best = max((s.bm25_score or 0.0 for s in ranked), default=0.0)
+    return [Candidate(s.passage.doc_path, s.relevance, s.coverage or 0.0, s.bm25_score) for s in ranked], best
+
+
+def decide(cands: list[Candidate], best_bm25: float, config: RetrievalConfig) -> list[str]:
+    """The engine's decision and order over precomputed candidates: the first K distinct documents, or []."""
+    scored = [(fuse(c.relevance, c.coverage, c.bm25, best_bm25, config), c.doc) for c in cands]
+    if not any(matches for (_, matches), _ in scored):
+        return []
+    scored.sort(key=lambda x: -x[0][0])
+    return list(dict.fromkeys(doc for _, doc in scored))[:K]
+
+
+def evaluate(rows: list[dict], cands: dict[str, tuple], config: RetrievalConfig) -> dict:
+    """Per group: recall@3, false "nothing found" (covered questions), correct "nothing found" (off-topic)."""
+    out: dict[str, dict] = {}
     for row in rows:
-        want = row["source"].removeprefix("kb/")
-        got = top_documents(db, row["question"], k=k, mode=mode, config=config)
-        for group in groups_of(row):
-            hits.setdefault(group, []).append(int(want in got))
-    return {group: sum(h) / len(h) for group, h in hits.items()}
+        docs = decide(*cands[row["question"]], config)
+        for g in groups_of(row):
+            s = out.setdefault(g, {"n": 0, "hits": 0, "empty": 0})
+            s["n"] += 1
+            s["empty"] += not docs
+            s["hits"] += bool(row["source"]) and row["source"] in docs
+    for g, s in out.items():
+        s["recall@3"] = round(s["hits"] / s["n"], 3) if not g.startswith("off-topic") else None
+        s["nothing_found"] = round(s["empty"] / s["n"], 3)
+    return out
+
+
+def baseline_recall(db, rows: list[dict], mode: str) -> dict:
+    out: dict[str, list[int]] = {}
+    for row in rows:
+        if row["source"] is None:
+            continue
+        ranked = retrieve_scored(db, row["question"], k=30, mode=mode)
+        docs = list(dict.fromkeys(s.passage.doc_path for s in ranked))[:K]
+        for g in groups_of(row):
+            out.setdefault(g, []).append(int(row["source"] in docs))
+    return {g: round(sum(h) / len(h), 3) for g, h in out.items()}
+
+
+def tune(rows: dict[str, list[dict]], cands_by_kb: dict[str, dict]) -> tuple[RetrievalConfig, list]:
+    """Grid on the tuning halves of both KBs: maximise the worst of (same-language recall, cross-language
+    recall, off-topic nothing-found) over the two KBs, then the sum."""
+    results = []
+    for cw, bw, ms in itertools.product((0.0, 1.0, 2.0, 3.0), (0.0, 0.5, 1.0), [x / 4 for x in range(4, 33)]):
+        config = dataclasses.replace(DEFAULT_CONFIG, coverage_weight=cw, bm25_weight=bw, min_score=ms)
+        keys = []
+        for kb, kb_rows in rows.items():
+            r = evaluate([x for x in kb_rows if x["split"] == "tune"], cands_by_kb[kb], config)
+            keys += [r[g]["recall@3"] for g in ("same-language", "cross-language", "mixed doc") if g in r]
+            keys.append(r["off-topic"]["nothing_found"])
+        results.append((min(keys), sum(keys), config))
+    results.sort(key=lambda x: (-x[0], -x[1], x[2].min_score))
+    return results[0][2], results[:10]
+
+
+def latency(folder: Path, questions: list[str]) -> dict:
+    """p50/p95 of retrieve_scored on a 1,000-passage KB, embedding the question every time."""
+    db = open_db(folder / "latency.db")
+    bodies = distractor_documents(1000)
+    for path, title, body in bodies:
+        replace_document(db, path, [NewPassage(path, title, 0, body)])
+    # The KB's own passage vectors are not what is measured (that is import time): random unit vectors
+    # under the model's name stand in for them, so the 1,000 passages need not be embedded here.
+    rng = np.random.default_rng(0)
+    model = embedding.embedding_model_name()
+    ids = [r[0] for r in db.execute("SELECT id FROM kb_docs").fetchall()]
+    vectors = rng.standard_normal((len(ids), embedding.embedding_dim())).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    set_embeddings(db, model, {pid: v.astype("<f4").tobytes() for pid, v in zip(ids, vectors)})
+    retrieve_scored(db, "warm up", k=K)
+    times = []
+    for q in questions:
+        embedding._cached_query.cache_clear()
+        started = time.perf_counter()
+        retrieve_scored(db, q, k=K)
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {"passages": len(ids), "questions": len(times), "p50_ms": round(statistics.median(times), 1),
+            "p95_ms": round(times[int(0.95 * (len(times) - 1))], 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--tune", action="store_true", help="grid over fusion weights and thresholds")
+    parser.add_argument("--tune", action="store_true", help="grid over the fusion on the tuning halves")
+    parser.add_argument("--segmentation", action="store_true", help="also compare bigrams / words / both")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the 5- vs 500-document comparison")
     args = parser.parse_args()
 
-    rows = [json.loads(line) for line in (SAMPLES / "retrieval_eval.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    started_all = time.perf_counter()
+    model = embedding.warm()
+    rows = {"sample": sample_questions(), "bilingual": bilingual_questions()}
+    roots = {"sample": [(REPO / "samples" / "kb", None)], "bilingual": [(DATA / "kb", None)]}
+    report: dict = {"embedding_model": model, "k": K, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "config": dataclasses.asdict(DEFAULT_CONFIG)}
     with tempfile.TemporaryDirectory() as tmp:
-        db = open_db(Path(tmp) / "bench.db")
-        started = time.perf_counter()
-        load_kb(db, SAMPLES / "kb")
-        print(f"KB imported and embedded in {time.perf_counter() - started:.1f}s")
-        pure = dataclasses.replace(DEFAULT_CONFIG, min_dense_similarity=-1.0, min_dense_similarity_cjk=-1.0,
-                                   min_bm25_score=-1e9, segment_query=False)
-        langs = ["en", "zh", "all", "same-language", "cross-lingual"]
-        counts = {g: sum(g in groups_of(r) for r in rows) for g in langs}
-        print(f"\ndocument recall@{args.k} on {len(rows)} questions ({counts['en']} en, {counts['zh']} zh)\n")
-        print("| retrieval | " + " | ".join(f"{lang} (n={counts[lang]})" for lang in langs) + " |")
-        print("| --- | " + " | ".join("---" for _ in langs) + " |")
-        for label, mode, cfg in [("BM25 (FTS5) alone", "bm25", pure), ("MiniLM embeddings alone", "dense", pure),
-                                 ("hybrid (engine default)", "hybrid", DEFAULT_CONFIG)]:
-            started = time.perf_counter()
-            r = recall(db, rows, k=args.k, mode=mode, config=cfg)
-            per_q = (time.perf_counter() - started) / len(rows) * 1000
-            print(f"| {label} | " + " | ".join(f"{r[lang]:.3f}" for lang in langs) + f" |  ({per_q:.1f} ms/question)")
+        tmp = Path(tmp)
+        dbs, cands = {}, {}
+        for kb in rows:
+            (tmp / kb).mkdir()
+            dbs[kb] = build_kb(tmp / kb, roots[kb])
+            cands[kb] = {r["question"]: candidates(dbs[kb], r["question"]) for r in rows[kb]}
+        config = DEFAULT_CONFIG
         if args.tune:
-            print("\nfusion grid (hybrid):")
-            results = []
-            grid = [dict(fusion="rrf", rrf_k=60.0, bm25_weight=bw, cjk_bm25_weight=cbw, cjk_dense_weight=0.5)
-                    for bw in (0.5, 1.0) for cbw in (2.0, 4.0)]
-            grid += [dict(fusion="score", bm25_half=half, bm25_weight=bw, cjk_bm25_weight=cbw, cjk_dense_weight=cdw)
-                     for half in (3.0, 5.0, 10.0) for bw in (0.25, 0.5, 1.0) for cbw in (1.0, 2.0)
-                     for cdw in (0.25, 0.5)]
-            for params in grid:
-                r = recall(db, rows, k=args.k, mode="hybrid", config=dataclasses.replace(DEFAULT_CONFIG, **params))
-                results.append((r["all"], r["en"], r["zh"], sorted(params.items())))
-            for all_, en, zh, params in sorted(results, reverse=True)[:15]:
-                print(f"  all {all_:.3f} en {en:.3f} zh {zh:.3f}  " + " ".join(f"{k}={v}" for k, v in params))
+            config, top = tune(rows, cands)
+            report["tuned"] = [{"worst": w, "sum": round(s, 3), **dataclasses.asdict(c)} for w, s, c in top]
+            print("best on the tuning halves:", *(f"  {t}" for t in report["tuned"]), sep="\n")
+            report["config"] = dataclasses.asdict(config)
+        for kb in rows:
+            test = [r for r in rows[kb] if r["split"] == "test"]
+            report[kb] = {
+                "documents": dbs[kb].execute("SELECT COUNT(DISTINCT doc_path) FROM kb_docs").fetchone()[0],
+                "passages": dbs[kb]["kb_docs"].count,
+                "test": evaluate(test, cands[kb], config),
+                "tune": evaluate([r for r in rows[kb] if r["split"] == "tune"], cands[kb], config),
+                "baseline_bm25": baseline_recall(dbs[kb], test, "bm25"),
+                "baseline_dense": baseline_recall(dbs[kb], test, "dense"),
+            }
+        if args.segmentation:
+            report["segmentation"] = {}
+            for terms in (("bigrams",), ("words",), ("words", "bigrams")):
+                store.text.CJK_TERMS = terms
+                seg = {}
+                for kb in rows:
+                    folder = tmp / f"seg-{kb}-{'+'.join(terms)}"
+                    folder.mkdir()
+                    db = build_kb(folder, roots[kb])
+                    test = [r for r in rows[kb] if r["split"] == "test"]
+                    c = {r["question"]: candidates(db, r["question"]) for r in test}
+                    seg[kb] = {"engine": evaluate(test, c, config), "bm25": baseline_recall(db, test, "bm25")}
+                report["segmentation"]["+".join(terms)] = seg
+            store.text.CJK_TERMS = ("words", "bigrams")
+        if not args.no_transfer:
+            (tmp / "small").mkdir()
+            (tmp / "large").mkdir()
+            small = build_kb(tmp / "small", [(DATA / "kb", SMALL_KB)])
+            large = build_kb(tmp / "large", [(DATA / "kb", None), (REPO / "samples" / "kb", None)], distractors=460)
+            asked = [r for r in rows["bilingual"] if r["split"] == "test" and (r["source"] in SMALL_KB or r["source"] is None)]
+            small_c = {r["question"]: candidates(small, r["question"]) for r in asked}
+            large_c = {r["question"]: candidates(large, r["question"]) for r in asked}
+            same = sum(bool(decide(*small_c[r["question"]], config)) == bool(decide(*large_c[r["question"]], config))
+                       for r in asked)
+            report["transfer"] = {
+                "small_documents": small.execute("SELECT COUNT(DISTINCT doc_path) FROM kb_docs").fetchone()[0],
+                "large_documents": large.execute("SELECT COUNT(DISTINCT doc_path) FROM kb_docs").fetchone()[0],
+                "questions": len(asked), "same_decision": same,
+                "small": evaluate(asked, small_c, config), "large": evaluate(asked, large_c, config),
+                "disagreements": [r["question"] for r in asked if bool(decide(*small_c[r["question"]], config))
+                                  != bool(decide(*large_c[r["question"]], config))],
+            }
+        report["latency_1000"] = latency(tmp, [r["question"] for r in rows["bilingual"]])
+    report["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    report["seconds"] = round(time.perf_counter() - started_all)
+    OUT.mkdir(exist_ok=True)
+    slug = "e5" if model.startswith(embedding.DEFAULT_EMBEDDING_MODEL) else model.replace("/", "_").replace(":", "_")
+    out = OUT / f"retrieval_recall_{slug}.json"
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(summary(report))
+    print(f"written to {out.relative_to(REPO)}")
+
+
+def summary(report: dict) -> str:
+    lines = [f"embedder {report['embedding_model']}; config {report['config']}", ""]
+    groups = ["same-language en", "same-language zh", "cross-language en", "cross-language zh", "mixed doc",
+              "off-topic"]
+    lines.append("| KB (test half) | " + " | ".join(groups) + " | false nothing found |")
+    lines.append("| --- | " + " | ".join("---" for _ in groups) + " | --- |")
+    for kb in ("sample", "bilingual"):
+        t = report[kb]["test"]
+        cells = []
+        for g in groups:
+            if g not in t:
+                cells.append("–")
+            elif g == "off-topic":
+                cells.append(f"{t[g]['nothing_found']:.2f} nothing found (n={t[g]['n']})")
+            else:
+                cells.append(f"{t[g]['recall@3']:.2f} (n={t[g]['n']})")
+        cov = t["covered"]
+        lines.append(f"| {kb} ({report[kb]['documents']} docs, {report[kb]['passages']} passages) | " + " | ".join(cells)
+                     + f" | {cov['empty']}/{cov['n']} |")
+    for kb in ("sample", "bilingual"):
+        for base in ("baseline_bm25", "baseline_dense"):
+            b = report[kb][base]
+            lines.append(f"{kb} {base}: " + ", ".join(f"{g} {b[g]:.2f}" for g in groups[:5] if g in b))
+    if "segmentation" in report:
+        for terms, seg in report["segmentation"].items():
+            lines.append(f"segmentation {terms}: " + "; ".join(
+                f"{kb} engine zh-question recall {s['engine'].get('zh question', {}).get('recall@3')} "
+                f"off-topic {s['engine']['off-topic']['nothing_found']}, bm25 alone zh {s['bm25'].get('zh question')}"
+                for kb, s in seg.items()))
+    if "transfer" in report:
+        tr = report["transfer"]
+        lines.append(f"transfer {tr['small_documents']} vs {tr['large_documents']} documents: same decision "
+                     f"{tr['same_decision']}/{tr['questions']}; disagreements {tr['disagreements']}")
+    lines.append(f"latency {report['latency_1000']}; max RSS {report['max_rss_mib']} MiB; {report['seconds']} s")
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

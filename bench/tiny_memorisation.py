@@ -47,7 +47,7 @@ def main() -> None:
         db = open_db(home / "kbloop.db")
         import_documents(db, [SAMPLES / "kb"])
         embed_missing_passages(db)
-        pairs = read_examples_file(SAMPLES / "qa.jsonl")
+        pairs = read_examples_file(SAMPLES / "qa.jsonl").examples
         add_examples(db, pairs, status="approved", source="import", reviewer="bench")
 
         load_start = os.getloadavg()[0]

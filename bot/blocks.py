@@ -118,16 +118,20 @@ def sources_line(titles: Iterable[str]) -> str:
 
 
 def answer_message(*, text: str, source_titles: Sequence[str], interaction_id: int | None,
-                   footer: str | None = None, starting: bool = False) -> tuple[list[dict], str]:
-    """(blocks, fallback text) for an answer: the escaped answer in section blocks, its sources, a small
-    footer, and the 👍/👎 buttons carrying the interaction id. Within Slack's limits whatever `text` is."""
+                   footer: str | None = None, starting: bool = False,
+                   verified_line: str | None = None) -> tuple[list[dict], str]:
+    """(blocks, fallback text) for an answer: the escaped answer in section blocks, its sources (or, for a
+    verified answer, who approved it), a small footer, and the 👍/👎 buttons carrying the interaction id.
+    Within Slack's limits whatever `text` is."""
     body = escape_mrkdwn(text.strip()) or "…"
     tail: list[dict] = []
     if starting:
         tail.append(context(messages.STARTING_NOTE))
+    elif verified_line:
+        tail.append(context(messages.VERIFIED_MARK + " " + escape_mrkdwn(verified_line)))
     else:
         tail.append(context(sources_line(source_titles)))
-    if footer:
+    if footer and not verified_line:
         tail.append(context(escape_mrkdwn(footer)))
     if interaction_id is not None:
         tail.append(feedback_actions(interaction_id))

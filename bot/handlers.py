@@ -113,6 +113,7 @@ def render_answer(answer) -> tuple[list[dict], str]:
     return blocks.answer_message(
         text=answer.text, source_titles=[s.title for s in answer.sources],
         interaction_id=None if starting else answer.interaction_id, footer=footer, starting=starting,
+        verified_line=answer.verified_line,
     )
 
 

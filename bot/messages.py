@@ -11,6 +11,7 @@ EMPTY_QUESTION = ("Ask me a question about our knowledge base, e.g. `@kbloop how
                   "or `/kb how do I request VPN access?`.")
 SOURCES_LABEL = "*Sources:*"
 NO_SOURCES = "_No knowledge-base passage matched; this answer may be unreliable._"
+VERIFIED_MARK = ":white_check_mark:"
 FEEDBACK_PROMPT = "Was this helpful?"
 BUTTON_UP = "👍 Helpful"
 BUTTON_DOWN = "👎 Not right"

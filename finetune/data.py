@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune.prompting import PromptPassage, build_messages, render_prompt
+from finetune.prompting import ApprovedAnswer, PromptPassage, approved_in_prompt, build_messages, render_prompt
 
 IGNORE_INDEX = -100
 
@@ -30,22 +30,28 @@ class TrainingExample:
     input: str
     answer: str
     passages: list[PromptPassage] = field(default_factory=list)
+    approved: list[ApprovedAnswer] = field(default_factory=list)  # approved answers to related questions
 
 
 def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingExample]:
-    """Store examples -> training examples carrying the passages retrieved for their question.
+    """Store examples -> training examples carrying the passages retrieved for their question and the approved
+    answers to related questions (never their own).
 
-    Retrieval is the engine's own (finetune.retrieval), so a prompt at training time has the passages the
-    same question gets when it is asked.
+    Both lookups are the engine's own (finetune.retrieval, finetune.verified), so a prompt at training time
+    has what the same question gets when it is asked.
     """
     from finetune.retrieval import retrieve_passages
+    from finetune.verified import related_examples
 
+    n_approved = approved_in_prompt(k)
     out = []
     for ex in examples:
         passages = retrieve_passages(db, ex.question, k=k) if k > 0 else []
+        related = related_examples(db, ex.question, k=n_approved, exclude=frozenset({ex.id})) if n_approved else []
         out.append(TrainingExample(
             question=ex.question, input=ex.input or "", answer=ex.answer,
             passages=[PromptPassage(title=p.title, content=p.content) for p in passages],
+            approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
         ))
     return out
 
@@ -76,7 +82,7 @@ def training_examples_from_file(path: Path | str) -> list[TrainingExample]:
     from store.formats import read_examples_file
 
     return [TrainingExample(question=e.question, input=e.input or "", answer=e.answer, passages=[])
-            for e in read_examples_file(path)]
+            for e in read_examples_file(path).examples]
 
 
 def save_training_examples(path: Path | str, examples: Sequence[TrainingExample]) -> None:
@@ -93,7 +99,8 @@ def load_training_examples(path: Path | str) -> list[TrainingExample]:
             if line.strip():
                 d = json.loads(line)
                 out.append(TrainingExample(question=d["question"], input=d.get("input", ""), answer=d["answer"],
-                                           passages=[PromptPassage(**p) for p in d.get("passages", [])]))
+                                           passages=[PromptPassage(**p) for p in d.get("passages", [])],
+                                           approved=[ApprovedAnswer(**a) for a in d.get("approved", [])]))
     return out
 
 
@@ -146,7 +153,7 @@ def encode_example(tokenizer, ex: TrainingExample, *, max_length: int, eot_id: i
     passages = list(ex.passages)
     dropped = False
     while True:
-        messages = build_messages(ex.question, input=ex.input, passages=passages)
+        messages = build_messages(ex.question, input=ex.input, passages=passages, approved=ex.approved)
         prompt = render_prompt(tokenizer, messages)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completion = _completion_text(tokenizer, messages, prompt, ex.answer, eot_text)

@@ -6,8 +6,13 @@
     answer = engine.answer("How do I set up the VPN?", source="cli")
     engine.close()
 
-How a question is answered: the caller's thread retrieves passages (finetune.retrieval) and hands a
-request to the one generation worker thread. The worker takes whatever requests are waiting, checks
+How a question is answered: a question that matches an approved example (finetune.verified: the same
+question, a paraphrase or a translation) is answered at once with the curator's answer, marked as such;
+no model is involved, so this works while the model loads. Otherwise the caller's thread retrieves
+passages (finetune.retrieval) and approved answers to related questions, and hands a request to the one
+generation worker thread. With neither, the question is refused ("nothing in the knowledge base") unless
+the caller asked for the model alone (`model_only`), which answers anyway with an "unbacked" notice.
+Verified answers apply to the active adapter only: asking a named version or the base shows that model. The worker takes whatever requests are waiting, checks
 which adapter is active in the store (one cheap query per batch), groups the batch by adapter, and
 generates each group as one batch: every prompt is prefilled alone, then all decode together from one
 left-padded KV cache (finetune.kv_cache), greedy by default, bounded by max new tokens and a wall time
@@ -34,10 +39,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from finetune.prompting import PromptPassage, build_messages, render_prompt
+from finetune.prompting import ApprovedAnswer, PromptPassage, approved_in_prompt, build_messages, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,12 @@ NO_MATCH_TEXT_ZH = "我在知识库中没有找到相关内容，无法可靠地
 UNAVAILABLE_TEXT = "The answer engine is not available: {error}"
 CLOSED_TEXT = "The answer engine is shutting down; please ask again in a moment."
 TIMEOUT_TEXT = "Sorry, answering took too long. Please try again."
+VERIFIED_BY_TEXT = "Approved answer: reviewed by {reviewer} on {date}"
+VERIFIED_IMPORTED_TEXT = "Approved answer: from the curated training data (imported {date})"
+# An approved example that backs an answer as context appears among its sources under this name.
+APPROVED_SOURCE_TITLE = "Approved answer: {question}"
+# Approved answers to related questions looked up per question (at most approved_in_prompt() enter a prompt).
+RELATED_LOOKUP = 2
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 
@@ -92,10 +103,24 @@ class Answer:
     adapter_version: str | None  # the adapter that generated it; None = the base model
     latency_ms: int
     interaction_id: int | None  # the row in `interactions`; None when not recorded
-    notice: str | None = None  # starting | empty | no_match | trimmed: … | adapter errors | timeout
+    notice: str | None = None  # starting | empty | no_match | unbacked | trimmed: … | adapter errors | timeout
+    verified: bool = False  # a curator's approved answer, repeated as it is (no model generated it)
+    example_id: int | None = None  # the approved example it repeats
+    approved_by: str | None = None  # the curator who approved it ("import" for imported data)
+    approved_at: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def verified_line(self) -> str | None:
+        """How a verified answer is marked, for every surface alike; None for a generated answer."""
+        if not self.verified:
+            return None
+        date = (self.approved_at or "")[:10] or "an unknown date"
+        if self.approved_by in (None, "import"):
+            return VERIFIED_IMPORTED_TEXT.format(date=date)
+        return VERIFIED_BY_TEXT.format(reviewer=self.approved_by, date=date)
 
 
 @dataclass
@@ -103,6 +128,7 @@ class _Request:
     question: str
     passages: list  # store.kb.Passage
     adapter: str  # "active" | "base" | a version
+    approved: list[ApprovedAnswer] = field(default_factory=list)  # answers to related questions
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -162,11 +188,14 @@ class FinishedRows:
         self.on_finished(row, self.tokens[row])
 
 
-def sources_of(passages) -> list[Source]:
-    """Each document once, in retrieval order."""
+def sources_of(passages, related=()) -> list[Source]:
+    """Each document once, in retrieval order, then the approved examples that backed the answer."""
     seen: dict[str, Source] = {}
     for p in passages:
         seen.setdefault(p.doc_path, Source(title=p.title, doc_path=p.doc_path))
+    for m in related:
+        path = f"examples/{m.example.id}"
+        seen.setdefault(path, Source(title=APPROVED_SOURCE_TITLE.format(question=m.example.question), doc_path=path))
     return list(seen.values())
 
 
@@ -282,8 +311,9 @@ class Engine:
 
     def answer(self, question: str, *, source: str = "cli", user_id: str | None = None,
                channel_id: str | None = None, thread_ts: str | None = None, event_id: str | None = None,
-               adapter: str = ACTIVE, record: bool = True) -> Answer:
-        """Answer one question. Returns at once with a "starting up" answer while the model loads."""
+               adapter: str = ACTIVE, record: bool = True, model_only: bool = False) -> Answer:
+        """Answer one question: a verified answer when one matches (unless `model_only`, or a named adapter is
+        asked), else generated. Returns at once with a "starting up" answer while the model loads."""
         started = time.monotonic()
 
         def elapsed_ms() -> int:
@@ -292,6 +322,15 @@ class Engine:
         question = (question or "").strip()
         if not question:
             return Answer(EMPTY_TEXT, [], None, elapsed_ms(), None, "empty")
+        from store import local_db
+
+        db = local_db(self.db_path)
+        use_approved = adapter == ACTIVE and not model_only
+        if use_approved:
+            verified = self.verified_answer(question, source=source, user_id=user_id, channel_id=channel_id,
+                                            thread_ts=thread_ts, event_id=event_id, record=record, started=started)
+            if verified is not None:
+                return verified
         if not self.ready:
             if self.error:
                 return Answer(UNAVAILABLE_TEXT.format(error=self.error), [], None, elapsed_ms(), None, "unavailable")
@@ -300,26 +339,29 @@ class Engine:
             return Answer(CLOSED_TEXT, [], None, elapsed_ms(), None, "closed")
 
         from finetune.retrieval import retrieve_passages
-        from store import local_db
         from store.adapters import get_adapter
 
-        db = local_db(self.db_path)
         if adapter not in (ACTIVE, BASE):
             get_adapter(db, adapter)  # an unknown version is the caller's error: StoreError names it
         version = self._resolve_version(db, adapter)
         # Enough passages for the prompt of the adapter that will most likely answer, and for the sources.
         passages = retrieve_passages(db, question, k=max(self.config.k, self._passages_for(db, version)))
-        if not passages:
+        related = self._related(db, question) if use_approved else []
+        if not passages and not related and not model_only:
             text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
             generated = _Generated(text, version, ("no_match",))
         else:
-            req = _Request(question=question, passages=passages, adapter=adapter)
+            req = _Request(question=question, passages=passages, adapter=adapter,
+                           approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related])
             self._queue.put(req)
             try:
                 generated = req.future.result(timeout=self.config.request_timeout_s)
             except TimeoutError:
                 generated = _Generated(TIMEOUT_TEXT, None, ("timeout",))
-        sources = sources_of(passages) if passages and "closed" not in generated.notices else []
+            if not passages and not related:  # model_only: nothing backs what the model said
+                generated = replace(generated, notices=("unbacked",) + generated.notices)
+        backed = (passages or related) and not ({"closed", "no_match"} & set(generated.notices))
+        sources = sources_of(passages, related) if backed else []
         notice = "; ".join(generated.notices) or None
         latency = elapsed_ms()
         interaction_id = None
@@ -332,6 +374,45 @@ class Engine:
                 latency_ms=latency, user_id=user_id, channel_id=channel_id, thread_ts=thread_ts, event_id=event_id,
             )
         return Answer(generated.text, sources, generated.adapter_version, latency, interaction_id, notice)
+
+    def verified_answer(self, question: str, *, source: str = "cli", record: bool = True,
+                        started: float | None = None, **slack) -> Answer | None:
+        """The approved answer when the question matches an approved example closely, recorded as an
+        interaction like any answer (so it can be voted on); None when none matches. Needs no model."""
+        from finetune.verified import find_verified
+        from store import local_db
+
+        started = time.monotonic() if started is None else started
+        db = local_db(self.db_path)
+        question = (question or "").strip()
+        try:
+            match = find_verified(db, question)
+        except Exception:  # a broken embedder must not stop the generated answers
+            log.exception("engine: looking up verified answers failed")
+            return None
+        if match is None:
+            return None
+        ex = match.example
+        latency = int((time.monotonic() - started) * 1000)
+        interaction_id = None
+        if record:
+            from store.interactions import record_interaction
+
+            interaction_id = record_interaction(
+                db, question=question, answer=ex.answer, source=source, sources=[], adapter_version=None,
+                latency_ms=latency, verified_example_id=ex.id, **slack)
+        return Answer(ex.answer, [], None, latency, interaction_id, None, verified=True, example_id=ex.id,
+                      approved_by=ex.reviewer, approved_at=ex.reviewed_at)
+
+    @staticmethod
+    def _related(db, question: str) -> list:
+        from finetune.verified import related_examples
+
+        try:
+            return related_examples(db, question, k=RELATED_LOOKUP)
+        except Exception:
+            log.exception("engine: looking up related approved answers failed")
+            return []
 
     def _resolve_version(self, db, adapter: str) -> str | None:
         """The adapter version a request asks for: "active" -> the store's active one (None = base)."""
@@ -501,10 +582,12 @@ class Engine:
         tok = self.tokenizer
         budget = self._context_tokens - self.config.max_new_tokens
         passages = [PromptPassage(p.title, p.content) for p in req.passages[:k]]
+        approved = req.approved[:approved_in_prompt(k)]
         question = req.question
 
         def ids_of(q: str, ps) -> list[int]:
-            return tok(render_prompt(tok, build_messages(q, passages=ps)), add_special_tokens=False).input_ids
+            messages = build_messages(q, passages=ps, approved=approved)
+            return tok(render_prompt(tok, messages), add_special_tokens=False).input_ids
 
         ids = ids_of(question, passages)
         if len(ids) <= budget:

@@ -121,7 +121,8 @@ def _pad_id(tokenizer) -> int:
 
 
 def prompt_ids(tokenizer, example: TrainingExample) -> list[int]:
-    messages = build_messages(example.question, input=example.input, passages=example.passages)
+    messages = build_messages(example.question, input=example.input, passages=example.passages,
+                              approved=example.approved)
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 

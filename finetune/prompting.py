@@ -17,6 +17,8 @@ SYSTEM_PROMPT = (
 
 # Passages are trimmed so that the prompt stays well inside small models' context windows.
 MAX_PASSAGE_CHARS = 600
+# Approved answers to related questions (finetune.verified) that join the passages in a prompt.
+MAX_APPROVED_IN_PROMPT = 2
 
 
 @dataclass(frozen=True)
@@ -25,12 +27,30 @@ class PromptPassage:
     content: str
 
 
-def build_messages(question: str, *, input: str = "", passages: Sequence[PromptPassage] = ()) -> list[dict]:
-    """Chat messages for one question: system prompt, then a user turn with the passages and the question."""
+@dataclass(frozen=True)
+class ApprovedAnswer:
+    """A curator-approved answer to a related question."""
+
+    question: str
+    answer: str
+
+
+def approved_in_prompt(k_passages: int) -> int:
+    """Approved answers per prompt: a model asked without passages (tiny) gets none either."""
+    return min(MAX_APPROVED_IN_PROMPT, k_passages)
+
+
+def build_messages(question: str, *, input: str = "", passages: Sequence[PromptPassage] = (),
+                   approved: Sequence[ApprovedAnswer] = ()) -> list[dict]:
+    """Chat messages for one question: system prompt, then a user turn with the passages, the approved answers
+    to related questions, and the question."""
     parts = []
     if passages:
         blocks = [f"[{i}] {p.title}\n{p.content[:MAX_PASSAGE_CHARS].strip()}" for i, p in enumerate(passages, 1)]
         parts.append("Knowledge base:\n" + "\n\n".join(blocks))
+    if approved:
+        pairs = [f"Q: {a.question.strip()}\nA: {a.answer[:MAX_PASSAGE_CHARS].strip()}" for a in approved]
+        parts.append("Approved answers to related questions:\n" + "\n\n".join(pairs))
     parts.append(f"Question: {question.strip()}")
     if input and input.strip():
         parts.append(f"Context: {input.strip()}")

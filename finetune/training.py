@@ -12,6 +12,12 @@ grads enabled); freed memory handed back to the OS after each micro-batch on the
 hardware has it; per-step callbacks, cancellation, checkpoints and resume;
 data-parallel training under `torchrun` / `accelerate launch` (gloo on CPU, NCCL on GPUs).
 
+Sizing: a run lasts `epochs`, but at least `min_steps` optimiser steps, and stops early at the first check
+where `stop_reproduced` of the answers are reproduced exactly (`reproduced_examples`: one teacher-forced
+forward pass, no generation). Checks run at epoch ends (or every `check_every_steps`) once the loss is low.
+Continued training (`init_from`): the run starts from a previous adapter (loaded trainable, its own rank and
+targets) or a previous full fine-tune's model folder instead of the bare base.
+
 Assumptions: checkpoints hold the adapter (or model) and the optimiser state and are kept in
 out_dir/checkpoints until training finishes; a finished run leaves only the final adapter and tokenizer in
 out_dir. Nothing here registers or renames anything: the caller (finetune.registry) trains into a
@@ -68,6 +74,10 @@ class TrainOutcome:
     resumed_from_step: int | None = None
     trainable_params: int = 0
     total_params: int = 0
+    # The last reproduction check (None when none ran): share of the checked answers reproduced exactly.
+    reproduced: float | None = None
+    stopped_early: bool = False  # stopped at a check, before the end of its step budget
+    budget_steps: int = 0  # the steps the run was sized for
 
 
 def train_adapter(
@@ -78,10 +88,17 @@ def train_adapter(
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
+    init_from: Path | None = None,
+    check_examples: Sequence[TrainingExample] | None = None,
+    new_examples: Sequence[TrainingExample] = (),
+    check_every_steps: int | None = None,
 ) -> TrainOutcome:
     """Train on `train` and write a PEFT adapter folder (or, for method "full", a model folder) into out_dir.
 
     `config.base` is an HF id or a model folder (resolve `tiny` first with finetune.models.resolve_base).
+    `init_from`: a previous adapter folder (or full model folder, method "full") to continue from.
+    The stop check (`config.stop_reproduced` > 0) measures `check_examples` (default: `train`, each once);
+    `new_examples` must all be reproduced too, and are checked first (cheap) before the whole set.
     Raises store.StoreError for bad input (too few examples, unknown base, rank too large, disk full) and
     TrainingCancelled when should_stop() says so.
     """
@@ -103,7 +120,9 @@ def train_adapter(
         mode, why = choose_checkpointing(config)
         config = replace(config, gradient_checkpointing=mode)
         notes.append(f"gradient checkpointing {'off' if mode is False else 'on'}: {why}")
-    model = _prepare_model(config)
+    model = _prepare_model(config, init_from=init_from)
+    if init_from is not None:
+        notes.append(f"continued from {Path(init_from).name}: its weights are the starting point")
     head_weight = fuse_output_head(model)  # the loss applies the head chunk by chunk: no full logits
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -113,10 +132,24 @@ def train_adapter(
     resume_from = _latest_checkpoint(checkpoints) if resume else None
     if resume and resume_from is None:
         notes.append("no checkpoint to resume from: training from the start")
+    budget = run_budget(config, len(encoded))
+    if budget.note:
+        notes.append(budget.note)
+    stopper = None
+    if config.stop_reproduced > 0:
+        check = _unique(check_examples if check_examples is not None else train)
+        stopper = _ReproductionStop(
+            model, head_weight, pad_id=tokenizer.pad_token_id, target=config.stop_reproduced,
+            check=encode_examples(tokenizer, check, max_length=config.max_length, eot_id=eot_id)[0],
+            new=encode_examples(tokenizer, _unique(new_examples), max_length=config.max_length, eot_id=eot_id)[0],
+            every_steps=check_every_steps)
     trainer, tracker = _build_trainer(config, model, tokenizer, encoded, checkpoints, on_step, should_stop,
-                                      head_weight=head_weight)
+                                      head_weight=head_weight, epochs=budget.epochs,
+                                      extra_callbacks=[stopper.callback] if stopper else [])
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if stopper is not None and not stopper.stopped and not tracker.cancelled:
+            stopper.final_check()  # what the whole budget achieved, for the notes
     except OSError as exc:
         raise _disk_error(exc, checkpoints) if exc.errno == errno.ENOSPC else exc
     finally:
@@ -132,12 +165,174 @@ def train_adapter(
     if trainer.is_world_process_zero():
         shutil.rmtree(checkpoints, ignore_errors=True)
     losses = tracker.losses
+    if stopper is not None:
+        notes.append(stopper.summary(steps=trainer.state.global_step, budget=budget.steps))
     return TrainOutcome(
         out_dir=out_dir, config=config, notes=notes, method=config.method, n_examples=len(train),
         steps=trainer.state.global_step, epochs=float(trainer.state.epoch or 0.0),
         final_loss=losses[-1][1] if losses else None, losses=losses, runtime_s=time.monotonic() - started,
         truncation=truncation, resumed_from_step=resumed_step, trainable_params=trainable, total_params=total,
+        reproduced=stopper.last_share if stopper else None, stopped_early=bool(stopper and stopper.stopped),
+        budget_steps=budget.steps,
     )
+
+
+# --- Sizing the run and stopping when the answers are reproduced -----------------------------------------
+
+
+@dataclass(frozen=True)
+class RunBudget:
+    epochs: float
+    steps: int
+    note: str  # why the epochs differ from the config's, or ""
+
+
+def run_budget(config: TrainConfig, n_encoded: int, *, world: int | None = None) -> RunBudget:
+    """The run's length: `config.epochs`, raised to reach `config.min_steps` optimiser steps on small sets."""
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = max(1, math.ceil(n_encoded / (config.batch_size * config.grad_accum * world)))
+    epochs = config.epochs
+    note = ""
+    if config.min_steps and per_epoch * epochs < config.min_steps:
+        epochs = math.ceil(config.min_steps / per_epoch)
+        note = (f"{n_encoded} examples make {per_epoch} step{'s' if per_epoch > 1 else ''} per epoch: "
+                f"{config.epochs:g} epochs would be {math.ceil(per_epoch * config.epochs)} steps, fewer than the "
+                f"minimum {config.min_steps}; training up to {epochs:g} epochs ({per_epoch * epochs} steps)")
+    return RunBudget(epochs=float(epochs), steps=max(1, math.ceil(per_epoch * epochs)), note=note)
+
+
+def _unique(examples: Sequence[TrainingExample]) -> list[TrainingExample]:
+    seen, out = set(), []
+    for ex in examples:
+        key = (ex.question, ex.input, ex.answer)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def reproduced_examples(model, encoded: Sequence[dict], *, pad_id: int, head_weight=None,
+                        batch_size: int = 16) -> list[bool]:
+    """For each encoded example (finetune.data.encode_example), would greedy decoding reproduce its answer?
+
+    Greedy decoding emits the answer exactly, then stops, iff at every answer position (the end-of-turn
+    token included) the argmax of the teacher-forced logits is the target token. So one forward pass, with
+    logits only at the answer positions, decides it exactly for every example, far cheaper than generating.
+    With `head_weight` (the head fused by finetune.fused) the head returns hidden states and the argmax is
+    taken a chunk of rows at a time: no full (positions x vocabulary) logits.
+    """
+    import torch
+
+    from finetune.data import IGNORE_INDEX
+    from finetune.fused import CHUNK_BYTES
+
+    if not encoded:
+        return []
+    collate = CompletionCollator(pad_id=pad_id)
+    was_training = model.training
+    model.eval()
+    head = model.get_output_embeddings()
+    if head_weight is not None:
+        head.train()  # the fused head passes hidden states through in training mode only
+    device = next(model.parameters()).device
+    out: list[bool] = []
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(encoded), batch_size):
+                batch = collate(list(encoded[i : i + batch_size]))
+                rows = model(input_ids=batch["input_ids"].to(device),
+                             logits_to_keep=batch["logits_to_keep"].to(device)).logits
+                rows = rows.reshape(-1, rows.shape[-1])  # (N, H) fused, else (N, V)
+                labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+                targets = labels[labels != IGNORE_INDEX].to(device)  # (N,), row-major like rows
+                if head_weight is None:
+                    predicted = rows.argmax(-1)
+                else:
+                    step = max(1, CHUNK_BYTES // (4 * head_weight.shape[0]))
+                    predicted = torch.cat([(rows[j : j + step] @ head_weight.T).argmax(-1)
+                                           for j in range(0, rows.shape[0], step)])
+                hits = (predicted == targets).tolist()
+                start = 0
+                for count in (labels != IGNORE_INDEX).sum(1).tolist():
+                    out.append(all(hits[start : start + count]))
+                    start += count
+    finally:
+        model.train(was_training)
+    return out
+
+
+class _ReproductionStop:
+    """Trainer callback: at each epoch end (or every `every_steps`), once the loss is low, check which answers
+    are reproduced; stop when all `new` ones and `target` of `check` are.
+
+    The new examples (a continued run's) are checked first, alone: until they are learnt, the whole set
+    need not be read.
+    """
+
+    LOSS_TO_CHECK = 0.5  # mean training loss since the last check; above it, answers cannot all be exact yet
+
+    def __init__(self, model, head_weight, *, pad_id: int, target: float, check: list[dict], new: list[dict],
+                 every_steps: int | None):
+        from transformers import TrainerCallback
+
+        self.model, self.head_weight, self.pad_id = model, head_weight, pad_id
+        self.target, self.check, self.new, self.every_steps = target, check, new, every_steps
+        self.last_share: float | None = None
+        self.checks = 0
+        self.check_s = 0.0
+        self.stopped = False
+        self._losses: list[float] = []
+        stop = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    stop._losses.append(float(logs["loss"]))
+
+            def on_step_end(self, args, state, control, **kw):
+                if stop.every_steps and state.global_step % stop.every_steps == 0 \
+                        and state.global_step < state.max_steps:
+                    stop._maybe_stop(control)
+
+            def on_epoch_end(self, args, state, control, **kw):
+                if not stop.every_steps and state.global_step < state.max_steps:
+                    stop._maybe_stop(control)
+
+        self.callback = Callback()
+
+    def _maybe_stop(self, control) -> None:
+        losses, self._losses = self._losses, []
+        if not losses or sum(losses) / len(losses) > self.LOSS_TO_CHECK:
+            return
+        t0 = time.monotonic()
+        self.checks += 1
+        try:
+            if self.new and not all(reproduced_examples(self.model, self.new, pad_id=self.pad_id,
+                                                        head_weight=self.head_weight)):
+                return
+            hits = reproduced_examples(self.model, self.check, pad_id=self.pad_id, head_weight=self.head_weight)
+            self.last_share = sum(hits) / len(hits) if hits else 1.0
+            if self.last_share >= self.target:
+                self.stopped = control.should_training_stop = True
+        finally:
+            self.check_s += time.monotonic() - t0
+
+    def final_check(self) -> None:
+        t0 = time.monotonic()
+        hits = reproduced_examples(self.model, self.check, pad_id=self.pad_id, head_weight=self.head_weight)
+        self.last_share = sum(hits) / len(hits) if hits else 1.0
+        self.checks += 1
+        self.check_s += time.monotonic() - t0
+
+    def summary(self, *, steps: int, budget: int) -> str:
+        share = "n/a" if self.last_share is None else f"{100 * self.last_share:.1f}%"
+        if self.stopped:
+            return (f"stopped at step {steps} of {budget}: {share} of the {len(self.check)} training answers "
+                    f"reproduced exactly (target {100 * self.target:.0f}%; {self.checks} checks, "
+                    f"{self.check_s:.0f} s)")
+        return (f"trained the whole budget ({steps} steps): {share} of the {len(self.check)} training answers "
+                f"reproduced exactly at the end (target {100 * self.target:.0f}%; {self.checks} checks, "
+                f"{self.check_s:.0f} s)")
 
 
 # --- Model -----------------------------------------------------------------------------------------------
@@ -183,12 +378,16 @@ def choose_checkpointing(config: TrainConfig) -> tuple[bool | str, str]:
     return False, why
 
 
-def _prepare_model(config: TrainConfig):
-    """Load the base for the method, wrap it in LoRA where asked, and set up gradient checkpointing."""
+def _prepare_model(config: TrainConfig, *, init_from: Path | None = None):
+    """Load the base for the method, wrap it in LoRA where asked, and set up gradient checkpointing.
+
+    `init_from`: full fine-tuning loads that model folder instead of the base; LoRA / QLoRA load that adapter,
+    trainable, with its own rank, alpha and targets."""
     from finetune import models
 
     quantize = config.method == "qlora"
-    model = models.load_base_model(config.base, quantize=quantize)
+    full_from = init_from is not None and config.method == "full"
+    model = models.load_base_model(str(init_from) if full_from else config.base, quantize=quantize)
     model.config.use_cache = False  # the KV cache is for generation; with checkpointing it only wastes memory
     gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses gradients of frozen-input LoRA layers
     whole_layers = config.gradient_checkpointing is True
@@ -205,6 +404,15 @@ def _prepare_model(config: TrainConfig):
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad = True
+        return model
+
+    if init_from is not None:
+        from peft import PeftModel
+
+        if whole_layers and not quantize:
+            model.enable_input_require_grads()
+        model = PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
+        fuse_lora_dropout(model)
         return model
 
     from peft import LoraConfig, get_peft_model
@@ -353,21 +561,22 @@ def _trim_memory_callback():
 
 
 def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], checkpoints: Path, on_step, should_stop,
-                   *, head_weight=None):
+                   *, head_weight=None, epochs: float | None = None, extra_callbacks=()):
     import functools
 
     import torch
     from transformers import Trainer, TrainingArguments
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    epochs = epochs if epochs is not None else config.epochs
     steps_per_epoch = max(1, math.ceil(len(encoded) / (config.batch_size * config.grad_accum * world)))
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    total_steps = max(1, math.ceil(steps_per_epoch * epochs))
     save_steps = config.save_steps or max(1, total_steps // 5)
     on_cuda = torch.cuda.is_available()
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=str(checkpoints),
-        num_train_epochs=config.epochs,
+        num_train_epochs=epochs,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
@@ -396,7 +605,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], c
     trainer = Trainer(
         model=model, args=args, train_dataset=encoded, processing_class=tokenizer,
         data_collator=CompletionCollator(pad_id=tokenizer.pad_token_id),
-        callbacks=[tracker.callback] + ([] if on_cuda else [_trim_memory_callback()]),
+        callbacks=[tracker.callback, *extra_callbacks] + ([] if on_cuda else [_trim_memory_callback()]),
         compute_loss_func=functools.partial(answer_token_loss, head_weight=head_weight),
     )
     from transformers.trainer_callback import PrinterCallback

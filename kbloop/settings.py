@@ -39,12 +39,22 @@ class Settings(BaseSettings):
     slack_signing_secret: str | None = Field(default=None, alias="SLACK_SIGNING_SECRET")
     slack_app_token: str | None = Field(default=None, alias="SLACK_APP_TOKEN")
     slack_api_url: str = Field(default="https://slack.com/api/", alias="KBLOOP_SLACK_API_URL")
+    # The embedder for semantic search (finetune.embedding): multilingual-e5-small (bundled, the default),
+    # all-MiniLM-L6-v2 (bundled, English), or a sentence-transformers model id or folder.
+    embedding_model: str = Field(default="multilingual-e5-small", alias="KBLOOP_EMBEDDING_MODEL")
 
     @field_validator("base_model")
     @classmethod
     def _base_model_not_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("expected an HF model id, a local model directory, or 'tiny'")
+        return v.strip()
+
+    @field_validator("embedding_model")
+    @classmethod
+    def _embedding_model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected multilingual-e5-small, all-MiniLM-L6-v2, a sentence-transformers id or a folder")
         return v.strip()
 
     @field_validator("playground_auth_raw")
@@ -146,4 +156,9 @@ ENV_EXAMPLE = """\
 # SLACK_APP_TOKEN=xapp-...
 # Base URL of Slack's Web API (tests, proxies).
 # KBLOOP_SLACK_API_URL=https://slack.com/api/
+
+# Embedder for semantic search: multilingual-e5-small (bundled, English and Chinese, the default),
+# all-MiniLM-L6-v2 (bundled, English only), or a sentence-transformers model id or folder
+# (e.g. BAAI/bge-m3, downloaded from the hub). Changing it re-embeds the knowledge base.
+# KBLOOP_EMBEDDING_MODEL=multilingual-e5-small
 """

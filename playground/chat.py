@@ -61,11 +61,12 @@ def ask(engine, viewer: Viewer, question: str, adapters: list[str]) -> list[Chat
             ans = engine.answer(question, source="playground", user_id=viewer.name, adapter=adapter)
         except StoreError as exc:
             return ChatAnswer(adapter, adapter, f"Could not answer with {adapter}: {exc}", [], None, 0, "error")
-        label = ans.adapter_version or "base model"
+        label = "approved answer" if ans.verified else ans.adapter_version or "base model"
         if adapter == ACTIVE:
             label = f"active: {label}"
         sources = [{"title": s.title, "doc_path": s.doc_path} for s in ans.sources]
-        return ChatAnswer(adapter, label, ans.text, sources, ans.interaction_id, ans.latency_ms, ans.notice)
+        notice = ans.verified_line or ans.notice
+        return ChatAnswer(adapter, label, ans.text, sources, ans.interaction_id, ans.latency_ms, notice)
 
     with ThreadPoolExecutor(max_workers=max(1, len(adapters))) as pool:
         return list(pool.map(one, adapters))

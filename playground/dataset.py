@@ -84,15 +84,16 @@ def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | No
     path = Path(path)
     name = display_name or path.name
     try:
-        examples = read_examples_file(path)
+        imported = read_examples_file(path)
     except StoreError as exc:
         # Uploads live under a temporary name; report FILE:LINE with the name the curator knows.
         lines = str(exc).replace(str(path), name).splitlines()
         head = f"Nothing imported: {len(lines)} problem(s)" if isinstance(exc, ImportFileError) else "Nothing imported"
         return Outcome(False, head + "\n" + "\n".join(lines))
-    added, dupes = add_examples(db, examples, status=status, source="import",
+    added, dupes = add_examples(db, imported.examples, status=status, source="import",
                                 reviewer=viewer.name if status == "approved" else None)
-    return Outcome(True, f"{name}: {added} examples imported as {status}, {dupes} duplicates skipped.")
+    return Outcome(True, f"{name}: {added} examples imported as {status}, {dupes} duplicates skipped.\n"
+                         f"Read as: {imported.description}")
 
 
 def export_file(db: sqlite_utils.Database, fmt: str, *, out_dir: str | Path | None = None) -> tuple[str, Outcome]:

@@ -27,6 +27,7 @@ class Interaction:
     sources: list[dict]
     latency_ms: int | None
     created_at: str
+    verified_example_id: int | None = None  # the approved example it repeated (a verified answer)
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,15 @@ def record_interaction(
     db: sqlite_utils.Database, *, question: str, answer: str, source: str, sources: list[dict] | None = None,
     adapter_version: str | None = None, latency_ms: int | None = None, user_id: str | None = None,
     channel_id: str | None = None, thread_ts: str | None = None, message_ts: str | None = None,
-    event_id: str | None = None,
+    event_id: str | None = None, verified_example_id: int | None = None,
 ) -> int:
     with write_transaction(db):
         cur = db.execute(
             """INSERT INTO interactions (question, answer, source, user_id, channel_id, thread_ts, message_ts,
-               event_id, adapter_version, sources, latency_ms, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
+               event_id, adapter_version, sources, latency_ms, verified_example_id, created_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
             [question, answer, source, user_id, channel_id, thread_ts, message_ts, event_id, adapter_version,
-             json.dumps(sources or [], ensure_ascii=False), latency_ms, now()],
+             json.dumps(sources or [], ensure_ascii=False), latency_ms, verified_example_id, now()],
         )
         return cur.lastrowid
 

@@ -111,6 +111,19 @@ def all_embeddings(db: sqlite_utils.Database, model_name: str) -> list[tuple[int
     ]
 
 
+def index_rows(db: sqlite_utils.Database, model_name: str) -> list[tuple[int, bytes, str, str]]:
+    """(id, embedding, search_text, content) of every passage embedded with `model_name`: what a search index
+    keeps in memory."""
+    return [
+        (r[0], r[1], r[2], r[3])
+        for r in db.execute(
+            """SELECT id, embedding, search_text, content FROM kb_docs
+               WHERE embedding IS NOT NULL AND embedding_model = ? ORDER BY id""",
+            [model_name],
+        ).fetchall()
+    ]
+
+
 def kb_stats(db: sqlite_utils.Database) -> dict:
     row = db.execute("SELECT COUNT(DISTINCT doc_path), COUNT(*) FROM kb_docs").fetchone()
     return {"documents": row[0], "passages": row[1]}

@@ -228,3 +228,30 @@ def m040_bot_errors(db) -> None:
         not_null={"kind", "error", "created_at"},
     )
     db["bot_errors"].create_index(["created_at"])
+
+
+@MIGRATIONS()
+def m070_verified_answers(db) -> None:
+    # Approved examples are searchable knowledge (verified answers): each approved question's embedding,
+    # under the name of the model that made it and the hash of the text it was made from, so that an edit
+    # or a change of embedder re-embeds instead of comparing vectors of two models.
+    db["example_embeddings"].create(
+        {"example_id": int, "model": str, "text_hash": str, "vector": bytes},
+        pk="example_id",
+        foreign_keys=[("example_id", "examples", "id")],
+        not_null={"model", "text_hash", "vector"},
+    )
+    # Which approved example an answer repeated, when it was a verified answer (NULL: generated).
+    db["interactions"].add_column("verified_example_id", int, fk="examples", fk_col="id")
+
+
+@MIGRATIONS()
+def m080_kb_search_text_words(db) -> None:
+    # Issue 15: Chinese in the full-text index is segmented into words (jieba) as well as character bigrams.
+    # Passages imported before keep their old search_text until it is rebuilt here; the FTS triggers
+    # re-index each updated row.
+    from store.text import search_text
+
+    rows = db.execute("SELECT id, title, content FROM kb_docs").fetchall()
+    db.conn.executemany("UPDATE kb_docs SET search_text = ? WHERE id = ?",
+                        [(search_text(title + "\n" + content), pid) for pid, title, content in rows])

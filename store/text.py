@@ -28,10 +28,41 @@ def content_hash(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(normalize(p or "") for p in parts).encode()).hexdigest()
 
 
-def search_terms(text: str) -> list[str]:
-    """Tokens for FTS: words for alphabetic scripts, overlapping bigrams for CJK runs.
+# How CJK runs become FTS terms (issue 15): jieba words (search mode: a long word also yields the words inside
+# it, 温湿度 -> 温湿, 湿度, 温湿度) plus overlapping character bigrams. Words make a hit on 叉车 count as one
+# matching term rather than a chance pair of characters; the bigrams catch what the segmenter cuts
+# differently in a short question than in a long passage (bench/retrieval_recall.py measures both).
+# Benchmarks may change this before a KB is imported; the store's index is built with the value in force.
+CJK_TERMS: tuple[str, ...] = ("words", "bigrams")
 
-    "报销流程 VPN" -> ["报销", "销流", "流程", "vpn"]. A single CJK character stays a unigram.
+_jieba = None
+
+
+def _jieba_tokenizer():
+    """jieba's tokenizer, its dictionary loaded once per process (about a second) on the first CJK text."""
+    global _jieba
+    if _jieba is None:
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)  # it prints "Building prefix dict…" to stderr otherwise
+        tokenizer = jieba.Tokenizer()
+        tokenizer.initialize()
+        _jieba = tokenizer
+    return _jieba
+
+
+def cjk_words(run: str) -> list[str]:
+    """jieba's search-mode segmentation of a run of CJK characters."""
+    return [w for w in _jieba_tokenizer().cut_for_search(run, HMM=True) if w.strip()]
+
+
+def segment(text: str, *, cjk: tuple[str, ...] = ("bigrams",)) -> list[str]:
+    """Tokens: words for alphabetic scripts; for CJK runs, jieba `words` and/or overlapping `bigrams`.
+
+    segment("报销流程 VPN") -> ["报销", "销流", "流程", "vpn"];
+    segment("报销流程 VPN", cjk=("words",)) -> ["报销", "流程", "vpn"]. A single CJK character stays itself.
     """
     text = unicodedata.normalize("NFKC", text).lower()
     terms: list[str] = []
@@ -44,20 +75,36 @@ def search_terms(text: str) -> list[str]:
             if len(chars) == 1:
                 terms.append(chars)
             else:
-                terms.extend(chars[i : i + 2] for i in range(len(chars) - 1))
+                words = cjk_words(chars) if "words" in cjk else []
+                terms.extend(words)
+                if "bigrams" in cjk:  # those the words did not already give: a term counts once per place
+                    terms.extend(b for b in (chars[i : i + 2] for i in range(len(chars) - 1)) if b not in words)
             pos = run.end()
         if pos < len(token):
             terms.append(token[pos:])
     return terms
 
 
+def search_terms(text: str) -> list[str]:
+    """Words for alphabetic scripts, overlapping bigrams for CJK runs (the cheap, dictionary-free split).
+
+    "报销流程 VPN" -> ["报销", "销流", "流程", "vpn"]. A single CJK character stays a unigram.
+    """
+    return segment(text, cjk=("bigrams",))
+
+
+def index_terms(text: str) -> list[str]:
+    """The terms the knowledge base's full-text index holds and is queried with (CJK_TERMS)."""
+    return segment(text, cjk=CJK_TERMS)
+
+
 def search_text(text: str) -> str:
-    return " ".join(search_terms(text))
+    return " ".join(index_terms(text))
 
 
 def fts_query(text: str) -> str | None:
-    """An FTS5 MATCH expression: any of the question's terms (BM25 ranks the overlap)."""
-    terms = list(dict.fromkeys(search_terms(text)))
+    """An FTS5 MATCH expression: any of the question's index terms (BM25 ranks the overlap)."""
+    terms = list(dict.fromkeys(index_terms(text)))
     if not terms:
         return None
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)

@@ -14,6 +14,7 @@ from kbloop.cli.app import app, ctx, fail
 def ask(
     question: Annotated[str, typer.Argument(help="The question, in quotes.")],
     adapter: Annotated[str, typer.Option(help="Which adapter answers: active (default), base, or a version like v3.")] = "active",
+    model_only: Annotated[bool, typer.Option("--model-only", help="Answer with the model alone: no verified (curator-approved) answer, no approved answers in the prompt; answers even when nothing in the knowledge base backs it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as one JSON object.")] = False,
     k: Annotated[int, typer.Option("--k", min=1, max=20, help="Knowledge-base passages put into the prompt.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="Longest answer, in tokens.")] = 256,
@@ -23,6 +24,8 @@ def ask(
 ) -> None:
     """Answer QUESTION from the knowledge base, with the base model and the active adapter (as the bot would).
 
+    A question that matches an approved example (the same question, a paraphrase, the other language) gets
+    the curator's approved answer at once, marked as such (`--model-only` asks the model instead).
     Prints the answer, its sources, the adapter that answered, the latency and the interaction id under
     which it was recorded.
     """
@@ -39,16 +42,21 @@ def ask(
     engine = Engine(db_path=c.settings.db_path, home=c.settings.kbloop_home, base_model=c.settings.base_model,
                     config=config)
     try:
-        engine.start()
-        from rich.console import Console
+        # A verified answer needs no model: only load one when the question has none.
+        result = None
+        if adapter == ACTIVE and not model_only:
+            result = engine.verified_answer(question, source="cli", record=record)
+        if result is None:
+            engine.start()
+            from rich.console import Console
 
-        with Console(stderr=True).status(f"Loading {c.settings.base_model}…", spinner="dots"):
-            engine.wait_ready(load_timeout)
-        if engine.error:
-            fail(f"could not load the model {c.settings.base_model!r} (KBLOOP_BASE_MODEL): {engine.error}")
-        if not engine.ready:
-            fail(f"the model {c.settings.base_model!r} did not load within {load_timeout:.0f}s (--load-timeout)")
-        result = engine.answer(question, source="cli", adapter=adapter, record=record)
+            with Console(stderr=True).status(f"Loading {c.settings.base_model}…", spinner="dots"):
+                engine.wait_ready(load_timeout)
+            if engine.error:
+                fail(f"could not load the model {c.settings.base_model!r} (KBLOOP_BASE_MODEL): {engine.error}")
+            if not engine.ready:
+                fail(f"the model {c.settings.base_model!r} did not load within {load_timeout:.0f}s (--load-timeout)")
+            result = engine.answer(question, source="cli", adapter=adapter, record=record, model_only=model_only)
     finally:
         engine.close()
     if as_json:
@@ -59,7 +67,7 @@ def ask(
         typer.echo("\nSources:")
         for s in result.sources:
             typer.echo(f"  - {s.title} ({s.doc_path})")
-    footer = [f"adapter: {result.adapter_version or 'base'}", f"{result.latency_ms} ms"]
+    footer = [result.verified_line or f"adapter: {result.adapter_version or 'base'}", f"{result.latency_ms} ms"]
     if result.interaction_id is not None:
         footer.append(f"interaction #{result.interaction_id}")
     typer.echo("\n" + " · ".join(footer))

@@ -67,17 +67,25 @@ def _embed_passages(c) -> None:
 def data_import(
     file: Annotated[Path, typer.Argument(help="JSONL or CSV: instruction/input/output, question/answer or messages.")],
     status: Annotated[str, typer.Option(help="approved (default) or pending (send through review).")] = "approved",
+    question_field: Annotated[Optional[str], typer.Option(help="Read the question from this field.")] = None,
+    answer_field: Annotated[Optional[str], typer.Option(help="Read the answer from this field.")] = None,
 ) -> None:
-    """Import QA pairs as training examples. A file with any bad line is refused whole."""
+    """Import QA pairs as training examples and say how the file was read. A file with any bad line is refused whole.
+
+    instruction/input/output is read in the layout the file uses: Alpaca's (the instruction is the question) or the
+    LoRA guide's (one preamble as the instruction on every row, the question in `input`).
+    """
     from store.examples import add_examples
     from store.formats import read_examples_file
 
     if status not in ("approved", "pending"):
         fail(f"--status must be approved or pending, not {status!r}")
     c = ctx()
-    examples = read_examples_file(file)
-    added, dupes = add_examples(c.db, examples, status=status, source="import", reviewer="import" if status == "approved" else None)
+    imported = read_examples_file(file, question_field=question_field, answer_field=answer_field)
+    added, dupes = add_examples(c.db, imported.examples, status=status, source="import",
+                                reviewer="import" if status == "approved" else None)
     typer.echo(f"{file}: {added} examples imported as {status}, {dupes} duplicates skipped.")
+    typer.echo(f"Read as: {imported.description}")
 
 
 @data_app.command("export")

@@ -99,7 +99,7 @@ def demo(
     import_documents(db, [samples / "kb"])
 
     embed_missing_passages(db)
-    added, dupes = add_examples(db, read_examples_file(samples / "qa.jsonl"), status="approved", source="import",
+    added, dupes = add_examples(db, read_examples_file(samples / "qa.jsonl").examples, status="approved", source="import",
                                 reviewer="demo")
     typer.echo(f"Knowledge base and QA pairs imported ({added} new examples, {dupes} already there).")
 

@@ -188,7 +188,7 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
         fail("--data needs --out FOLDER: an adapter trained on a file is written there, not registered")
     if out.exists():
         fail(f"{out}: already exists; choose a new folder (nothing was written)")
-    examples = read_examples_file(data)
+    examples = read_examples_file(data).examples
     base_path = resolve_base(config.base, home=c.settings.kbloop_home, db=c.db)
     config = replace(config, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
     built = build_training_examples(c.db, examples, k=config.k_passages)
@@ -229,7 +229,7 @@ def recommend(
     if data is not None:
         from store.formats import read_examples_file
 
-        examples, source = read_examples_file(data), str(data)
+        examples, source = read_examples_file(data).examples, str(data)
     else:
         from store.examples import approved_snapshot
 

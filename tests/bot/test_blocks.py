@@ -65,6 +65,21 @@ def test_answer_message_shape():
     assert _block_errors(blocks) == []
 
 
+def test_a_verified_answer_names_who_approved_it_escaped_with_buttons_and_no_unreliable_note():
+    from bot import messages
+    from bot.handlers import render_answer
+    from finetune.engine import Answer
+
+    answer = Answer("Next to <!here> reception.", [], None, 12, 7, None, verified=True, example_id=3,
+                    approved_by="<@U999>", approved_at="2026-11-30T10:00:00+00:00")
+    blocks, _ = render_answer(answer)
+    context_text = blocks[1]["elements"][0]["text"]
+    assert context_text.startswith(messages.VERIFIED_MARK) and "2026-11-30" in context_text
+    assert "<@U999>" not in context_text and "&lt;@U999&gt;" in context_text  # a reviewer's name cannot ping
+    assert messages.NO_SOURCES not in str(blocks) and "<!here>" not in str(blocks)
+    assert blocks[-1]["type"] == "actions" and _block_errors(blocks) == []
+
+
 def test_huge_answer_is_truncated_to_fifty_blocks():
     blocks, text = answer_message(text="word " * 60_000, source_titles=[], interaction_id=1)
     assert len(blocks) == MAX_BLOCKS and _block_errors(blocks) == []

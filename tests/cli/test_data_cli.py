@@ -73,6 +73,81 @@ def test_bad_csv_is_refused_whole(workspace, tmp_path):
     assert r.exit_code == 0 and "1 examples imported" in r.stdout
 
 
+ZH_PREAMBLE = "请根据公司知识库回答以下问题:"
+
+
+def _export(workspace, tmp_path, fmt: str) -> list[dict]:
+    out = tmp_path / f"{fmt}.jsonl"
+    assert workspace("data", "export", "--format", fmt, "--out", out).exit_code == 0
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def test_guide_layout_import_says_so_and_stores_the_bare_question(workspace, tmp_path):
+    guide = _write(tmp_path / "guide.jsonl", [json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": ZH_PREAMBLE, "input": "我们的报销流程是什么?", "output": "在费控系统提交申请并附上发票。"},
+        {"instruction": ZH_PREAMBLE, "input": "年假有多少天?", "output": "每年 15 天。"},
+    ]])
+    r = workspace("data", "import", guide)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"{guide}: 2 examples imported as approved, 0 duplicates skipped.",
+        f'Read as: question = input; the instruction is the same on every row: "{ZH_PREAMBLE}"',
+    ]
+    sft = _export(workspace, tmp_path, "sft")
+    assert sorted((e["instruction"], e["input"]) for e in sft) == [("年假有多少天?", ""), ("我们的报销流程是什么?", "")]
+    # What training and answering both see: the employee's bare question, no preamble.
+    users = {m["messages"][0]["content"] for m in _export(workspace, tmp_path, "messages")}
+    assert users == {"我们的报销流程是什么?", "年假有多少天?"}
+
+
+def test_english_csv_in_both_layouts(workspace, tmp_path):
+    preamble = "Answer the following question using the company knowledge base."
+    guide = tmp_path / "guide.csv"
+    guide.write_text(f'instruction,input,output\n"{preamble}","How do I file expenses?","In the expenses tool."\n'
+                     f'"{preamble}","How many leave days?","28 a year."\n', encoding="utf-8")
+    r = workspace("data", "import", guide)
+    assert r.exit_code == 0 and f'the instruction is the same on every row: "{preamble}"' in r.stdout
+    alpaca = tmp_path / "alpaca.csv"
+    alpaca.write_text('instruction,input,output\n"Who approves travel?","Berlin office","Your team lead."\n'
+                      '"Where is the Berlin office?",,"Mitte."\n', encoding="utf-8")
+    r = workspace("data", "import", alpaca)
+    assert r.exit_code == 0 and "Read as: question = instruction, context = input (Alpaca layout)" in r.stdout
+    sft = {(e["instruction"], e["input"]) for e in _export(workspace, tmp_path, "sft")}
+    assert ("Who approves travel?", "Berlin office") in sft and ("How do I file expenses?", "") in sft
+
+
+def test_field_options_override_detection_and_unknown_fields_are_named(workspace, tmp_path):
+    custom = _write(tmp_path / "custom.jsonl", [json.dumps({"query": "Where is Berlin's office?", "response": "Mitte."})])
+    assert "unknown format" in workspace("data", "import", custom).stderr
+    r = workspace("data", "import", custom, "--question-field", "query", "--answer-field", "response")
+    assert r.exit_code == 0, r.stderr
+    assert "1 examples imported" in r.stdout and "Read as: question = query, answer = response" in r.stdout
+    r = workspace("data", "import", custom, "--question-field", "prompt", "--answer-field", "response")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == f"kbloop: {custom}: no field `prompt` in the file (fields: query, response)"
+    # Forcing input/output on a file detection reads Alpaca-style (a single row shares no preamble).
+    row = {"instruction": ZH_PREAMBLE, "input": "VPN 怎么连?", "output": "WireGuard。"}
+    one = _write(tmp_path / "one.jsonl", [json.dumps(row, ensure_ascii=False)])
+    r = workspace("data", "import", one, "--question-field", "input", "--answer-field", "output")
+    assert r.exit_code == 0 and "Read as: question = input, answer = output" in r.stdout
+    assert "VPN 怎么连?" in {e["instruction"] for e in _export(workspace, tmp_path, "sft")}
+
+
+def test_guide_file_with_a_bad_line_is_refused_whole(workspace, tmp_path):
+    bad = _write(tmp_path / "guide.jsonl", [json.dumps(r, ensure_ascii=False) for r in [
+        {"instruction": ZH_PREAMBLE, "input": "报销流程?", "output": "费控系统。"},
+        {"instruction": ZH_PREAMBLE, "input": "", "output": "没有问题的答案。"},
+        {"instruction": ZH_PREAMBLE, "input": "年假?", "output": ""},
+        {"instruction": ZH_PREAMBLE, "input": "VPN?", "output": "WireGuard。"},
+    ]])
+    r = workspace("data", "import", bad)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f'kbloop: {bad}:2: empty `input`: rows with the shared instruction "{ZH_PREAMBLE}" ask their question there',
+        f"kbloop: {bad}:3: missing or empty `output`"]
+    assert "examples by status: pending 0, approved 0" in workspace("data", "stats").stdout.lower()
+
+
 def test_unknown_file_type_missing_path_and_non_utf8(workspace, tmp_path):
     assert "unknown file type .xlsx" in workspace("data", "import", _write(tmp_path / "a.xlsx", ["x"])).stderr
     assert "no such file" in workspace("data", "import", tmp_path / "missing.jsonl").stderr

@@ -36,6 +36,17 @@ def test_import_reports_file_line_with_the_uploaded_name(db, alice, tmp_path):
     assert {e.reviewer for e in list_examples(db)} == {"alice"}
 
 
+def test_import_says_how_the_file_was_read(db, alice, tmp_path):
+    preamble = "请根据公司知识库回答以下问题:"
+    guide = tmp_path / "guide.jsonl"
+    guide.write_text("".join(json.dumps({"instruction": preamble, "input": q, "output": "见 HR 门户。"}, ensure_ascii=False)
+                             + "\n" for q in ("我们的报销流程是什么?", "年假有多少天?")), encoding="utf-8")
+    out = dataset.import_file(db, alice, guide)
+    assert out.ok and out.message.splitlines()[1] == (
+        f'Read as: question = input; the instruction is the same on every row: "{preamble}"')
+    assert sorted(e.question for e in list_examples(db)) == ["年假有多少天?", "我们的报销流程是什么?"]
+
+
 def test_export_every_format(db, seeded, alice, tmp_path):
     from playground import review
 

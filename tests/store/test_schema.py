@@ -18,9 +18,14 @@ SCHEMA = {
     "interactions": {
         "columns": {"id": int, "question": str, "answer": str, "source": str, "user_id": str, "channel_id": str,
                     "thread_ts": str, "message_ts": str, "event_id": str, "adapter_version": str, "sources": str,
-                    "latency_ms": int, "created_at": str},
+                    "latency_ms": int, "created_at": str, "verified_example_id": int},
         "indexes": {(("channel_id", "message_ts"), False), (("created_at",), False)},
-        "fks": set(),
+        "fks": {("verified_example_id", "examples", "id")},
+    },
+    "example_embeddings": {
+        "columns": {"example_id": int, "model": str, "text_hash": str, "vector": bytes},
+        "indexes": set(),
+        "fks": {("example_id", "examples", "id")},
     },
     "feedback": {
         "columns": {"id": int, "interaction_id": int, "user_id": str, "vote": int, "correction": str, "source": str,

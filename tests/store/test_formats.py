@@ -1,0 +1,140 @@
+"""Reading training-data files: which layout a file uses, decided per file, and how it is reported."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from store import StoreError
+from store.examples import NewExample, add_examples, list_examples
+from store.formats import ImportFileError, read_examples_file
+
+ZH_PREAMBLE = "请根据公司知识库回答以下问题:"
+EN_PREAMBLE = "Answer the following question using the company knowledge base."
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _guide(preamble: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    return [{"instruction": preamble, "input": q, "output": a} for q, a in pairs]
+
+
+def test_guide_layout_in_chinese_reads_the_question_from_input_and_drops_the_preamble(tmp_path):
+    rows = _guide(ZH_PREAMBLE, [("我们的报销流程是什么?", "在费控系统提交申请并附上发票。"),
+                                ("年假有多少天?", "每年 15 天。"), ("VPN 怎么连?", "安装 WireGuard。")])
+    # Retyped by hand: other spacing and a full-width colon are still the same preamble.
+    rows[1]["instruction"] = " 请根据公司知识库回答以下问题： "
+    f = read_examples_file(_jsonl(tmp_path / "zh.jsonl", rows))
+    assert f.layout == "guide"
+    assert f.examples[0] == NewExample(question="我们的报销流程是什么?", answer="在费控系统提交申请并附上发票。", input="")
+    assert [e.question for e in f.examples] == ["我们的报销流程是什么?", "年假有多少天?", "VPN 怎么连?"]
+    assert {e.input for e in f.examples} == {""}
+    assert f.description == f'question = input; the instruction is the same on every row: "{ZH_PREAMBLE}"'
+
+
+def test_guide_layout_in_english_csv(tmp_path):
+    path = tmp_path / "en.csv"
+    path.write_text("instruction,input,output\n"
+                    f'"{EN_PREAMBLE}","How do I file expenses?","In the expenses tool, with receipts."\n'
+                    f'"{EN_PREAMBLE}","How many leave days do I get?","28 days a year."\n', encoding="utf-8")
+    f = read_examples_file(path)
+    assert f.layout == "guide"
+    assert [(e.question, e.input) for e in f.examples] == [("How do I file expenses?", ""),
+                                                           ("How many leave days do I get?", "")]
+    assert EN_PREAMBLE in f.description
+
+
+def test_alpaca_layout_keeps_instruction_as_question_and_input_as_context(tmp_path):
+    f = read_examples_file(_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "How do I file expenses?", "input": "", "output": "In the expenses tool."},
+        {"instruction": "年假有多少天?", "input": "上海办公室", "output": "每年 15 天。"},
+    ]))
+    assert f.layout == "alpaca"
+    assert f.description == "question = instruction, context = input (Alpaca layout)"
+    assert [(e.question, e.input) for e in f.examples] == [("How do I file expenses?", ""), ("年假有多少天?", "上海办公室")]
+    csv = tmp_path / "alpaca.csv"
+    csv.write_text('instruction,input,output\n"Who approves travel?",,"Your team lead."\n', encoding="utf-8")
+    assert read_examples_file(csv).layout == "alpaca"
+
+
+def test_a_single_row_is_alpaca(tmp_path):
+    f = read_examples_file(_jsonl(tmp_path / "one.jsonl", _guide(EN_PREAMBLE, [("Where is Berlin's office?", "Mitte.")])))
+    assert f.layout == "alpaca" and f.examples[0].question == EN_PREAMBLE  # one row shows no shared preamble
+
+
+def test_one_instruction_without_input_is_alpaca_with_duplicate_questions(tmp_path, db):
+    rows = [{"instruction": "What is the VPN?", "output": f"WireGuard, take {i}."} for i in range(3)]
+    f = read_examples_file(_jsonl(tmp_path / "dupes.jsonl", rows))
+    assert f.layout == "alpaca" and len(f.examples) == 3
+    assert add_examples(db, f.examples) == (1, 2)  # dedup keeps the first
+
+
+def test_rows_with_another_instruction_in_a_guide_file_are_read_alpaca_style_and_counted(tmp_path):
+    rows = _guide(ZH_PREAMBLE, [("报销流程?", "费控系统。"), ("年假?", "15 天。"), ("VPN?", "WireGuard。")])
+    rows.append({"instruction": "Who approves travel?", "input": "Berlin", "output": "Your team lead."})
+    f = read_examples_file(_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert f.layout == "guide"
+    assert (f.examples[-1].question, f.examples[-1].input) == ("Who approves travel?", "Berlin")
+    assert f.description == (f'question = input; the instruction is the same on 3 of 4 rows: "{ZH_PREAMBLE}"; '
+                             "1 row with another instruction read as question = instruction, context = input "
+                             "(Alpaca layout)")
+
+
+def test_a_preamble_row_with_empty_input_refuses_the_file_whole(tmp_path):
+    rows = _guide(EN_PREAMBLE, [("How do I file expenses?", "Expenses tool."), ("", "Orphan answer."),
+                                ("Leave days?", "28."), ("Badge lost?", "Tell security.")])
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [f'{path}:2: empty `input`: rows with the shared instruction "{EN_PREAMBLE}" '
+                                  "ask their question there"]
+
+
+def test_question_answer_messages_and_mixed_files_say_how_they_were_read(tmp_path):
+    qa = read_examples_file(_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A."}]))
+    assert (qa.layout, qa.description) == ("question/answer", "question = question, answer = answer")
+    msg = {"messages": [{"role": "user", "content": "怎么连 VPN?"}, {"role": "assistant", "content": "用 WireGuard。"}]}
+    chat = read_examples_file(_jsonl(tmp_path / "chat.jsonl", [msg]))
+    assert chat.layout == "messages" and "user turn" in chat.description
+    mixed = read_examples_file(_jsonl(tmp_path / "mixed.jsonl", [msg, {"question": "Q?", "answer": "A."},
+                                                                 {"question": "Q2?", "answer": "A2."}]))
+    assert mixed.layout == "mixed"
+    assert mixed.description.startswith("1 row read as question = the user turn")
+    assert "; 2 rows read as question = question, answer = answer" in mixed.description
+
+
+def test_named_fields_override_detection(tmp_path):
+    custom = _jsonl(tmp_path / "custom.jsonl", [{"query": "Where is the Berlin office?", "response": "Mitte.", "n": 1}])
+    f = read_examples_file(custom, question_field="query", answer_field="response")
+    assert (f.layout, f.description) == ("fields", "question = query, answer = response")
+    assert f.examples == [NewExample("Where is the Berlin office?", "Mitte.")]
+    # Forcing the guide reading on a file detection takes for Alpaca (one row: no shared preamble to see).
+    one = _jsonl(tmp_path / "one.jsonl", _guide(ZH_PREAMBLE, [("报销流程?", "费控系统。")]))
+    forced = read_examples_file(one, question_field="input")  # the answer field defaults to `output`
+    assert forced.examples == [NewExample("报销流程?", "费控系统。")]
+    assert forced.description == "question = input, answer = output"
+    # And the Alpaca reading on a guide file: `input` stays context when it is not the question.
+    guide = _jsonl(tmp_path / "guide.jsonl", _guide(EN_PREAMBLE, [("Q1?", "A1."), ("Q2?", "A2.")]))
+    alpaca = read_examples_file(guide, question_field="instruction", answer_field="output")
+    assert [(e.question, e.input) for e in alpaca.examples] == [(EN_PREAMBLE, "Q1?"), (EN_PREAMBLE, "Q2?")]
+
+
+def test_unknown_or_clashing_field_names_are_clear_errors(tmp_path):
+    path = _jsonl(tmp_path / "custom.jsonl", [{"query": "Q?", "response": "A."}, {"query": "Q2?"}])
+    with pytest.raises(StoreError, match=r"custom.jsonl: no field `answer` in the file \(fields: query, response\)"):
+        read_examples_file(path, question_field="query", answer_field="answer")
+    with pytest.raises(ImportFileError, match="cannot be both the question and the answer"):
+        read_examples_file(path, question_field="query", answer_field="query")
+    with pytest.raises(ImportFileError) as err:  # a row without the field is a bad line
+        read_examples_file(path, question_field="query", answer_field="response")
+    assert err.value.problems == [f"{path}:2: missing or empty `response`"]
+
+
+def test_guide_import_stores_the_bare_question(tmp_path, db):
+    f = read_examples_file(_jsonl(tmp_path / "zh.jsonl", _guide(ZH_PREAMBLE, [("报销流程?", "费控系统。"),
+                                                                             ("年假?", "15 天。")])))
+    add_examples(db, f.examples)
+    assert sorted((e.question, e.input) for e in list_examples(db)) == [("年假?", ""), ("报销流程?", "")]
