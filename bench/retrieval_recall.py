@@ -14,7 +14,7 @@ Recall@3 is document recall: is the question's source among the first 3 distinct
 found) and off-topic ones (correct).
 
 Transfer: the same questions against a 5-document KB (5 documents of `bilingual`) and a ~500-document KB
-(both KBs plus generated distractor documents); the decisions must agree. Latency: a 1,000-passage KB, query
+(`bilingual` plus 490 generated documents about other things); the decisions must agree. Latency: a 1,000-passage KB, query
 embedding included (the query-vector cache is cleared before every question).
 Passage embeddings are cached on disk (by model and text) so re-runs and the grid do not re-embed.
 """
@@ -113,17 +113,18 @@ def embed_cached(db) -> int:
         _cache = dict(np.load(f)) if f.exists() else {}
     model = embedding.embedding_model_name()
     missing = passages_missing_embedding(db, model)
-    keys = [hashlib.sha1(retrieval._passage_text(p).encode()).hexdigest() for p in missing]
-    todo = [(p, key) for p, key in zip(missing, keys) if key not in _cache]
-    for start in range(0, len(todo), 16):
-        chunk = todo[start : start + 16]
-        vectors = embedding.embed_passages([retrieval._passage_text(p) for p, _ in chunk])
-        _cache.update({key: v for (_, key), v in zip(chunk, vectors)})
-        print(f"  embedded {start + len(chunk)}/{len(todo)}", file=sys.stderr, flush=True)
+    texts = {p.id: [retrieval._passage_text(p)] + retrieval.passage_sentences(p) for p in missing}
+    key = {t: hashlib.sha1(t.encode()).hexdigest() for group in texts.values() for t in group}
+    todo = sorted({t for t, h in key.items() if h not in _cache})
+    for start in range(0, len(todo), 32):
+        chunk = todo[start : start + 32]
+        _cache.update({key[t]: v for t, v in zip(chunk, embedding.embed_passages(chunk))})
+        print(f"  embedded {start + len(chunk)}/{len(todo)} texts", file=sys.stderr, flush=True)
     if todo:
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(_cache_file(), **_cache)
-    set_embeddings(db, model, {p.id: _cache[key].astype("<f4").tobytes() for p, key in zip(missing, keys)})
+    set_embeddings(db, model, {pid: np.stack([_cache[key[t]] for t in group]).astype("<f4").tobytes()
+                               for pid, group in texts.items()})
     return len(missing)
 
 
@@ -188,9 +189,9 @@ class Candidate:
     bm25: float | None
 
 
-def candidates(db, question: str) -> tuple[list[Candidate], float]:
+def candidates(db, question: str, config: RetrievalConfig = DEFAULT_CONFIG) -> tuple[list[Candidate], float]:
     """Every fused candidate with its evidence (no decision, no cut), and the query's best BM25 score."""
-    wide = dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf"))
+    wide = dataclasses.replace(config, min_score=float("-inf"))
     ranked = retrieve_scored(db, question, k=10_000, config=wide)
     best = max((s.bm25_score or 0.0 for s in ranked), default=0.0)
     return [Candidate(s.passage.doc_path, s.relevance, s.coverage or 0.0, s.bm25_score) for s in ranked], best
@@ -233,20 +234,35 @@ def baseline_recall(db, rows: list[dict], mode: str) -> dict:
     return {g: round(sum(h) / len(h), 3) for g, h in out.items()}
 
 
-def tune(rows: dict[str, list[dict]], cands_by_kb: dict[str, dict]) -> tuple[RetrievalConfig, list]:
-    """Grid on the tuning halves of both KBs: maximise the worst of (same-language recall, cross-language
-    recall, off-topic nothing-found) over the two KBs, then the sum."""
+TARGETS = {"same-language": 0.95, "cross-language": 0.8, "mixed doc": 0.8, "off-topic": 0.9}  # issue 15
+
+
+def tune(rows: dict[str, list[dict]], dbs: dict) -> tuple[RetrievalConfig, list]:
+    """Grid on the tuning halves of both KBs. Objective: issue 15's targets, each met as far as the others
+    allow: maximise the worst of metric / target over both KBs (same-language recall@3 / 0.95,
+    cross-language and mixed-document recall@3 / 0.8, off-topic nothing found / 0.9), then their mean.
+    A false "nothing found" counts as a miss in recall, a false match against the off-topic share."""
     results = []
-    for cw, bw, ms in itertools.product((0.0, 1.0, 2.0, 3.0), (0.0, 0.5, 1.0), [x / 4 for x in range(4, 33)]):
-        config = dataclasses.replace(DEFAULT_CONFIG, coverage_weight=cw, bm25_weight=bw, min_score=ms)
-        keys = []
-        for kb, kb_rows in rows.items():
-            r = evaluate([x for x in kb_rows if x["split"] == "tune"], cands_by_kb[kb], config)
-            keys += [r[g]["recall@3"] for g in ("same-language", "cross-language", "mixed doc") if g in r]
-            keys.append(r["off-topic"]["nothing_found"])
-        results.append((min(keys), sum(keys), config))
+    for xb in (0.0, 0.05, 0.1, 0.15, 0.2):
+        with_bonus = dataclasses.replace(DEFAULT_CONFIG, cross_language_bonus=xb)
+        cands = {kb: {r["question"]: candidates(dbs[kb], r["question"], with_bonus) for r in kb_rows if r["split"] == "tune"}
+                 for kb, kb_rows in rows.items()}
+        for cw, bw, ms in itertools.product((0.0, 0.05, 0.1, 0.2), (0.0, 0.05), [x / 100 for x in range(40, 101)]):
+            config = dataclasses.replace(with_bonus, coverage_weight=cw, bm25_weight=bw, min_score=ms)
+            results.append(_tuning_score(rows, cands, config))
     results.sort(key=lambda x: (-x[0], -x[1], x[2].min_score))
     return results[0][2], results[:10]
+
+
+def _tuning_score(rows, cands_by_kb, config):
+    ratios = []
+    for kb, kb_rows in rows.items():
+        r = evaluate([x for x in kb_rows if x["split"] == "tune"], cands_by_kb[kb], config)
+        for group, target in TARGETS.items():
+            if group in r:
+                value = r[group]["nothing_found"] if group == "off-topic" else r[group]["recall@3"]
+                ratios.append(min(1.0, value / target))
+    return round(min(ratios), 3), round(sum(ratios) / len(ratios), 4), config
 
 
 def latency(folder: Path, questions: list[str]) -> dict:
@@ -260,8 +276,9 @@ def latency(folder: Path, questions: list[str]) -> dict:
     rng = np.random.default_rng(0)
     model = embedding.embedding_model_name()
     ids = [r[0] for r in db.execute("SELECT id FROM kb_docs").fetchall()]
-    vectors = rng.standard_normal((len(ids), embedding.embedding_dim())).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Each passage gets 1 + 8 rows: the passage and 8 sentences (the sample KB averages 9.8 per passage).
+    vectors = rng.standard_normal((len(ids), 9, embedding.embedding_dim())).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
     set_embeddings(db, model, {pid: v.astype("<f4").tobytes() for pid, v in zip(ids, vectors)})
     retrieve_scored(db, "warm up", k=K)
     times = []
@@ -297,7 +314,9 @@ def main() -> None:
             cands[kb] = {r["question"]: candidates(dbs[kb], r["question"]) for r in rows[kb]}
         config = DEFAULT_CONFIG
         if args.tune:
-            config, top = tune(rows, cands)
+            config, top = tune(rows, dbs)
+            for kb in rows:
+                cands[kb] = {r["question"]: candidates(dbs[kb], r["question"], config) for r in rows[kb]}
             report["tuned"] = [{"worst": w, "sum": round(s, 3), **dataclasses.asdict(c)} for w, s, c in top]
             print("best on the tuning halves:", *(f"  {t}" for t in report["tuned"]), sep="\n")
             report["config"] = dataclasses.asdict(config)
@@ -311,6 +330,16 @@ def main() -> None:
                 "baseline_bm25": baseline_recall(dbs[kb], test, "bm25"),
                 "baseline_dense": baseline_recall(dbs[kb], test, "dense"),
             }
+        # The trade-off the threshold makes, on the test halves: covered recall@3 against off-topic nothing found.
+        report["operating_points"] = []
+        for ms in [round(config.min_score + d, 2) for d in (-0.3, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1)]:
+            point = {"min_score": ms}
+            for kb in rows:
+                r = evaluate([x for x in rows[kb] if x["split"] == "test"], cands[kb],
+                             dataclasses.replace(config, min_score=ms))
+                point[kb] = {"covered_recall@3": r["covered"]["recall@3"], "cross_recall@3": r["cross-language"]["recall@3"],
+                             "offtopic_nothing_found": r["off-topic"]["nothing_found"]}
+            report["operating_points"].append(point)
         if args.segmentation:
             report["segmentation"] = {}
             for terms in (("bigrams",), ("words",), ("words", "bigrams")):
@@ -329,7 +358,9 @@ def main() -> None:
             (tmp / "small").mkdir()
             (tmp / "large").mkdir()
             small = build_kb(tmp / "small", [(DATA / "kb", SMALL_KB)])
-            large = build_kb(tmp / "large", [(DATA / "kb", None), (REPO / "samples" / "kb", None)], distractors=460)
+            # Not the sample KB: it covers some of the off-topic questions (travel booking, gym, bonus), so a
+            # "found" there would be right, not a change of decision.
+            large = build_kb(tmp / "large", [(DATA / "kb", None)], distractors=490)
             asked = [r for r in rows["bilingual"] if r["split"] == "test" and (r["source"] in SMALL_KB or r["source"] is None)]
             small_c = {r["question"]: candidates(small, r["question"]) for r in asked}
             large_c = {r["question"]: candidates(large, r["question"]) for r in asked}
@@ -387,6 +418,10 @@ def summary(report: dict) -> str:
         tr = report["transfer"]
         lines.append(f"transfer {tr['small_documents']} vs {tr['large_documents']} documents: same decision "
                      f"{tr['same_decision']}/{tr['questions']}; disagreements {tr['disagreements']}")
+    for point in report.get("operating_points", []):
+        lines.append(f"min_score {point['min_score']}: " + "; ".join(
+            f"{kb} covered {point[kb]['covered_recall@3']} cross {point[kb]['cross_recall@3']} "
+            f"off-topic nothing found {point[kb]['offtopic_nothing_found']}" for kb in ("sample", "bilingual")))
     lines.append(f"latency {report['latency_1000']}; max RSS {report['max_rss_mib']} MiB; {report['seconds']} s")
     return "\n".join(lines)
 

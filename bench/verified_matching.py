@@ -29,6 +29,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ from store.formats import read_examples_file  # noqa: E402
 
 DATA = REPO / "bench" / "data"
 MARGIN = 0.01
+NO_BONUS = replace(DEFAULT_VERIFIED, cross_script_bonus=0.0)
 
 
 def load_items() -> list[dict]:
@@ -56,8 +58,10 @@ def measure(db, items: list[dict], unrelated: list[str]) -> list[dict]:
         own = by_question[item["approved"]]
         for kind in ("same", "cross"):
             top = search_examples(db, item[kind], k=1)[0]
+            unadjusted = search_examples(db, item[kind], k=1, config=NO_BONUS)[0]
             rows.append({"item": i, "kind": kind, "ask": item[kind], "positive": True,
                          "similarity": top.similarity, "exact": top.exact, "right": top.example.answer == own.answer,
+                         "right_without_bonus": unadjusted.example.answer == own.answer,
                          "top": top.example.question})
         review_example(db, own.id, decision="rejected", reviewer="bench")
         for kind in ("same", "cross"):
@@ -83,6 +87,10 @@ def scores(rows: list[dict], match: float, related: float) -> dict:
         group = [r for r in pos if r["kind"] == kind]
         out[f"recall_{kind}"] = sum(matched(r) and r["right"] for r in group) / len(group)
     out["wrong_match_on_positives"] = sum(matched(r) and not r["right"] for r in pos)
+    cross = [r for r in pos if r["kind"] == "cross"]
+    out["translations_ranking_their_own_first"] = {
+        "with_cross_script_bonus": f"{sum(r['right'] for r in cross)} of {len(cross)}",
+        "without": f"{sum(r['right_without_bonus'] for r in cross)} of {len(cross)}"}
     rel = [r for r in rows if not r["positive"] and r.get("related") and not r["right"]]
     unrel = [r for r in rows if not r["positive"] and not r.get("related")]
     out["false_matches_related"] = f"{sum(matched(r) for r in rel)} of {len(rel)}"

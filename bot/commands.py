@@ -26,6 +26,9 @@ STATUS_METRICS = (
     ("train_reproduced", "train reproduced"), ("stop_rate", "stop rate"), ("forgetting_delta", "forgetting Δ"),
 )
 RETRAIN_SHORTCUTS = {"force"}
+# `from=base` / `from=v3`, as `kbloop train --from`: the TrainConfig field is start_from (the default, continuing
+# from the active adapter, is TrainConfig's own, so the bot, the worker and the playground share it).
+RETRAIN_ALIASES = {"from": "start_from"}
 
 
 def parse_retrain_args(text: str) -> dict:
@@ -40,7 +43,8 @@ def parse_retrain_args(text: str) -> dict:
         key, sep, raw = word.partition("=")
         if not sep or not key or not raw:
             raise ValueError(f"`{word}` is not key=value")
-        train[key.replace("-", "_")] = _coerce(raw)
+        key = key.replace("-", "_")
+        train[RETRAIN_ALIASES.get(key, key)] = raw if key == "from" else _coerce(raw)
     if train:
         params["train"] = train
     return params

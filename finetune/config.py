@@ -6,7 +6,8 @@ A field left at None means "the default for this base and this data". `resolve_c
   all linear projections, lr 2e-4, 3 epochs, batch 4 x accumulation 4, warmup 10%;
 - the `tiny` base (random weights, built locally) gets TINY_DEFAULTS: it has to *memorise* its training
   answers from scratch, which takes many more, larger steps than adapting a pretrained model;
-- `rank="auto"` applies the seed's rank table to the data (finetune.recommend).
+- `rank="auto"` applies the seed's rank table to the data (finetune.recommend);
+- `epochs` given explicitly turns the step floor (`min_steps`) off unless that is given too.
 
 The resolved config (what was actually used) comes back in TrainOutcome.config, with the reasons.
 """
@@ -87,6 +88,9 @@ class TrainConfig:
     # Stop at the first epoch end where at least this share of the training answers is reproduced exactly
     # (greedy decoding); 0 = never stop early, train the whole budget.
     stop_reproduced: float | None = None
+    # Where a registered run starts: "active" (None means that: continue from the active adapter when its base,
+    # method and shape match, else from the base), "base", or an adapter version (finetune.continuation).
+    start_from: str | None = None
 
     def as_params(self) -> dict:
         """JSON-able form for the registry's metadata."""
@@ -121,6 +125,9 @@ def resolve_config(config: TrainConfig, *, tiny: bool, n_examples: int, profile=
     for f in fields(TrainConfig):
         if f.name in defaults and getattr(config, f.name) is None:
             updates[f.name] = defaults[f.name]
+    if config.epochs is not None and config.min_steps is None and updates.get("min_steps"):
+        # Epochs asked for explicitly mean what they say: no step floor stretches them.
+        updates["min_steps"] = 0
     if config.rank == "auto":
         if profile is None:
             raise ValueError("rank='auto' needs the data profile")

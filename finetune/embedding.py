@@ -129,22 +129,26 @@ def _load_sentence_transformer(spec: str) -> _Embedder:
 
 _lock = threading.Lock()
 _embedders: dict[str, _Embedder] = {}
-_selected: str | None = None  # set by use_embedding_model(); None: KBLOOP_EMBEDDING_MODEL
+_selected: str | None = None  # the embedder in use: use_embedding_model(), else KBLOOP_EMBEDDING_MODEL
 
 
 def use_embedding_model(spec: str | None) -> None:
-    """Choose the process's embedder (benchmarks, tests); None goes back to KBLOOP_EMBEDDING_MODEL."""
+    """Choose the process's embedder (benchmarks, tests); None reads KBLOOP_EMBEDDING_MODEL again on next use."""
     global _selected
     with _lock:
         _selected = canonical_model(spec) if spec is not None else None
 
 
 def _configured() -> str:
-    if _selected is not None:
-        return _selected
-    from kbloop.settings import load_settings
+    """The embedder's spec, read from the settings once per process (every question asks)."""
+    global _selected
+    if _selected is None:
+        from kbloop.settings import load_settings
 
-    return canonical_model(load_settings().embedding_model)
+        spec = canonical_model(load_settings().embedding_model)
+        with _lock:
+            _selected = spec
+    return _selected
 
 
 def _embedder() -> _Embedder:

@@ -10,6 +10,9 @@ What is measured, all greedy and reproducible:
   case, width and punctuation; tokens are words, and single characters for Chinese / Japanese / Korean
   (which are written without spaces, so word-level F1 would be all-or-nothing there).
 - `train_reproduced`: the share of (a deterministic sample of) training examples reproduced exactly.
+- `train_reproduced_exact`: the share of *all* training examples greedy decoding would reproduce exactly,
+  decided by one teacher-forced pass (finetune.training.reproduced_examples); `reproduced_keys` lists their
+  content hashes (finetune.continuation.example_key), to compare one model with another (retention).
 - `stop_rate`: the share of all generations that ended with the end-of-turn token within their budget.
 - `forgetting_base_loss` / `forgetting_adapter_loss` / `forgetting_delta`: language-model loss on general
   text shipped with kbloop (finetune/assets/general.txt), without and with the adapter; a large positive delta
@@ -43,6 +46,7 @@ GENERAL_TEXT_PATH = Path(__file__).parent / "assets" / "general.txt"
 METRIC_KEYS = (
     "heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",
     "forgetting_base_loss", "forgetting_adapter_loss", "forgetting_delta", "n_heldout", "n_train_sampled",
+    "train_reproduced_exact",
 )
 
 
@@ -226,6 +230,20 @@ def sample_for_reproduction(train: Sequence[TrainingExample], n: int) -> list[Tr
     return keyed[:n]
 
 
+def reproduced_training(model, tokenizer, train: Sequence[TrainingExample], *, batch_size: int = 4) -> list[str]:
+    """Content hashes of the training examples the model reproduces exactly under greedy decoding."""
+    from finetune.continuation import example_key
+    from finetune.data import encode_examples
+    from finetune.models import end_of_turn_id
+    from finetune.training import reproduced_examples
+
+    if not train:
+        return []
+    encoded, _ = encode_examples(tokenizer, train, max_length=4096, eot_id=end_of_turn_id(tokenizer))
+    hits = reproduced_examples(model, encoded, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+    return [example_key(ex) for ex, hit in zip(train, hits) if hit]
+
+
 def load_general_text(path: Path | None = None) -> str:
     path = path or GENERAL_TEXT_PATH
     try:
@@ -261,6 +279,9 @@ def evaluate(
     generations = generate_answers(model, tokenizer, list(heldout) + sampled, config=config)
     held_gen, train_gen = generations[: len(heldout)], generations[len(heldout) :]
 
+    say("training answers reproduced")
+    reproduced = reproduced_training(model, tokenizer, train, batch_size=config.loss_batch_size)
+
     say("forgetting probe")
     text = general_text if general_text is not None else load_general_text()
     adapter_general = general_text_loss(model, tokenizer, text, max_tokens=config.forgetting_tokens,
@@ -284,6 +305,8 @@ def evaluate(
         "forgetting_adapter_loss": _finite(adapter_general),
         "forgetting_delta": (_finite(adapter_general - base_general)
                              if adapter_general is not None and base_general is not None else None),
+        "train_reproduced_exact": (len(reproduced) / len(train)) if train else None,
+        "reproduced_keys": reproduced,
         "n_heldout": len(heldout),
         "n_train_sampled": len(sampled),
         "eval_seconds": round(time.monotonic() - started, 2),
@@ -310,9 +333,12 @@ _LABELS = {
     "heldout_exact_match": ("held-out exact match", "pct"),
     "heldout_token_f1": ("held-out token F1", "pct"),
     "train_reproduced": ("training reproduced", "pct"),
+    "train_reproduced_exact": ("training reproduced (all, exact)", "pct"),
+    "retained_vs_active": ("answers kept (vs active)", "pct"),
     "stop_rate": ("stops at end of turn", "pct"),
     "forgetting_adapter_loss": ("general-text loss", "loss"),
     "forgetting_delta": ("forgetting (vs base)", "signed"),
+    "forgetting_vs_active": ("forgetting (vs active)", "signed"),
 }
 
 

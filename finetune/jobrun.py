@@ -161,7 +161,10 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
     result = train_candidate(db, home=home, config=config, job_id=job.id, on_step=reporter.step,
                              should_stop=should_stop, on_phase=on_phase)
     adapter, verdict = result.adapter, result.verdict
+    from finetune.registry import read_metadata
+
     return {
+        "start": read_metadata(Path(adapter.path)).get("start"),  # continued from the active adapter, or why not
         "status": "done", "version": adapter.version, "passed": bool(verdict.passed),
         "reasons": list(verdict.reasons), "table": verdict.table, "metrics": adapter.metrics,
         "active_version": result.active.version if result.active else None,

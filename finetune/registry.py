@@ -20,7 +20,11 @@ adapter (or the base):
 - its answer-token loss is at most the active's x (1 + `loss_rel_tolerance`),
 - its exact match and token F1 are at most `score_tolerance` (absolute) below the active's,
 - its stop rate (generations ending with the end-of-turn token) is at most `stop_tolerance` below;
-and the held-out set is not empty. Training reproduction and the forgetting probe are reported beside it.
+- it still reproduces at least `min_retained` (95%) of the training answers the active adapter reproduces
+  exactly, when the active reproduces at least `retention_min_answers` of them (a continued run must not
+  forget; a from-scratch run must not lose what the active knew);
+and the held-out set is not empty. Training reproduction and the forgetting probe (general-text loss against
+the base, and against the active adapter: `forgetting_vs_active`) are reported beside it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 
 import sqlite_utils
 
+from finetune.continuation import StartPlan, plan_start, replay_rounds, sizing_for, steps_per_round, trained_record
 from finetune.evaluation import EvalConfig, evaluate, format_value
 from finetune.processes import pid_alive
 from store import StoreError
@@ -54,6 +59,9 @@ VLLM_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 MAX_RANK = 64
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# A continued run on a real base (whose from-scratch default never stops early) stops once it keeps this
+# share of the answers its starting adapter reproduced, and has learnt every new one.
+CONTINUE_RETAIN = 0.95
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,6 +73,10 @@ class GateConfig:
     loss_rel_tolerance: float = 0.02  # candidate loss may exceed the active's by 2 %
     score_tolerance: float = 0.02  # exact match / token F1 may be 2 points lower (absolute, 0..1)
     stop_tolerance: float = 0.0  # the stop rate may not drop at all
+    # Of the training answers the active adapter reproduces exactly, the candidate must keep this share, once the
+    # active reproduces at least `retention_min_answers` (fewer say little: a real base reproduces few exactly).
+    min_retained: float = 0.95
+    retention_min_answers: int = 10
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ _TABLE_ROWS = (
     ("heldout_token_f1", "held-out token F1", +1),
     ("stop_rate", "stops at end of turn", +1),
     ("train_reproduced", "training reproduced", 0),
+    ("train_reproduced_exact", "training reproduced (all, exact)", 0),
+    ("retained_vs_active", "answers kept (vs active)", 0),
     ("forgetting_adapter_loss", "general-text loss", 0),
     ("forgetting_delta", "forgetting (vs base)", 0),
 )
@@ -110,6 +124,10 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
             elif av is not None and cv < av - config.score_tolerance:
                 failures.append(f"held-out {label} {100 * cv:.1f}% is below {active_label}'s {100 * av:.1f}% "
                                 f"(more than {100 * config.score_tolerance:.0f} points lower)")
+        retained, n_before = c.get("retained_vs_active"), c.get("n_active_reproduced") or 0
+        if retained is not None and n_before >= config.retention_min_answers and retained < config.min_retained:
+            failures.append(f"reproduces {100 * retained:.1f}% of the {n_before} training answers {active_label} "
+                            f"reproduces (at least {100 * config.min_retained:.0f}% must be kept)")
         cs, as_ = c.get("stop_rate"), a.get("stop_rate")
         if cs is not None and as_ is not None and cs < as_ - config.stop_tolerance:
             failures.append(f"stops at the end of its turn in {100 * cs:.1f}% of answers, "
@@ -117,8 +135,10 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
     table = comparison_table(c, a, candidate_label=candidate_label, active_label=active_label)
     if failures:
         return GateVerdict(False, failures, table, active_label)
+    kept = (f"; keeps {100 * c['retained_vs_active']:.1f}% of the {c['n_active_reproduced']} answers "
+            f"{active_label} reproduces" if c.get("retained_vs_active") is not None else "")
     return GateVerdict(True, [f"no worse than {active_label} on held-out loss, exact match, token F1 and stop rate "
-                              f"({c.get('n_heldout')} held-out examples)"], table, active_label)
+                              f"({c.get('n_heldout')} held-out examples){kept}"], table, active_label)
 
 
 def comparison_table(candidate: dict, active: dict, *, candidate_label: str = "candidate",
@@ -152,7 +172,20 @@ def _comparison_record(verdict: GateVerdict, against_metrics: dict) -> dict:
 
 
 def _flat(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in ("gate", "heldout_samples")}
+    return {k: v for k, v in metrics.items() if k not in ("gate", "heldout_samples", "reproduced_keys")}
+
+
+def compare_with_active(candidate: dict, active: dict) -> None:
+    """Add to the candidate's metrics what it kept of the active adapter (or base): the share of the training
+    answers the active reproduces exactly that the candidate still reproduces, and the general-text loss
+    delta between the two (the forgetting probe against the previous adapter, not only the base)."""
+    before, after = active.get("reproduced_keys"), candidate.get("reproduced_keys")
+    if before is not None and after is not None:
+        kept = set(after)
+        candidate["n_active_reproduced"] = len(before)
+        candidate["retained_vs_active"] = (sum(k in kept for k in before) / len(before)) if before else None
+    ca, aa = candidate.get("forgetting_adapter_loss"), active.get("forgetting_adapter_loss")
+    candidate["forgetting_vs_active"] = round(ca - aa, 6) if ca is not None and aa is not None else None
 
 
 def stored_verdict(db: sqlite_utils.Database, adapter: adapter_rows.Adapter, *,
@@ -423,6 +456,66 @@ def _precheck(config) -> None:
                              f"use some of {', '.join(sorted(VLLM_TARGETS))} or all-linear")
 
 
+def plan_continuation(db: sqlite_utils.Database, config, *, tiny: bool, active: adapter_rows.Adapter | None,
+                      train: list) -> StartPlan:
+    """Where a run of `config` on the training split `train` starts (finetune.continuation.plan_start):
+    `config.start_from` "active" (the default), "base" or a version."""
+    from finetune.config import SEED_DEFAULTS, TINY_DEFAULTS
+
+    requested = config.start_from or "active"
+    if requested == "base":
+        previous = None
+    elif requested == "active":
+        previous = active
+    else:
+        previous = adapter_rows.get_adapter(db, requested)  # an unknown version is the user's error: say so
+    trained = read_metadata(Path(previous.path)).get("trained") if previous is not None else None
+    method = config.method or (TINY_DEFAULTS if tiny else SEED_DEFAULTS)["method"]
+    return plan_start(requested=requested, config=config, method=method, k_passages=config.k_passages,
+                      active=active, previous=previous, trained=trained, train=train,
+                      folder_problem=adapter_folder_problem(previous) if previous is not None else None)
+
+
+def _train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_step, should_stop):
+    """Train from `plan.previous`'s weights on the new examples and replayed samples of the earlier ones
+    (finetune.continuation), stopping once the new answers are learnt and the earlier ones kept."""
+    from finetune.config import SEED_DEFAULTS, TINY_DEFAULTS
+    from finetune.training import train_adapter
+
+    defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
+    prev = plan.previous.params or {}
+
+    def pick(name):  # the user's setting, else what the previous adapter was trained with, else the default
+        value = getattr(config, name)
+        if value is None:
+            value = prev.get(name, defaults.get(name))
+        return tuple(value) if isinstance(value, list) else value
+
+    sizing = sizing_for(tiny=tiny, learning_rate=pick("learning_rate"))
+    run = replace(
+        config, method=plan.previous.method, rank=pick("rank"), alpha=pick("alpha"), dropout=pick("dropout"),
+        targets=pick("targets"), batch_size=pick("batch_size"), grad_accum=pick("grad_accum"),
+        max_length=pick("max_length"), gradient_checkpointing=pick("gradient_checkpointing"),
+        learning_rate=config.learning_rate or sizing.learning_rate,
+        # One pass over the rounds; the rounds are the budget. A constant rate: the run stops at a check.
+        epochs=1.0, min_steps=0, warmup=0.0, lr_scheduler="constant",
+        stop_reproduced=config.stop_reproduced or defaults["stop_reproduced"] or CONTINUE_RETAIN,
+    )
+    data, round_size = replay_rounds(plan.new, plan.old, sizing=sizing, seed=config.seed)
+    general = sizing.general_windows * sizing.max_rounds
+    round_size += sizing.general_windows
+    outcome = train_adapter(
+        run, data, out_dir, on_step=on_step, should_stop=should_stop, init_from=Path(plan.previous.path),
+        check_examples=plan.old, new_examples=plan.new, general_items=general,
+        check_every_steps=steps_per_round(round_size, run.batch_size * run.grad_accum),
+    )
+    outcome.notes.insert(0, f"continued run: {sizing.max_rounds} rounds at most, each {len(plan.new)} new x "
+                            f"{sizing.new_repeats} + {round_size - len(plan.new) * sizing.new_repeats - sizing.general_windows} "
+                            f"replayed" + (f" + {sizing.general_windows} general-text windows" if general else "")
+                            + f", lr {run.learning_rate:g} constant")
+    return outcome
+
+
 def train_candidate(
     db: sqlite_utils.Database, *, home: Path, config, job_id: int | None = None,
     on_step: Callable | None = None, should_stop: Callable[[], bool] | None = None,
@@ -441,16 +534,23 @@ def train_candidate(
     _precheck(config)
     phase("preparing data")
     base_path = resolve_base(config.base, home=home, db=db)
-    config = replace(config, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
+    tiny = is_tiny_base(base_path)
+    config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
     eval_set = _eval_set(db, k_passages=config.k_passages)
     version = _pick_version(db, home, getattr(config, "version", None))
     active = adapter_rows.active_adapter(db)
+    plan = plan_continuation(db, config, tiny=tiny, active=active, train=eval_set.train)
+    phase(plan.reason)
 
     tmp = _temp_dir(home, version)
     try:
         phase("training")
         run_config = replace(config, base=base_path)
-        outcome = train_adapter(run_config, eval_set.train, tmp, on_step=on_step, should_stop=should_stop)
+        if plan.previous is None:
+            outcome = train_adapter(run_config, eval_set.train, tmp, on_step=on_step, should_stop=should_stop)
+        else:
+            outcome = _train_continued(run_config, plan, tmp, tiny=tiny, on_step=on_step, should_stop=should_stop)
+        outcome.notes.insert(0, plan.reason)
         for leftover in tmp.glob("checkpoint-*"):  # resumable state, not part of the adapter
             shutil.rmtree(leftover, ignore_errors=True)
         used = getattr(outcome, "config", None) or run_config
@@ -468,6 +568,7 @@ def train_candidate(
         phase(f"evaluating {against_label} on the same held-out set")
         try:
             against = _evaluate_registered(db, home, active, config.base, eval_set, eval_config, None)
+            compare_with_active(metrics, against)
             verdict = gate(metrics, against, config=gate_config, candidate_label=version, active_label=against_label)
         except Exception as exc:  # a broken active adapter must not cost the new candidate
             against = {}
@@ -476,6 +577,7 @@ def train_candidate(
                                   comparison_table(metrics, {}, candidate_label=version,
                                                    active_label=against_label), against_label)
         metrics["gate"] = _comparison_record(verdict, against)
+        reproduced = metrics.pop("reproduced_keys", None)
 
         phase("saving")
         params = used.as_params() if hasattr(used, "as_params") else _jsonable(used)
@@ -487,6 +589,9 @@ def train_candidate(
             "heldout_questions": [ex.question for ex in eval_set.heldout],
             "metrics": metrics, "training": _jsonable({k: v for k, v in vars(outcome).items() if k not in ("config", "out_dir")}),
             "job_id": job_id, "created": now(),
+            # What continued training compares with next time (finetune.continuation).
+            "trained": trained_record(eval_set.train), "reproduced_keys": reproduced,
+            "continued_from": plan.previous.version if plan.previous else None, "start": plan.reason,
         }
         write_json_atomic(tmp / META_FILE, meta)
         _fsync_tree(tmp)
@@ -529,12 +634,14 @@ def evaluate_version(db: sqlite_utils.Database, version: str, *, home: Path, eva
     metrics = _evaluate_registered(db, home, adapter, adapter.base_model, eval_set, eval_config, None)
     phase(f"evaluating {label}")
     against_metrics = _evaluate_registered(db, home, against, adapter.base_model, eval_set, eval_config, None)
+    compare_with_active(metrics, against_metrics)
+    reproduced = metrics.pop("reproduced_keys", None)
     verdict = gate(metrics, against_metrics, config=gate_config, candidate_label=version, active_label=label)
     metrics["gate"] = _comparison_record(verdict, against_metrics)
     adapter_rows.update_metrics(db, version, metrics)
     meta_path = Path(adapter.path) / META_FILE
     meta = read_metadata(Path(adapter.path))
-    meta.update({"metrics": metrics, "dataset_hash_evaluated": eval_set.dataset_hash,
+    meta.update({"metrics": metrics, "dataset_hash_evaluated": eval_set.dataset_hash, "reproduced_keys": reproduced,
                  "heldout_questions": [ex.question for ex in eval_set.heldout], "evaluated": now()})
     write_json_atomic(meta_path, meta)
     return metrics, verdict

@@ -92,13 +92,18 @@ def train_adapter(
     check_examples: Sequence[TrainingExample] | None = None,
     new_examples: Sequence[TrainingExample] = (),
     check_every_steps: int | None = None,
+    general_items: int = 0,
 ) -> TrainOutcome:
     """Train on `train` and write a PEFT adapter folder (or, for method "full", a model folder) into out_dir.
 
     `config.base` is an HF id or a model folder (resolve `tiny` first with finetune.models.resolve_base).
     `init_from`: a previous adapter folder (or full model folder, method "full") to continue from.
     The stop check (`config.stop_reproduced` > 0) measures `check_examples` (default: `train`, each once);
-    `new_examples` must all be reproduced too, and are checked first (cheap) before the whole set.
+    `new_examples` must all be reproduced too, and are checked first (cheap) before the whole set. When
+    continuing (`init_from`), the share counted is of the check answers the starting weights reproduced
+    (retention), not of all of them.
+    `general_items`: windows of general text (finetune/assets/general.txt, after the part the forgetting probe
+    reads) mixed into the data with every token learnt, against forgetting the base's language.
     Raises store.StoreError for bad input (too few examples, unknown base, rank too large, disk full) and
     TrainingCancelled when should_stop() says so.
     """
@@ -115,6 +120,9 @@ def train_adapter(
     encoded, truncation = encode_examples(tokenizer, train, max_length=config.max_length, eot_id=eot_id)
     if truncation.affected:
         notes.append(truncation.text())
+    if general_items:
+        encoded += general_text_items(tokenizer, general_items, seed=config.seed)
+        notes.append(f"{general_items} windows of general text mixed in, against forgetting")
 
     if config.gradient_checkpointing == "auto":
         mode, why = choose_checkpointing(config)
@@ -142,7 +150,7 @@ def train_adapter(
             model, head_weight, pad_id=tokenizer.pad_token_id, target=config.stop_reproduced,
             check=encode_examples(tokenizer, check, max_length=config.max_length, eot_id=eot_id)[0],
             new=encode_examples(tokenizer, _unique(new_examples), max_length=config.max_length, eot_id=eot_id)[0],
-            every_steps=check_every_steps)
+            every_steps=check_every_steps, retention=init_from is not None)
     trainer, tracker = _build_trainer(config, model, tokenizer, encoded, checkpoints, on_step, should_stop,
                                       head_weight=head_weight, epochs=budget.epochs,
                                       extra_callbacks=[stopper.callback] if stopper else [])
@@ -199,6 +207,24 @@ def run_budget(config: TrainConfig, n_encoded: int, *, world: int | None = None)
                 f"{config.epochs:g} epochs would be {math.ceil(per_epoch * config.epochs)} steps, fewer than the "
                 f"minimum {config.min_steps}; training up to {epochs:g} epochs ({per_epoch * epochs} steps)")
     return RunBudget(epochs=float(epochs), steps=max(1, math.ceil(per_epoch * epochs)), note=note)
+
+
+def general_text_items(tokenizer, n: int, *, window: int = 128, seed: int = 42) -> list[dict]:
+    """n training items of plain general text (every token but the first learnt), drawn with replacement from
+    the windows of finetune/assets/general.txt that come after the part the forgetting probe reads, so that
+    the probe still measures text the model was not trained on."""
+    import random
+
+    from finetune.data import IGNORE_INDEX
+    from finetune.evaluation import EvalConfig, load_general_text
+
+    ids = tokenizer(load_general_text(), add_special_tokens=False)["input_ids"][EvalConfig().forgetting_tokens:]
+    windows = [ids[i : i + window] for i in range(0, len(ids) - window // 2, window)]
+    if not windows:
+        return []
+    rng = random.Random(seed)
+    picked = [rng.choice(windows) for _ in range(n)]
+    return [{"input_ids": list(w), "labels": [IGNORE_INDEX] + list(w[1:])} for w in picked]
 
 
 def _unique(examples: Sequence[TrainingExample]) -> list[TrainingExample]:
@@ -272,19 +298,27 @@ class _ReproductionStop:
     LOSS_TO_CHECK = 0.5  # mean training loss since the last check; above it, answers cannot all be exact yet
 
     def __init__(self, model, head_weight, *, pad_id: int, target: float, check: list[dict], new: list[dict],
-                 every_steps: int | None):
+                 every_steps: int | None, retention: bool = False):
         from transformers import TrainerCallback
 
         self.model, self.head_weight, self.pad_id = model, head_weight, pad_id
         self.target, self.check, self.new, self.every_steps = target, check, new, every_steps
         self.last_share: float | None = None
+        self.new_learnt: float | None = None  # share of the new answers reproduced at the final check
         self.checks = 0
         self.check_s = 0.0
         self.stopped = False
         self._losses: list[float] = []
+        # Continuing: which check answers the starting weights reproduce; the share is of those kept.
+        self.retention = retention
+        self.baseline: list[bool] | None = None
         stop = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                if stop.retention and stop.baseline is None:
+                    stop.baseline = stop._hits(stop.check)
+
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     stop._losses.append(float(logs["loss"]))
@@ -310,8 +344,7 @@ class _ReproductionStop:
             if self.new and not all(reproduced_examples(self.model, self.new, pad_id=self.pad_id,
                                                         head_weight=self.head_weight)):
                 return
-            hits = reproduced_examples(self.model, self.check, pad_id=self.pad_id, head_weight=self.head_weight)
-            self.last_share = sum(hits) / len(hits) if hits else 1.0
+            self.last_share = self._share(self._hits(self.check))
             if self.last_share >= self.target:
                 self.stopped = control.should_training_stop = True
         finally:
@@ -319,20 +352,35 @@ class _ReproductionStop:
 
     def final_check(self) -> None:
         t0 = time.monotonic()
-        hits = reproduced_examples(self.model, self.check, pad_id=self.pad_id, head_weight=self.head_weight)
-        self.last_share = sum(hits) / len(hits) if hits else 1.0
+        self.last_share = self._share(self._hits(self.check))
+        if self.new:
+            self.new_learnt = sum(self._hits(self.new)) / len(self.new)
         self.checks += 1
         self.check_s += time.monotonic() - t0
 
+    def _hits(self, encoded: list[dict]) -> list[bool]:
+        return reproduced_examples(self.model, encoded, pad_id=self.pad_id, head_weight=self.head_weight)
+
+    def _share(self, hits: list[bool]) -> float:
+        if self.baseline is not None:
+            kept = [h for h, b in zip(hits, self.baseline) if b]
+            return sum(kept) / len(kept) if kept else 1.0
+        return sum(hits) / len(hits) if hits else 1.0
+
     def summary(self, *, steps: int, budget: int) -> str:
         share = "n/a" if self.last_share is None else f"{100 * self.last_share:.1f}%"
+        if self.baseline is not None:
+            what = (f"{share} of the {sum(self.baseline)} earlier answers the starting weights reproduced "
+                    f"still reproduced")
+        else:
+            what = f"{share} of the {len(self.check)} training answers reproduced exactly"
+        if self.new:
+            learnt = "all" if self.stopped else ("n/a" if self.new_learnt is None else f"{100 * self.new_learnt:.0f}%")
+            what += f", {learnt} of the {len(self.new)} new ones learnt"
+        how = f"target {100 * self.target:.0f}%; {self.checks} checks, {self.check_s:.0f} s"
         if self.stopped:
-            return (f"stopped at step {steps} of {budget}: {share} of the {len(self.check)} training answers "
-                    f"reproduced exactly (target {100 * self.target:.0f}%; {self.checks} checks, "
-                    f"{self.check_s:.0f} s)")
-        return (f"trained the whole budget ({steps} steps): {share} of the {len(self.check)} training answers "
-                f"reproduced exactly at the end (target {100 * self.target:.0f}%; {self.checks} checks, "
-                f"{self.check_s:.0f} s)")
+            return f"stopped at step {steps} of {budget}: {what} ({how})"
+        return f"trained the whole budget ({steps} steps): at the end {what} ({how})"
 
 
 # --- Model -----------------------------------------------------------------------------------------------

@@ -111,13 +111,13 @@ def all_embeddings(db: sqlite_utils.Database, model_name: str) -> list[tuple[int
     ]
 
 
-def index_rows(db: sqlite_utils.Database, model_name: str) -> list[tuple[int, bytes, str, str]]:
-    """(id, embedding, search_text, content) of every passage embedded with `model_name`: what a search index
+def index_rows(db: sqlite_utils.Database, model_name: str) -> list[tuple[int, bytes, str, Passage]]:
+    """(id, embedding, search_text, passage) of every passage embedded with `model_name`: what a search index
     keeps in memory."""
     return [
-        (r[0], r[1], r[2], r[3])
+        (r[0], r[1], r[2], Passage(r[0], *r[3:]))
         for r in db.execute(
-            """SELECT id, embedding, search_text, content FROM kb_docs
+            """SELECT id, embedding, search_text, doc_path, title, chunk_index, content FROM kb_docs
                WHERE embedding IS NOT NULL AND embedding_model = ? ORDER BY id""",
             [model_name],
         ).fetchall()
@@ -134,12 +134,14 @@ def all_kb_text(db: sqlite_utils.Database) -> Iterable[str]:
         yield r[0] + "\n" + r[1]
 
 
-def embedding_state(db: sqlite_utils.Database, model_name: str) -> tuple[int, int, int, int]:
-    """(passages, passages embedded with `model_name`, max id, sum of ids): a cheap fingerprint that
-    changes whenever passages are added, replaced or embedded, so a cached index knows it is stale."""
+def embedding_state(db: sqlite_utils.Database, model_name: str) -> tuple[int, int, int, int, str]:
+    """(passages, passages embedded with `model_name`, max id, sum of ids, latest insert): a cheap fingerprint
+    that changes whenever passages are added, replaced or embedded, so a cached index knows it is stale.
+    The latest insert time matters: SQLite reuses the id of a deleted last row, so replacing the last
+    document alone leaves count and ids as they were."""
     row = db.execute(
         """SELECT COUNT(*), COALESCE(SUM(embedding IS NOT NULL AND embedding_model IS ?), 0),
-                  COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) FROM kb_docs""",
+                  COALESCE(MAX(id), 0), COALESCE(SUM(id), 0), COALESCE(MAX(created_at), '') FROM kb_docs""",
         [model_name],
     ).fetchone()
-    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3]), str(row[4])

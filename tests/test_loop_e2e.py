@@ -1,30 +1,35 @@
-"""THE product loop, end to end, on the tiny base, with every part real:
+"""THE product loop, end to end, on the tiny base, on data in the LoRA guide's own layout, with every part real:
 
-ask in Slack (signed HTTP to the bot's HTTP server, answered by the real Engine, Web API calls to a fake
-Slack on loopback) -> 👎 with a correction (the modal submission) -> `kbloop review approve ID` -> an admin's
-`/kb-retrain` -> the worker trains in a child process, evaluates against the active adapter, promotes ->
-the same question in Slack now gets the corrected answer, and answers that were right before still are.
+`kbloop data import` of a file whose rows share one fixed instruction and carry the question in `input`
+(English and Chinese) -> a first adapter trained by the worker in a child process -> an employee asks in
+Slack (signed HTTP to the bot's HTTP server, the real Engine, Web API calls to a fake Slack on loopback)
+about something the knowledge base does not cover and is told so -> 👎 with the right answer (the modal
+submission) -> `kbloop review approve ID` -> the same question in Slack is answered at once with the
+approved answer, marked as such, before any retraining -> an admin's `/kb-retrain` continues from the
+active adapter, passes the gate and is promoted -> the model itself (`model_only`) now gives the approved
+answer, and the answers it gave before are still right.
 
 The tiny base has random weights: it memorises, it does not understand. "Right" here means reproducing the
-approved answer exactly, which is what a memorising model can show.
+approved answer, which is what a memorising model can show.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 
 import pytest
 
-from bot import BackgroundHttpServer, BotConfig, SlackJobNotifier, build_app, shutdown
-from finetune.engine import Engine, EngineConfig
+from bot import BackgroundHttpServer, BotConfig, SlackJobNotifier, build_app, messages, shutdown
+from finetune.engine import NO_MATCH_TEXT, Engine, EngineConfig
 from finetune.evaluation import token_f1
 from finetune.jobs import Worker, WorkerConfig, request_retrain
 from store import open_db
 from store.adapters import active_adapter
 from store.documents import import_documents
-from store.examples import NewExample, add_examples, list_examples
+from store.examples import NewExample, list_examples
 from store.interactions import list_interactions
 from store.jobs import get_job, list_jobs
 from tests.conftest import SAMPLES
@@ -36,29 +41,28 @@ from tests.fakes.slack_api import (
 SECRET = "e2e-signing-secret"
 ADMIN = "UADMIN"
 ASKER = "U777"
+PREAMBLE = "请根据公司知识库回答以下问题:"  # the guide's fixed instruction, on every row
 N_EXAMPLES = 12
-# The tiny base must memorise a small approved set. Measured on this 12-example set (k_passages=0, 60
-# full-batch steps): LoRA with the tiny defaults ends at answer loss ~4.9 (0 of 9 answers reproduced), LoRA
-# at lr 1e-2 does not learn (7.8), a full fine-tune at lr 2e-3 reaches 0.44. So the admin asks for a full
-# fine-tune of the tiny base (`/kb-retrain method=full epochs=100 …`). One retrieved passage per prompt, in
-# training and in the engine alike (k=0 would make the engine refuse: no passages, no answer), keeps the
-# steps short on two CPU cores.
-TRAIN = {"method": "full", "epochs": 100, "batch_size": 16, "learning_rate": 3e-3, "warmup": 0.05, "k_passages": 1}
+# Nothing in the sample knowledge base is about this, and nothing approved is either.
+UNCOVERED = "Who feeds the aquarium fish on weekends?"
+CORRECTION = "Priya from the office team feeds the aquarium fish on weekends; the food is in the kitchen cupboard."
 # "Right" = token F1 with the approved answer at least this (1.0 = the same words in the same multiset).
 RIGHT = 0.8
-CORRECTION = "Since the new policy, ask the IT helpdesk in the it-help channel; they answer within one working day."
 
 
 def same_answer(a: str, b: str) -> bool:
     return token_f1(a, b) >= RIGHT
 
 
-def sample_pairs(n: int) -> list[NewExample]:
-    import json
-
+def guide_layout_file(path, n: int) -> list[tuple[str, str]]:
+    """The first n sample pairs, half English and half Chinese, written as the guide prepares its data."""
     rows = [json.loads(ln) for ln in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    english = [r for r in rows if r["instruction"].isascii() and not r.get("input")]
-    return [NewExample(question=r["instruction"], answer=r["output"]) for r in english[:n]]
+    english = [r for r in rows if r["instruction"].isascii() and not r.get("input")][: n // 2]
+    chinese = [r for r in rows if not r["instruction"].isascii() and not r.get("input")][: n - n // 2]
+    pairs = [(r["instruction"], r["output"]) for r in english + chinese]
+    path.write_text("".join(json.dumps({"instruction": PREAMBLE, "input": q, "output": a}, ensure_ascii=False) + "\n"
+                            for q, a in pairs), encoding="utf-8")
+    return pairs
 
 
 def wait_job(db, job_id: int, timeout: float):
@@ -88,13 +92,23 @@ def ask_in_slack(bot_url: str, fake: FakeSlackAPI, question: str, *, ts: str) ->
     return answers()[before]
 
 
+def model_says(engine: Engine, question: str) -> str:
+    return engine.answer(question, record=False, model_only=True).text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two trainings; minutes on an idle 2-core box, far more on a shared one
-def test_the_loop_ask_correct_approve_retrain_answer(db_path, kbloop_home):
+def test_the_loop_on_guide_format_data(db_path, kbloop_home, tmp_path, capsys):
+    from kbloop.cli import app as cli
+    from kbloop.cli.app import run
+
     db = open_db(db_path)
     import_documents(db, [SAMPLES / "kb"])
-    pairs = sample_pairs(N_EXAMPLES)
-    add_examples(db, pairs, status="approved", source="import", reviewer="import")
+    pairs = guide_layout_file(tmp_path / "guide.jsonl", N_EXAMPLES)
+    capsys.readouterr()
+    assert run(cli, ["data", "import", str(tmp_path / "guide.jsonl")]) == 0
+    assert f'question = input; the instruction is the same on every row: "{PREAMBLE}"' in capsys.readouterr().out
+    assert sorted(e.question for e in list_examples(db, status="approved")) == sorted(q for q, _ in pairs)
 
     with FakeSlackAPI() as fake:
         from slack_sdk import WebClient
@@ -108,16 +122,15 @@ def test_the_loop_ask_correct_approve_retrain_answer(db_path, kbloop_home):
         worker_thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
         worker_thread.start()
         engine = Engine(db_path=db_path, home=kbloop_home, base_model="tiny",
-                        config=EngineConfig(k=1, max_new_tokens=96, time_limit_s=60)).start()
+                        config=EngineConfig(max_new_tokens=96, time_limit_s=60)).start()
         config = BotConfig(bot_token="xoxb-e2e", signing_secret=SECRET, api_url=fake.url, admins=(ADMIN,),
                            notify_channel="CNOTIFY")
         app = build_app(config=config, engine=engine, db_path=db_path)
         server = BackgroundHttpServer(app).start()
         url = server.url + "/slack/events"
         try:
-            # 0. The workspace's first adapter, from the imported answers (what `kbloop demo` does).
-            first = request_retrain(db, requester=ADMIN, params={"train": TRAIN})
-            first = wait_job(db, first.id, timeout=600)
+            # 0. The workspace's first adapter, with the defaults, from the imported answers.
+            first = wait_job(db, request_retrain(db, requester=ADMIN, params={}).id, timeout=900)
             assert first.status == "succeeded", first.error
             if not first.result["promoted"]:
                 # A memorising tiny model is worse than the random base on unseen questions (held-out loss);
@@ -126,24 +139,22 @@ def test_the_loop_ask_correct_approve_retrain_answer(db_path, kbloop_home):
 
                 promote(db, first.result["version"], actor=ADMIN, force=True)
             v1 = active_adapter(db).version
-            assert v1 == first.result["version"]
             assert engine.wait_ready(300), engine.error
 
-            # What v1 gets right: training questions it reproduces exactly.
+            # Trained on the bare question, asked the bare question: the guide's layout was read right.
             from finetune.data import split_heldout
 
-            train_side, _ = split_heldout(pairs)
-            right = [p for p in train_side
-                     if same_answer(engine.answer(p.question, record=False).text, p.answer)]
-            assert len(right) >= 3, f"v1 reproduces only {len(right)} of {len(train_side)} training answers"
-            target, keep = right[0], right[1:4]
+            train_side, _ = split_heldout([NewExample(question=q, answer=a) for q, a in pairs])
+            trained = [(t.question, t.answer) for t in train_side]
+            right = [(q, a) for q, a in trained if same_answer(model_says(engine, q), a)]
+            assert len(right) >= 0.9 * len(trained), f"v1 reproduces {len(right)} of {len(trained)} training answers"
 
-            # 1. Ask in Slack: answered by v1, in the thread of the mention.
-            update = ask_in_slack(url, fake, target.question, ts="1712000000.000100")
-            [asked] = list_interactions(db)
-            assert asked.adapter_version == v1 and same_answer(asked.answer, target.answer)
+            # 1. A question the knowledge base does not cover: said so, with the feedback buttons.
+            update = ask_in_slack(url, fake, UNCOVERED, ts="1712000000.000100")
+            [asked] = [i for i in list_interactions(db) if i.question == UNCOVERED]
+            assert asked.answer == NO_MATCH_TEXT
 
-            # 2. 👎 with a correction: the policy changed.
+            # 2. 👎 with the right answer.
             values = [el["value"] for b in update["blocks"] if b["type"] == "actions" for el in b["elements"]]
             press = block_actions_payload(action_id="feedback_down", value=values[1], user=ASKER, channel="CQA",
                                           message_ts=update["ts"], response_url=fake.response_url("vote"))
@@ -155,49 +166,40 @@ def test_the_loop_ask_correct_approve_retrain_answer(db_path, kbloop_home):
             assert post_signed(url, interactive_body(submit), SECRET)[0] == 200
             fake.wait_for("response_url:vote", 1)
             [pending] = list_examples(db, status="pending")
-            assert pending.answer == CORRECTION and pending.question == target.question
+            assert pending.answer == CORRECTION and pending.question == UNCOVERED
 
             # 3. A curator approves it from the command line.
-            from kbloop.cli import app as cli
-            from kbloop.cli.app import run
-
             assert run(cli, ["review", "approve", str(pending.id)]) == 0
-            assert list_examples(db, status="pending") == []
 
-            # 4. An admin types /kb-retrain; the reply names the job; a second request is told it runs.
-            retrain = slash_command_body(command="/kb-retrain", text=" ".join(f"{k}={v}" for k, v in TRAIN.items()),
-                                         user=ADMIN, channel="CADMIN", response_url=fake.response_url("retrain"))
+            # 4. At once, before any retraining: the same question gets the approved answer, marked.
+            update = ask_in_slack(url, fake, UNCOVERED.lower().rstrip("?"), ts="1712000000.000200")
+            latest = max(list_interactions(db), key=lambda i: i.id)
+            assert latest.answer == CORRECTION and latest.verified_example_id == pending.id
+            assert messages.VERIFIED_MARK in json.dumps(update["blocks"])
+            assert active_adapter(db).version == v1
+            assert not same_answer(model_says(engine, UNCOVERED), CORRECTION)  # the model has not learnt it yet
+
+            # 5. An admin types /kb-retrain with no options: it continues from v1.
+            retrain = slash_command_body(command="/kb-retrain", user=ADMIN, channel="CADMIN",
+                                         response_url=fake.response_url("retrain"))
             assert post_signed(url, retrain, SECRET)[0] == 200
             queued = fake.wait_for("response_url:retrain", 1, timeout=30)[0].params
             job_id = max(j.id for j in list_jobs(db))
             assert str(job_id) in queued["text"]
-            again = slash_command_body(command="/kb-retrain", user=ADMIN, channel="CADMIN",
-                                       response_url=fake.response_url("again"))
-            assert post_signed(url, again, SECRET)[0] == 200
-            assert str(job_id) in fake.wait_for("response_url:again", 1, timeout=30)[0].params["text"]
-
-            # 5. The job trains in a child process, passes the gate against v1, and is promoted.
-            job = wait_job(db, job_id, timeout=600)
+            job = wait_job(db, job_id, timeout=900)
             assert job.status == "succeeded", job.error
-            assert job.result["promoted"], job.result.get("reasons")
+            assert job.result["promoted"], job.result.get("reasons")  # the gate passed, nothing forced
             v2 = job.result["version"]
             assert active_adapter(db).version == v2 != v1
             assert job.pid and job.pid != os.getpid()  # trained in a child process
-            finished = [m for m in fake.requests("chat.postMessage")
-                        if m.params.get("channel") == "CADMIN" and "passed the evaluation gate" in m.params.get("text", "")]
-            assert finished, "the requester was told the outcome in Slack"
+            from store.adapters import get_adapter
 
-            # 6. The same question in Slack now gets the corrected answer, from v2.
-            ask_in_slack(url, fake, target.question, ts="1712000000.000200")
-            latest = max(list_interactions(db), key=lambda i: i.id)
-            assert latest.adapter_version == v2
-            assert same_answer(latest.answer, CORRECTION), latest.answer
-            assert token_f1(latest.answer, CORRECTION) > token_f1(latest.answer, target.answer)
+            assert get_adapter(db, v2).params.get("continued_from") == v1
 
-            # 7. What was right before is still right.
-            for p in keep:
-                got = engine.answer(p.question, record=False)
-                assert got.adapter_version == v2 and same_answer(got.text, p.answer), (p.question, got.text)
+            # 6. The model itself now gives the approved answer, and what it got right before it still does.
+            assert same_answer(model_says(engine, UNCOVERED), CORRECTION)
+            kept = [(q, a) for q, a in right if same_answer(model_says(engine, q), a)]
+            assert len(kept) >= 0.95 * len(right), f"v2 keeps {len(kept)} of the {len(right)} answers v1 gave"
         finally:
             stop.set()
             server.stop()

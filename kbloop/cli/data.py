@@ -58,9 +58,74 @@ def kb_import(
 
 
 def _embed_passages(c) -> None:
-    from finetune.retrieval import embed_missing_passages
+    """Embed the passages the current embedder has not (new ones, or all after KBLOOP_EMBEDDING_MODEL changed),
+    with a progress bar: a whole KB on two CPU cores takes minutes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    embed_missing_passages(c.db)
+    from finetune.embedding import embedding_model_name
+    from finetune.retrieval import embed_missing_passages
+    from store.kb import passages_missing_embedding
+
+    model = embedding_model_name()
+    todo = len(passages_missing_embedding(c.db, model))
+    if not todo:
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as progress:
+        task = progress.add_task(f"Embedding passages ({model})", total=todo)
+        embed_missing_passages(c.db, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    typer.echo(f"{todo} passages embedded with {model}.", err=True)
+
+
+@kb_app.command("search")
+def kb_search(
+    question: Annotated[str, typer.Argument(help="The question, in any language the KB is written in.")],
+    k: Annotated[int, typer.Option("--k", min=1, help="How many passages to show.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list (empty when the KB does not cover it).")] = False,
+) -> None:
+    """The passages the bot would retrieve for a question, best first, with the evidence behind each rank
+    (BM25, similarity, relevance, word coverage, fused score), or nothing when the KB does not cover it."""
+    from finetune.retrieval import DEFAULT_CONFIG, retrieve_scored
+
+    if not question.strip():
+        fail("the question is empty")
+    c = ctx()
+    _embed_passages(c)  # a changed KBLOOP_EMBEDDING_MODEL re-embeds here, visibly, not inside the search
+    results = retrieve_scored(c.db, question, k=k)
+    if as_json:
+        typer.echo(json.dumps([_search_hit(rank, s) for rank, s in enumerate(results, 1)], ensure_ascii=False, indent=2))
+        return
+    if not results:
+        typer.echo("The knowledge base does not cover this question (no passage reaches the match score "
+                   f"{DEFAULT_CONFIG.min_score}).")
+        return
+    for rank, s in enumerate(results, 1):
+        hit = _search_hit(rank, s)
+        typer.echo(f"{rank}. {s.passage.title}  [{s.passage.doc_path} #{s.passage.chunk_index}]  "
+                   f"score {hit['score']:.3f}{'' if s.matches else ' (below the match score)'}")
+        typer.echo("   " + ", ".join(f"{name} {value}" for name, value in hit["evidence"].items() if value is not None))
+        typer.echo(f"   {_one_line(s.passage.content, 100)}")
+
+
+def _search_hit(rank: int, s) -> dict:
+    def rounded(x, digits=3):
+        return None if x is None else round(float(x), digits)
+
+    return {
+        "rank": rank,
+        "doc_path": s.passage.doc_path,
+        "title": s.passage.title,
+        "chunk_index": s.passage.chunk_index,
+        "passage_id": s.passage.id,
+        "score": rounded(s.score, 4),
+        "matches": s.matches,
+        "evidence": {
+            "bm25": rounded(s.bm25_score), "bm25_rank": s.bm25_rank,
+            "similarity": rounded(s.similarity), "dense_rank": s.dense_rank,
+            "relevance": rounded(s.relevance), "coverage": rounded(s.coverage),
+        },
+        "content": s.passage.content,
+    }
 
 
 @data_app.command("import")

@@ -11,7 +11,9 @@ import typer
 
 from kbloop.cli.app import app, ctx, fail
 
-_DEFAULT_NOTES = ("seed default", "tiny-base default", "base is `tiny`", "rank auto")
+# Printed before training (the defaults) or while it ran (where it started): not repeated after it.
+_DEFAULT_NOTES = ("seed default", "tiny-base default", "base is `tiny`", "rank auto", "continuing from",
+                  "training from the base")
 RANK_HELP = "LoRA rank: a number, or `auto` (the seed's table applied to the data; see `kbloop recommend`)."
 
 
@@ -29,8 +31,22 @@ def _rank(value: str | None):
     return rank
 
 
+def _start_from(value: str | None) -> str | None:
+    """--from: `active`, `base` or an adapter version (checked against the registry when training starts)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.lower() in ("active", "base"):
+        return value.lower()
+    from finetune.registry import VERSION_RE
+
+    if not VERSION_RE.match(value):
+        fail(f"--from: expected `active`, `base` or an adapter version such as v3, not {value!r}")
+    return value
+
+
 def _config(*, base, method, rank, alpha, dropout, targets, epochs, lr, batch, grad_accum, max_length, seed,
-            version, passages):
+            version, passages, start_from=None):
     from finetune.config import METHODS, TrainConfig, parse_targets
 
     if method is not None and method not in METHODS:
@@ -38,7 +54,7 @@ def _config(*, base, method, rank, alpha, dropout, targets, epochs, lr, batch, g
     return TrainConfig(
         base=base, method=method, rank=_rank(rank), alpha=alpha, dropout=dropout, targets=parse_targets(targets),
         epochs=epochs, learning_rate=lr, batch_size=batch, grad_accum=grad_accum, max_length=max_length,
-        seed=seed, version=version, k_passages=passages,
+        seed=seed, version=version, k_passages=passages, start_from=_start_from(start_from),
     )
 
 
@@ -103,21 +119,26 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     version: Annotated[Optional[str], typer.Option("--version", "--output-version", help="Version name to register (default: next vN).")] = None,
     passages: Annotated[Optional[int], typer.Option(help="Retrieved KB passages per training prompt; the engine asks the adapter with as many (default 3; tiny: 0).")] = None,
+    start_from: Annotated[Optional[str], typer.Option("--from", help="Start from `active` (default: continue the active adapter on the new and changed examples when base and method match, else from the base, saying why), `base` (from scratch), or a version V.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Train on this file (JSONL/CSV as `kbloop data import` reads) instead of the store; writes to --out, registers nothing.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --data: the folder to write the adapter to (must not exist).")] = None,
 ) -> None:
     """Train an adapter on the approved examples, evaluate it against the active one, register it as a candidate.
 
     Defaults follow the seed's recipe (QLoRA r=8, alpha 32, dropout 0.1, all linear projections, lr 2e-4,
-    3 epochs, batch 4 x 4, warmup 10%); the `tiny` base gets its own (it has random weights and memorises).
-    The defaults used are printed. Promote the result with `kbloop promote VERSION`.
+    3 epochs, batch 4 x 4, warmup 10%); the `tiny` base gets its own (it has random weights and memorises:
+    at least 400 steps, stopping once every training answer is reproduced). The defaults used are printed.
+    By default the run continues the active adapter (new and changed examples plus a replay of earlier ones);
+    where it starts, and why, is printed. Promote the result with `kbloop promote VERSION`.
     """
     c = ctx()
     base = base or c.settings.base_model
     config = _config(base=base, method=method, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
                      epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, max_length=max_length, seed=seed,
-                     version=version, passages=passages)
+                     version=version, passages=passages, start_from=start_from)
     if data is not None:
+        if start_from is not None:
+            fail("--from goes with the store's examples; --data trains a new adapter from the base")
         _train_on_file(c, config, data, out)
         return
     if out is not None:

@@ -55,3 +55,23 @@ def test_ask_before_init_says_what_to_do(kbloop):
 def test_ask_help(kbloop):
     r = kbloop("ask", "--help")
     assert r.exit_code == 0 and "--adapter" in r.stdout and "--json" in r.stdout
+
+
+def test_ask_gives_a_verified_answer_without_loading_a_model_and_model_only_asks_the_model(kbloop, tmp_path, db_path,
+                                                                                             monkeypatch):
+    assert kbloop("init").exit_code == 0
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Which band plays at the summer party?",
+                              "answer": "The Lattice Jazz Trio plays this year."}) + "\n", encoding="utf-8")
+    assert kbloop("data", "import", qa).exit_code == 0
+    monkeypatch.setenv("KBLOOP_BASE_MODEL", str(tmp_path / "no-such-model"))  # the verified answer needs none
+    r = kbloop("ask", "which band plays at the summer party", "--json")
+    assert r.exit_code == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["verified"] is True and answer["text"] == "The Lattice Jazz Trio plays this year."
+    assert answer["approved_by"] == "import" and answer["adapter_version"] is None
+    assert get_interaction(open_db(db_path), answer["interaction_id"]).verified_example_id == answer["example_id"]
+    r = kbloop("ask", "Which band plays at the summer party?")
+    assert r.exit_code == 0 and "Approved answer: from the curated training data" in r.stdout
+    r = kbloop("ask", "Which band plays at the summer party?", "--model-only")
+    assert r.exit_code == 1 and "could not load the model" in r.stderr  # --model-only needs the model

@@ -109,3 +109,37 @@ def test_train_on_a_file_writes_to_out_and_registers_nothing(kbloop, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     r = kbloop("adapters")
     assert "No adapters yet" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from", "v 3"], "--from: expected `active`, `base` or an adapter version"),
+    (["--from", "base", "--data", "x.jsonl", "--out", "o"], "--from goes with the store's examples"),
+])
+def test_train_from_is_checked_before_training(kbloop, args, message):
+    assert kbloop("init").exit_code == 0
+    r = kbloop("train", *args)
+    assert r.exit_code == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_from_reaches_the_config(monkeypatch):
+    from kbloop.cli.training import _config
+
+    common = dict(base="tiny", method=None, rank=None, alpha=None, dropout=None, targets=None, epochs=None, lr=None,
+                  batch=None, grad_accum=None, max_length=None, seed=42, version=None, passages=None)
+    assert _config(**common).start_from is None  # the default: continue from the active adapter
+    assert _config(**common, start_from="BASE").start_from == "base"
+    assert _config(**common, start_from="active").start_from == "active"
+    assert _config(**common, start_from="v3").start_from == "v3"
+
+
+@pytest.mark.slow
+def test_train_says_where_it_starts(kbloop, tmp_path):
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 10)).exit_code == 0
+    r = kbloop("train", "--max-length", "256")
+    assert r.exit_code == 0, r.stderr
+    assert "training from the base: no adapter is active yet" in r.stdout
+    assert kbloop("promote", "v1", "--force").exit_code == 0
+    r = kbloop("train", "--method", "lora", "--epochs", "1", "--max-length", "256")
+    assert r.exit_code == 0, r.stderr
+    assert "training from the base, not continuing v1 (active): v1 was trained with full, this run uses lora" in r.stdout

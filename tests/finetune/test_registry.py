@@ -67,6 +67,27 @@ def test_gate_tolerances_are_inclusive_and_configurable():
     assert gate(GOOD | {"forgetting_delta": 3.0, "train_reproduced": 0.0}, GOOD).passed
 
 
+def test_gate_requires_keeping_the_answers_the_active_adapter_reproduces():
+    forgetful = GOOD | {"retained_vs_active": 0.9, "n_active_reproduced": 40}
+    verdict = gate(forgetful, GOOD, candidate_label="v2", active_label="v1")
+    assert not verdict.passed
+    assert "reproduces 90.0% of the 40 training answers v1 reproduces (at least 95% must be kept)" in verdict.reasons
+    assert "answers kept (vs active)" in verdict.table
+    kept = gate(GOOD | {"retained_vs_active": 0.95, "n_active_reproduced": 40}, GOOD, active_label="v1")
+    assert kept.passed and "keeps 95.0% of the 40 answers v1 reproduces" in kept.reasons[0]
+    # Fewer than 10 reproduced answers say little (a real base reproduces few exactly): reported, not gated.
+    assert gate(GOOD | {"retained_vs_active": 0.5, "n_active_reproduced": 4}, GOOD).passed
+
+
+def test_compare_with_active_measures_retention_and_forgetting_against_the_previous_adapter():
+    from finetune.registry import compare_with_active
+
+    candidate = {"reproduced_keys": ["a", "b", "c"], "forgetting_adapter_loss": 5.5}
+    compare_with_active(candidate, {"reproduced_keys": ["a", "b", "d", "e"], "forgetting_adapter_loss": 5.0})
+    assert candidate["retained_vs_active"] == 0.5 and candidate["n_active_reproduced"] == 4
+    assert candidate["forgetting_vs_active"] == pytest.approx(0.5)
+
+
 def test_gate_against_a_base_without_measurements_only_needs_the_candidate_measured():
     assert gate(GOOD, {}).passed
 
@@ -328,7 +349,7 @@ def test_next_candidate_is_compared_with_the_active_adapter(workspace):
     assert not dataset_unchanged(db)
     from dataclasses import replace
 
-    result = train_candidate(db, home=home, config=replace(workspace["config"], epochs=1.0),
+    result = train_candidate(db, home=home, config=replace(workspace["config"], epochs=1.0, start_from="base"),
                              eval_config=workspace["eval_config"])
     assert result.adapter.version == "v2" and result.active.version == "v1"
     assert result.verdict.against == "v1" and result.adapter.metrics["gate"]["against"] == "v1"
@@ -356,3 +377,95 @@ def test_approved_corrections_always_train_never_held_out(db):
     assert question in [ex.question for ex in eval_set.train]
     assert question not in [ex.question for ex in eval_set.heldout]
     assert eval_set.heldout and all(ex.question.startswith("Imported") for ex in eval_set.heldout)
+
+
+# --- continued training on the tiny base (slow) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def continued(tmp_path_factory):
+    """v1: tiny's defaults (full fine-tuning, memorise, stop when reproduced) on 10 approved pairs, promoted;
+    then one new approved answer and v2 trained with the default start (continue from the active v1)."""
+    from finetune.config import TrainConfig
+    from finetune.evaluation import EvalConfig
+    from finetune.registry import train_candidate
+    from store import open_db
+    from tests.finetune.registry_fixtures import seed_store
+
+    home = tmp_path_factory.mktemp("continue-home")
+    db = open_db(home / "kbloop.db")
+    seed_store(db, n_examples=10)
+    config = TrainConfig(base="tiny", max_length=256)
+    eval_config = EvalConfig(train_sample=4, forgetting_tokens=512, new_token_margin=8, max_new_tokens=64)
+    first = train_candidate(db, home=home, config=config, eval_config=eval_config)
+    promote(db, first.adapter.version, actor="test", force=True)
+    new = NewExample(question="What is the guest Wi-Fi network called in the Lisbon office?",
+                     answer="KB-Guest-Lisboa; the password is at the reception desk.")
+    add_examples(db, [new])
+    phases = []
+    second = train_candidate(db, home=home, config=config, eval_config=eval_config, on_phase=phases.append)
+    return {"home": home, "db": db, "first": first, "second": second, "phases": phases, "config": config,
+            "eval_config": eval_config, "new": new}
+
+
+@pytest.mark.slow
+def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_and_keeps_earlier_answers(continued):
+    from finetune.continuation import example_key
+
+    first, second = continued["first"], continued["second"]
+    meta1 = json.loads((Path(first.adapter.path) / META_FILE).read_text())
+    meta2 = json.loads((Path(second.adapter.path) / META_FILE).read_text())
+    assert meta1["continued_from"] is None and meta1["start"] == "training from the base: no adapter is active yet"
+    assert meta1["training"]["stopped_early"] and meta1["training"]["reproduced"] == 1.0
+    # Said where it starts, and why.
+    assert meta2["continued_from"] == "v1"
+    assert "continuing from v1 (active): 1 new or changed example, 8 earlier ones replayed in samples" in continued["phases"]
+    notes = meta2["training"]["notes"]
+    # Only the new example and replayed samples of the earlier ones: 2 x new + 8 replayed a round.
+    assert any(n.startswith("continued run: 40 rounds at most, each 1 new x 2 + 8 replayed") for n in notes), notes
+    # The starting weights are v1's: they reproduced the earlier answers before the first step.
+    stop = next(n for n in notes if n.startswith("stopped at step"))
+    assert "100.0% of the 8 earlier answers the starting weights reproduced still reproduced" in stop
+    assert "all of the 1 new ones learnt" in stop
+    assert meta2["training"]["steps"] < meta1["training"]["steps"]
+    m = second.adapter.metrics
+    assert m["retained_vs_active"] >= 0.95 and m["n_active_reproduced"] == 8
+    assert m["forgetting_vs_active"] is not None
+    assert example_key(continued["new"]) in meta2["reproduced_keys"]
+    assert "answers kept (vs active)" in second.verdict.table
+    assert second.verdict.against == "v1"
+    assert {k for k, _ in meta2["trained"]} == {k for k, _ in meta1["trained"]} | {example_key(continued["new"])}
+
+
+@pytest.mark.slow
+def test_from_base_trains_from_scratch(continued):
+    from dataclasses import replace
+
+    from finetune.registry import train_candidate
+
+    home, db = continued["home"], continued["db"]
+    phases = []
+    result = train_candidate(db, home=home, config=replace(continued["config"], start_from="base"),
+                             eval_config=continued["eval_config"], on_phase=phases.append)
+    meta = json.loads((Path(result.adapter.path) / META_FILE).read_text())
+    assert meta["continued_from"] is None and "training from the base (--from base)" in phases
+    assert not any(n.startswith("continued") for n in meta["training"]["notes"])
+
+
+@pytest.mark.slow
+def test_a_different_method_falls_back_to_the_base_with_the_reason(continued):
+    from dataclasses import replace
+
+    from finetune.registry import _eval_set, plan_continuation
+
+    db = continued["db"]
+    eval_set = _eval_set(db, k_passages=0)
+    config = replace(continued["config"], k_passages=0)
+    active = rows.active_adapter(db)
+    plan = plan_continuation(db, replace(config, method="lora"), tiny=True, active=active, train=eval_set.train)
+    assert plan.previous is None
+    assert plan.reason == "training from the base, not continuing v1 (active): v1 was trained with full, this run uses lora"
+    with pytest.raises(StoreError, match="no adapter 'v9'"):
+        plan_continuation(db, replace(config, start_from="v9"), tiny=True, active=active, train=eval_set.train)
+    named = plan_continuation(db, replace(config, start_from="v1"), tiny=True, active=active, train=eval_set.train)
+    assert named.previous.version == "v1" and len(named.new) == 1

@@ -1,33 +1,60 @@
-"""Hybrid retrieval (FTS5 BM25 + MiniLM embeddings) on the sample knowledge base, English and Chinese."""
+"""Hybrid retrieval (FTS5 BM25 over jieba words + multilingual e5 embeddings), in English, Chinese and across.
+
+A small bilingual KB written here (not the sample KB, whose questions tuned nothing here either): English
+documents, Chinese documents, and an English one with a Chinese summary line, as issue 15 describes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from finetune.embedding import embed_passages, embed_queries, embedding_dim, embedding_model_name
 from finetune.retrieval import (
     DEFAULT_CONFIG,
-    EMBEDDING_MODEL,
     embed_missing_passages,
+    passage_sentences,
     retrieve_passages,
     retrieve_scored,
+    topical_words,
 )
 from store import open_db
-from store.documents import import_documents
-from store.kb import NewPassage, all_embeddings, passages_missing_embedding, replace_document
-from tests.conftest import SAMPLES
+from store.kb import NewPassage, all_embeddings, passages_missing_embedding, replace_document, set_embeddings
+from store.text import fts_query, index_terms, segment
+
+DOCS = {
+    "en/forklift.md": ("Forklift certification",
+                       "Nobody may drive a forklift or reach truck without the internal certificate. Book the two-day "
+                       "course WH-201 in the Learning Portal. Certificates are valid for three years; a refresher "
+                       "half-day is required before expiry."),
+    "en/returns.md": ("Customer returns",
+                      "Customers may return undamaged goods within 30 days of delivery. Every return needs an RMA "
+                      "number created by Customer Operations. Refunds are issued within 14 days of inspection."),
+    "zh/canteen.md": ("员工食堂",
+                      "食堂位于二号楼一层。早餐 7:00–9:00，午餐 11:15–13:30，晚餐 17:30–19:30。员工刷工卡付款，公司每个工作日"
+                      "补贴 25 元餐补，当天未用完的餐补不累计。"),
+    "zh/seal.md": ("公章的使用",
+                   "公司公章和合同专用章由法务部统一保管，任何人不得私自带出办公室。用印需要在 OA 系统提交用印申请，"
+                   "合同类文件须先经过法务审核。"),
+    "mixed/cutoff.md": ("Shipping cut-off times",
+                        "摘要：当天发货的订单截单时间为下午 3 点（宁波）和下午 2 点（鹿特丹）。\n\nOrders confirmed "
+                        "before the cut-off leave the warehouse the same working day: 15:00 in Ningbo, 14:00 in "
+                        "Rotterdam. Express orders have a later cut-off of 17:00."),
+}
 
 
-def import_kb(db, root):
-    import_documents(db, [root])
+def add_docs(db, docs: dict) -> None:
+    for path, (title, body) in docs.items():
+        replace_document(db, path, [NewPassage(path, title, 0, body)])
 
 
 @pytest.fixture(scope="module")
 def kb_db(tmp_path_factory):
     db = open_db(tmp_path_factory.mktemp("retrieval") / "kb.db")
-    import_kb(db, SAMPLES / "kb")
+    add_docs(db, DOCS)
     embed_missing_passages(db)
     return db
 
@@ -36,61 +63,140 @@ def docs(passages) -> list[str]:
     return [p.doc_path for p in passages]
 
 
-def test_embeddings_are_stored_once_as_float32(kb_db):
-    rows = all_embeddings(kb_db, EMBEDDING_MODEL)
-    assert rows and not passages_missing_embedding(kb_db, EMBEDDING_MODEL)
-    vector = np.frombuffer(rows[0][1], dtype="<f4")
-    assert vector.shape == (384,)
-    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3  # unit length: dot product is cosine
+# --- the embedder ----------------------------------------------------------------------------------
+
+def test_embeddings_are_unit_float32_rows_with_e5_prefixes():
+    q = embed_queries(["叉车证多久过期？", "How long is a forklift certificate valid?"])
+    p = embed_passages(["叉车证多久过期？"])
+    assert q.shape == (2, embedding_dim()) and q.dtype == np.float32 and p.shape == (1, embedding_dim())
+    assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-3)
+    assert not np.allclose(q[0], p[0])  # "query: " and "passage: " make different vectors of the same text
+    assert embed_queries([]).shape == (0, embedding_dim())
+    assert embedding_model_name().startswith("multilingual-e5-small")  # the default, stored beside vectors
+
+
+def test_a_bad_embedding_model_setting_names_the_variable(monkeypatch, tmp_path):
+    from finetune import embedding
+    from kbloop.settings import SettingsError
+
+    monkeypatch.setattr(embedding, "_selected", str(tmp_path / "no-such-model"))
+    with pytest.raises(SettingsError, match="^KBLOOP_EMBEDDING_MODEL: cannot load"):
+        embedding.embedding_model_name()
+
+
+def test_passage_embeddings_hold_the_passage_then_its_sentences(kb_db):
+    rows = dict(all_embeddings(kb_db, embedding_model_name()))
+    assert len(rows) == len(DOCS) and not passages_missing_embedding(kb_db, embedding_model_name())
+    block = np.frombuffer(next(iter(rows.values())), dtype="<f4").reshape(-1, embedding_dim())
+    assert block.shape[0] >= 2  # the whole passage, then each sentence
+    assert np.allclose(np.linalg.norm(block, axis=1), 1.0, atol=1e-3)
     assert embed_missing_passages(kb_db) == 0  # nothing left to do on a second call
 
 
+def test_sentences_split_english_and_chinese():
+    from store.kb import Passage
+
+    p = Passage(1, "a.md", "食堂", 0, "早餐 7:00。午餐 11:15！\n- Dinner is at 17:30. Night shift: 23:30.")
+    assert passage_sentences(p) == ["食堂\n早餐 7:00。", "食堂\n午餐 11:15！", "食堂\nDinner is at 17:30.",
+                                    "食堂\nNight shift: 23:30."]
+
+
+# --- segmentation ----------------------------------------------------------------------------------
+
+def test_chinese_is_indexed_as_words_and_bigrams():
+    assert segment("报销流程 VPN") == ["报销", "销流", "流程", "vpn"]  # bigrams alone (the old split)
+    assert segment("报销流程 VPN", cjk=("words",)) == ["报销", "流程", "vpn"]
+    # jieba's search mode also yields the words inside a long word; bigrams only where words do not reach
+    assert index_terms("温湿度试验箱") == ["温湿", "湿度", "温湿度", "试验", "试验箱", "度试", "验箱"]
+    assert fts_query("叉车 forklift") == '"叉车" OR "forklift"'
+
+
+def test_topical_words_drop_question_words_in_both_languages():
+    assert topical_words("开叉车需要什么证书？") == ["开", "叉车", "证书"]
+    assert topical_words("How do I return goods?") == ["return", "goods"]
+
+
+# --- retrieval -------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("question, doc", [
-    ("How do I set up the VPN on my laptop?", "vpn-laptop-setup.md"),
-    ("How many weeks of parental leave do I get?", "parental-leave.md"),
-    ("What is the minimum password length?", "password-2fa-policy.md"),
-    ("Who do I call when production is down at night?", "on-call-rotation.md"),
+    ("How long is the forklift certificate valid?", "en/forklift.md"),
+    ("How many days do customers have to return goods?", "en/returns.md"),
+    ("食堂晚饭几点开始？", "zh/canteen.md"),
+    ("合同盖公章怎么申请？", "zh/seal.md"),
 ])
-def test_english_questions_find_the_right_document(kb_db, question, doc):
-    assert doc in docs(retrieve_passages(kb_db, question, k=3))
+def test_same_language_questions_find_their_document(kb_db, question, doc):
+    assert docs(retrieve_passages(kb_db, question, k=1)) == [doc]
 
 
 @pytest.mark.parametrize("question, doc", [
-    ("如何预订会议室？", "zh/meeting-room-booking.md"),
-    ("年假有多少天？", "zh/annual-leave.md"),
-    ("病假需要提供什么证明？", "zh/sick-leave.txt"),
-    ("上海办公室在哪里？", "zh/shanghai-office.md"),
+    ("开叉车需要什么证书？", "en/forklift.md"),  # Chinese question, English-only document
+    ("客户退货需要什么编号？", "en/returns.md"),
 ])
-def test_chinese_questions_find_the_right_document(kb_db, question, doc):
-    assert doc in docs(retrieve_passages(kb_db, question, k=3))
+def test_cross_language_questions_find_their_document(kb_db, question, doc):
+    assert docs(retrieve_passages(kb_db, question, k=1)) == [doc]
 
 
-def test_paraphrase_without_shared_words_is_found_by_embeddings(kb_db):
-    # "payday" appears nowhere in the KB: BM25 alone cannot find payroll-dates.md, the embeddings can.
-    question = "when is payday"
-    assert "payroll-dates.md" not in docs(s.passage for s in retrieve_scored(kb_db, question, k=3, mode="bm25"))
-    assert "payroll-dates.md" in docs(retrieve_passages(kb_db, question, k=3))
+@pytest.mark.parametrize("question, doc", [
+    ("开叉车需要什么证书？", "en/forklift.md"),
+    ("客户退货需要什么编号？", "en/returns.md"),
+    ("How much is the daily meal subsidy in the canteen?", "zh/canteen.md"),  # English question, Chinese document
+    ("Who keeps the company seal?", "zh/seal.md"),
+])
+def test_cross_language_questions_rank_their_document_first(kb_db, question, doc):
+    # The ranking finds them; whether the KB "covers" an English question about a Chinese passage is where the
+    # decision is weakest (these two score ~0.73-0.75, under min_score 0.78: docs/benchmarks.md).
+    ranked = retrieve_scored(kb_db, question, k=1, config=dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf")))
+    assert docs(s.passage for s in ranked) == [doc]
+
+
+def test_a_chinese_keyword_in_a_mixed_document_is_found_in_a_five_document_kb(kb_db):
+    # Issue 15's report: 截单 appears verbatim in the summary line; an absolute BM25 cut-off dropped it.
+    assert docs(retrieve_passages(kb_db, "宁波仓库几点截单？", k=1)) == ["mixed/cutoff.md"]
 
 
 @pytest.mark.parametrize("question", [
-    "What is the airspeed velocity of an unladen swallow?",
     "How do I bake sourdough bread?",
+    "What is the airspeed velocity of an unladen swallow?",
+    "红烧肉怎么做才好吃？",
     "xyzzy plugh",
 ])
 def test_a_question_the_kb_does_not_cover_retrieves_nothing(kb_db, question):
-    assert retrieve_passages(kb_db, question, k=3) == []
+    assert retrieve_scored(kb_db, question, k=3) == []
+
+
+def test_the_decision_does_not_depend_on_the_size_of_the_kb(kb_db, tmp_path):
+    """The same passage gets the same evidence and the same decision whatever else the KB holds."""
+    big = open_db(tmp_path / "big.db")
+    add_docs(big, DOCS)
+    add_docs(big, {f"other/{i}.md": (f"Team {i} notes", f"The team {i} stand-up is on Monday at {9 + i % 8}:00. "
+                                     f"第 {i} 小组的周会在周一举行，请在服务门户提交需求。") for i in range(40)})
+    embed_missing_passages(big)
+    for question in ("开叉车需要什么证书？", "How long is the forklift certificate valid?", "食堂晚饭几点开始？",
+                     "How do I bake sourdough bread?"):
+        small_hits = {s.passage.doc_path: s for s in retrieve_scored(kb_db, question, k=50)}
+        big_hits = {s.passage.doc_path: s for s in retrieve_scored(big, question, k=50)}
+        assert bool(small_hits) == bool(big_hits), question
+        for path, s in small_hits.items():
+            if path in big_hits:
+                assert big_hits[path].relevance == pytest.approx(s.relevance, abs=1e-5)
+                assert big_hits[path].coverage == pytest.approx(s.coverage)
+                assert big_hits[path].matches == s.matches
+
+
+def test_scored_passages_carry_their_evidence(kb_db):
+    hits = retrieve_scored(kb_db, "食堂餐补是多少？", k=3)
+    top = hits[0]
+    assert top.passage.doc_path == "zh/canteen.md" and top.matches
+    assert top.bm25_rank == 1 and top.bm25_score > 0 and top.coverage > 0.5
+    assert top.similarity is not None and top.relevance >= DEFAULT_CONFIG.min_score - DEFAULT_CONFIG.coverage_weight
+    assert [s.score for s in hits] == sorted((s.score for s in hits), reverse=True)
+    again = retrieve_scored(kb_db, "食堂餐补是多少？", k=3)
+    assert [s.passage.id for s in again] == [s.passage.id for s in hits]  # deterministic
 
 
 def test_empty_question_and_k_zero_retrieve_nothing(kb_db):
     assert retrieve_passages(kb_db, "   ", k=3) == []
-    assert retrieve_passages(kb_db, "VPN", k=0) == []
-
-
-def test_results_are_deterministic_and_at_most_k(kb_db):
-    first = retrieve_scored(kb_db, "expense claim deadline", k=5)
-    assert 0 < len(first) <= 5
-    assert [s.passage.id for s in first] == [s.passage.id for s in retrieve_scored(kb_db, "expense claim deadline", k=5)]
-    assert [s.score for s in first] == sorted((s.score for s in first), reverse=True)
+    assert retrieve_passages(kb_db, "forklift", k=0) == []
 
 
 def test_unknown_mode_is_refused(kb_db):
@@ -100,32 +206,56 @@ def test_unknown_mode_is_refused(kb_db):
 
 def test_index_follows_a_reimported_document_and_embeds_on_demand(tmp_path):
     db = open_db(tmp_path / "kb.db")
-    replace_document(db, "a.md", [NewPassage("a.md", "Garden", 0, "The greenhouse holds tomatoes and basil.")])
+    add_docs(db, {k: DOCS[k] for k in ("en/forklift.md", "zh/canteen.md")})
     replace_document(db, "b.md", [NewPassage("b.md", "Parking", 0, "Bicycle racks are behind building C.")])
-    for i, topic in enumerate(["Printers are on every floor.", "The canteen opens at noon.", "Mail arrives at ten."]):
-        replace_document(db, f"other{i}.md", [NewPassage(f"other{i}.md", "Office", 0, topic)])
     # Imported without embeddings (kb import --no-embed): the first retrieval computes them.
-    assert docs(retrieve_passages(db, "where can I leave my bike", k=1)) == ["b.md"]
-    assert not passages_missing_embedding(db, EMBEDDING_MODEL)
+    assert docs(retrieve_passages(db, "Where are the bicycle racks?", k=1)) == ["b.md"]
+    assert not passages_missing_embedding(db, embedding_model_name())
     replace_document(db, "b.md", [NewPassage("b.md", "Parking", 0, "Cars park in the underground garage.")])
-    assert docs(retrieve_passages(db, "where do I park my car", k=1)) == ["b.md"]
-    assert not passages_missing_embedding(db, EMBEDDING_MODEL)
+    assert docs(retrieve_passages(db, "Where do cars park?", k=1)) == ["b.md"]
+
+
+def test_vectors_of_another_embedder_are_replaced_not_mixed(tmp_path):
+    db = open_db(tmp_path / "kb.db")
+    add_docs(db, {"en/forklift.md": DOCS["en/forklift.md"]})
+    ids = [r[0] for r in db.execute("SELECT id FROM kb_docs")]
+    set_embeddings(db, "all-MiniLM-L6-v2", {i: np.ones(384, dtype="<f4").tobytes() for i in ids})
+    assert len(passages_missing_embedding(db, embedding_model_name())) == len(ids)
+    assert docs(retrieve_passages(db, "forklift certificate", k=1)) == ["en/forklift.md"]
+    models = {r[0] for r in db.execute("SELECT embedding_model FROM kb_docs")}
+    assert models == {embedding_model_name()}
+
+
+def test_the_text_search_index_is_rebuilt_with_words_by_migration(tmp_path):
+    from store.migrations import m080_kb_search_text_words
+
+    db = open_db(tmp_path / "kb.db")
+    add_docs(db, {"zh/canteen.md": DOCS["zh/canteen.md"]})
+    db.execute("UPDATE kb_docs SET search_text = '员工 工食 食堂'")  # as m001-era bigrams would have it
+    assert not db.execute("SELECT rowid FROM kb_docs_fts WHERE kb_docs_fts MATCH '\"餐补\"'").fetchall()
+    m080_kb_search_text_words(db)
+    assert db.execute("SELECT rowid FROM kb_docs_fts WHERE kb_docs_fts MATCH '\"餐补\"'").fetchall()
 
 
 @pytest.mark.slow
-def test_hybrid_recall_beats_each_retriever_alone_on_the_eval_set(kb_db):
-    """A quality check, not a timing: the fused ranking finds more source documents than either alone."""
-    import dataclasses
+def test_minilm_stays_selectable_under_its_own_name(tmp_path):
+    from finetune import embedding
 
-    rows = [json.loads(line) for line in (SAMPLES / "retrieval_eval.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    pure = dataclasses.replace(DEFAULT_CONFIG, min_dense_similarity=-1.0, min_bm25_score=-1.0)
+    try:
+        embedding.use_embedding_model("minilm")
+        assert embedding_model_name() == "all-MiniLM-L6-v2"
+        db = open_db(tmp_path / "kb.db")
+        add_docs(db, {k: DOCS[k] for k in ("en/forklift.md", "en/returns.md")})
+        assert docs(retrieve_passages(db, "How long is the forklift certificate valid?", k=1)) == ["en/forklift.md"]
+    finally:
+        embedding.use_embedding_model(None)
 
-    def recall(mode, config):
-        hits = [row["source"].removeprefix("kb/") in docs(s.passage for s in retrieve_scored(
-            kb_db, row["question"], k=5, mode=mode, config=config)) for row in rows]
-        return sum(hits) / len(hits)
 
-    hybrid = recall("hybrid", DEFAULT_CONFIG)
-    assert hybrid > recall("bm25", pure)
-    assert hybrid > recall("dense", pure)
+def test_bench_questions_are_well_formed():
+    """The held-back bilingual set: every question names an existing document (or none: off-topic) and a split."""
+    from tests.conftest import REPO
+
+    root = REPO / "bench" / "data" / "retrieval"
+    rows = [json.loads(line) for line in (root / "questions.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    assert {r["split"] for r in rows} == {"tune", "test"} and {r["lang"] for r in rows} == {"en", "zh"}
+    assert all(r["source"] is None or (root / "kb" / r["source"]).is_file() for r in rows)

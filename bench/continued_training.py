@@ -1,0 +1,146 @@
+"""Retraining after one new approved answer: continued from the active adapter vs a first full training.
+
+    .venv/bin/python bench/continued_training.py [--pairs 330] [--out bench/out/continued_training.json]
+
+The product's path on a fresh workspace (`tiny` base, kbloop's defaults): samples/kb imported, --pairs of
+samples/qa.jsonl approved, `train_candidate` (a first full training, from the base) and promoted; then one
+new approved answer, on a topic the knowledge base does not cover, and `train_candidate` again with the
+default start (continue from the active adapter). Finally, for the ratio the issue asks for, a full training
+of the same data (all pairs + the new one) from the base.
+
+Measured: training time of each run (TrainOutcome.runtime_s) and the whole train_candidate call (training +
+evaluation of the candidate and of the active adapter); the share of the answers the previous adapter
+reproduced that the continued one still reproduces (exact teacher-forced check over the whole training
+split, the gate's `retained_vs_active`); whether the new answer is learnt (reproduced exactly, and by real
+greedy generation); and whether the promotion gate passes without --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from finetune.config import TrainConfig  # noqa: E402
+from finetune.continuation import example_key  # noqa: E402
+from finetune.registry import promote, read_metadata, train_candidate  # noqa: E402
+from store import open_db  # noqa: E402
+from store.documents import import_documents  # noqa: E402
+from store.examples import add_examples  # noqa: E402
+from store.formats import read_examples_file  # noqa: E402
+
+SAMPLES = REPO / "samples"
+NEW_QUESTION = "What is the guest Wi-Fi network called in the Lisbon office?"
+NEW_ANSWER = "It is called KB-Guest-Lisboa; the password is on the card at the reception desk and changes every Monday."
+
+
+def _run(db, home, config, label: str) -> dict:
+    started = time.monotonic()
+    result = train_candidate(db, home=home, config=config)
+    total = time.monotonic() - started
+    meta = read_metadata(Path(result.adapter.path))
+    training, metrics = meta["training"], meta["metrics"]
+    print(f"{label}: {result.adapter.version} train {training['runtime_s']:.0f} s, total {total:.0f} s, "
+          f"gate {'PASS' if result.verdict.passed else 'FAIL'}: {result.verdict.reasons}", flush=True)
+    return {
+        "version": result.adapter.version, "start": meta.get("start"), "train_s": round(training["runtime_s"], 1),
+        "train_candidate_s": round(total, 1), "steps": training["steps"], "examples_seen": training["n_examples"],
+        "stopped_early": training.get("stopped_early"), "notes": training["notes"],
+        "train_reproduced_exact": metrics.get("train_reproduced_exact"),
+        "retained_vs_active": metrics.get("retained_vs_active"), "n_active_reproduced": metrics.get("n_active_reproduced"),
+        "forgetting_vs_active": metrics.get("forgetting_vs_active"),
+        "heldout_loss": metrics.get("heldout_loss"), "stop_rate": metrics.get("stop_rate"),
+        "gate_passed": result.verdict.passed, "gate_reasons": result.verdict.reasons, "table": result.verdict.table,
+        "reproduced_keys": meta.get("reproduced_keys") or [],
+    }
+
+
+def _generated(adapter_path: Path, base_path: str, question: str) -> str:
+    from finetune.data import TrainingExample
+    from finetune.evaluation import generate_answers
+    from finetune.models import load_model_for_inference
+
+    model, tokenizer = load_model_for_inference(base_path, adapter_path=adapter_path)
+    return generate_answers(model, tokenizer, [TrainingExample(question=question, input="", answer=NEW_ANSWER)])[0].text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=330)
+    parser.add_argument("--skip-scratch", action="store_true", help="leave out the full training of all the data")
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "continued_training.json"))
+    args = parser.parse_args()
+    from finetune.models import resolve_base
+
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        db = open_db(home / "kbloop.db")
+        import_documents(db, [SAMPLES / "kb"])
+        pairs = read_examples_file(SAMPLES / "qa.jsonl").examples[: args.pairs]
+        add_examples(db, pairs, status="approved", source="import", reviewer="bench")
+        config = TrainConfig(base="tiny")
+
+        partial = Path(args.out).with_suffix(".partial.json")
+        first = _run(db, home, config, "first full training")
+        _save(partial, {"first": first})
+        promote(db, first["version"], actor="bench", force=True)  # against the bare base: not this bench's point
+
+        new = read_examples_file_from_pair(NEW_QUESTION, NEW_ANSWER)
+        add_examples(db, new, status="approved", source="playground", reviewer="bench")
+        continued = _run(db, home, config, "continued after one new answer")
+        new_key = example_key(new[0])
+        continued["new_answer_reproduced_exact"] = new_key in continued["reproduced_keys"]
+        base_path = resolve_base("tiny", home=home, db=db)
+        generated = _generated(home / "adapters" / continued["version"], base_path, NEW_QUESTION)
+        continued["new_answer_generated"] = generated
+        continued["new_answer_generated_equal"] = generated == NEW_ANSWER
+        _save(partial, {"first": first, "continued": continued})
+
+        scratch = None
+        if not args.skip_scratch:
+            scratch = _run(db, home, TrainConfig(base="tiny", start_from="base"), "full training of the same data")
+    for r in (first, continued, scratch):
+        if r:
+            r["n_reproduced"] = len(r.pop("reproduced_keys"))
+    reference = scratch or first
+    results = {
+        "pairs": args.pairs, "machine": f"{os.cpu_count()} CPU cores, no GPU, shared",
+        "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
+        "first": first, "continued": continued, "scratch_same_data": scratch,
+        "train_time_ratio": round(continued["train_s"] / reference["train_s"], 3),
+        "train_candidate_time_ratio": round(continued["train_candidate_s"] / reference["train_candidate_s"], 3),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("first", "continued", "scratch_same_data")}))
+    print(f"continued: {continued['train_s']:.0f} s vs {reference['train_s']:.0f} s of training "
+          f"({results['train_time_ratio']:.2f}x; target <= 0.4x); kept {continued['retained_vs_active']}; "
+          f"new answer learnt: {continued['new_answer_reproduced_exact']}; gate: {continued['gate_passed']}")
+
+
+def _save(path: Path, data: dict) -> None:
+    """What is measured so far, in case a later stage does not finish."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=list))
+
+
+def read_examples_file_from_pair(question: str, answer: str):
+    """One approved pair, as `kbloop data import` would read it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as fh:
+        fh.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    try:
+        return read_examples_file(fh.name).examples
+    finally:
+        os.unlink(fh.name)
+
+
+if __name__ == "__main__":
+    main()
