@@ -1,8 +1,12 @@
 """Continued training: where a retraining run starts, and what it trains.
 
-    plan = plan_start(requested="active", config=config, active=active, previous=None, train=train)
+    plan = plan_start(requested="active", config=config, method="full", k_passages=0, active=active,
+                      previous=active, trained=read_metadata(active_dir)["trained"], train=train)
     if plan.previous:                      # continue from plan.previous's weights
-        data = replay_rounds(plan.new, plan.old, sizing=sizing_for(config, tiny=tiny), seed=config.seed)
+        data, round_size = replay_rounds(plan.new, plan.old, sizing=sizing_for(tiny=True, learning_rate=1e-3),
+                                         seed=42)
+
+(finetune.registry.plan_continuation and train_continued do this for a registered run.)
 
 A retrain after one new approved answer should not start over: it starts from the previous adapter's
 weights (LoRA / QLoRA: the adapter, trainable, with its rank and targets; full: the previous model folder)
@@ -15,7 +19,8 @@ exactly (finetune.training.reproduced_examples).
 What changed is decided by content: each adapter's metadata lists the hashes (`example_key`) of the
 examples it was trained on. A continued run is refused, and the run starts from the base with the reason
 said, when the previous adapter was trained on another base, method, passage count, rank, alpha or targets,
-when it predates the hashes, or when examples it learnt were removed (a continued run cannot unlearn them).
+when it predates the hashes, or when a question it learnt is no longer approved (a continued run cannot
+unlearn it).
 
 Assumptions: the held-out split is by question hash (finetune.data.split_heldout), so an example stays on
 its side from one run to the next; a changed answer to the same question is "new" (its old answer is
@@ -31,8 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from finetune.data import TrainingExample
-
-START_CHOICES = ("active", "base")  # or a version
 
 
 def example_key(ex) -> str:
@@ -82,9 +85,6 @@ class StartPlan:
     reason: str
     new: list[TrainingExample] = field(default_factory=list)  # new or changed since `previous`
     old: list[TrainingExample] = field(default_factory=list)  # trained by `previous`, unchanged
-
-    def describe(self) -> str:
-        return self.reason
 
 
 def _mismatch(previous, config, *, method: str, k_passages: int) -> str | None:

@@ -180,16 +180,24 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> d
     from dataclasses import replace
 
     from finetune.config import prompt_passages
-    from finetune.data import build_training_examples, split_heldout
     from finetune.models import is_tiny_base, resolve_base
+    from finetune.registry import _eval_set, plan_continuation, train_continued
     from finetune.training import train_adapter
+    from store.adapters import active_adapter
 
     base_path = resolve_base(config.base, home=home, db=db)
-    config = replace(config, base=base_path, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
-    train, _heldout = split_heldout(build_training_examples(db, examples, k=config.k_passages))
+    tiny = is_tiny_base(base_path)
+    config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
+    train = _eval_set(db, k_passages=config.k_passages).train  # rank 0's split, corrections included
+    # The same start as rank 0 (continued or from the base), or the collectives would not line up.
+    plan = plan_continuation(db, config, tiny=tiny, active=active_adapter(db), train=train)
+    config = replace(config, base=base_path)
     scratch = Path(tempfile.mkdtemp(prefix=f"kbloop-rank{os.environ.get('RANK')}-"))
     try:
-        train_adapter(config, list(train), scratch, should_stop=should_stop)
+        if plan.previous is not None:
+            train_continued(config, plan, scratch, tiny=tiny, on_step=None, should_stop=should_stop)
+        else:
+            train_adapter(config, list(train), scratch, should_stop=should_stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"status": "done", "rank": int(os.environ.get("RANK", "0"))}

@@ -476,7 +476,7 @@ def plan_continuation(db: sqlite_utils.Database, config, *, tiny: bool, active: 
                       folder_problem=adapter_folder_problem(previous) if previous is not None else None)
 
 
-def _train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_step, should_stop):
+def train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_step, should_stop):
     """Train from `plan.previous`'s weights on the new examples and replayed samples of the earlier ones
     (finetune.continuation), stopping once the new answers are learnt and the earlier ones kept."""
     from finetune.config import SEED_DEFAULTS, TINY_DEFAULTS
@@ -549,7 +549,7 @@ def train_candidate(
         if plan.previous is None:
             outcome = train_adapter(run_config, eval_set.train, tmp, on_step=on_step, should_stop=should_stop)
         else:
-            outcome = _train_continued(run_config, plan, tmp, tiny=tiny, on_step=on_step, should_stop=should_stop)
+            outcome = train_continued(run_config, plan, tmp, tiny=tiny, on_step=on_step, should_stop=should_stop)
         outcome.notes.insert(0, plan.reason)
         for leftover in tmp.glob("checkpoint-*"):  # resumable state, not part of the adapter
             shutil.rmtree(leftover, ignore_errors=True)

@@ -1,36 +1,38 @@
 """Retrieval over the knowledge base: which passages go into the prompt for a question, and whether any do.
 
 Hybrid search over `kb_docs`:
-- lexical: SQLite FTS5 BM25 over words (Chinese segmented by jieba, plus character bigrams; store.text);
-- semantic: cosine similarity of e5 embeddings (finetune.embedding; multilingual, so a Chinese question
-  finds an English passage and the reverse).
+- lexical: SQLite FTS5 BM25 over words (Chinese segmented by jieba, plus character bigrams; store.text) picks
+  candidates, and word coverage scores them;
+- semantic: e5 embeddings (finetune.embedding; multilingual, so a Chinese question finds an English passage
+  and the reverse) of each passage and of each of its sentences.
 
 Whether the KB covers a question is decided per query, with evidence that does not depend on the KB's size
 (issue 15: an absolute BM25 cut-off tuned on a 30-document KB dropped a verbatim match in a 5-document one,
-because BM25 scores move with the collection):
-- `relevance`: the cosine of question and passage after each is centred on its language, less how close
-  each is to background text (finetune/assets/retrieval_background.txt): see relevance().
-  Centring: e5 puts any Chinese text closer to a Chinese question than the English passage that answers it
-  (0.82 vs 0.81); subtracting each language's mean vector (estimated on the background, per side, mixed in
-  proportion for mixed text) removes that pull (Libovický et al. 2020, "On the language neutrality of
-  pre-trained multilingual representations"), and took cross-language recall@3 from 0.14 to 0.92 on the
-  bench.
+because BM25 scores move with the collection). Per passage:
+- `relevance` (see relevance()): CSLS of question and passage after each is centred on its language, with
+  fixed background sentences (finetune/assets/retrieval_background.txt) as the neighbourhood; the mean of
+  the whole passage's and its best sentence's. Centring matters most: e5 puts any Chinese text closer to a
+  Chinese question than the English passage that answers it (0.82 vs 0.81 for "年假有多少天？"); subtracting
+  each language's mean vector (Libovický et al. 2020, "On the language neutrality of pre-trained
+  multilingual representations") took cross-language recall@3 from 0.14 to 0.92 on the bench's bilingual KB.
 - `coverage`: the share of the question's topical words (stop words removed) that the passage contains.
-The fused score is `relevance + coverage_weight·coverage`; the KB covers the question when the best passage's
-fused score reaches `min_score`. BM25 only orders the candidates (normalised by the query's best BM25 score),
-so neither the decision nor its threshold moves when documents are added.
+fused = relevance + coverage_weight·coverage (+ bm25_weight·BM25 / the query's best BM25, which only orders;
+tuned to 0). The KB covers the question when the best passage's fused score reaches `min_score`. Neither term
+of the decision looks at the rest of the KB, so a passage scores the same in a KB of 5 documents or of 500.
 
 Passage embeddings are computed once, at `kbloop kb import` (or on the first retrieval after an import
 without them, or after a change of KBLOOP_EMBEDDING_MODEL), and kept in the store as float32 bytes under the
 embedder's name; each process keeps an in-memory matrix of them and reloads it only when passages change.
 
 Assumptions: the KB is small enough (thousands of passages) for an exact dot product per question.
-Tuned with bench/retrieval_recall.py on the tuning half of its questions; docs/benchmarks.md reports the other.
+Tuned with bench/retrieval_recall.py --tune on the tuning half of its questions; docs/benchmarks.md reports
+the other half, and what the decision still gets wrong.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ from store.kb import (
     set_embeddings,
 )
 from store.text import cjk_words, index_terms
+
+log = logging.getLogger(__name__)
 
 # Words that carry no topic. FTS5 has no stop list, so "what is the … of an …" would match every
 # passage a little; dropping them keeps BM25 and coverage about the question's topic.
@@ -86,7 +90,17 @@ class RetrievalConfig:
     centre: bool = True  # centre question and passages on their language (False: raw cosines, for the bench)
 
 
-DEFAULT_CONFIG = RetrievalConfig()
+DEFAULT_CONFIG = RetrievalConfig()  # multilingual-e5-small (the default embedder)
+# Scores are on each embedder's own scale, so the threshold is tuned per embedder (bench/retrieval_recall.py
+# --tune with KBLOOP_EMBEDDING_MODEL set); any other model gets the default's until someone tunes it.
+TUNED_CONFIGS = {
+    "all-MiniLM-L6-v2": RetrievalConfig(coverage_weight=0.05, bm25_weight=0.05, min_score=0.56, cross_language_bonus=0.2),
+}
+
+
+def config_for(model_name: str) -> RetrievalConfig:
+    """The tuned retrieval settings for an embedder (its name as finetune.embedding gives it)."""
+    return TUNED_CONFIGS.get(model_name, DEFAULT_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,8 @@ def _dense_index(db: sqlite_utils.Database) -> _Index:
     model = embedding_model_name()
     state = embedding_state(db, model)
     if state[1] < state[0]:  # imported without embeddings (--no-embed), or by another embedder: embed now
+        log.info("retrieval: embedding %d passages with %s (a changed KBLOOP_EMBEDDING_MODEL re-embeds the KB)",
+                 state[0] - state[1], model)
         embed_missing_passages(db)
         state = embedding_state(db, model)
     key = (database_file(db), model)
@@ -260,9 +276,7 @@ def cjk_share(text: str) -> float:
 
 def is_cjk(text: str) -> bool:
     """Whether the text is written (mostly) in a CJK script."""
-    cjk = len(_CJK_CHAR.findall(text))
-    latin = sum(len(w) for w in re.findall(r"[A-Za-z]+", text))
-    return cjk > 0 and cjk >= latin / 3  # a Chinese character carries about as much as a 3-letter word
+    return cjk_share(text) >= 0.5
 
 
 def topical_words(question: str) -> list[str]:
@@ -274,7 +288,7 @@ def topical_words(question: str) -> list[str]:
     pos = 0
     for run in _CJK_RUN.finditer(text):
         words += re.findall(r"[^\W_]+", text[pos : run.start()])
-        words += [w for w in cjk_words(run.group())]
+        words += cjk_words(run.group())
         pos = run.end()
     words += re.findall(r"[^\W_]+", text[pos:])
     return list(dict.fromkeys(w for w in words if w not in _EN_STOPWORDS and w not in _ZH_STOPWORDS))
@@ -312,7 +326,7 @@ def coverage(words: list[str], terms: frozenset[str]) -> float:
 
 
 def relevance(db: sqlite_utils.Database, question: str, *,
-              config: RetrievalConfig = DEFAULT_CONFIG) -> tuple[_Index, np.ndarray, np.ndarray]:
+              config: RetrievalConfig | None = None) -> tuple[_Index, np.ndarray, np.ndarray]:
     """(index, cosine of the question to every passage, relevance of every passage).
 
     Relevance is CSLS (Conneau et al. 2018, "Word translation without parallel data") over centred vectors
@@ -322,6 +336,7 @@ def relevance(db: sqlite_utils.Database, question: str, *,
     fixed background, never against the KB, so a passage's relevance is the same in a KB of 5 documents or
     of 500."""
     index = _dense_index(db)
+    config = config or config_for(embedding_model_name())
     background = _background(embedding_model_name())
     q = embed_queries([question])[0]
     if not len(index.ids):
@@ -348,7 +363,7 @@ def similarities(db: sqlite_utils.Database, question: str) -> dict[int, float]:
 
 
 def fuse(relevance: float | None, coverage: float, bm25_score: float | None, best_bm25: float,
-         config: RetrievalConfig = DEFAULT_CONFIG) -> tuple[float, bool]:
+         config: RetrievalConfig) -> tuple[float, bool]:
     """(fused score, whether it alone makes the KB cover the question). BM25 counts relative to the query's
     best BM25 score, and only in the order: the decision rests on evidence that does not scale with the KB."""
     decisive = (relevance or 0.0) + config.coverage_weight * coverage
@@ -357,8 +372,9 @@ def fuse(relevance: float | None, coverage: float, bm25_score: float | None, bes
 
 
 def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mode: str = "hybrid",
-                    config: RetrievalConfig = DEFAULT_CONFIG) -> list[ScoredPassage]:
+                    config: RetrievalConfig | None = None) -> list[ScoredPassage]:
     """Ranked passages with the evidence behind each rank; empty when the KB does not cover the question.
+    `config`: the embedder's tuned settings (config_for) unless given.
 
     `mode`: hybrid (the engine's) | bm25 | dense (one signal alone, ranked without a coverage decision:
     the baselines of bench/retrieval_recall.py)."""
@@ -366,6 +382,7 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
         raise ValueError(f"retrieval mode must be hybrid, bm25 or dense, not {mode!r}")
     if k <= 0 or not question.strip():
         return []
+    config = config or config_for(embedding_model_name())
     depth = max(config.candidates, k)
     if mode == "bm25":
         ranked = search_passages(db, question, limit=k)  # the raw question, as FTS5 alone would take it

@@ -192,9 +192,10 @@ def test_the_loop_on_guide_format_data(db_path, kbloop_home, tmp_path, capsys):
             v2 = job.result["version"]
             assert active_adapter(db).version == v2 != v1
             assert job.pid and job.pid != os.getpid()  # trained in a child process
+            from finetune.registry import read_metadata
             from store.adapters import get_adapter
 
-            assert get_adapter(db, v2).params.get("continued_from") == v1
+            assert read_metadata(get_adapter(db, v2).path)["continued_from"] == v1
 
             # 6. The model itself now gives the approved answer, and what it got right before it still does.
             assert same_answer(model_says(engine, UNCOVERED), CORRECTION)

@@ -72,19 +72,18 @@ def demo(
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the playground when ready.")] = True,
 ) -> None:
     """Offline, end to end: a workspace with the sample knowledge base and QA pairs, a first adapter trained on
-    the `tiny` base, a few answers with votes in the review queue, then the playground (and Slack when
-    configured). Safe to run again: it reuses what is already there."""
-    import threading
-
+    the `tiny` base, a few answers with votes in the review queue, an approved correction answered at once
+    and then learnt by a continued retrain, then the playground (and Slack when configured). Safe to run
+    again: it reuses what is already there."""
     from finetune.engine import Engine
     from finetune.retrieval import embed_missing_passages
-    from finetune.jobs import Worker, WorkerConfig, request_retrain
+    from finetune.jobs import Worker, WorkerConfig
     from kbloop.serve import samples_dir, serve as run_serve
     from kbloop.settings import load_settings
     from store import open_db
     from store.adapters import active_adapter
     from store.documents import import_documents
-    from store.examples import add_examples
+    from store.examples import add_examples, list_examples, review_example
     from store.formats import read_examples_file
     from store.interactions import feedback_stats, record_vote
 
@@ -103,19 +102,14 @@ def demo(
                                 reviewer="demo")
     typer.echo(f"Knowledge base and QA pairs imported ({added} new examples, {dupes} already there).")
 
+    worker = Worker(db_path=settings.db_path, home=settings.kbloop_home,
+                    config=WorkerConfig(base_model="tiny", progress_notify_interval_s=1.0,
+                                        heartbeat_interval_s=1.0, stale_after_s=30.0),
+                    notifier=_PrintProgress())
     if active_adapter(db) is None:
         # The tiny defaults (docs/training.md): the adapter reproduces its training answers.
-        typer.echo("Training a first adapter on the tiny base (its defaults: about 4 minutes on two CPU cores)…")
-        job = request_retrain(db, requester="demo", params={"force": True})
-        worker = Worker(db_path=settings.db_path, home=settings.kbloop_home,
-                        config=WorkerConfig(base_model="tiny", progress_notify_interval_s=1.0,
-                                            heartbeat_interval_s=1.0, stale_after_s=30.0),
-                        notifier=_PrintProgress())
-        finished = worker.run_once(stop_event=threading.Event())
-        if finished is None or finished.id != job.id or finished.status != "succeeded":
-            error = finished.error if finished is not None else "the job did not run"
-            fail(f"the demo's training job failed: {error}")
-        version = finished.result.get("version")
+        typer.echo("Training a first adapter on the tiny base (its defaults: a few minutes on two CPU cores)…")
+        version = _run_demo_job(db, worker, params={"force": True})["version"]
         if active_adapter(db) is None and version:
             # The tiny base has random weights: an adapter that memorises the training answers can score
             # worse than it on held-out loss, so the gate may keep it as a candidate. The demo then promotes
@@ -133,26 +127,61 @@ def demo(
         try:
             if not engine.wait_ready(300):
                 fail(f"the model did not load: {engine.error}")
-            # Three questions v1 was trained on (tiny answers them word for word) and two it was not (tiny
-            # has nothing sensible to say): one of those gets a correction, the loop's starting point.
+            # Three questions with approved answers (verified answers, given as approved) and two without
+            # (tiny has nothing sensible to say): one of those gets a correction, the loop's starting point.
             questions = [
                 ("My laptop was stolen. What do I do?", 1, None),
                 ("停车罚单可以报销吗？", 1, None),
                 ("What are the IT helpdesk opening hours?", 1, None),
                 ("报销的截止时间是什么时候？", -1, None),
-                ("Where is the Berlin office?", -1, "Ask the office team in #berlin-office; the address is in the "
-                                                   "Berlin office guide."),
+                (DEMO_CORRECTED, -1, DEMO_CORRECTION),
             ]
             for i, (question, vote, correction) in enumerate(questions):
                 answer = engine.answer(question, source="playground", user_id=f"demo-user-{i}")
                 record_vote(db, interaction_id=answer.interaction_id, user_id=f"demo-user-{i}", vote=vote,
                             correction=correction, source="playground")
+            typer.echo("Seeded the review queue with a few answers and votes.")
+
+            # The loop, once: a curator approves the correction; the next asker gets it at once.
+            [pending] = [e for e in list_examples(db, status="pending") if e.question == DEMO_CORRECTED]
+            review_example(db, pending.id, decision="approved", reviewer="demo-curator")
+            typer.echo(f'\nA curator approved the correction to "{DEMO_CORRECTED}". Asked again, before any retraining:')
+            _show(engine.answer(DEMO_CORRECTED, source="playground", user_id="demo-user-5"))
+            typer.echo("\nRetraining continues from the active adapter with the new answer and a replay of the "
+                       "earlier ones…")
+            outcome = _run_demo_job(db, worker, params={})
+            if outcome.get("start"):
+                typer.echo(f"Started from: {outcome['start']}")
+            typer.echo("The model alone (`kbloop ask --model-only`) now says:")
+            _show(engine.answer(DEMO_CORRECTED, record=False, model_only=True))
         finally:
             engine.close()
-        typer.echo("Seeded the review queue with a few answers and votes.")
 
     if serve_after:
         run_serve(settings, host=host, port=port, on_ready=lambda services: _announce_demo(host, port, services))
+
+
+DEMO_CORRECTED = "Where is the Berlin office?"
+DEMO_CORRECTION = "Ask the office team in #berlin-office; the address is in the Berlin office guide."
+
+
+def _run_demo_job(db, worker, *, params: dict) -> dict:
+    """Queue a retraining job and run it in this process's worker; its outcome, or one clear line."""
+    import threading
+
+    from finetune.jobs import request_retrain
+
+    job = request_retrain(db, requester="demo", params=params)
+    finished = worker.run_once(stop_event=threading.Event())
+    if finished is None or finished.id != job.id or finished.status != "succeeded":
+        error = finished.error if finished is not None else "the job did not run"
+        fail(f"the demo's training job failed: {error}")
+    return finished.result
+
+
+def _show(answer) -> None:
+    typer.echo(f"  {answer.text}")
+    typer.echo(f"  ({answer.verified_line or 'generated by ' + (answer.adapter_version or 'the base model')})")
 
 
 def _announce_demo(host: str, port: int, services) -> None:
