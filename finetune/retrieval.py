@@ -45,9 +45,10 @@ from finetune.embedding import embed_passages, embed_queries, embedding_dim, emb
 from store.db import database_file
 from store.kb import (
     Passage,
-    embedding_state,
+    count_missing_embeddings,
     get_passages,
     index_rows,
+    kb_fingerprint,
     passages_missing_embedding,
     search_passages,
     set_embeddings,
@@ -179,6 +180,8 @@ class _Index:
     sentences: np.ndarray = field(default_factory=lambda: np.zeros((0, 384), dtype=np.float32))  # (S, D) centred
     sentence_hub: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # (S,)
     owner: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (S,) row of its passage
+    with_sentences: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # passage rows...
+    first_sentence: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # ...and where theirs start
     share: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # (N,) CJK share
     terms: dict[int, frozenset[str]] = field(default_factory=dict)  # passage id -> its index terms
 
@@ -190,17 +193,17 @@ _index_lock = threading.Lock()
 def _dense_index(db: sqlite_utils.Database) -> _Index:
     """The embeddings matrix for this database, reloaded only when its passages changed."""
     model = embedding_model_name()
-    state = embedding_state(db, model)
-    if state[1] < state[0]:  # imported without embeddings (--no-embed), or by another embedder: embed now
-        log.info("retrieval: embedding %d passages with %s (a changed KBLOOP_EMBEDDING_MODEL re-embeds the KB)",
-                 state[0] - state[1], model)
-        embed_missing_passages(db)
-        state = embedding_state(db, model)
+    state = kb_fingerprint(db)
     key = (database_file(db), model)
     with _index_lock:
         index = _indexes.get(key)
         if index is not None and index.state == state:
             return index
+    missing = count_missing_embeddings(db, model)
+    if missing:  # imported without embeddings (--no-embed), or by another embedder: embed now
+        log.info("retrieval: embedding %d passages with %s (a changed KBLOOP_EMBEDDING_MODEL re-embeds the KB)",
+                 missing, model)
+        embed_missing_passages(db)
     rows = index_rows(db, model)
     index = _Index(state=state)
     if rows:
@@ -213,6 +216,9 @@ def _dense_index(db: sqlite_utils.Database) -> _Index:
         index.centred = _centre(index.matrix, share, background.passage_means)
         index.hub = (index.centred @ background.centred_queries.T).mean(axis=1)  # (N, M) -> (N,)
         index.owner = np.array([i for i, b in enumerate(blocks) for _ in range(len(b) - 1)], dtype=np.int64)
+        counts = np.array([len(b) - 1 for b in blocks], dtype=np.int64)
+        index.with_sentences = np.flatnonzero(counts)
+        index.first_sentence = (np.cumsum(counts) - counts)[index.with_sentences]  # owner is sorted: contiguous runs
         if len(index.owner):
             texts = [t for r, b in zip(rows, blocks) for t in passage_sentences(r[3])[: len(b) - 1]]
             sentence_share = np.array([cjk_share(t.split("\n", 1)[-1]) for t in texts], dtype=np.float32)
@@ -243,12 +249,43 @@ def _background(model_name: str) -> _Background:
     text = resources.files("finetune").joinpath("assets/retrieval_background.txt").read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     cjk = np.array([is_cjk(line) for line in lines])
-    as_passages, as_queries = embed_passages(lines), embed_queries(lines)
+    as_passages, as_queries = _background_vectors(model_name, lines)
     passage_means = (as_passages[~cjk].mean(axis=0), as_passages[cjk].mean(axis=0))
     query_means = (as_queries[~cjk].mean(axis=0), as_queries[cjk].mean(axis=0))
     centred = _centre(as_passages, cjk.astype(np.float32), passage_means)
     centred_queries = _centre(as_queries, cjk.astype(np.float32), query_means)
     return _Background(passage_means, query_means, centred, centred_queries)
+
+
+def _background_vectors(model_name: str, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The background sentences embedded as passages and as questions: 192 texts, 5-10 s on a busy 2-core
+    machine, so kept in $KBLOOP_HOME/models/ per embedder and text (`kbloop kb search` would pay it each run)."""
+    import hashlib
+    import os
+
+    from kbloop.settings import load_settings
+
+    digest = hashlib.sha1("\x1f".join([model_name, *lines]).encode()).hexdigest()[:16]
+    try:
+        path = load_settings().models_dir / "retrieval-background" / f"{digest}.npz"
+    except Exception:  # settings that do not load: compute, do not cache (the caller reports bad settings)
+        path = None
+    if path is not None and path.exists():
+        try:
+            with np.load(path) as cached:
+                return cached["passages"], cached["queries"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is recomputed
+    as_passages, as_queries = embed_passages(lines), embed_queries(lines)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+            np.savez(tmp, passages=as_passages, queries=as_queries)
+            os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+        except OSError:
+            pass  # a read-only home still works, only slower
+    return as_passages, as_queries
 
 
 def _centre(vectors: np.ndarray, share: np.ndarray, means: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -350,8 +387,10 @@ def relevance(db: sqlite_utils.Database, question: str, *,
     rel = 2.0 * (index.centred @ qc) - base - index.hub  # (N,)
     if len(index.owner):
         # The passage's best sentence, by the same measure; relevance is the mean of passage and sentence.
+        sentence_rel = 2.0 * (index.sentences @ qc) - base - index.sentence_hub  # (S,)
         best = rel.copy()
-        np.maximum.at(best, index.owner, 2.0 * (index.sentences @ qc) - base - index.sentence_hub)
+        rows = index.with_sentences
+        best[rows] = np.maximum(rel[rows], np.maximum.reduceat(sentence_rel, index.first_sentence))
         rel = (rel + best) / 2.0
     return index, sims, rel + config.cross_language_bonus * np.abs(index.share - share)
 

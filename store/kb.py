@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -134,14 +135,18 @@ def all_kb_text(db: sqlite_utils.Database) -> Iterable[str]:
         yield r[0] + "\n" + r[1]
 
 
-def embedding_state(db: sqlite_utils.Database, model_name: str) -> tuple[int, int, int, int, str]:
-    """(passages, passages embedded with `model_name`, max id, sum of ids, latest insert): a cheap fingerprint
-    that changes whenever passages are added, replaced or embedded, so a cached index knows it is stale.
-    The latest insert time matters: SQLite reuses the id of a deleted last row, so replacing the last
-    document alone leaves count and ids as they were."""
+def kb_fingerprint(db: sqlite_utils.Database) -> tuple[int, int, str]:
+    """(passages, max id, digest of every passage's id and content hash): changes whenever a passage is added,
+    replaced or removed, so a cached search index knows it is stale. It reads only the content_hash index:
+    the embedding blobs (kilobytes a passage) sit before the later columns, and a scan that touched them
+    cost ~20 ms a question on a 1,000-passage KB. The ids matter: SQLite reuses the id of a deleted last row."""
     row = db.execute(
-        """SELECT COUNT(*), COALESCE(SUM(embedding IS NOT NULL AND embedding_model IS ?), 0),
-                  COALESCE(MAX(id), 0), COALESCE(SUM(id), 0), COALESCE(MAX(created_at), '') FROM kb_docs""",
-        [model_name],
+        """SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(group_concat(content_hash || ':' || id, ','), '')
+           FROM (SELECT content_hash, id FROM kb_docs ORDER BY content_hash, id)"""
     ).fetchone()
-    return int(row[0]), int(row[1]), int(row[2]), int(row[3]), str(row[4])
+    return int(row[0]), int(row[1]), hashlib.sha1(row[2].encode()).hexdigest()
+
+
+def count_missing_embeddings(db: sqlite_utils.Database, model_name: str) -> int:
+    return int(db.execute("SELECT COUNT(*) FROM kb_docs WHERE embedding IS NULL OR embedding_model IS NOT ?",
+                          [model_name]).fetchone()[0])

@@ -121,6 +121,22 @@ def test_request_retrain_refuses_unknown_parameters(db):
     assert list_jobs(db) == []
 
 
+def test_a_retrain_job_starts_where_kbloop_train_does_unless_told():
+    """No `start_from` in the job: TrainConfig's default (continue from the active adapter), as `kbloop train`
+    and the playground's Train; /kb-retrain's `from=base` reaches the job as start_from."""
+    from bot.commands import parse_retrain_args
+    from finetune.config import TrainConfig
+
+    assert TrainConfig(base="tiny").start_from is None
+    assert parse_retrain_args("from=base") == {"train": {"start_from": "base"}}
+    assert parse_retrain_args("force from=v3") == {"force": True, "train": {"start_from": "v3"}}
+
+
+def test_request_retrain_accepts_a_start(db):
+    job = request_retrain(db, requester="U", params={"train": {"start_from": "base"}})
+    assert job.params == {"train": {"start_from": "base"}}
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"launcher": "mpirun"}, "launcher must be one of python, accelerate, torchrun"),
     ({"nproc": 0}, "nproc must be at least 1"),

@@ -422,7 +422,7 @@ def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_an
     assert "continuing from v1 (active): 1 new or changed example, 8 earlier ones replayed in samples" in continued["phases"]
     notes = meta2["training"]["notes"]
     # Only the new example and replayed samples of the earlier ones: 2 x new + 8 replayed a round.
-    assert any(n.startswith("continued run: 40 rounds at most, each 1 new x 2 + 8 replayed") for n in notes), notes
+    assert any(n.startswith("continued run: 60 rounds at most, each 1 new x 4 + 8 replayed") for n in notes), notes
     # The starting weights are v1's: they reproduced the earlier answers before the first step.
     stop = next(n for n in notes if n.startswith("stopped at step"))
     assert "100.0% of the 8 earlier answers the starting weights reproduced still reproduced" in stop

@@ -259,3 +259,15 @@ def test_bench_questions_are_well_formed():
     rows = [json.loads(line) for line in (root / "questions.jsonl").read_text(encoding="utf-8").splitlines() if line]
     assert {r["split"] for r in rows} == {"tune", "test"} and {r["lang"] for r in rows} == {"en", "zh"}
     assert all(r["source"] is None or (root / "kb" / r["source"]).is_file() for r in rows)
+
+
+def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
+    from finetune.retrieval import _background_vectors
+
+    lines = ["The river floods the valley every spring.", "面包要烤四十分钟。"]
+    passages, queries = _background_vectors(embedding_model_name(), lines)
+    [cached] = (kbloop_home / "models" / "retrieval-background").glob("*.npz")
+    again = _background_vectors(embedding_model_name(), lines)
+    assert np.array_equal(again[0], passages) and np.array_equal(again[1], queries)
+    _background_vectors("another-embedder", lines)  # another name, another file: never mixed
+    assert len(list(cached.parent.glob("*.npz"))) == 2
