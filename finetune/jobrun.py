@@ -194,10 +194,12 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> d
     config = replace(config, base=base_path)
     scratch = Path(tempfile.mkdtemp(prefix=f"kbloop-rank{os.environ.get('RANK')}-"))
     try:
+        continued = None
         if plan.previous is not None:
-            train_continued(config, plan, scratch, tiny=tiny, on_step=None, should_stop=should_stop)
-        else:
-            train_adapter(config, list(train), scratch, should_stop=should_stop)
+            continued = train_continued(config, plan, scratch / "continued", tiny=tiny, on_step=None,
+                                        should_stop=should_stop)
+        if continued is None or not continued.stopped_early:  # rank 0 falls back to the base the same way
+            train_adapter(config, list(train), scratch / "base", should_stop=should_stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"status": "done", "rank": int(os.environ.get("RANK", "0"))}

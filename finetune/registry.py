@@ -497,8 +497,10 @@ def train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_st
         targets=pick("targets"), batch_size=pick("batch_size"), grad_accum=pick("grad_accum"),
         max_length=pick("max_length"), gradient_checkpointing=pick("gradient_checkpointing"),
         learning_rate=config.learning_rate or sizing.learning_rate,
-        # One pass over the rounds; the rounds are the budget. A constant rate: the run stops at a check.
-        epochs=1.0, min_steps=0, warmup=0.0, lr_scheduler="constant",
+        # One pass over the rounds; the rounds are the budget. A constant rate (the run stops at a check, not
+        # at the end of a schedule), warmed up over a tenth of the budget: a fresh Adam state would otherwise
+        # move every weight of a converged model by about the learning rate in the first steps.
+        epochs=1.0, min_steps=0, warmup=0.1, lr_scheduler="constant_with_warmup",
         stop_reproduced=config.stop_reproduced or CONTINUE_RETAIN,
     )
     data, round_size = replay_rounds(plan.new, plan.old, sizing=sizing, seed=config.seed)
@@ -512,7 +514,7 @@ def train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_st
     outcome.notes.insert(0, f"continued run: {sizing.max_rounds} rounds at most, each {len(plan.new)} new x "
                             f"{sizing.new_repeats} + {round_size - len(plan.new) * sizing.new_repeats - sizing.general_windows} "
                             f"replayed" + (f" + {sizing.general_windows} general-text windows" if general else "")
-                            + f", lr {run.learning_rate:g} constant")
+                            + f", lr {run.learning_rate:g} constant after a warmup")
     return outcome
 
 
@@ -550,6 +552,17 @@ def train_candidate(
             outcome = train_adapter(run_config, eval_set.train, tmp, on_step=on_step, should_stop=should_stop)
         else:
             outcome = train_continued(run_config, plan, tmp, tiny=tiny, on_step=on_step, should_stop=should_stop)
+            if not outcome.stopped_early:
+                # The budget ended before the new answers were learnt with the earlier ones kept: such a
+                # candidate would fail the gate's retention check, so this run trains from the base instead.
+                plan = StartPlan(None, f"training from the base: continuing {plan.previous.version} did not keep "
+                                       f"its answers within the budget ({outcome.notes[-1]})")
+                phase(plan.reason)
+                attempt = [f"continued attempt: {n}" for n in outcome.notes]
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp = _temp_dir(home, version)
+                outcome = train_adapter(run_config, eval_set.train, tmp, on_step=on_step, should_stop=should_stop)
+                outcome.notes[:0] = attempt
         outcome.notes.insert(0, plan.reason)
         for leftover in tmp.glob("checkpoint-*"):  # resumable state, not part of the adapter
             shutil.rmtree(leftover, ignore_errors=True)

@@ -65,6 +65,7 @@ class Ex:
     answer: str
     input: str = ""
     passages: list = field(default_factory=list)
+    approved: list = field(default_factory=list)
 
 
 def test_reproduction_sample_is_deterministic_and_order_free():

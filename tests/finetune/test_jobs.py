@@ -400,7 +400,8 @@ def test_kill_9_of_the_worker_takes_its_child_along_and_the_next_worker_fails_th
 N_EXAMPLES = 16
 # Enough steps for the candidate to beat the base clearly on the held-out loss; not a memorisation run.
 # No passages in the prompts: 5x fewer tokens per step on two CPU cores (the engine uses the same k).
-TRAIN = {"method": "lora", "epochs": 8, "batch_size": 4, "k_passages": 0}
+# From the base every time: these tests are about jobs, not continued training (tests/finetune/test_registry.py).
+TRAIN = {"method": "lora", "epochs": 8, "batch_size": 4, "k_passages": 0, "start_from": "base"}
 
 
 class Workspace:

@@ -409,7 +409,10 @@ def continued(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_and_keeps_earlier_answers(continued):
+def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_and_never_registers_forgetting(continued):
+    """The default retrain continues v1 on the new answer and replayed samples; it keeps the result when the new
+    answer is learnt and the earlier ones kept, else trains from the base in the same run and says why (on
+    `tiny` today it forgets, docs/benchmarks.md). Either way the candidate keeps what v1 reproduced."""
     from finetune.continuation import example_key
 
     first, second = continued["first"], continued["second"]
@@ -418,22 +421,22 @@ def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_an
     assert meta1["continued_from"] is None and meta1["start"] == "training from the base: no adapter is active yet"
     assert meta1["training"]["stopped_early"] and meta1["training"]["reproduced"] == 1.0
     # Said where it starts, and why.
-    assert meta2["continued_from"] == "v1"
     assert "continuing from v1 (active): 1 new or changed example, 8 earlier ones replayed in samples" in continued["phases"]
     notes = meta2["training"]["notes"]
-    # Only the new example and replayed samples of the earlier ones: 2 x new + 8 replayed a round.
-    assert any(n.startswith("continued run: 60 rounds at most, each 1 new x 4 + 8 replayed") for n in notes), notes
-    # The starting weights are v1's: they reproduced the earlier answers before the first step.
-    stop = next(n for n in notes if n.startswith("stopped at step"))
-    assert "100.0% of the 8 earlier answers the starting weights reproduced still reproduced" in stop
-    assert "all of the 1 new ones learnt" in stop
-    assert meta2["training"]["steps"] < meta1["training"]["steps"]
+    # Only the new example and replayed samples of the earlier ones: 4 x new + 8 replayed a round.
+    assert any("continued run: 60 rounds at most, each 1 new x 4 + 8 replayed" in n for n in notes), notes
+    # The starting weights are v1's: they reproduced the 8 earlier answers before the first step.
+    assert any("of the 8 earlier answers the starting weights reproduced still reproduced" in n for n in notes), notes
+    if meta2["continued_from"] is None:
+        assert meta2["start"].startswith("training from the base: continuing v1 did not keep its answers"), meta2["start"]
+        assert any(n.startswith("continued attempt: ") for n in notes)
+    else:
+        assert meta2["continued_from"] == "v1" and meta2["training"]["stopped_early"]
     m = second.adapter.metrics
-    assert m["retained_vs_active"] >= 0.95 and m["n_active_reproduced"] == 8
+    assert m["n_active_reproduced"] == 8 and m["retained_vs_active"] >= 0.95
     assert m["forgetting_vs_active"] is not None
     assert example_key(continued["new"]) in meta2["reproduced_keys"]
-    assert "answers kept (vs active)" in second.verdict.table
-    assert second.verdict.against == "v1"
+    assert "answers kept (vs active)" in second.verdict.table and second.verdict.against == "v1"
     assert {k for k, _ in meta2["trained"]} == {k for k, _ in meta1["trained"]} | {example_key(continued["new"])}
 
 
