@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,8 +187,36 @@ def embed_queries(texts: list[str]) -> np.ndarray:
 
 
 def embed_passages(texts: list[str]) -> np.ndarray:
-    """What is searched (KB passages): (N, D) float32, unit rows."""
-    return _embedder().encode(list(texts), is_query=False)
+    """What is searched (KB passages): (N, D) float32, unit rows.
+
+    Vectors of texts seen before in this process are reused: re-importing a KB (the playground's import,
+    `kbloop kb import` of an edited folder in a long-running process) embeds only the text that changed."""
+    embedder = _embedder()
+    texts = list(texts)
+    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    todo: dict[str, list[int]] = {}
+    with _passage_lock:
+        for i, text in enumerate(texts):
+            vector = _passage_vectors.get((embedder.name, text))
+            if vector is None:
+                todo.setdefault(text, []).append(i)
+            else:
+                _passage_vectors.move_to_end((embedder.name, text))
+                out[i] = vector
+    if todo:
+        fresh = embedder.encode(list(todo), is_query=False)
+        with _passage_lock:
+            for (text, rows), vector in zip(todo.items(), fresh):
+                out[rows] = vector
+                _passage_vectors[(embedder.name, text)] = vector
+            while len(_passage_vectors) > PASSAGE_CACHE_ENTRIES:
+                _passage_vectors.popitem(last=False)
+    return out
+
+
+PASSAGE_CACHE_ENTRIES = 20_000  # ~1.5 KB each at 384 dimensions: at most ~30 MB
+_passage_vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+_passage_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=2048)

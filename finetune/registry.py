@@ -508,7 +508,7 @@ def train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_st
     round_size += sizing.general_windows
     outcome = train_adapter(
         run, data, out_dir, on_step=on_step, should_stop=should_stop, init_from=Path(plan.previous.path),
-        check_examples=plan.old, new_examples=plan.new, general_items=general,
+        check_examples=plan.old, new_examples=plan.new, general_items=general, in_order=True,
         check_every_steps=steps_per_round(round_size, run.batch_size * run.grad_accum),
     )
     outcome.notes.insert(0, f"continued run: {sizing.max_rounds} rounds at most, each {len(plan.new)} new x "

@@ -93,6 +93,7 @@ def train_adapter(
     new_examples: Sequence[TrainingExample] = (),
     check_every_steps: int | None = None,
     general_items: int = 0,
+    in_order: bool = False,
 ) -> TrainOutcome:
     """Train on `train` and write a PEFT adapter folder (or, for method "full", a model folder) into out_dir.
 
@@ -104,6 +105,9 @@ def train_adapter(
     (retention), not of all of them.
     `general_items`: windows of general text (finetune/assets/general.txt, after the part the forgetting probe
     reads) mixed into the data with every token learnt, against forgetting the base's language.
+    `in_order`: read `train` in the order given (a continued run's rounds, each already mixed), instead of
+    batching examples of similar length together: that would put every copy of a new example into a few
+    consecutive batches, which then pull the model away from the earlier answers.
     Raises store.StoreError for bad input (too few examples, unknown base, rank too large, disk full) and
     TrainingCancelled when should_stop() says so.
     """
@@ -121,7 +125,8 @@ def train_adapter(
     if truncation.affected:
         notes.append(truncation.text())
     if general_items:
-        encoded += general_text_items(tokenizer, general_items, seed=config.seed)
+        general = general_text_items(tokenizer, general_items, seed=config.seed)
+        encoded = _spread(encoded, general) if in_order else encoded + general
         notes.append(f"{general_items} windows of general text mixed in, against forgetting")
 
     if config.gradient_checkpointing == "auto":
@@ -152,7 +157,7 @@ def train_adapter(
             new=encode_examples(tokenizer, _unique(new_examples), max_length=config.max_length, eot_id=eot_id)[0],
             every_steps=check_every_steps, retention=init_from is not None)
     trainer, tracker = _build_trainer(config, model, tokenizer, encoded, checkpoints, on_step, should_stop,
-                                      head_weight=head_weight, epochs=budget.epochs,
+                                      head_weight=head_weight, epochs=budget.epochs, in_order=in_order,
                                       extra_callbacks=[stopper.callback] if stopper else [])
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -225,6 +230,16 @@ def general_text_items(tokenizer, n: int, *, window: int = 128, seed: int = 42) 
     rng = random.Random(seed)
     picked = [rng.choice(windows) for _ in range(n)]
     return [{"input_ids": list(w), "labels": [IGNORE_INDEX] + list(w[1:])} for w in picked]
+
+
+def _spread(items: list, extra: list) -> list:
+    """`items` with `extra` inserted at even intervals (in-order runs meet them throughout, not at the end)."""
+    if not extra:
+        return list(items)
+    out, every = [], len(items) / len(extra)
+    for i, item in enumerate(extra):
+        out += items[round(i * every) : round((i + 1) * every)] + [item]
+    return out
 
 
 def _unique(examples: Sequence[TrainingExample]) -> list[TrainingExample]:
@@ -609,7 +624,7 @@ def _trim_memory_callback():
 
 
 def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], checkpoints: Path, on_step, should_stop,
-                   *, head_weight=None, epochs: float | None = None, extra_callbacks=()):
+                   *, head_weight=None, epochs: float | None = None, in_order: bool = False, extra_callbacks=()):
     import functools
 
     import torch
@@ -634,7 +649,8 @@ def _build_trainer(config: TrainConfig, model, tokenizer, encoded: list[dict], c
         # bf16 on GPUs that have it; fp16 on older GPUs; fp32 on the CPU (never fp16 there).
         bf16=bf16,
         fp16=on_cuda and not bf16,
-        train_sampling_strategy="group_by_length",  # batches of similar length: little padding
+        # batches of similar length: little padding (see train_adapter for `in_order`)
+        train_sampling_strategy="sequential" if in_order else "group_by_length",
         logging_steps=1,
         save_strategy="steps",
         save_steps=save_steps,

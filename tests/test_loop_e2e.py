@@ -97,9 +97,6 @@ def model_says(engine: Engine, question: str) -> str:
 
 
 @pytest.mark.slow
-# Steps 0-4 pass (guide layout, v1 memorised, refusal, correction, verified answer at once). Step 5 fails
-# today: a continued run on tiny keeps ~78-82% of v1's answers, below the gate's 95% (issue 14 stays open).
-@pytest.mark.xfail(reason="continued retraining on tiny forgets too much to pass the retention gate", strict=False)
 @pytest.mark.timeout(1800)  # two trainings; minutes on an idle 2-core box, far more on a shared one
 def test_the_loop_on_guide_format_data(db_path, kbloop_home, tmp_path, capsys):
     from kbloop.cli import app as cli
@@ -198,7 +195,8 @@ def test_the_loop_on_guide_format_data(db_path, kbloop_home, tmp_path, capsys):
             from finetune.registry import read_metadata
             from store.adapters import get_adapter
 
-            assert read_metadata(get_adapter(db, v2).path)["continued_from"] == v1
+            meta = read_metadata(get_adapter(db, v2).path)
+            assert meta["continued_from"] == v1, (meta["start"], meta["training"]["notes"])
 
             # 6. The model itself now gives the approved answer, and what it got right before it still does.
             assert same_answer(model_says(engine, UNCOVERED), CORRECTION)

@@ -88,7 +88,8 @@ class _Progress:
                        learning_rate=info.learning_rate, job_id=None)
 
     def phase(self, text: str) -> None:
-        self.progress.console.print(f"… {text}")
+        # soft_wrap: a phase is one line whatever the terminal's width, so that logs and scripts can grep it
+        self.progress.console.print(f"… {text}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _pick_version(db, home: Path, requested: str | None) -> str:

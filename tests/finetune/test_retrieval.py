@@ -271,3 +271,21 @@ def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
     assert np.array_equal(again[0], passages) and np.array_equal(again[1], queries)
     _background_vectors("another-embedder", lines)  # another name, another file: never mixed
     assert len(list(cached.parent.glob("*.npz"))) == 2
+
+
+def test_passage_vectors_are_reused_and_match_a_fresh_encoding():
+    from finetune import embedding
+
+    embedder = embedding._embedder()
+    texts = ["报销需要在 30 天内提交。", "The Lisbon office opens at 8:30."]
+    calls = []
+    original = embedder._encode
+    embedder._encode = lambda batch, is_query: (calls.append(list(batch)), original(batch, is_query))[1]
+    try:
+        first = embed_passages(texts)
+        again = embed_passages([texts[1], "A sentence not seen before.", texts[1]])
+    finally:
+        embedder._encode = original
+    assert calls[-1] == ["A sentence not seen before."]  # only the new text reached the model
+    assert np.allclose(again[0], first[1]) and np.allclose(again[2], first[1])
+    assert np.allclose(again[1], embedder.encode(["A sentence not seen before."], is_query=False)[0], atol=1e-6)
