@@ -73,11 +73,11 @@ def sizing_for(*, tiny: bool, learning_rate: float) -> Sizing:
 
     A fresh Adam state moves every weight by about the learning rate in its first steps, whatever that
     weight's gradient, and a memorised model loses answers to that. Measured on `tiny` from a 330-pair
-    adapter, 1 new answer, 4 copies + 12 replayed per round, warmed up over 10 steps (docs/benchmarks.md):
-    at the first training's rate (1e-3) 19% of 301 earlier answers were kept; at 0.3x, 78%; at 0.1x the new
-    answer was learnt after 32 steps with 97.7% kept; at 0.05x after 48 steps with 99.3% kept. So `tiny`
-    continues at 0.05x. Real bases keep their rate (a LoRA update starts at zero and is low-rank) and
-    rehearse general text as well.
+    adapter, 1 new answer, 4 copies + 12 replayed per round in mixed rounds read in order, warmed up over
+    10 steps (a standalone sweep, docs/benchmarks.md): at 0.1x the first training's rate the new answer was
+    learnt after 32 steps with 97.7% of 301 earlier answers kept; at 0.05x after 48 steps with 99.3% kept.
+    So `tiny` continues at 0.05x. Real bases keep their rate (a LoRA update starts at zero and is low-rank)
+    and rehearse general text as well.
     """
     if tiny:
         return Sizing(new_repeats=4, replay_per_round=12, max_rounds=60, learning_rate=0.05 * learning_rate)

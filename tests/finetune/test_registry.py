@@ -409,10 +409,9 @@ def continued(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_and_never_registers_forgetting(continued):
-    """The default retrain continues v1 on the new answer and replayed samples; it keeps the result when the new
-    answer is learnt and the earlier ones kept, else trains from the base in the same run and says why (on
-    `tiny` today it forgets, docs/benchmarks.md). Either way the candidate keeps what v1 reproduced."""
+def test_a_continued_run_starts_from_the_active_weights_learns_the_new_answer_and_keeps_the_earlier_ones(continued):
+    """The default retrain continues v1 on the new answer and replayed samples of the earlier ones, and stops
+    once the new answer is learnt with the earlier ones kept."""
     from finetune.continuation import example_key
 
     first, second = continued["first"], continued["second"]
@@ -422,16 +421,16 @@ def test_a_continued_run_starts_from_the_active_weights_trains_new_and_replay_an
     assert meta1["training"]["stopped_early"] and meta1["training"]["reproduced"] == 1.0
     # Said where it starts, and why.
     assert "continuing from v1 (active): 1 new or changed example, 8 earlier ones replayed in samples" in continued["phases"]
+    assert meta2["continued_from"] == "v1", (meta2["start"], meta2["training"]["notes"])
     notes = meta2["training"]["notes"]
     # Only the new example and replayed samples of the earlier ones: 4 x new + 8 replayed a round.
     assert any("continued run: 60 rounds at most, each 1 new x 4 + 8 replayed" in n for n in notes), notes
     # The starting weights are v1's: they reproduced the 8 earlier answers before the first step.
-    assert any("of the 8 earlier answers the starting weights reproduced still reproduced" in n for n in notes), notes
-    if meta2["continued_from"] is None:
-        assert meta2["start"].startswith("training from the base: continuing v1 did not keep its answers"), meta2["start"]
-        assert any(n.startswith("continued attempt: ") for n in notes)
-    else:
-        assert meta2["continued_from"] == "v1" and meta2["training"]["stopped_early"]
+    stop = next(n for n in notes if n.startswith("stopped at step"))
+    assert "of the 8 earlier answers the starting weights reproduced still reproduced" in stop
+    assert "all of the 1 new ones learnt" in stop and meta2["training"]["stopped_early"]
+    # Not asserted: fewer steps than v1. On 10 pairs v1 memorises in ~45 steps and the continued run, at a
+    # twentieth of the rate, needs ~64; the saving shows on larger sets (docs/benchmarks.md).
     m = second.adapter.metrics
     assert m["n_active_reproduced"] == 8 and m["retained_vs_active"] >= 0.95
     assert m["forgetting_vs_active"] is not None
