@@ -1,8 +1,11 @@
 """Retraining after one new approved answer: continued from the active adapter vs a first full training.
 
     .venv/bin/python bench/continued_training.py [--pairs 330] [--out bench/out/continued_training.json]
+    .venv/bin/python bench/continued_training.py --base bench    # bench/out/continued_training_bench_base.json
 
-The product's path on a fresh workspace (`tiny` base, kbloop's defaults): samples/kb imported, --pairs of
+The product's path on a fresh workspace (`tiny` base, kbloop's defaults; or, with `--base bench`, the
+pretrained ~10M-parameter base of bench/train_vs_seed.py, which trains with the guide's recipe, QLoRA r=8,
+as a real base does): samples/kb imported, --pairs of
 samples/qa.jsonl approved, `train_candidate` (a first full training, from the base) and promoted; then one
 new approved answer, on a topic the knowledge base does not cover, and `train_candidate` again with the
 default start (continue from the active adapter). Finally, for the ratio the issue asks for, a full training
@@ -91,14 +94,27 @@ def main() -> None:
     parser.add_argument("--skip-scratch", action="store_true", help="leave out the full training of all the data")
     parser.add_argument("--workspace", help="reuse this workspace (a copy is used) whose active v1 is the first "
                         "full training on --pairs pairs: its numbers are read from v1's metadata")
-    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "continued_training.json"))
+    parser.add_argument("--base", choices=("tiny", "bench"), default="tiny",
+                        help="`tiny` (random weights, memorises) or `bench`: bench/train_vs_seed.py's pretrained base")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="with --base bench: the base's pretraining")
+    parser.add_argument("--out", help="default: bench/out/continued_training.json "
+                        "(continued_training_bench_base.json with --base bench)")
     args = parser.parse_args()
+    args.out = args.out or str(REPO / "bench" / "out" / ("continued_training.json" if args.base == "tiny"
+                                                         else "continued_training_bench_base.json"))
     from finetune.models import resolve_base
 
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        config = TrainConfig(base="tiny")
+        if args.base == "bench":
+            sys.path.insert(0, str(REPO / "bench"))
+            from train_vs_seed import build_base
+
+            base = build_base(home, pretrain_steps=args.pretrain_steps)
+        else:
+            base = "tiny"
+        config = TrainConfig(base=base)
         partial = Path(args.out).with_suffix(".partial.json")
         if args.workspace:
             shutil.copytree(args.workspace, home, dirs_exist_ok=True)
@@ -118,7 +134,7 @@ def main() -> None:
         continued = _run(db, home, config, "continued after one new answer")
         new_key = example_key(new[0])
         continued["new_answer_reproduced_exact"] = new_key in continued["reproduced_keys"]
-        base_path = resolve_base("tiny", home=home, db=db)
+        base_path = resolve_base(base, home=home, db=db)
         generated = _generated(home / "adapters" / continued["version"], base_path, NEW_QUESTION)
         continued["new_answer_generated"] = generated
         continued["new_answer_generated_equal"] = generated == NEW_ANSWER
@@ -126,13 +142,13 @@ def main() -> None:
 
         scratch = None
         if not args.skip_scratch:
-            scratch = _run(db, home, TrainConfig(base="tiny", start_from="base"), "full training of the same data")
+            scratch = _run(db, home, TrainConfig(base=base, start_from="base"), "full training of the same data")
     for r in (first, continued, scratch):
         if r:
             r["n_reproduced"] = len(r.pop("reproduced_keys"))
     reference = scratch or first
     results = {
-        "pairs": args.pairs, "machine": f"{os.cpu_count()} CPU cores, no GPU, shared",
+        "pairs": args.pairs, "base": args.base, "machine": f"{os.cpu_count()} CPU cores, no GPU, shared",
         "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0],
         "first": first, "continued": continued, "scratch_same_data": scratch,
         "train_time_ratio": round(continued["train_s"] / reference["train_s"], 3),

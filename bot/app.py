@@ -39,9 +39,11 @@ def build_app(*, config: BotConfig, engine, db_path: Path) -> App:
     app = App(
         client=make_web_client(config),
         signing_secret=config.signing_secret or "",
-        # Socket Mode requests are not signed; HTTP ones are checked (401 on a bad signature or a
-        # timestamp older than 5 minutes) before any listener runs.
-        request_verification_enabled=bool(config.signing_secret),
+        # Socket Mode requests are not signed. HTTP ones are verified once, on the raw bytes, at the door
+        # (bot.server.slack_events_endpoint: 401 on a bad, stale or replayed signature, 413 when oversized)
+        # before bolt sees them; a second check here would refuse acknowledged events that wait in the
+        # inbox past Slack's 5-minute window (issue 16).
+        request_verification_enabled=False,
         # Verify the token lazily (first request), so the app can be built while Slack is unreachable.
         token_verification_enabled=False,
         # Ack first, work after: listeners run in this pool and the HTTP response leaves at ack().
@@ -95,13 +97,34 @@ def shutdown(app: App, *, wait: bool = True) -> None:
 def health(app: App) -> tuple[bool, dict]:
     """Ready when the store answers a query and the engine has loaded its model."""
     rt = runtime_of(app)
-    detail: dict = {}
+    return readiness(rt.db, rt.engine)
+
+
+_last_health_problem: list[str] = [""]  # logged once per change, not at every probe
+
+
+def readiness(open_store, engine) -> tuple[bool, dict]:
+    """(ready, what /healthz shows). /healthz has no authentication, so it says only `ok`, `error`,
+    `ready`, `loading` or `failed`; what failed, with the exception text, goes to the log (issue 16)."""
+    problems = []
     try:
-        ping(rt.db())
-        detail["store"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        detail["store"] = f"{type(exc).__name__}: {exc}"
-    ready = bool(getattr(rt.engine, "ready", True))
-    error = getattr(rt.engine, "error", None)
-    detail["model"] = "ready" if ready else (f"failed: {error}" if error else "loading")
-    return detail["store"] == "ok" and ready, detail
+        ping(open_store())
+        store = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        store = "error"
+        problems.append(f"store: {type(exc).__name__}: {exc}")
+    ready = bool(getattr(engine, "ready", True))
+    error = getattr(engine, "error", None)
+    if ready:
+        model = "ready"
+    elif error:
+        model = "failed"
+        problems.append(f"model: {error}")
+    else:
+        model = "loading"
+    problem = "; ".join(problems)
+    if problem != _last_health_problem[0]:
+        _last_health_problem[0] = problem
+        if problem:
+            log.warning("health check: not ready: %s", problem)
+    return store == "ok" and ready, {"store": store, "model": model}

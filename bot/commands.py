@@ -1,11 +1,15 @@
 """Admin and status slash commands: /kb-retrain, /kb-rollback (admins only), /kb-status (everyone).
 
 Every admin command, allowed or refused, is written to audit_log (action "slack:/kb-retrain" …) before
-anything else happens. Replies are ephemeral, through the command's response_url.
+anything else happens. Replies are ephemeral, through the command's response_url. /kb-retrain's options
+are checked when typed, by the rules `kbloop train` applies (finetune.config.check_settings), so a bad
+one is answered at once instead of failing the job later. /kb-status shows everyone a job's short
+reason for failing; the whole error (server paths, the training log's last line) only to admins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from slack_bolt import App
@@ -16,7 +20,7 @@ from bot.handlers import BotRuntime
 from store import StoreError
 from store.adapters import active_adapter
 from store.audit import record_audit
-from store.jobs import JobAlreadyActive, active_jobs
+from store.jobs import JobAlreadyActive, active_jobs, list_jobs
 
 log = logging.getLogger("kbloop.bot")
 
@@ -28,7 +32,8 @@ STATUS_METRICS = (
 RETRAIN_SHORTCUTS = {"force"}
 # `from=base` / `from=v3`, as `kbloop train --from`: the TrainConfig field is start_from (the default, continuing
 # from the active adapter, is TrainConfig's own, so the bot, the worker and the playground share it).
-RETRAIN_ALIASES = {"from": "start_from"}
+# The other aliases are `kbloop train`'s option names for the same fields.
+RETRAIN_ALIASES = {"from": "start_from", "lr": "learning_rate", "batch": "batch_size", "passages": "k_passages"}
 
 
 def parse_retrain_args(text: str) -> dict:
@@ -50,6 +55,27 @@ def parse_retrain_args(text: str) -> dict:
     return params
 
 
+def check_retrain_options(params: dict) -> None:
+    """The training settings of a parsed /kb-retrain, checked by `kbloop train`'s rules. ValueError for an
+    option that is not one; StoreError naming a bad value."""
+    from finetune.config import TrainConfig, check_settings  # imported on use: keeps `import bot` light
+
+    train = params.get("train") or {}
+    if "base" in train:
+        raise ValueError(messages.RETRAIN_NO_BASE)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"base"}
+    unknown = sorted(set(train) - known)
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    config = TrainConfig(**train)
+    check_settings(config)
+    # A /kb-retrain run is registered: the registry's own check (rank within vLLM's limit, servable targets),
+    # which the job would run first thing, runs now.
+    from finetune.registry import check_registrable
+
+    check_registrable(config)
+
+
 def _coerce(raw: str):
     for cast in (int, float):
         try:
@@ -63,8 +89,9 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def status_text(db, *, engine=None) -> str:
-    """The /kb-status report in mrkdwn (outside values escaped)."""
+def status_text(db, *, engine=None, admin: bool = False) -> str:
+    """The /kb-status report in mrkdwn (outside values escaped). `admin`: with jobs' whole errors and progress
+    details; everyone else sees a failed job's short reason (bot.messages.public_reason)."""
     lines = [messages.STATUS_TITLE]
     active = active_adapter(db)
     if active is None:
@@ -83,18 +110,33 @@ def status_text(db, *, engine=None) -> str:
     if not jobs:
         lines.append(messages.STATUS_NO_JOBS)
     for job in jobs:
-        lines.append("• " + escape_mrkdwn(_describe_job(job)))
+        lines.append("• " + escape_mrkdwn(_describe_job(job, admin=admin)))
+    finished = next((j for j in list_jobs(db, limit=10) if j.status not in ("queued", "running")), None)
+    if finished is not None:
+        lines.append(messages.STATUS_LAST_JOB + escape_mrkdwn(_describe_job(finished, admin=admin)))
     if engine is not None:
         ready = getattr(engine, "ready", True)
-        lines.append(f"Model: {escape_mrkdwn(str(getattr(engine, 'base_model', '')))} "
-                     f"({'ready' if ready else 'loading'})")
+        base = str(getattr(engine, "base_model", ""))
+        if not admin and base.startswith(("/", "~", ".")):
+            base = base.rstrip("/").rsplit("/", 1)[-1]  # a local model folder: its name, not where it lives
+        lines.append(f"Model: {escape_mrkdwn(base)} ({'ready' if ready else 'loading'})")
     return "\n".join(lines)
 
 
-def _describe_job(job) -> str:
+def _describe_job(job, *, admin: bool) -> str:
     from finetune.jobs import describe_job
 
-    return describe_job(job)
+    if admin:
+        return describe_job(job)
+    who = f" (requested by {job.requester})" if job.requester else ""
+    if job.status == "running":  # the phase only: a progress detail can name files
+        job = dataclasses.replace(job, progress={k: v for k, v in job.progress.items() if k != "detail"})
+        return describe_job(job)
+    if job.status == "failed":
+        return f"job {job.id}{who} failed: {messages.public_reason(job.error)} ({messages.DETAILS_FOR_ADMINS})"
+    if job.status == "succeeded":
+        return f"job {job.id}{who} succeeded"
+    return describe_job(dataclasses.replace(job, error=None))
 
 
 def _request_retrain(db, *, requester: str, reply_channel: str | None, params: dict):
@@ -133,10 +175,16 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
         user, channel = command["user_id"], command.get("channel_id")
         try:
             params = parse_retrain_args(command.get("text") or "")
-            job = _request_retrain(rt.db(), requester=user, reply_channel=channel, params=params)
+            check_retrain_options(params)
         except ValueError as exc:
             respond(text=f"{escape_mrkdwn(str(exc))}. {messages.RETRAIN_USAGE}", response_type="ephemeral")
             return
+        except StoreError as exc:
+            respond(text=messages.retrain_invalid(escape_mrkdwn(str(exc))) + " " + messages.RETRAIN_USAGE,
+                    response_type="ephemeral")
+            return
+        try:
+            job = _request_retrain(rt.db(), requester=user, reply_channel=channel, params=params)
         except JobAlreadyActive as exc:
             job = exc.job
             progress = ""
@@ -170,6 +218,7 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
                 response_type="ephemeral")
 
     @app.command("/kb-status")
-    def on_status(ack, respond):
+    def on_status(ack, command, respond):
         ack()
-        respond(text=status_text(rt.db(), engine=rt.engine), response_type="ephemeral")
+        admin = rt.config.is_admin(command.get("user_id"))
+        respond(text=status_text(rt.db(), engine=rt.engine, admin=admin), response_type="ephemeral")

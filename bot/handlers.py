@@ -3,9 +3,10 @@ Admin commands are in bot.commands.
 
 Every listener acknowledges first and then works: Slack wants a 200 within 3 seconds, and bolt runs
 listeners in a thread pool (`process_before_response=False`), so the HTTP response leaves as soon as
-`ack()` is called (in HTTP mode, events are even acked before bolt sees them: bot.server). Generating an answer takes
-longer, so listeners only filter, dedupe and hand the question to `BotRuntime.answers`, a separate pool
-that waits on the engine; the listener threads stay free and acks stay fast under load.
+`ack()` is called (in HTTP mode, events are even acked before bolt sees them, once stored in the event
+inbox: bot.server). Generating an answer takes longer, so listeners only filter, dedupe and hand the
+question to `BotRuntime.answers`, a separate pool that waits on the engine; the listener threads stay
+free and acks stay fast under load.
 
 Duplicates: Slack retries an event it thinks was not delivered (`X-Slack-Retry-Num`, same `event_id`),
 and one mention of the bot can arrive both as `app_mention` and as `message`. Each delivery claims its
@@ -52,6 +53,8 @@ class BotRuntime:
     answers: ThreadPoolExecutor = field(init=False)
     limiter: QuestionRateLimiter = field(init=False)
     priority: AckPriority = field(default_factory=AckPriority)
+    # bot.server.EventDispatcher threads feeding the event inbox to bolt; stopped first on shutdown.
+    dispatchers: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.answers = ThreadPoolExecutor(max_workers=self.config.answer_workers, thread_name_prefix="kbloop-answer")
@@ -75,6 +78,8 @@ class BotRuntime:
             return None
 
     def shutdown(self, wait: bool = True) -> None:
+        for dispatcher in self.dispatchers:
+            dispatcher.stop()  # deliveries not yet dispatched stay in the inbox for the next start
         self.answers.shutdown(wait=wait)
 
 

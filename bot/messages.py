@@ -5,6 +5,8 @@ Functions take already-escaped values where they embed them in mrkdwn; see bot.b
 
 from __future__ import annotations
 
+import re
+
 WORKING = ":hourglass_flowing_sand: Looking that up…"
 SLASH_WORKING = ":hourglass_flowing_sand: Looking that up… (only you can see this)"
 EMPTY_QUESTION = ("Ask me a question about our knowledge base, e.g. `@kbloop how do I request VPN access?`, "
@@ -35,8 +37,11 @@ CORRECTION_TOO_LONG = f"Please keep the correction under {CORRECTION_MAX} charac
 
 NOT_ADMIN = "Sorry, only kbloop admins can use `{command}`. Ask one of them, or see `/kb-status`."
 NO_ADMINS_CONFIGURED = " (No admins are configured yet: set KBLOOP_ADMINS.)"
-RETRAIN_USAGE = ("Usage: `/kb-retrain [method=qlora|lora|full] [rank=N|auto] [epochs=N]`. "
-                 "With no options the defaults are used.")
+RETRAIN_USAGE = ("Usage: `/kb-retrain [force] [method=qlora|lora|full] [rank=N|auto] [epochs=N] "
+                 "[from=active|base|VERSION]`; the other `kbloop train` settings work the same way, e.g. "
+                 "`lr=1e-4` or `max_length=512`. With no options the defaults are used.")
+RETRAIN_NO_BASE = ("`base` cannot be chosen from Slack: jobs train on the server's base model (KBLOOP_BASE_MODEL); "
+                   "change it there, or train another base with `kbloop train --base` on the server")
 ERROR_NOTE = "Sorry, something went wrong while answering. The error was recorded (ref E{ref})."
 TRUNCATED = "\n…_(answer shortened to fit in Slack)_"
 
@@ -86,3 +91,20 @@ def job_finished(job_id: int, headline: str) -> str:
 STATUS_TITLE = "*kbloop status*"
 STATUS_NO_ADAPTER = "Active adapter: none (answers come from the base model)."
 STATUS_NO_JOBS = "No retraining job is queued or running."
+STATUS_LAST_JOB = "Last job: "
+DETAILS_FOR_ADMINS = "details: admins in `/kb-status`, and the worker's log"
+
+# A server path (/srv/…, ~/…, C:\…) inside an error text.
+_PATH = re.compile(r"(?:[A-Za-z]:\\|~/|/)[^\s:;,'\"()]+")
+
+
+def retrain_invalid(reason: str) -> str:
+    return f"Nothing was queued: {reason}."
+
+
+def public_reason(error: str | None) -> str:
+    """What everyone may see of a job's error: its first clause, without server paths or log lines. The
+    whole text is for admins (/kb-status) and the logs (issue 16)."""
+    first = re.split(r": |; |\n", (error or "").strip(), maxsplit=1)[0]
+    first = _PATH.sub("…", first).strip()[:120]
+    return first if re.search(r"[A-Za-z]{3}", first) else "an internal error"

@@ -125,11 +125,15 @@ def outcome_text(job_id: int, outcome: dict) -> str:
     elif status == "cancelled":
         headline = ":no_entry_sign: cancelled."
     else:
-        headline = ":x: failed: " + escape_mrkdwn(outcome.get("error") or outcome.get("message") or "unknown error")
+        # Notices land in channels everyone reads: the short reason here, the whole error (server paths, the
+        # training log's last line) for admins in /kb-status and in the worker's log.
+        reason = messages.public_reason(outcome.get("error") or outcome.get("message"))
+        headline = f":x: failed: {escape_mrkdwn(reason)} ({messages.DETAILS_FOR_ADMINS})"
     lines = [messages.job_finished(job_id, headline)]
     if outcome.get("message") and status == "succeeded" and version:
         lines.append(escape_mrkdwn(outcome["message"]))
-    for reason in outcome.get("reasons") or []:
+    reasons = (outcome.get("reasons") or []) if status != "failed" else []  # a failure's reason is its error
+    for reason in reasons:
         lines.append("• " + escape_mrkdwn(str(reason)))
     table = outcome.get("table")
     if table:

@@ -20,7 +20,8 @@ class AckPriority:
         self._last_request = 0.0  # a float assignment is atomic under the interpreter lock
 
     def request_seen(self) -> None:
-        """Called by the HTTP endpoint for every request."""
+        """Called by the HTTP endpoint for every request that passed the signature check (unsigned traffic
+        must not be able to hold answers back)."""
         self._last_request = time.monotonic()
 
     def wait_for_quiet(self) -> None:

@@ -4,95 +4,203 @@
 
     fastapi_app.add_route("/slack/events", slack_events_endpoint(app), methods=["POST"])
 
+The door checks every request once, on the raw bytes, before anything parses it (bot.verification):
+unsigned, stale or replayed is 401, a body over 1 MiB is 413, a verified body that is not Slack's
+JSON or form is 400. Bolt's own signature check is off (bot.app): this is the one place requests are
+verified, so what passed it can be handled later without a second check.
+
 Acknowledging fast under load: Events API deliveries (JSON, type `event_callback`) carry nothing for
-the response, so once their signature and timestamp check out they are answered 200 on the event loop
-and handed to one dispatcher thread that runs them through bolt (which verifies them again and runs
-the listeners). Slash commands and interactivity, whose ack may carry a reply or modal errors, go
-through bolt on Starlette's thread pool (bolt's own Starlette adapter would block the event loop).
-A bad signature or a timestamp older than 5 minutes is 401 on either path, before anything runs.
+the response, so once verified they are written to the store's event inbox and answered 200; one
+dispatcher thread feeds the inbox to bolt, oldest first, and removes each delivery once dispatched. A
+delivery acknowledged just before a crash or a restart is still in the inbox and handled by the next
+process; it was verified when it arrived, so a backlog older than Slack's 5-minute window is handled
+too. Slash commands and interactivity, whose ack may carry a reply or modal errors, go through bolt
+on Starlette's thread pool (bolt's own Starlette adapter would block the event loop).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from slack_bolt import App
-from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
+from slack_bolt import App, BoltRequest
+from slack_bolt.adapter.starlette.handler import to_starlette_response
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from slack_sdk.signature import SignatureVerifier
 
 from bot.app import health
+from bot.config import BotConfigError
+from bot.verification import RecentSignatures, Refused, SlackBody, check_signature, read_body, request_timestamp
+from store import local_db
+from store.slack_inbox import InboxEvent, pending_slack_events, put_slack_event, remove_slack_event
+from store.text import now
 
 log = logging.getLogger("kbloop.bot")
 
 EVENTS_PATH = "/slack/events"
 HEALTH_PATH = "/healthz"
+# Headers the listeners read (bolt's context.retry_num / retry_reason); kept with an inbox delivery.
+INBOX_HEADERS = ("content-type", "x-slack-retry-num", "x-slack-retry-reason")
 
 
 class EventDispatcher:
-    """Acks verified Events API deliveries at once and feeds them to bolt on a background thread."""
+    """Feeds the verified Events API deliveries in the inbox to bolt on one background thread.
 
-    def __init__(self, app: App, signing_secret: str, priority=None):
+    `accept()` stores a delivery (the door answers 200 only after it returns); the thread dispatches
+    the waiting ones oldest first and removes each once bolt has taken it. At start it first handles
+    what an earlier process left, once the engine has loaded its model (at most `model_wait_s`): they
+    were acknowledged long ago, and a "still loading, ask again" answer would waste them. It also looks
+    every `poll_s` seconds, for deliveries left while it was busy or written by another process on the
+    same database. `stop()` leaves what still waits for the next start.
+    """
+
+    def __init__(self, app: App, *, db_path: Path, priority=None, poll_s: float = 2.0,
+                 model_wait_s: float = 600.0):
         self.app = app
+        self.db_path = Path(db_path)
         self.priority = priority
-        self.verifier = SignatureVerifier(signing_secret)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.poll_s = poll_s
+        self.model_wait_s = model_wait_s
+        self._started_at = now()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kbloop-event-dispatch", daemon=True)
+        self._wake.set()
         self._thread.start()
 
-    def try_ack(self, request: Request, body: bytes) -> Response | None:
-        """A response for an event delivery (200 queued, or 401); None when bolt must answer it itself."""
-        if not body.startswith(b"{") or b'"event_callback"' not in body:
-            return None
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return None
-        if payload.get("type") != "event_callback":
-            return None
-        if not self.verifier.is_valid(body, request.headers.get("x-slack-request-timestamp"),
-                                      request.headers.get("x-slack-signature")):
-            return JSONResponse({"error": "invalid request"}, status_code=401)
-        self._queue.put(to_bolt_request(request, body))
-        return Response(status_code=200)
+    def accept(self, *, event_id: str, body: str, headers: dict[str, str]) -> None:
+        """Keep a verified delivery (a retry of one still waiting adds nothing) and wake the thread."""
+        put_slack_event(local_db(self.db_path), event_id=event_id, body=body, headers=headers)
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
-        while True:
-            bolt_request = self._queue.get()
-            if self.priority is not None:
-                self.priority.wait_for_quiet()
+        while not self._stopping.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
             try:
-                response = self.app.dispatch(bolt_request)
-                if response.status >= 400:
-                    log.warning("event dispatch answered %s: %s", response.status, response.body[:200])
-            except Exception:  # noqa: BLE001 - the delivery was acked; keep serving the next ones
-                log.exception("event dispatch failed")
+                self._drain()
+            except Exception:  # noqa: BLE001 - the deliveries stay in the inbox; try again at the next wake
+                log.exception("event inbox: could not read or update the store")
+                self._stopping.wait(self.poll_s)
+
+    def _drain(self) -> None:
+        db = local_db(self.db_path)
+        while not self._stopping.is_set():
+            batch = pending_slack_events(db)
+            if not batch:
+                return
+            for item in batch:
+                if item.received_at < self._started_at:
+                    self._wait_for_model()
+                if self._stopping.is_set():
+                    return
+                if self.priority is not None:
+                    self.priority.wait_for_quiet()
+                self._dispatch(item)
+                # Removed once bolt has it: the listeners claim the event id in the store before answering
+                # (bot.handlers), so a delivery dispatched twice (two processes, a crash just here) answers once.
+                remove_slack_event(db, item.id)
+
+    def _wait_for_model(self) -> None:
+        engine = getattr(getattr(self.app, "kbloop", None), "engine", None)
+        deadline = time.monotonic() + self.model_wait_s
+        while (not getattr(engine, "ready", True) and not getattr(engine, "error", None)
+               and time.monotonic() < deadline and not self._stopping.is_set()):
+            self._stopping.wait(0.2)
+
+    def _dispatch(self, item: InboxEvent) -> None:
+        try:
+            response = self.app.dispatch(BoltRequest(body=item.body, headers=item.headers))
+            if response.status >= 400:
+                log.warning("event %s dispatch answered %s: %s", item.event_id, response.status,
+                            str(response.body)[:200])
+        except Exception as exc:  # noqa: BLE001 - the delivery was acked; keep serving the next ones
+            runtime = getattr(self.app, "kbloop", None)
+            if runtime is not None:
+                runtime.record_error("event", exc, event_id=item.event_id)
+            else:
+                log.exception("event %s dispatch failed", item.event_id)
+
+
+class SlackDoor:
+    """The checks every request to /slack/events passes, in order (see bot.verification)."""
+
+    def __init__(self, signing_secret: str, *, clock=time.time):
+        self.signing_secret = signing_secret
+        self.clock = clock
+        self.seen = RecentSignatures(clock=clock)
+
+    async def admit(self, request: Request) -> SlackBody:
+        """The verified, parsed body; Refused with the status and reason otherwise."""
+        timestamp, signature = request_timestamp(request.headers, now=self.clock())
+        body = await read_body(request)
+        check_signature(self.signing_secret, body, timestamp, signature)
+        try:
+            self.seen.check_fresh(signature, timestamp)
+            replay = None
+        except Refused as refused:
+            # Slack's immediate retry of an event (X-Slack-Retry-Num) within the same second repeats the
+            # timestamp, so the signature too. Events are deduplicated by event_id further in (at most one
+            # answer per event, persisted), so a repeated event delivery may pass; nothing else may.
+            if "x-slack-retry-num" not in request.headers:
+                raise
+            replay = refused
+        parsed = SlackBody(body, request.headers.get("content-type"))
+        if replay is not None and not parsed.is_event_callback:
+            raise replay
+        return parsed
 
 
 def slack_events_endpoint(app: App) -> Callable[[Request], Awaitable[Response]]:
-    """A Starlette/FastAPI endpoint that hands Slack's request to bolt (signature check included)."""
+    """A Starlette/FastAPI endpoint for Slack's requests: verified at the door, then handed to bolt."""
     runtime = getattr(app, "kbloop", None)
     secret = runtime.config.signing_secret if runtime is not None else None
-    priority = runtime.priority if runtime is not None else None
-    dispatcher = EventDispatcher(app, secret, priority) if secret else None
+    if not secret:
+        # Bolt does not verify requests itself (bot.app): without a secret this door would let anyone in.
+        raise BotConfigError("SLACK_SIGNING_SECRET is not set: the signing secret from your Slack app's "
+                             "Basic Information page (needed in HTTP mode)")
+    priority = runtime.priority
+    door = SlackDoor(secret)
+    dispatcher = EventDispatcher(app, db_path=runtime.db_path, priority=priority)
+    runtime.dispatchers.append(dispatcher)  # stopped by bot.shutdown(app)
 
     async def slack_events(request: Request) -> Response:
-        if priority is not None:
-            priority.request_seen()
-        body = await request.body()
-        if dispatcher is not None:
-            quick = dispatcher.try_ack(request, body)
-            if quick is not None:
-                return quick
-        bolt_response = await run_in_threadpool(app.dispatch, to_bolt_request(request, body))
+        try:
+            slack_body = await door.admit(request)
+        except Refused as refused:
+            log.info("refused a request to %s: %s %s", EVENTS_PATH, refused.status, refused.reason)
+            return JSONResponse({"error": refused.reason}, status_code=refused.status)
+        # Only verified requests count as Slack traffic that background work steps aside for (bot.priority):
+        # an unsigned flood must not slow the answers.
+        priority.request_seen()
+        if slack_body.is_event_callback:
+            headers = {k: request.headers[k] for k in INBOX_HEADERS if k in request.headers}
+            try:
+                await run_in_threadpool(dispatcher.accept, event_id=slack_body.payload["event_id"],
+                                        body=slack_body.text, headers=headers)
+            except Exception:  # noqa: BLE001 - not stored, so not acked: Slack retries it
+                log.exception("could not store event %s", slack_body.payload.get("event_id"))
+                return JSONResponse({"error": "the event could not be stored; retry later"}, status_code=503)
+            return Response(status_code=200)
+        bolt_request = BoltRequest(body=slack_body.text, query=str(request.query_params),
+                                   headers=dict(request.headers))
+        try:
+            bolt_response = await run_in_threadpool(app.dispatch, bolt_request)
+        except Exception:  # noqa: BLE001 - the details go to the log, never to the caller
+            log.exception("dispatching a %s request failed", slack_body.payload.get("type") or "slash command")
+            return JSONResponse({"error": "internal error"}, status_code=500)
         return to_starlette_response(bolt_response)
 
     return slack_events

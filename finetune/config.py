@@ -151,6 +151,72 @@ def _fmt(value) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
+# Upper bounds for one run on one machine. Past them a value is a typo or a hostile request (epochs=1e9 would
+# queue a job that never ends, max_length=1e8 one that cannot fit in memory): refused when asked for.
+MAX_EPOCHS = 1000
+MAX_LENGTH = 32768  # tokens: Qwen2.5's context
+MAX_BATCH = 4096  # batch size and gradient accumulation each
+MAX_PASSAGES = 50
+MAX_STEPS = 10_000_000  # min_steps, save_steps
+# Words that mean something else where an adapter version is asked for (`--from`, `kbloop ask --adapter`).
+RESERVED_VERSIONS = ("active", "base", "tiny")
+_INT_FIELDS = ("alpha", "batch_size", "grad_accum", "max_length", "k_passages", "min_steps", "save_steps", "seed")
+_NUMBER_FIELDS = ("dropout", "epochs", "learning_rate", "warmup", "stop_reproduced", "weight_decay")
+_TEXT_FIELDS = ("base", "method", "version", "start_from", "lr_scheduler")
+
+
+def check_settings(c: TrainConfig) -> None:
+    """The rules for training settings, wherever a run is asked for: `kbloop train`, /kb-retrain, a queued job.
+    Fields left at None (the base's defaults, filled in by resolve_config) are not checked. Raises StoreError
+    naming the setting and what it must be."""
+    from store import StoreError
+
+    for name in _INT_FIELDS + _NUMBER_FIELDS:
+        value = getattr(c, name)
+        kinds = (int,) if name in _INT_FIELDS else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise StoreError(f"{name} must be {'a whole number' if kinds == (int,) else 'a number'}, not {value!r}")
+    for name in _TEXT_FIELDS:
+        value = getattr(c, name)
+        if value is not None and not isinstance(value, str):
+            raise StoreError(f"{name} must be text, not {value!r}")
+    if c.method is not None and c.method not in METHODS:
+        raise StoreError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
+    # The registry caps the rank of what it registers (finetune.registry.MAX_RANK, vLLM's limit) itself.
+    if c.rank is not None and c.rank != "auto" and (isinstance(c.rank, bool) or not isinstance(c.rank, int)
+                                                     or c.rank < 1):
+        raise StoreError(f"rank must be a positive whole number or 'auto', not {c.rank!r}")
+    checks = [
+        ("alpha", lambda v: v > 0, "alpha must be positive"),
+        ("dropout", lambda v: 0 <= v < 1, "dropout must be in [0, 1)"),
+        ("epochs", lambda v: 0 < v <= MAX_EPOCHS, f"epochs must be positive and at most {MAX_EPOCHS}"),
+        ("learning_rate", lambda v: 0 < v < 1, "learning rate must be in (0, 1)"),
+        ("batch_size", lambda v: 1 <= v <= MAX_BATCH, f"batch size must be from 1 to {MAX_BATCH}"),
+        ("grad_accum", lambda v: 1 <= v <= MAX_BATCH, f"gradient accumulation must be from 1 to {MAX_BATCH}"),
+        ("warmup", lambda v: 0 <= v < 1, "warmup is a fraction of the steps in [0, 1)"),
+        ("max_length", lambda v: 64 <= v <= MAX_LENGTH, f"max length must be from 64 to {MAX_LENGTH} tokens"),
+        ("k_passages", lambda v: 0 <= v <= MAX_PASSAGES, f"passages per prompt must be from 0 to {MAX_PASSAGES}"),
+        ("min_steps", lambda v: 0 <= v <= MAX_STEPS, f"minimum steps must be from 0 to {MAX_STEPS}"),
+        ("save_steps", lambda v: 1 <= v <= MAX_STEPS, f"save steps must be from 1 to {MAX_STEPS}"),
+        ("stop_reproduced", lambda v: 0 <= v <= 1, "the reproduced share to stop at is in [0, 1]"),
+        ("weight_decay", lambda v: 0 <= v < 1, "weight decay must be in [0, 1)"),
+    ]
+    for name, ok, message in checks:
+        value = getattr(c, name)
+        if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
+            raise StoreError(f"{message}, not {value}")
+    if c.gradient_checkpointing is not None and c.gradient_checkpointing not in (True, False, "auto", "mlp"):
+        raise StoreError(f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}")
+    if c.version is not None or c.start_from is not None:
+        from finetune.registry import VERSION_RE
+
+        if c.version is not None and (c.version.lower() in RESERVED_VERSIONS or not VERSION_RE.match(c.version)):
+            raise StoreError(f"version {c.version!r}: use letters, digits, '.', '_' or '-' (at most 64), and not "
+                             f"{', '.join(RESERVED_VERSIONS)}")
+        if c.start_from is not None and c.start_from not in ("active", "base") and not VERSION_RE.match(c.start_from):
+            raise StoreError(f"from must be `active`, `base` or an adapter version such as v3, not {c.start_from!r}")
+
+
 def _validate(c: TrainConfig, *, n_examples: int) -> None:
     from store import StoreError
 
@@ -158,24 +224,7 @@ def _validate(c: TrainConfig, *, n_examples: int) -> None:
         raise StoreError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
     if not isinstance(c.rank, int) or c.rank < 1:
         raise StoreError(f"rank must be a positive number or 'auto', not {c.rank!r}")
-    checks = [
-        (c.alpha is not None and c.alpha > 0, f"alpha must be positive, not {c.alpha}"),
-        (0 <= c.dropout < 1, f"dropout must be in [0, 1), not {c.dropout}"),
-        (c.epochs > 0, f"epochs must be positive, not {c.epochs}"),
-        (0 < c.learning_rate < 1, f"learning rate must be in (0, 1), not {c.learning_rate}"),
-        (c.batch_size >= 1, f"batch size must be at least 1, not {c.batch_size}"),
-        (c.grad_accum >= 1, f"gradient accumulation must be at least 1, not {c.grad_accum}"),
-        (0 <= c.warmup < 1, f"warmup is a fraction of the steps in [0, 1), not {c.warmup}"),
-        (c.max_length >= 64, f"max length must be at least 64 tokens, not {c.max_length}"),
-        (c.k_passages >= 0, f"passages per prompt must be 0 or more, not {c.k_passages}"),
-        (c.min_steps >= 0, f"minimum steps must be 0 or more, not {c.min_steps}"),
-        (0 <= c.stop_reproduced <= 1, f"the reproduced share to stop at is in [0, 1], not {c.stop_reproduced}"),
-        (c.gradient_checkpointing in (True, False, "auto", "mlp"),
-         f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise StoreError(message)
+    check_settings(c)
     if n_examples < MIN_TRAIN_EXAMPLES:
         raise StoreError(
             f"only {n_examples} training example{'s' if n_examples != 1 else ''}; at least {MIN_TRAIN_EXAMPLES} "

@@ -311,6 +311,14 @@ def evaluate(
         "n_train_sampled": len(sampled),
         "eval_seconds": round(time.monotonic() - started, 2),
     }
+    # Per question, what the gate pairs with the active adapter's answers to the same questions: a drop of a
+    # point or two on a small held-out set is one or two answers, not evidence (finetune.registry.gate).
+    metrics["paired"] = {
+        ex.question: {"em": exact_match(g.text, ex.answer), "f1": round(token_f1(g.text, ex.answer), 4),
+                      "stopped": bool(g.stopped)}
+        for g, ex in zip(held_gen, heldout)
+    }
+    metrics["paired_stops"] = {ex.question: bool(g.stopped) for g, ex in zip(train_gen, sampled)}
     # A few generated answers, so that a reader of the metadata sees what the numbers mean.
     metrics["heldout_samples"] = [
         {"question": ex.question, "reference": ex.answer, "generated": g.text, "stopped": g.stopped}

@@ -7,7 +7,11 @@ not the worker, the bot or the playground that share its process.
 
 Who writes what:
 - the worker (parent) owns the job's status and heartbeat: it claims, heartbeats, cancels, promotes and
-  finishes; a worker that dies stops heartbeating, and the next worker marks its job failed;
+  finishes; a worker that dies stops heartbeating, and the next worker marks its job failed. On the same
+  host the next worker asks the process instead (pid and start time, from the worker id): a live worker's
+  job is never failed, however late its heartbeat, and a dead one's is failed at once;
+- notices (JobNotifier: Slack) go out from a thread of their own through a bounded queue, so a slow or
+  hung Slack never delays the heartbeat;
 - the child writes progress (`progress` JSON: phase, step, total, loss, eta_s) and the training log
   (`train_steps`), trains and registers a *candidate* (finetune.registry.train_candidate), and leaves its
   outcome in `$KBLOOP_HOME/jobs/<id>/outcome.json`;
@@ -33,12 +37,13 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from finetune.jobrun import EXIT_OK
-from finetune.processes import pid_alive
+from finetune.processes import pid_alive, process_start_ticks
 from store import StoreError, open_db
 from store.jobs import (
     Job, JobAlreadyActive, abandon_job, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, get_job,
@@ -66,6 +71,32 @@ class JobNotifier(Protocol):
         ...
 
 
+def default_worker_id() -> str:
+    """`host:pid@start:token`: the host and process (pid and start time, so that a later process given the
+    same pid is not mistaken for this one) a job's owner can be checked against; `host:pid:token` where
+    the start time cannot be read."""
+    pid = os.getpid()
+    ticks = process_start_ticks(pid)
+    return f"{socket.gethostname()}:{pid}{'' if ticks is None else f'@{ticks}'}:{uuid.uuid4().hex[:6]}"
+
+
+def owner_alive_here(worker_id: str | None, *, host: str | None = None) -> bool | None:
+    """Whether the worker named `worker_id` still runs: True or False when it is on this host (its pid, and
+    its start time where the id records one), None when that cannot be known (another host, a custom id)."""
+    w_host, _, rest = (worker_id or "").partition(":")
+    pid_s, at, ticks_s = rest.partition(":")[0].partition("@")
+    if w_host != (host or socket.gethostname()) or not pid_s.isdigit():
+        return None
+    pid = int(pid_s)
+    if not pid_alive(pid):
+        return False
+    if at and ticks_s.isdigit():
+        started = process_start_ticks(pid)
+        if started is not None and started != int(ticks_s):
+            return False  # the pid now belongs to a process that started later: the worker is gone
+    return True
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """How the worker runs jobs. Built once from settings/CLI options (kbloop.cli.worker.worker_config)."""
@@ -78,12 +109,16 @@ class WorkerConfig:
     poll_interval_s: float = 2.0  # how often an idle worker looks for a queued job
     cancel_grace_s: float = 15.0  # SIGTERM, then SIGKILL after this long
     progress_notify_interval_s: float = 30.0  # at most one progress notice per this many seconds
+    # Notices wait in a queue of at most this many (older progress notices give way to newer ones) …
+    max_pending_notices: int = 64
+    # … and a worker that is done (run_once returns, run_forever stops) waits this long for them to go out.
+    notice_flush_s: float = 30.0
     # Multi-GPU: run the child under `accelerate launch` or `torchrun` with `nproc` processes.
     launcher: str = "python"
     nproc: int = 1
     # The child's command before its arguments; None = this interpreter running finetune.jobrun.
     child_command: tuple[str, ...] | None = None
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    worker_id: str = field(default_factory=default_worker_id)
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -92,6 +127,8 @@ class WorkerConfig:
             raise StoreError(f"worker nproc must be at least 1, not {self.nproc}")
         if self.launcher == "python" and self.nproc != 1:
             raise StoreError("worker nproc > 1 needs launcher accelerate or torchrun")
+        if self.max_pending_notices < 1:
+            raise StoreError(f"worker max_pending_notices must be at least 1, not {self.max_pending_notices}")
         if self.heartbeat_interval_s <= 0 or self.stale_after_s <= 2 * self.heartbeat_interval_s:
             raise StoreError(
                 f"stale_after_s ({self.stale_after_s}) must be more than twice heartbeat_interval_s "
@@ -126,13 +163,14 @@ def _check_train_overrides(overrides: dict) -> None:
     if not overrides:
         return
     try:
-        from finetune.config import TrainConfig
+        from finetune.config import TrainConfig, check_settings
     except ImportError:  # training not installed in this checkout: the child will say so
         return
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise StoreError(f"unknown training setting(s): {', '.join(bad)}")
+    check_settings(TrainConfig(**overrides))  # the rules `kbloop train` and /kb-retrain apply, before queueing
 
 
 def job_eta_s(job: Job, *, now: _dt.datetime | None = None) -> float | None:
@@ -204,6 +242,8 @@ class Worker:
         self.home = Path(home)
         self.config = config or WorkerConfig()
         self.notifier = notifier
+        self._notices = (_NoticeSender(notifier, max_pending=self.config.max_pending_notices)
+                         if notifier is not None else None)
         self._db = None
         self._db_thread: int | None = None
         self._dataset_hash: str | None = None  # the snapshot every rank of a launcher must train on
@@ -219,17 +259,40 @@ class Worker:
     # -- loop ------------------------------------------------------------------------------------
     def run_forever(self, stop_event: threading.Event) -> None:
         log.info("worker %s watching %s", self.config.worker_id, self.db_path)
-        while not stop_event.is_set():
-            try:
-                job = self.run_once(stop_event=stop_event)
-            except Exception:  # a broken job must not end the loop that serves the next one
-                log.exception("worker %s: job run failed", self.config.worker_id)
-                job = None
-            if job is None:
-                stop_event.wait(self.config.poll_interval_s)
+        try:
+            while not stop_event.is_set():
+                try:
+                    job = self._run_one(stop_event)
+                except Exception:  # a broken job must not end the loop that serves the next one
+                    log.exception("worker %s: job run failed", self.config.worker_id)
+                    job = None
+                if job is None:
+                    stop_event.wait(self.config.poll_interval_s)
+        finally:
+            self._flush_before_leaving()
 
     def run_once(self, *, stop_event: threading.Event | None = None) -> Job | None:
-        """Recover abandoned jobs, then claim and run one queued job. Returns the finished job, or None."""
+        """Recover abandoned jobs, then claim and run one queued job. Returns the finished job, or None.
+
+        Waits (up to `notice_flush_s`) for the job's notices to go out: `kbloop worker --once` exits next."""
+        try:
+            return self._run_one(stop_event or threading.Event())
+        finally:
+            self._flush_before_leaving()
+
+    def flush_notices(self, timeout: float) -> bool:
+        """Wait until every queued notice was handed to the notifier; False if `timeout` passed first."""
+        return self._notices.flush(timeout) if self._notices is not None else True
+
+    def pending_notices(self) -> int:
+        return self._notices.pending() if self._notices is not None else 0
+
+    def _flush_before_leaving(self) -> None:
+        if not self.flush_notices(self.config.notice_flush_s):
+            log.warning("worker %s: %d job notice(s) not delivered within %.0fs (is Slack reachable?)",
+                        self.config.worker_id, self.pending_notices(), self.config.notice_flush_s)
+
+    def _run_one(self, stop_event: threading.Event) -> Job | None:
         self.recover_abandoned()
         job = claim_next_job(self.db, worker_id=self.config.worker_id, pid=os.getpid())
         if job is None:
@@ -237,27 +300,28 @@ class Worker:
         log.info("worker %s claimed job %s (%s)", self.config.worker_id, job.id, job.kind)
         self._notify("job_started", job)
         try:
-            outcome = self._run(job, stop_event or threading.Event())
+            outcome = self._run(job, stop_event)
         except Exception as exc:  # the worker's own failure: the job says why, the worker lives on
             log.exception("job %s failed in the worker", job.id)
             outcome = _failed(f"the worker failed while running the job: {exc}")
         return self._finish(job, outcome)
 
     def recover_abandoned(self) -> list[Job]:
-        """Fail running jobs whose worker is gone: a dead local process at once, any other once stale."""
+        """Fail running jobs whose worker is gone: a dead local process at once, a worker on another host
+        once its heartbeat is stale. A job whose worker runs on this host is never failed here: a heartbeat
+        can be late while the worker lives, and then two workers would act on one job."""
         failed = []
         host = socket.gethostname()
         for job in running_jobs(self.db):
-            w_host, _, rest = (job.worker_id or "").partition(":")
-            w_pid = rest.partition(":")[0]
-            if job.worker_id != self.config.worker_id and w_host == host and w_pid.isdigit() \
-                    and not pid_alive(int(w_pid)):
+            if job.worker_id != self.config.worker_id and owner_alive_here(job.worker_id, host=host) is False:
+                w_pid = job.worker_id.partition(":")[2].partition(":")[0].partition("@")[0]
                 gone = abandon_job(self.db, job.id, reason=(
                     f"worker {job.worker_id} died while running the job (process {w_pid} is gone); "
                     "nothing from it was promoted"))
                 if gone:
                     failed.append(gone)
-        failed += fail_stale_jobs(self.db, stale_after_s=self.config.stale_after_s)
+        failed += fail_stale_jobs(self.db, stale_after_s=self.config.stale_after_s,
+                                  owner_alive=lambda worker_id: owner_alive_here(worker_id, host=host) is True)
         for job in failed:
             log.warning("job %s marked failed: %s", job.id, job.error)
             self._notify("job_finished", job, _failed(job.error or "the worker stopped"))
@@ -438,12 +502,77 @@ class Worker:
         return job
 
     def _notify(self, method: str, job: Job, *args) -> None:
-        if self.notifier is None:
-            return
-        try:
-            getattr(self.notifier, method)(job, *args)
-        except Exception:  # Slack being down must not fail the job
-            log.exception("notifier %s failed for job %s", method, job.id)
+        """Queue a notice; never waits for the notifier (a hung Slack must not stop the heartbeat)."""
+        if self._notices is not None:
+            self._notices.send(method, job, *args)
+
+
+class _NoticeSender:
+    """Calls a JobNotifier from a thread of its own, in the order the notices were queued.
+
+    At most `max_pending` notices wait. A newer progress notice replaces a waiting one of the same job
+    (it says more); when the queue is full a waiting progress notice gives way, and failing that the new
+    notice is dropped with a warning: a notice is never worth blocking the worker for.
+    """
+
+    IDLE_EXIT_S = 5.0  # the thread ends after this long with nothing to send; the next notice starts another
+
+    def __init__(self, notifier: JobNotifier, *, max_pending: int):
+        self._notifier = notifier
+        self._max = max_pending
+        self._pending: deque[tuple[str, Job, tuple]] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def send(self, method: str, job: Job, *args) -> None:
+        with self._cond:
+            if method == "job_progress":
+                for i, (m, j, _) in enumerate(self._pending):
+                    if m == "job_progress" and j.id == job.id:
+                        self._pending[i] = (method, job, args)
+                        return
+            if len(self._pending) >= self._max:
+                progress = next((n for n in self._pending if n[0] == "job_progress"), None)
+                if progress is not None:
+                    self._pending.remove(progress)
+                elif method == "job_progress":
+                    log.warning("job %s: progress notice dropped: %d notices wait for the notifier", job.id,
+                                len(self._pending))
+                    return
+                else:
+                    m, j, _ = self._pending.popleft()
+                    log.warning("job %s: %s notice dropped: %d notices wait for the notifier", j.id, m, self._max)
+            self._pending.append((method, job, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._deliver, name="kbloop-job-notices", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + (1 if self._busy else 0)
+
+    def flush(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _deliver(self) -> None:
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._pending, self.IDLE_EXIT_S):
+                    self._thread = None
+                    return
+                method, job, args = self._pending.popleft()
+                self._busy = True
+            try:
+                getattr(self._notifier, method)(job, *args)
+            except Exception:  # Slack being down must not fail the job
+                log.exception("notifier %s failed for job %s", method, job.id)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,6 +635,6 @@ def _has_gpu() -> bool:
 
 
 __all__ = [
-    "JobNotifier", "WorkerConfig", "Worker", "request_retrain", "describe_job", "job_eta_s", "describe_progress", "format_duration",
-    "job_dir", "JobAlreadyActive", "LAUNCHERS",
+    "JobNotifier", "WorkerConfig", "Worker", "default_worker_id", "owner_alive_here", "request_retrain",
+    "describe_job", "job_eta_s", "describe_progress", "format_duration", "job_dir", "JobAlreadyActive", "LAUNCHERS",
 ]

@@ -18,3 +18,18 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:  # no /proc (macOS): kill(0) is all we know
         return True
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (Linux /proc); None where that cannot be known.
+
+    A pid alone does not name a process for long: the kernel reuses it. A pid together with its start time
+    does, so a job's owner recorded as both can be told apart from a later process that got its pid.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            # Fields after the command name (which may hold spaces and parentheses): state is field 3,
+            # starttime field 22.
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -20,6 +20,9 @@ adapter (or the base):
 - its answer-token loss is at most the active's x (1 + `loss_rel_tolerance`),
 - its exact match and token F1 are at most `score_tolerance` (absolute) below the active's,
 - its stop rate (generations ending with the end-of-turn token) is at most `stop_tolerance` below;
+  a score or stop-rate drop fails only with evidence: paired over the same questions, the answers the
+  candidate got worse outnumber those it got better by more than chance explains (one-sided sign test,
+  p < `evidence_p`); on 12 held-out questions, 1 or 2 answers lost and none won is not evidence, 5 of 5 is;
 - it still reproduces at least `min_retained` (95%) of the training answers the active adapter reproduces
   exactly, when the active reproduces at least `retention_min_answers` of them (a continued run must not
   forget; a from-scratch run must not lose what the active knew);
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -49,7 +53,7 @@ from finetune.processes import pid_alive
 from store import StoreError
 from store import adapters as adapter_rows
 from store.audit import record_audit
-from store.examples import approved_snapshot
+from store.examples import approved_snapshot, training_examples
 from store.text import now
 
 META_FILE = "kbloop_adapter.json"
@@ -77,6 +81,8 @@ class GateConfig:
     # active reproduces at least `retention_min_answers` (fewer say little: a real base reproduces few exactly).
     min_retained: float = 0.95
     retention_min_answers: int = 10
+    # A drop beyond the tolerances fails only when the paired sign test says it is not chance (p below this).
+    evidence_p: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
     config = config or GateConfig()
     c, a = candidate_metrics or {}, active_metrics or {}
     failures: list[str] = []
+    notes: list[str] = []  # drops within chance: said, not failed
     if not c.get("n_heldout"):
         failures.append("no held-out examples: nothing shows the candidate is no worse "
                         "(approve more examples, or force the promotion)")
@@ -117,28 +124,68 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
         elif al is not None and cl > al * (1 + config.loss_rel_tolerance):
             failures.append(f"held-out loss {cl:.3f} is higher than {active_label}'s {al:.3f} "
                             f"(more than {100 * config.loss_rel_tolerance:.0f}% worse)")
-        for key, label in (("heldout_exact_match", "exact match"), ("heldout_token_f1", "token F1")):
+        for key, field, label in (("heldout_exact_match", "em", "exact match"), ("heldout_token_f1", "f1", "token F1")):
             cv, av = c.get(key), a.get(key)
             if cv is None:
                 failures.append(f"the candidate's held-out {label} could not be measured")
             elif av is not None and cv < av - config.score_tolerance:
-                failures.append(f"held-out {label} {100 * cv:.1f}% is below {active_label}'s {100 * av:.1f}% "
-                                f"(more than {100 * config.score_tolerance:.0f} points lower)")
+                worse, better, p = paired_sign_test(c.get("paired"), a.get("paired"), field)
+                if p is None or p < config.evidence_p:
+                    failures.append(f"held-out {label} {100 * cv:.1f}% is below {active_label}'s {100 * av:.1f}% "
+                                    f"(more than {100 * config.score_tolerance:.0f} points lower"
+                                    + (f"; {worse} answers worse, {better} better, p={p:.3f})" if p is not None else ")"))
+                else:
+                    notes.append(f"held-out {label} {100 * cv:.1f}% vs {active_label}'s {100 * av:.1f}%: {worse} "
+                                 f"answers worse, {better} better, within chance (p={p:.2f})")
         retained, n_before = c.get("retained_vs_active"), c.get("n_active_reproduced") or 0
         if retained is not None and n_before >= config.retention_min_answers and retained < config.min_retained:
             failures.append(f"reproduces {100 * retained:.1f}% of the {n_before} training answers {active_label} "
                             f"reproduces (at least {100 * config.min_retained:.0f}% must be kept)")
         cs, as_ = c.get("stop_rate"), a.get("stop_rate")
         if cs is not None and as_ is not None and cs < as_ - config.stop_tolerance:
-            failures.append(f"stops at the end of its turn in {100 * cs:.1f}% of answers, "
-                            f"{active_label} in {100 * as_:.1f}%")
+            worse, better, p = paired_sign_test(_stops(c), _stops(a), "stopped")
+            if p is None or p < config.evidence_p:
+                failures.append(f"stops at the end of its turn in {100 * cs:.1f}% of answers, "
+                                f"{active_label} in {100 * as_:.1f}%"
+                                + (f" ({worse} fewer answers stop, {better} more, p={p:.3f})" if p is not None else ""))
+            else:
+                notes.append(f"stops in {100 * cs:.1f}% of answers vs {active_label}'s {100 * as_:.1f}%: {worse} "
+                             f"fewer stop, {better} more, within chance (p={p:.2f})")
     table = comparison_table(c, a, candidate_label=candidate_label, active_label=active_label)
     if failures:
         return GateVerdict(False, failures, table, active_label)
     kept = (f"; keeps {100 * c['retained_vs_active']:.1f}% of the {c['n_active_reproduced']} answers "
             f"{active_label} reproduces" if c.get("retained_vs_active") is not None else "")
     return GateVerdict(True, [f"no worse than {active_label} on held-out loss, exact match, token F1 and stop rate "
-                              f"({c.get('n_heldout')} held-out examples){kept}"], table, active_label)
+                              f"({c.get('n_heldout')} held-out examples){kept}", *notes], table, active_label)
+
+
+def paired_sign_test(candidate: dict | None, active: dict | None, field: str) -> tuple[int, int, float | None]:
+    """(answers worse, answers better, one-sided sign-test p of that many or more worse by chance) over the
+    questions both were asked; p is None when either side has no per-question record (older metadata), and
+    the gate then goes by the tolerances alone."""
+    if not candidate or not active:
+        return 0, 0, None
+    worse = better = 0
+    for question, mine in candidate.items():
+        theirs = active.get(question)
+        if theirs is None:
+            continue
+        cv, av = float(mine[field]), float(theirs[field])
+        worse += cv < av
+        better += cv > av
+    n = worse + better
+    p = sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n if n else 1.0
+    return worse, better, p
+
+
+def _stops(metrics: dict) -> dict | None:
+    """Per question, whether the answer stopped: held-out and sampled training questions alike."""
+    if metrics.get("paired") is None:
+        return None
+    stops = {q: {"stopped": r["stopped"]} for q, r in metrics["paired"].items()}
+    stops.update({q: {"stopped": v} for q, v in (metrics.get("paired_stops") or {}).items()})
+    return stops
 
 
 def comparison_table(candidate: dict, active: dict, *, candidate_label: str = "candidate",
@@ -329,6 +376,7 @@ class _EvalSet:
     dataset_hash: str
     dataset_size: int
     k_passages: int
+    withheld: str = ""  # which approved examples were left out for holding secrets or personal data, and why
 
 
 def passages_of(adapter: adapter_rows.Adapter) -> int:
@@ -340,10 +388,12 @@ def passages_of(adapter: adapter_rows.Adapter) -> int:
 def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
     from finetune.data import build_training_examples, split_heldout
 
-    examples, digest = approved_snapshot(db)
+    examples, digest = approved_snapshot(db)  # without the approved examples the scan flags (store.sensitive)
+    withheld = "; ".join(f"#{ex.id} {why}" for ex, why in training_examples(db)[1])
     if not examples:
         raise StoreError("no approved examples: import some with `kbloop data import FILE` "
-                         "or approve pending ones with `kbloop review`")
+                         "or approve pending ones with `kbloop review`"
+                         + (f" (left out as flagged: {withheld})" if withheld else ""))
     # An approved correction of a real answer is exactly what the bot must learn: it always trains. The
     # held-out set is drawn (by question hash) from the rest, so it stays stable as corrections arrive.
     corrections = [e for e in examples if e.interaction_id is not None]
@@ -352,7 +402,7 @@ def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
     train = build_training_examples(db, list(train_rest) + corrections, k=k_passages)
     heldout = build_training_examples(db, list(heldout), k=k_passages)
     return _EvalSet(heldout=heldout, train=train, dataset_hash=digest, dataset_size=len(examples),
-                    k_passages=k_passages)
+                    k_passages=k_passages, withheld=withheld)
 
 
 def evaluate_model(base_path: str, *, adapter_dir: Path | None, eval_set: _EvalSet,
@@ -443,7 +493,8 @@ def _pick_version(db: sqlite_utils.Database, home: Path, requested: str | None) 
     return version
 
 
-def _precheck(config) -> None:
+def check_registrable(config) -> None:
+    """Refuse, before any training, what the registry could not register: adapters vLLM cannot serve."""
     rank = config.rank
     if isinstance(rank, int) and rank > MAX_RANK:
         raise StoreError(f"rank {rank} is above {MAX_RANK}, the largest the registry accepts "
@@ -533,12 +584,15 @@ def train_candidate(
     home = Path(home)
     phase = on_phase or (lambda _p: None)
     clean_stale_temp(home)
-    _precheck(config)
+    check_registrable(config)
     phase("preparing data")
     base_path = resolve_base(config.base, home=home, db=db)
     tiny = is_tiny_base(base_path)
     config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
     eval_set = _eval_set(db, k_passages=config.k_passages)
+    if eval_set.withheld:
+        phase(f"preparing data: left out approved examples holding secrets or personal data that no curator "
+              f"confirmed: {eval_set.withheld}")
     version = _pick_version(db, home, getattr(config, "version", None))
     active = adapter_rows.active_adapter(db)
     plan = plan_continuation(db, config, tiny=tiny, active=active, train=eval_set.train)

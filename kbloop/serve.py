@@ -2,7 +2,7 @@
 sharing one loaded answer engine.
 
     POST /slack/events   events, slash commands, interactivity (when SLACK_BOT_TOKEN + SLACK_SIGNING_SECRET)
-    GET  /healthz        200 when the store and the model are ready, 503 (with the reason) otherwise
+    GET  /healthz        200 when the store and the model are ready, 503 otherwise (the reason goes to the log)
     /playground          the Gradio app (a login when KBLOOP_PLAYGROUND_AUTH is set)
 
 Shutdown (SIGINT / SIGTERM): stop taking work, let answers in flight finish, stop the training child
@@ -92,23 +92,15 @@ def build_asgi(services: Services, *, host: str, port: int):
 
     from playground import PlaygroundConfig, build_playground, mount_playground
     from store import local_db
-    from store.db import ping
 
     settings = services.settings
     app = FastAPI(title="kbloop", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz")
     def healthz():
-        detail: dict = {}
-        try:
-            ping(local_db(settings.db_path))
-            detail["store"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            detail["store"] = f"{type(exc).__name__}: {exc}"
-        engine = services.engine
-        error = getattr(engine, "error", None)
-        detail["model"] = "ready" if engine.ready else (f"failed: {error}" if error else "loading")
-        ok = detail["store"] == "ok" and engine.ready
+        from bot.app import readiness  # the bot's own /healthz rule: states only, the reasons go to the log
+
+        ok, detail = readiness(lambda: local_db(settings.db_path), services.engine)
         return JSONResponse({"ok": ok, **detail}, status_code=200 if ok else 503)
 
     if services.slack_app is not None and settings.slack_signing_secret:

@@ -16,6 +16,18 @@ class SettingsError(Exception):
     """A missing or malformed setting; the message names the variable and what is expected."""
 
 
+# A playground password shorter than this is refused when the settings load: the login is all that stands
+# between the network and the training data (issue 16).
+MIN_PLAYGROUND_PASSWORD = 12
+
+
+def check_playground_password(user: str, password: str) -> None:
+    """Raise ValueError, naming the user and never the password, if `password` is too short."""
+    if len(password) < MIN_PLAYGROUND_PASSWORD:
+        raise ValueError(f"the password of user {user!r} is shorter than {MIN_PLAYGROUND_PASSWORD} characters; "
+                         "use a longer one (a passphrase)")
+
+
 def _split_csv(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
@@ -35,6 +47,9 @@ class Settings(BaseSettings):
     notify_channel: str | None = Field(default=None, alias="KBLOOP_NOTIFY_CHANNEL")
     playground_auth_raw: str | None = Field(default=None, alias="KBLOOP_PLAYGROUND_AUTH")
     playground_admins_raw: str = Field(default="", alias="KBLOOP_PLAYGROUND_ADMINS")
+    # Without a login the playground's user is "local" (anyone who can reach 127.0.0.1 on this machine):
+    # a curator, and an admin only when this says so.
+    playground_local_admin: bool = Field(default=False, alias="KBLOOP_PLAYGROUND_LOCAL_ADMIN")
     slack_bot_token: str | None = Field(default=None, alias="SLACK_BOT_TOKEN")
     slack_signing_secret: str | None = Field(default=None, alias="SLACK_SIGNING_SECRET")
     slack_app_token: str | None = Field(default=None, alias="SLACK_APP_TOKEN")
@@ -62,10 +77,17 @@ class Settings(BaseSettings):
     def _auth_pairs(cls, v: str | None) -> str | None:
         if v is None or not v.strip():
             return None
-        for pair in _split_csv(v):
+        seen: set[str] = set()
+        for i, pair in enumerate(_split_csv(v), start=1):
             user, sep, password = pair.partition(":")
-            if not sep or not user or not password:
-                raise ValueError(f"expected user:password pairs separated by commas, got {pair.split(':')[0]!r}…")
+            # Never quote the entry: without its ':' it may be a password.
+            if not sep or not user.strip() or not password:
+                raise ValueError(f"expected user:password pairs separated by commas; entry {i} is not "
+                                 "(it needs a user, a ':' and a password)")
+            if user in seen:
+                raise ValueError(f"user {user!r} appears twice")
+            seen.add(user)
+            check_playground_password(user, password)
         return v
 
     @field_validator("slack_api_url")
@@ -144,10 +166,16 @@ ENV_EXAMPLE = """\
 # Channel id where training notices are posted.
 # KBLOOP_NOTIFY_CHANNEL=C0123456789
 
-# Playground login: user:password pairs, comma separated. Unset: the playground only listens on loopback.
-# KBLOOP_PLAYGROUND_AUTH=alice:change-me,bob:change-me-too
-# Playground users who may train, promote and roll back.
+# Playground login: user:password pairs, comma separated; passwords of at least 12 characters.
+# Repeated failed sign-ins make the next attempt wait (per user and per address).
+# Unset: no login; the playground then listens on loopback only and answers only requests addressed to
+# localhost, 127.0.0.1 or [::1] (a page elsewhere cannot reach it by DNS rebinding).
+# KBLOOP_PLAYGROUND_AUTH=alice:a-long-passphrase,bob:another-long-one
+# Playground users who may train, cancel, promote and roll back.
 # KBLOOP_PLAYGROUND_ADMINS=alice
+# Without a login, may the local user (anyone who can reach 127.0.0.1 on this machine) train, cancel,
+# promote and roll back? Default false: curating only.
+# KBLOOP_PLAYGROUND_LOCAL_ADMIN=false
 
 # Slack credentials (Basic Information and OAuth & Permissions pages of your Slack app).
 # SLACK_BOT_TOKEN=xoxb-...

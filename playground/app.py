@@ -7,18 +7,25 @@
 Every event handler resolves the caller (gr.Request.username, or "local" without a login) and opens the
 calling thread's own database connection; the decisions themselves live in the handler modules, which
 are tested without Gradio. Endpoints carry api_name so gradio_client (and scripts) can drive the app.
+
+Launched or mounted, the app sits behind playground.auth's PlaygroundGuard (loopback names only without a
+login) and LoginGate (passwords, with a wait after repeated failures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from playground import chat, dataset, review, training
-from playground.auth import Viewer, viewer_from_request
+from playground.auth import LoginGate, PlaygroundGuard, Viewer, viewer_from_request
 from playground.config import PlaygroundConfig, check_bind
 from playground.review import QueueFilter
 from store import local_db
@@ -51,29 +58,67 @@ def _item_view(item: review.ReviewItem | None) -> list:
     if item is None:
         return ["", "", "_Nothing left to review with these filters._", "", "", "", "", "", "", False, "",
                 gr.update(choices=[], value=None)]
-    who = f" · asked by {item.user}" if item.user else ""
-    where = f" in {item.channel}" if item.channel else ""
-    by = f" · decided by {item.reviewer}" if item.reviewer and item.status not in review.TO_REVIEW else ""
-    header = (f"### {item.key} · {item.status}{by}\n👍 {item.up} · 👎 {item.down}{who}{where} · "
-              f"{item.created_at[:16].replace('T', ' ')}" + (f" · adapter {item.adapter_version}" if item.adapter_version else ""))
-    sources = "Sources: " + "; ".join(f"{s.get('title')} (`{s.get('doc_path')}`)" for s in item.sources) if item.sources else "Sources: none"
-    corrections = ("Corrections:\n" + "\n".join(f"- {c}" for c in item.corrections)) if item.corrections else "No corrections."
-    flags = ("⚠️ **Contains secrets or personal data:** " + "; ".join(f"{f.kind} ({f.preview})" for f in item.flags)
-             + ". Press Redact, or tick “approve anyway”.") if item.flags else ""
-    if item.down and not item.corrections:
-        flags += ("\n\n" if flags else "") + "⚠️ This answer got 👎 and nobody wrote a correction: edit it before approving."
-    dups = "\n".join(f"- {m.candidate.kind} #{m.candidate.id} ({m.candidate.status}, {m.score:.0%} alike): "
-                     f"{m.candidate.question}" for m in item.duplicates) or "No near-duplicates."
+    # review.item_markdown escapes every outside text (no remote images) and lays a disputed approved answer beside
+    # the correction.
+    md = review.item_markdown(item)
     merge_choices = [(f"#{m.candidate.id}: {m.candidate.question[:80]}", str(m.candidate.id))
                      for m in item.duplicates if m.candidate.kind == "example"]
-    return [item.key, item.status, header, item.question, "**The bot's answer:** " + (item.answer or "_none (an imported example)_"),
-            sources, corrections, flags, item.proposed_answer, False, "Near-duplicates:\n" + dups,
+    return [item.key, item.status, md.header, item.question, md.bot_answer, md.sources, md.corrections, md.flags,
+            item.proposed_answer, False, md.duplicates,
             gr.update(choices=merge_choices, value=merge_choices[0][1] if merge_choices else None)]
+
+
+# Gradio's own copies of uploads and downloads (its cache): every 15 minutes, those older than an hour go.
+GRADIO_CACHE_SWEEP = (900, 3600)
+
+
+class ExportFolders:
+    """Where exports are written for download: a fresh `export-*` folder per export under one root (the
+    configured export_dir, or a temporary folder of its own), of which only the newest `keep` remain.
+
+    Gradio copies a returned file into its cache as the handler returns, so an export folder is needed
+    for moments only; keeping a few covers exports that run at once. `close()` (when the server stops)
+    removes them all, and the root too when it made it.
+    """
+
+    PREFIX = "export-"
+
+    def __init__(self, export_dir: str | None, *, keep: int):
+        self._given = Path(export_dir) if export_dir else None
+        self.keep = keep
+        self._root: Path | None = None
+        self._lock = threading.Lock()
+
+    def new(self) -> Path:
+        with self._lock:
+            if self._root is None or not self._root.is_dir():
+                if self._given is not None:
+                    self._given.mkdir(parents=True, exist_ok=True)
+                    self._root = self._given
+                else:
+                    self._root = Path(tempfile.mkdtemp(prefix="kbloop-exports-"))
+            old = sorted(self._root.glob(self.PREFIX + "*"), key=lambda p: p.stat().st_mtime)
+            for folder in old[: max(0, len(old) - (self.keep - 1))]:
+                shutil.rmtree(folder, ignore_errors=True)
+            return Path(tempfile.mkdtemp(prefix=self.PREFIX, dir=self._root))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._root is None:
+                return
+            if self._given is None:
+                shutil.rmtree(self._root, ignore_errors=True)
+            else:
+                for folder in self._root.glob(self.PREFIX + "*"):
+                    shutil.rmtree(folder, ignore_errors=True)
+            self._root = None
 
 
 def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, home: Path | str | None = None) -> gr.Blocks:
     """The playground as a gr.Blocks (not launched). `engine` may be None: the chat tab then says so."""
     db_path = Path(db_path)
+
+    exports = ExportFolders(config.export_dir, keep=config.export_keep)
 
     def db():
         return local_db(db_path)
@@ -99,7 +144,7 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
             return _item_view(None)
         return _item_view(review.open_item(db(), key.strip()))
 
-    with gr.Blocks(title=config.title, analytics_enabled=False) as demo:
+    with gr.Blocks(title=config.title, analytics_enabled=False, delete_cache=GRADIO_CACHE_SWEEP) as demo:
         with gr.Row():
             gr.Markdown(f"## {config.title}")
             whoami = gr.Markdown("", elem_id="whoami")
@@ -355,7 +400,7 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
                       [imp_msg, ds_table, stats_md, growth_plot, comp_plot], api_name="import_examples")
 
         def do_export(format):
-            path, outcome = dataset.export_file(db(), format, out_dir=config.export_dir)
+            path, outcome = dataset.export_file(db(), format, out_dir=exports.new())
             return (path or None), outcome.message
 
         exp_btn.click(do_export, exp_fmt, [exp_file, exp_msg], api_name="export")
@@ -484,6 +529,7 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
                   [whoami, training_tab, timer, ad_version] + refresh_outputs + [ds_table, stats_md, growth_plot,
                                                                                  comp_plot]
                   + [c[0] for c in columns] + poll_outputs, api_name="whoami")
+    demo.kbloop_exports = exports  # launch / mount_playground remove them when the server stops
     return demo
 
 
@@ -491,15 +537,40 @@ def launch(demo: gr.Blocks, *, config: PlaygroundConfig, prevent_thread_lock: bo
     """Serve the playground on config.host:config.port (refused beyond loopback without a login)."""
     check_bind(config)
     return demo.launch(
-        server_name=config.host, server_port=config.port, auth=list(config.auth) or None,
+        server_name=config.host, server_port=config.port, auth=_auth(config),
         auth_message="kbloop playground: sign in with your curator account." if config.auth else None,
         prevent_thread_lock=prevent_thread_lock, share=False, ssr_mode=False, show_error=True, quiet=quiet,
-        theme=gr.themes.Soft(), css=CSS, footer_links=[], max_file_size="50mb",
+        theme=gr.themes.Soft(), css=CSS, footer_links=[], max_file_size="50mb", app_kwargs=_app_kwargs(demo, config),
     )
 
 
 def mount_playground(app, demo: gr.Blocks, *, config: PlaygroundConfig, path: str = "/playground"):
-    """Mount the playground inside a FastAPI app (`kbloop serve`); the same login rule applies to its host."""
+    """Mount the playground inside a FastAPI app (`kbloop serve`); the same login rule applies to its host,
+    and the same guard to its requests (the rest of `app`, such as /slack/events, is not affected)."""
     check_bind(config)
-    return gr.mount_gradio_app(app, demo, path, auth=list(config.auth) or None, ssr_mode=False, show_error=True,
-                               theme=gr.themes.Soft(), css=CSS, footer_links=[], max_file_size="50mb")
+    return gr.mount_gradio_app(app, demo, path, auth=_auth(config), ssr_mode=False, show_error=True,
+                               theme=gr.themes.Soft(), css=CSS, footer_links=[], max_file_size="50mb",
+                               app_kwargs=_app_kwargs(demo, config))
+
+
+def _auth(config: PlaygroundConfig):
+    return LoginGate.from_config(config) if config.auth else None
+
+
+def _app_kwargs(demo: gr.Blocks, config: PlaygroundConfig) -> dict:
+    """For the FastAPI app Gradio builds: the guard in front of every route, and a lifespan that removes
+    the export folders when the server stops."""
+    from starlette.middleware import Middleware
+
+    exports = getattr(demo, "kbloop_exports", None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            if exports is not None:
+                exports.close()
+
+    return {"middleware": [Middleware(PlaygroundGuard, loopback_only=not config.login_required)],
+            "lifespan": lifespan}

@@ -12,9 +12,9 @@ from playground.auth import Viewer
 from playground.review import Outcome
 from playground.safety import describe, find_sensitive
 from store import StoreError
-from store.examples import (STATUSES, add_examples, example_stats, examples_growth_by_source, get_example,
+from store.examples import (STATUSES, example_stats, examples_growth_by_source, get_example,
                             list_examples, review_example, update_example)
-from store.formats import EXPORT_FORMATS, ImportFileError, read_examples_file, write_export
+from store.formats import EXPORT_FORMATS, ImportFileError, import_examples, write_export
 from store.interactions import feedback_stats
 
 TABLE_COLUMNS = ["id", "question", "answer", "source", "reviewer", "reviewed_at"]
@@ -49,8 +49,8 @@ def save_example(db: sqlite_utils.Database, viewer: Viewer, example_id: int | st
     try:
         ex = get_example(db, int(example_id))
         update_example(db, ex.id, question=question, answer=answer, input=(input or "").strip())
-        if ex.status == "approved":  # record who last vouched for it
-            review_example(db, ex.id, decision="approved", reviewer=viewer.name)
+        if ex.status == "approved":  # record who last vouched for it (and that they confirmed any flags)
+            review_example(db, ex.id, decision="approved", reviewer=viewer.name, sensitive_ok=confirm)
     except StoreError as exc:
         msg = str(exc)
         if "UNIQUE" in msg:
@@ -76,7 +76,9 @@ def remove_example(db: sqlite_utils.Database, viewer: Viewer, example_id: int | 
 
 def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | None, *, display_name: str | None = None,
                 status: str = "approved") -> Outcome:
-    """Import a JSONL / CSV file with the CLI's validation: a file with any bad line is refused whole."""
+    """Import a JSONL / CSV file with the CLI's validation and scan: a file with any bad line is refused whole, and
+    so is a file with rows holding secrets or personal data when importing as approved (as pending, they wait in
+    review with the flag shown)."""
     if not path:
         return Outcome(False, "Nothing imported: choose a .jsonl or .csv file first")
     if status not in ("approved", "pending"):
@@ -84,16 +86,20 @@ def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | No
     path = Path(path)
     name = display_name or path.name
     try:
-        imported = read_examples_file(path)
+        result = import_examples(db, path, status=status, reviewer=viewer.name)
     except StoreError as exc:
         # Uploads live under a temporary name; report FILE:LINE with the name the curator knows.
         lines = str(exc).replace(str(path), name).splitlines()
         head = f"Nothing imported: {len(lines)} problem(s)" if isinstance(exc, ImportFileError) else "Nothing imported"
         return Outcome(False, head + "\n" + "\n".join(lines))
-    added, dupes = add_examples(db, imported.examples, status=status, source="import",
-                                reviewer=viewer.name if status == "approved" else None)
-    return Outcome(True, f"{name}: {added} examples imported as {status}, {dupes} duplicates skipped.\n"
-                         f"Read as: {imported.description}")
+    message = (f"{name}: {result.added} examples imported as {status}, {result.duplicates} duplicates skipped.\n"
+               f"Read as: {result.description}")
+    if result.held:
+        message += f"\n{len(result.held)} row(s) hold secrets or personal data: review them before approving.\n"
+        message += "\n".join(line.replace(str(path), name) for line in result.held)
+    if result.notices:
+        message += "\n" + "\n".join(line.replace(str(path), name) for line in result.notices)
+    return Outcome(True, message)
 
 
 def export_file(db: sqlite_utils.Database, fmt: str, *, out_dir: str | Path | None = None) -> tuple[str, Outcome]:
@@ -102,8 +108,9 @@ def export_file(db: sqlite_utils.Database, fmt: str, *, out_dir: str | Path | No
         return "", Outcome(False, f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="kbloop-export-"))
     out = out_dir / f"kbloop-{fmt}.jsonl"
-    n = write_export(db, fmt, out)
-    return str(out), Outcome(True, f"{n} {fmt} records written to {out.name}.")
+    n, left_out = write_export(db, fmt, out)
+    note = (f" {left_out} left out: they hold secrets or personal data that no curator confirmed." if left_out else "")
+    return str(out), Outcome(True, f"{n} {fmt} records written to {out.name}.{note}")
 
 
 def stats_markdown(db: sqlite_utils.Database) -> str:

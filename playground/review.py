@@ -7,10 +7,18 @@ pending example with no answer behind it, e.g. imported with --status pending).
 Nothing is approved by accident: a decision names the status the curator saw and is refused if someone
 else decided meanwhile; a text holding secrets or personal data, or an unchanged answer that got 👎
 without a correction, needs the explicit "approve anyway" confirmation (or a redaction).
+
+A correction of a question that already has an approved example disputes it: the item carries both answers
+(`ReviewItem.disputed`); approving the correction replaces the approved example, `keep_approved` keeps it.
+
+Texts from Slack (questions, answers, corrections) are shown through `safe_markdown`: a correction holding
+`![](https://tracker/pixel.gif)` must not make the curator's browser tell an outsider when the item was opened.
 """
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass, field
 
 import sqlite_utils
@@ -19,7 +27,8 @@ from playground.auth import Viewer
 from playground.duplicates import Candidate, Match, near_duplicates
 from playground.safety import Finding, describe, find_sensitive, redact
 from store import StoreError
-from store.examples import example_questions, get_example, list_examples, merge_example, review_example, update_example
+from store.examples import (disputed_example, example_questions, get_example, list_examples, merge_example,
+                            review_example, update_example)
 from store.interactions import record_interaction_review, review_counts, review_item, review_items
 from store.interactions import approve_interaction
 
@@ -34,6 +43,17 @@ class QueueFilter:
     since: str = ""  # YYYY-MM-DD
     until: str = ""
     text: str = ""
+
+
+@dataclass(frozen=True)
+class DisputedExample:
+    """The example a correction disputes: the curated answer it would replace."""
+
+    id: int
+    question: str
+    answer: str
+    status: str
+    reviewer: str | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +76,7 @@ class ReviewItem:
     created_at: str
     flags: list[Finding] = field(default_factory=list)
     duplicates: list[Match] = field(default_factory=list)
+    disputed: DisputedExample | None = None  # the approved answer this correction would replace
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,10 @@ def open_item(db: sqlite_utils.Database, key: str) -> ReviewItem:
                     adapter_version=None, created_at=ex.created_at)
     flags = find_sensitive(item["proposed_answer"]) + [f for c in item["corrections"] for f in find_sensitive(c)]
     item["flags"] = list({(f.kind, f.text): f for f in flags}.values())
+    if item["example_id"] is not None:
+        old = disputed_example(db, get_example(db, item["example_id"]))
+        if old is not None:
+            item["disputed"] = DisputedExample(old.id, old.question, old.answer, old.status, old.reviewer)
     item["duplicates"] = duplicates_of(db, item["question"], own_example=item["example_id"],
                                        own_interaction=item["interaction_id"])
     return ReviewItem(**item)
@@ -180,18 +205,40 @@ def approve(db: sqlite_utils.Database, viewer: Viewer, key: str, *, answer: str,
         new_q = question if question != item.question else None
         if item.example_id is not None:
             ex = review_example(db, item.example_id, decision="approved", reviewer=viewer.name, answer=answer,
-                                question=new_q)
+                                question=new_q, sensitive_ok=confirm)
             example_id = ex.id
             if item.interaction_id is not None:
                 record_interaction_review(db, item.interaction_id, decision="approved", reviewer=viewer.name,
                                           example_id=example_id)
         else:
             example_id = approve_interaction(db, item.interaction_id, reviewer=viewer.name, answer=answer,
-                                             question=new_q)
+                                             question=new_q, sensitive_ok=confirm)
     except StoreError as exc:
         return Outcome(False, f"Not approved: {exc}")
     how = "with your edit" if edited else "as proposed"
-    return Outcome(True, f"Approved {key} {how} as example #{example_id}.", example_id)
+    replaced = ""
+    if (item.disputed is not None and item.disputed.status == "approved"
+            and get_example(db, item.disputed.id).status == "rejected"):
+        replaced = f" It replaces example #{item.disputed.id}, which no longer trains or answers."
+    return Outcome(True, f"Approved {key} {how} as example #{example_id}.{replaced}", example_id)
+
+
+def keep_approved(db: sqlite_utils.Database, viewer: Viewer, key: str, *,
+                  expected_status: str | None = None) -> Outcome:
+    """Keep the approved answer a correction disputes: the correction is rejected, the approved example untouched."""
+    try:
+        item = _check_unchanged(db, key, expected_status)
+        if item.disputed is None or item.example_id is None:
+            return Outcome(False, f"Not kept: {key} does not dispute an approved example; approve or reject it")
+        review_example(db, item.example_id, decision="rejected", reviewer=viewer.name,
+                       note=f"kept example #{item.disputed.id}")
+        if item.interaction_id is not None:
+            record_interaction_review(db, item.interaction_id, decision="rejected", reviewer=viewer.name,
+                                      example_id=item.example_id)
+    except StoreError as exc:
+        return Outcome(False, f"Not kept: {exc}")
+    return Outcome(True, f"Kept example #{item.disputed.id}'s approved answer; the correction in {key} is rejected.",
+                   item.disputed.id)
 
 
 def reject(db: sqlite_utils.Database, viewer: Viewer, key: str, *, expected_status: str | None = None) -> Outcome:
@@ -231,6 +278,8 @@ def merge(db: sqlite_utils.Database, viewer: Viewer, key: str, into_id: int | st
             merge_example(db, item.example_id, into_id, reviewer=viewer.name, answer=answer)
         elif answer:
             update_example(db, into_id, answer=answer)
+        if answer and confirm and target.status == "approved":  # record the confirmation for training start
+            review_example(db, into_id, decision="approved", reviewer=viewer.name, sensitive_ok=True)
         if item.interaction_id is not None:
             record_interaction_review(db, item.interaction_id, decision="merged", reviewer=viewer.name,
                                       example_id=into_id)
@@ -246,3 +295,66 @@ def redact_answer(text: str) -> tuple[str, str]:
     if not found:
         return text, "Nothing to redact."
     return redact(text), f"Redacted {describe(found)}."
+
+
+_IMAGE = re.compile(r"!(?=\[)")
+
+
+def safe_markdown(text: str | None) -> str:
+    """`text` (from Slack, the model or a KB title) ready for a gr.Markdown without loading anything remote.
+
+    Markdown images (`![](url)`, `![][ref]`) lose their `!` meaning, so they show as links a curator may choose to
+    follow, and HTML is escaped, so `<img>`, `<picture>` or `style=background:url()` show as text.
+    """
+    escaped = html.escape(text or "", quote=False)
+    return _IMAGE.sub("\\!", escaped)
+
+
+@dataclass(frozen=True)
+class ItemMarkdown:
+    """The item panel's Markdown texts, every outside text passed through `safe_markdown`."""
+
+    header: str
+    bot_answer: str
+    sources: str
+    corrections: str
+    flags: str
+    duplicates: str
+
+
+def item_markdown(item: ReviewItem) -> ItemMarkdown:
+    """What the review panel shows for `item`, including, for a correction that disputes an approved example, both
+    answers side by side and what each decision does."""
+    esc = safe_markdown
+    who = f" · asked by {esc(item.user)}" if item.user else ""
+    where = f" in {esc(item.channel)}" if item.channel else ""
+    by = f" · decided by {esc(item.reviewer)}" if item.reviewer and item.status not in TO_REVIEW else ""
+    header = (f"### {item.key} · {item.status}{by}\n👍 {item.up} · 👎 {item.down}{who}{where} · "
+              f"{item.created_at[:16].replace('T', ' ')}"
+              + (f" · adapter {esc(item.adapter_version)}" if item.adapter_version else ""))
+    bot_answer = "**The bot's answer:** " + (esc(item.answer) if item.answer else "_none (an imported example)_")
+    if item.disputed is not None:
+        d = item.disputed
+        curated = f"#{d.id}, {d.status}" + (f" by {esc(d.reviewer)}" if d.reviewer else "")
+
+        def cell(text: str) -> str:
+            return esc(text).replace("|", "\\|").replace("\n", "<br>")
+
+        meanwhile = ("which keeps training and answering until you decide" if d.status == "approved"
+                     else "which is not trained on")
+        bot_answer += (
+            f"\n\n**This correction disputes example #{d.id}**, {meanwhile}:\n\n"
+            f"| example #{d.id}'s answer ({curated}) | the correction |\n|---|---|\n"
+            f"| {cell(d.answer)} | {cell(item.proposed_answer)} |\n\n"
+            f"Approve: the correction (or your edit of it) replaces #{d.id} · Reject: keep #{d.id}'s answer.")
+    sources = ("Sources: " + "; ".join(f"{esc(s.get('title'))} (`{esc(s.get('doc_path'))}`)" for s in item.sources)
+               if item.sources else "Sources: none")
+    corrections = ("Corrections:\n" + "\n".join(f"- {esc(c)}" for c in item.corrections)
+                   if item.corrections else "No corrections.")
+    flags = ("⚠️ **Contains secrets or personal data:** " + "; ".join(f"{esc(f.kind)} ({esc(f.preview)})" for f in item.flags)
+             + ". Press Redact, or tick “approve anyway”.") if item.flags else ""
+    if item.down and not item.corrections:
+        flags += ("\n\n" if flags else "") + "⚠️ This answer got 👎 and nobody wrote a correction: edit it before approving."
+    dups = "\n".join(f"- {m.candidate.kind} #{m.candidate.id} ({m.candidate.status}, {m.score:.0%} alike): "
+                     f"{esc(m.candidate.question)}" for m in item.duplicates) or "No near-duplicates."
+    return ItemMarkdown(header, bot_answer, sources, corrections, flags, "Near-duplicates:\n" + dups)

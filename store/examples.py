@@ -9,10 +9,18 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from store.db import StoreError, write_transaction
+from store.sensitive import Finding, blocking, describe, find_sensitive_in
 from store.text import content_hash, now
 
 STATUSES = ("pending", "approved", "rejected")
 SOURCES = ("import", "feedback", "playground")
+
+# The longest question, context (`input`) and answer an example may hold, in characters. A Slack question or a KB
+# answer is a few hundred; these leave room for long procedures while refusing a pasted log or a 30 MB row that
+# would fill the prompt and the database. Every path into `examples` checks them (`example_problems`).
+MAX_QUESTION_CHARS = 4_000
+MAX_INPUT_CHARS = 20_000
+MAX_ANSWER_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class Example:
     note: str | None
     created_at: str
     updated_at: str
+    disputes_example_id: int | None = None  # a correction of a question that already had this example
+    sensitive_confirmed: str | None = None  # confirmation_hash of a flagged text someone approved anyway
 
 
 @dataclass(frozen=True)
@@ -48,33 +58,96 @@ def example_hash(question: str, input: str = "") -> str:
     return content_hash(question, input)
 
 
+def example_problems(question: str, answer: str, input: str = "") -> list[str]:
+    """What makes a text unfit to store as an example (too long, a NUL character), one reason each; [] if fine."""
+    problems = []
+    for name, value, limit in (("question", question, MAX_QUESTION_CHARS), ("input", input, MAX_INPUT_CHARS),
+                               ("answer", answer, MAX_ANSWER_CHARS)):
+        value = value or ""
+        if len(value) > limit:
+            problems.append(f"the {name} is {len(value):,} characters long; the limit is {limit:,}")
+        if "\x00" in value:
+            # SQLite stores it, but C strings (and most tools reading the database) stop at it.
+            problems.append(f"the {name} contains a NUL character (\\u0000)")
+    return problems
+
+
+def check_example_text(question: str, answer: str, input: str = "", *, what: str = "the example") -> None:
+    problems = example_problems(question, answer, input)
+    if problems:
+        raise StoreError(f"{what}: " + "; ".join(problems))
+
+
+def confirmation_hash(question: str, input: str, answer: str) -> str:
+    """What a confirmation of flagged text is valid for: any later edit of the text needs a new one."""
+    return content_hash(question, input or "", answer)
+
+
+def blocking_findings(question: str, answer: str, input: str = "") -> list[Finding]:
+    """Secrets and identity or payment numbers in an example's texts (contact details are not among them)."""
+    return blocking(find_sensitive_in(question, input or "", answer))
+
+
+def withheld_reason(ex: Example) -> str | None:
+    """Why an approved example must not train (flagged text nobody confirmed), or None when it may."""
+    found = blocking_findings(ex.question, ex.answer, ex.input)
+    if not found or ex.sensitive_confirmed == confirmation_hash(ex.question, ex.input, ex.answer):
+        return None
+    return f"contains {describe(found)}"
+
+
 def add_examples(
     db: sqlite_utils.Database, examples: list[NewExample], *, status: str = "approved", source: str = "import",
-    reviewer: str | None = None,
+    reviewer: str | None = None, sensitive_ok: bool = False,
 ) -> tuple[int, int]:
-    """Insert examples in one transaction, skipping questions already present. Returns (added, duplicates)."""
+    """Insert examples in one transaction, skipping questions already present. Returns (added, duplicates).
+
+    Approved examples holding secrets or identity numbers are refused unless `sensitive_ok` (a person confirmed
+    them; recorded, so training start keeps them); import them as pending to review them instead.
+    """
     _check(status, STATUSES, "status")
     _check(source, SOURCES, "source")
+    for n, ex in enumerate(examples, start=1):
+        check_example_text(ex.question, ex.answer, ex.input, what=f"example {n} ({_short(ex.question)})")
+    confirmed: dict[int, str] = {}
+    if status == "approved":
+        for n, ex in enumerate(examples, start=1):
+            found = blocking_findings(ex.question, ex.answer, ex.input)
+            if found and not sensitive_ok:
+                raise StoreError(f"example {n} ({_short(ex.question)}) contains {describe(found)}: not approved "
+                                 "silently; add it as pending to review it, or redact it")
+            if found:
+                confirmed[n] = confirmation_hash(ex.question, ex.input, ex.answer)
     added = 0
     stamp = now()
     with write_transaction(db):
-        for ex in examples:
+        for n, ex in enumerate(examples, start=1):
             cur = db.execute(
                 """INSERT INTO examples (question, input, answer, status, source, content_hash, reviewer,
-                   reviewed_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)
+                   reviewed_at, sensitive_confirmed, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(content_hash) DO NOTHING""",
                 [ex.question, ex.input or "", ex.answer, status, source, example_hash(ex.question, ex.input),
-                 reviewer, stamp if status != "pending" else None, stamp, stamp],
+                 reviewer, stamp if status != "pending" else None, confirmed.get(n), stamp, stamp],
             )
             added += cur.rowcount
     return added, len(examples) - added
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def add_pending_correction(
     db: sqlite_utils.Database, *, interaction_id: int, question: str, corrected_answer: str, rejected_answer: str,
     source: str = "feedback",
 ) -> int:
-    """A correction from a 👎 becomes (or updates) a pending example tied to its interaction."""
+    """A correction from a 👎 becomes (or updates) a pending example tied to its interaction.
+
+    When the question (case and spacing aside) already has an example, the correction is its own pending item
+    pointing at that example (`disputes_example_id`): a curator's approved answer stays approved, keeps training and
+    keeps serving as a verified answer until a curator approves the correction (`review_example` then retires it).
+    """
     stamp = now()
     with write_transaction(db):
         row = db.execute(
@@ -86,20 +159,17 @@ def add_pending_correction(
                 [corrected_answer, rejected_answer, stamp, row[0]],
             )
             return row[0]
-        # The same question may already be an example: keep one row per question, send it back to review.
         h = example_hash(question, "")
         existing = db.execute("SELECT id FROM examples WHERE content_hash = ?", [h]).fetchone()
-        if existing:
-            db.execute(
-                """UPDATE examples SET answer = ?, rejected_answer = ?, interaction_id = ?, status = 'pending',
-                   source = ?, reviewer = NULL, reviewed_at = NULL, updated_at = ? WHERE id = ?""",
-                [corrected_answer, rejected_answer, interaction_id, source, stamp, existing[0]],
-            )
-            return existing[0]
+        disputes = existing[0] if existing else None
+        # The question's own hash belongs to the disputed example until the correction is approved; until then
+        # the correction holds a hash of its own (unique per interaction).
+        own_hash = h if disputes is None else f"{h}:correction:{interaction_id}"
         cur = db.execute(
             """INSERT INTO examples (question, input, answer, status, source, interaction_id, rejected_answer,
-               content_hash, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)""",
-            [question, "", corrected_answer, "pending", source, interaction_id, rejected_answer, h, stamp, stamp],
+               content_hash, disputes_example_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+            [question, "", corrected_answer, "pending", source, interaction_id, rejected_answer, own_hash, disputes,
+             stamp, stamp],
         )
         return cur.lastrowid
 
@@ -136,9 +206,14 @@ def list_examples(
 
 def review_example(
     db: sqlite_utils.Database, example_id: int, *, decision: str, reviewer: str, answer: str | None = None,
-    question: str | None = None, note: str | None = None,
+    question: str | None = None, note: str | None = None, sensitive_ok: bool = False,
 ) -> Example:
-    """Approve (optionally with an edited answer / question) or reject an example."""
+    """Approve (optionally with an edited answer / question) or reject an example.
+
+    Approving text that holds secrets or identity numbers needs `sensitive_ok` (the curator confirmed it; recorded
+    for training start). Approving a correction that disputes an example with the same question retires that
+    example (rejected, "replaced by #N"): the correction becomes the question's one approved answer.
+    """
     if decision not in ("approved", "rejected", "pending"):
         raise StoreError(f"decision must be approved, rejected or pending, not {decision!r}")
     if answer is not None and not answer.strip():
@@ -146,15 +221,29 @@ def review_example(
     with write_transaction(db):
         current = get_example(db, example_id)
         new_question = question.strip() if question else current.question
+        new_answer = answer.strip() if answer is not None else current.answer
+        stamp = now()
         updates = {
             "status": decision,
             "reviewer": reviewer,
-            "reviewed_at": now(),
-            "updated_at": now(),
-            "answer": answer.strip() if answer is not None else current.answer,
+            "reviewed_at": stamp,
+            "updated_at": stamp,
+            "answer": new_answer,
             "question": new_question,
-            "content_hash": example_hash(new_question, current.input),
         }
+        canonical = example_hash(new_question, current.input)
+        if new_question != current.question or decision == "approved":
+            updates["content_hash"] = canonical
+        if decision == "approved":
+            check_example_text(new_question, new_answer, current.input, what=f"example #{example_id}")
+            found = blocking_findings(new_question, new_answer, current.input)
+            if found and not sensitive_ok:
+                raise StoreError(f"example #{example_id} contains {describe(found)}: redact it, or confirm that it "
+                                 "may train (playground: “approve anyway”; command line: --allow-sensitive)")
+            if found:
+                updates["sensitive_confirmed"] = confirmation_hash(new_question, current.input, new_answer)
+            if current.disputes_example_id is not None:
+                _retire_disputed(db, example_id, canonical, reviewer=reviewer, stamp=stamp)
         if note is not None:
             updates["note"] = note
         try:
@@ -164,6 +253,25 @@ def review_example(
                 raise StoreError(f"another example already asks {new_question!r}; merge instead") from None
             raise
     return get_example(db, example_id)
+
+
+def _retire_disputed(db: sqlite_utils.Database, example_id: int, canonical: str, *, reviewer: str, stamp: str) -> None:
+    """The example that holds the question's hash steps aside for the approved correction `example_id`."""
+    holder = db.execute("SELECT id FROM examples WHERE content_hash = ? AND id != ?", [canonical, example_id]).fetchone()
+    if holder is None:
+        return
+    db.execute(
+        """UPDATE examples SET status = 'rejected', content_hash = ?, note = ?, reviewer = ?, reviewed_at = ?,
+           updated_at = ? WHERE id = ?""",
+        [f"{canonical}:replaced-by:{example_id}", f"replaced by #{example_id}", reviewer, stamp, stamp, holder[0]],
+    )
+
+
+def disputed_example(db: sqlite_utils.Database, example: Example) -> Example | None:
+    """The example a pending correction disputes (approved, usually), or None for an ordinary example."""
+    if example.disputes_example_id is None:
+        return None
+    return get_example(db, example.disputes_example_id)
 
 
 def merge_example(db: sqlite_utils.Database, example_id: int, into_id: int, *, reviewer: str, answer: str | None = None) -> Example:
@@ -185,14 +293,35 @@ def update_example(db: sqlite_utils.Database, example_id: int, *, question: str 
         cur = get_example(db, example_id)
         q = question if question is not None else cur.question
         i = input if input is not None else cur.input
-        db["examples"].update(example_id, {"question": q, "input": i, "answer": answer if answer is not None else cur.answer,
-                                           "content_hash": example_hash(q, i), "updated_at": now()})
+        a = answer if answer is not None else cur.answer
+        check_example_text(q, a, i, what=f"example #{example_id}")
+        updates = {"question": q, "input": i, "answer": a, "updated_at": now()}
+        if (q, i) != (cur.question, cur.input):  # a pending correction keeps its own hash until approved
+            updates["content_hash"] = example_hash(q, i)
+        db["examples"].update(example_id, updates)
     return get_example(db, example_id)
 
 
+def training_examples(db: sqlite_utils.Database) -> tuple[list[Example], list[tuple[Example, str]]]:
+    """(the approved examples that may train, [(approved example left out, why)]).
+
+    Left out: flagged text (secrets, identity or payment numbers) that nobody confirmed since it was last edited —
+    approved before the scan existed, or through a path that did not scan, or caught by a better detector since.
+    """
+    keep, withheld = [], []
+    for ex in list_examples(db, status="approved"):
+        reason = withheld_reason(ex)
+        if reason:
+            withheld.append((ex, reason))
+        else:
+            keep.append(ex)
+    return keep, withheld
+
+
 def approved_snapshot(db: sqlite_utils.Database) -> tuple[list[Example], str]:
-    """The approved examples, in a stable order, and a hash that changes whenever any of them does."""
-    examples = list_examples(db, status="approved")
+    """The approved examples that may train (`training_examples`), in a stable order, and a hash that changes
+    whenever any of them does."""
+    examples, _ = training_examples(db)
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(json.dumps([ex.id, ex.question, ex.input, ex.answer], ensure_ascii=False).encode())

@@ -5,7 +5,10 @@ Import accepts, per line or row: `instruction`/`input`/`output`, `question`/`ans
 with `question_field` / `answer_field`. `instruction`/`input`/`output` comes in two layouts, told apart per file:
 Alpaca's (the instruction is the question, `input` optional context) and the LoRA guide's (one fixed preamble as
 the instruction on every row, the employee's question in `input`). A file with any bad line is refused whole:
-every problem is reported as `FILE:LINE: reason`.
+every problem is reported as `FILE:LINE: reason`, including a text over its limit (store.examples.MAX_QUESTION_CHARS,
+MAX_INPUT_CHARS, MAX_ANSWER_CHARS), a NUL character, a repeated CSV column and JSON nested too deeply to read.
+`import_examples` also scans every row for secrets and personal data (store.sensitive): a file with flagged rows is
+refused whole as approved, or its flagged rows are held as pending with the flag shown in review.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ from pathlib import Path
 import sqlite_utils
 
 from store.db import StoreError
-from store.examples import NewExample, list_examples
+from store.examples import (MAX_ANSWER_CHARS, MAX_INPUT_CHARS, MAX_QUESTION_CHARS, NewExample, add_examples,
+                            example_problems, training_examples)
 from store.interactions import labelled_answers, preference_pairs
+from store.sensitive import describe, find_sensitive_in
+
+# The longest CSV field read at all: the largest text an example may hold, with room for quoting. Python's csv
+# stops at 128 KiB by default with an exception that names no line.
+_MAX_CSV_FIELD = max(MAX_QUESTION_CHARS, MAX_INPUT_CHARS, MAX_ANSWER_CHARS) * 2
 
 EXPORT_FORMATS = ("sft", "messages", "dpo", "kto")
 # Column sets the TRL trainers read (SFT "prompt-completion"/conversational, DPO, KTO); LLaMA-Factory's
@@ -56,6 +65,17 @@ class ImportedFile:
     examples: list[NewExample]
     layout: str  # "alpaca", "guide", "question/answer", "messages", "fields" (named by the caller) or "mixed"
     description: str
+    lines: tuple[int, ...] = ()  # the line (or CSV row end) each example was read from
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    added: int
+    duplicates: int
+    description: str  # how the file was read
+    status: str  # what the examples were added as
+    held: tuple[str, ...] = ()  # `FILE:LINE: reason` of rows held as pending because the scan flagged them
+    notices: tuple[str, ...] = ()  # `FILE:LINE: …` of contact details imported (shown, not refused)
 
 
 def _text_field(obj: dict, key: str) -> str | None:
@@ -64,6 +84,8 @@ def _text_field(obj: dict, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"`{key}` must be text, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValueError(f"`{key}` contains a NUL character (\\u0000)")
     return value.strip()
 
 
@@ -153,6 +175,7 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
         preamble = _shared_preamble([obj for _, obj in records])
         read = partial(example_from_record, preamble=preamble)
     examples: list[NewExample] = []
+    lines: list[int] = []
     kinds: Counter[str] = Counter()
     for lineno, obj in records:
         try:
@@ -160,14 +183,60 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
         except ValueError as exc:
             problems.append(f"{path}:{lineno}: {exc}")
             continue
+        too_big = example_problems(example.question, example.answer, example.input)
+        if too_big:
+            problems += [f"{path}:{lineno}: {p}" for p in too_big]
+            continue
         kinds[kind] += 1
         examples.append(example)
+        lines.append(lineno)
     if problems:
-        problems.sort(key=lambda p: int(p.split(":")[1]) if p.split(":")[1].isdigit() else 0)
+        problems.sort(key=_problem_line)
         raise ImportFileError(problems)
     if not examples:
         raise ImportFileError([f"{path}: no examples in the file"])
-    return ImportedFile(examples, *_describe(kinds, preamble=preamble, fields=fields))
+    return ImportedFile(examples, *_describe(kinds, preamble=preamble, fields=fields), lines=tuple(lines))
+
+
+def _problem_line(problem: str) -> int:
+    # `FILE:LINE: reason`; a file name may hold colons itself, so the line is the last number before ": ".
+    head = problem.split(": ", 1)[0]
+    tail = head.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def scan_imported(path: Path | str, imported: ImportedFile) -> tuple[list[str], list[str]]:
+    """(`FILE:LINE: contains …` for rows holding secrets or identity or payment numbers, the same for rows holding
+    only contact details)."""
+    flagged, notices = [], []
+    for lineno, ex in zip(imported.lines, imported.examples):
+        found = find_sensitive_in(ex.question, ex.input, ex.answer)
+        blocking = [f for f in found if f.blocks]
+        if blocking:
+            flagged.append(f"{path}:{lineno}: contains {describe(blocking)}")
+        elif found:
+            notices.append(f"{path}:{lineno}: contact details {describe(found)}")
+    return flagged, notices
+
+
+def import_examples(db: sqlite_utils.Database, path: Path | str, *, status: str = "approved", reviewer: str | None = None,
+                    question_field: str | None = None, answer_field: str | None = None) -> ImportResult:
+    """Read, validate and scan a file, then add its examples in one transaction (the CLI's and the playground's import).
+
+    Rows whose texts hold secrets or identity or payment numbers are never approved silently: importing as approved,
+    the file is refused whole with `FILE:LINE: reason` for each; importing as pending, they are held for review,
+    where the flag is shown. Contact details (e-mail addresses, phone numbers) are imported and listed.
+    """
+    if status not in ("approved", "pending"):
+        raise StoreError(f"status must be approved or pending, not {status!r}")
+    imported = read_examples_file(path, question_field=question_field, answer_field=answer_field)
+    flagged, notices = scan_imported(path, imported)
+    if flagged and status == "approved":
+        raise ImportFileError(flagged + [f"{path}: nothing imported: {len(flagged)} row(s) hold secrets or personal "
+                                         "data; redact them, or import with --status pending to review them"])
+    added, dupes = add_examples(db, imported.examples, status=status, source="import",
+                                reviewer=reviewer if status == "approved" else None)
+    return ImportResult(added, dupes, imported.description, status, held=tuple(flagged), notices=tuple(notices))
 
 
 def _field_reader(path: Path, records: list[object], question_field: str | None, answer_field: str | None):
@@ -228,19 +297,55 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
                 problems.append(f"{path}:{lineno}: broken JSON ({exc.msg} at column {exc.colno})")
+            except RecursionError:
+                problems.append(f"{path}:{lineno}: JSON nested too deeply to read (a row is one flat object)")
+            except ValueError as exc:  # e.g. an integer with more digits than Python converts
+                problems.append(f"{path}:{lineno}: unreadable JSON ({exc})")
     elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames:
-            raise ImportFileError([f"{path}:1: no header row"])
-        for row in reader:
-            # DictReader's line_num is the physical line where the row ended (quoted fields can span lines).
-            if None in row:
-                problems.append(f"{path}:{reader.line_num}: more fields than the header has")
-                continue
-            records.append((reader.line_num, {k.strip(): v for k, v in row.items() if k and v is not None}))
+        reader = csv.reader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ",")
+        previous_limit = csv.field_size_limit(_MAX_CSV_FIELD)
+        try:
+            header = _csv_header(path, reader)
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    # The reader cannot resume after a broken field: report it and stop.
+                    reason = (f"a field is longer than {_MAX_CSV_FIELD:,} characters (no question or answer may be)"
+                              if "field larger" in str(exc) else f"unreadable CSV ({exc})")
+                    problems.append(f"{path}:{reader.line_num}: {reason}")
+                    break
+                # line_num is the physical line where the row ended (quoted fields can span lines).
+                if not row:
+                    continue
+                if len(row) > len(header):
+                    problems.append(f"{path}:{reader.line_num}: more fields than the header has")
+                    continue
+                records.append((reader.line_num, {k: v for k, v in zip(header, row) if k}))
+        finally:
+            csv.field_size_limit(previous_limit)
     else:
         raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl or .csv"])
     return records, problems
+
+
+def _csv_header(path: Path, reader) -> list[str]:
+    try:
+        header = [name.strip() for name in next(reader)]
+    except StopIteration:
+        header = []
+    except csv.Error as exc:
+        raise ImportFileError([f"{path}:1: unreadable header row ({exc})"]) from None
+    if not any(header):
+        raise ImportFileError([f"{path}:1: no header row"])
+    repeated = [name for name, n in Counter(h for h in header if h).items() if n > 1]
+    if repeated:
+        # DictReader would keep the last of the two silently: which one holds the answer is anyone's guess.
+        raise ImportFileError([f"{path}:1: column `{name}` appears {header.count(name)} times in the header; "
+                               "name each column once" for name in repeated])
+    return header
 
 
 def _read_text(path: Path) -> str:
@@ -252,6 +357,10 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except PermissionError:
         raise StoreError(f"{path}: not readable (permission denied)") from None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data[:nul].count(b"\n") + 1
+        raise StoreError(f"{path}:{line}: contains a NUL byte; a text file holds none (UTF-16? save the file as UTF-8)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -259,24 +368,26 @@ def _read_text(path: Path) -> str:
         raise StoreError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
 
 
-def export_records(db: sqlite_utils.Database, fmt: str) -> list[dict]:
+def export_records(db: sqlite_utils.Database, fmt: str) -> tuple[list[dict], int]:
+    """(records, how many were left out because the scan flagged them and nobody confirmed them)."""
     if fmt not in EXPORT_FORMATS:
         raise StoreError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "dpo":
         return preference_pairs(db)
     if fmt == "kto":
         return labelled_answers(db)
-    examples = list_examples(db, status="approved")
+    examples, withheld = training_examples(db)
     if fmt == "sft":
-        return [{"instruction": e.question, "input": e.input, "output": e.answer} for e in examples]
+        return [{"instruction": e.question, "input": e.input, "output": e.answer} for e in examples], len(withheld)
     return [{"messages": [
         {"role": "user", "content": e.question + (f"\n\n{e.input}" if e.input else "")},
         {"role": "assistant", "content": e.answer},
-    ]} for e in examples]
+    ]} for e in examples], len(withheld)
 
 
-def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str) -> int:
-    records = export_records(db, fmt)
+def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str) -> tuple[int, int]:
+    """Write `fmt` records as JSONL to `out`; returns (written, left out as flagged by the scan)."""
+    records, left_out = export_records(db, fmt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
@@ -284,4 +395,4 @@ def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str) -> int:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    return len(records)
+    return len(records), left_out

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from store.db import StoreError, write_transaction
-from store.examples import add_pending_correction
+from store.examples import add_pending_correction, blocking_findings, check_example_text, confirmation_hash
+from store.sensitive import describe
 from store.text import now
 
 
@@ -161,18 +162,38 @@ def claim_slack_event(db: sqlite_utils.Database, event_id: str) -> bool:
         return cur.rowcount == 1
 
 
-def preference_pairs(db: sqlite_utils.Database) -> list[dict]:
-    """(prompt, chosen, rejected) from corrections that a curator approved: DPO data."""
-    return [dict(r) for r in db.query(
-        """SELECT question AS prompt, answer AS chosen, rejected_answer AS rejected FROM examples
-           WHERE status = 'approved' AND rejected_answer IS NOT NULL AND rejected_answer != answer ORDER BY id""")]
+def preference_pairs(db: sqlite_utils.Database) -> tuple[list[dict], int]:
+    """(prompt, chosen, rejected) from corrections that a curator approved: DPO data. Returns (rows, left out).
+
+    The rejected side is the bot's answer as Slack got it, never reviewed: a pair whose texts hold secrets or
+    identity numbers is left out (unless a curator confirmed exactly these texts).
+    """
+    rows, left_out = [], 0
+    for r in db.query(
+        """SELECT question, input, answer, rejected_answer, sensitive_confirmed FROM examples
+           WHERE status = 'approved' AND rejected_answer IS NOT NULL AND rejected_answer != answer ORDER BY id"""):
+        confirmed = r["sensitive_confirmed"] == confirmation_hash(r["question"], r["input"], r["answer"])
+        if blocking_findings(r["question"], r["rejected_answer"]) or (
+                blocking_findings(r["question"], r["answer"], r["input"]) and not confirmed):
+            left_out += 1
+            continue
+        rows.append({"prompt": r["question"], "chosen": r["answer"], "rejected": r["rejected_answer"]})
+    return rows, left_out
 
 
-def labelled_answers(db: sqlite_utils.Database) -> list[dict]:
-    """(prompt, completion, label) per vote on an answer: KTO data (👍 true, 👎 false). Latest vote per user."""
-    return [{"prompt": r[0], "completion": r[1], "label": bool(r[2] == 1)} for r in db.execute(
-        """SELECT i.question, i.answer, f.vote FROM feedback f JOIN interactions i ON i.id = f.interaction_id
-           ORDER BY f.id""")]
+def labelled_answers(db: sqlite_utils.Database) -> tuple[list[dict], int]:
+    """(prompt, completion, label) per vote on an answer: KTO data (👍 true, 👎 false). Latest vote per user.
+    Returns (rows, left out): raw Slack questions and answers, never reviewed, so rows whose texts hold secrets or
+    identity numbers are left out."""
+    rows, left_out = [], 0
+    for question, answer, vote in db.execute(
+            """SELECT i.question, i.answer, f.vote FROM feedback f JOIN interactions i ON i.id = f.interaction_id
+               ORDER BY f.id"""):
+        if blocking_findings(question, answer):
+            left_out += 1
+            continue
+        rows.append({"prompt": question, "completion": answer, "label": bool(vote == 1)})
+    return rows, left_out
 
 
 # The playground's review queue ----------------------------------------------------------------------
@@ -282,10 +303,12 @@ def review_channels(db: sqlite_utils.Database) -> list[str]:
 
 def approve_interaction(
     db: sqlite_utils.Database, interaction_id: int, *, reviewer: str, answer: str, question: str | None = None,
+    sensitive_ok: bool = False,
 ) -> int:
     """Turn a voted answer (with no example yet) into an approved example; returns the example id.
 
-    Refuses when the question is already an example: that is a merge, not a second row.
+    Refuses when the question is already an example: that is a merge, not a second row. Text holding secrets or
+    identity numbers needs `sensitive_ok` (the curator confirmed it).
     """
     from store.examples import example_hash
 
@@ -296,15 +319,22 @@ def approve_interaction(
     with write_transaction(db):
         interaction = get_interaction(db, interaction_id)
         q = (question or "").strip() or interaction.question
+        check_example_text(q, answer, what=f"answer #{interaction_id}")
+        found = blocking_findings(q, answer)
+        if found and not sensitive_ok:
+            raise StoreError(f"answer #{interaction_id} contains {describe(found)}: redact it, or confirm that it may "
+                             "train (“approve anyway”)")
         h = example_hash(q, "")
         existing = db.execute("SELECT id FROM examples WHERE content_hash = ?", [h]).fetchone()
         if existing:
             raise StoreError(f"example #{existing[0]} already asks {q!r}; merge into it instead")
         cur = db.execute(
             """INSERT INTO examples (question, input, answer, status, source, interaction_id, rejected_answer,
-               content_hash, reviewer, reviewed_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
+               content_hash, reviewer, reviewed_at, sensitive_confirmed, created_at, updated_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
             [q, "", answer, "approved", "playground", interaction_id,
-             interaction.answer if answer != interaction.answer.strip() else None, h, reviewer, stamp, stamp, stamp],
+             interaction.answer if answer != interaction.answer.strip() else None, h, reviewer, stamp,
+             confirmation_hash(q, "", answer) if found else None, stamp, stamp],
         )
         example_id = cur.lastrowid
         record_interaction_review(db, interaction_id, decision="approved", reviewer=reviewer, example_id=example_id)

@@ -1,13 +1,15 @@
 """The job queue (`jobs`) and the training log (`train_steps`).
 
 A job is claimed atomically by one worker; a running job heartbeats; a job whose heartbeat stops
-(its worker died) is marked failed by the next worker. Only one training job runs at a time.
+(its worker died) is marked failed by the next worker, unless that worker's process is known to be alive
+(`fail_stale_jobs(owner_alive=…)`). Only one training job runs at a time.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlite_utils
@@ -125,18 +127,28 @@ def request_cancel(db: sqlite_utils.Database, job_id: int) -> Job:
     return get_job(db, job_id)
 
 
-def fail_stale_jobs(db: sqlite_utils.Database, *, stale_after_s: float) -> list[Job]:
-    """Mark running jobs whose heartbeat stopped as failed, with the reason."""
+def fail_stale_jobs(db: sqlite_utils.Database, *, stale_after_s: float,
+                    owner_alive: Callable[[str | None], bool] | None = None) -> list[Job]:
+    """Mark running jobs whose heartbeat stopped as failed, with the reason.
+
+    `owner_alive(worker_id)`: True when the job's worker is known to be alive (its process runs on this
+    host). Such a job is left running however old its heartbeat: a late heartbeat (a slow disk, a busy
+    machine) is not a dead worker, and failing a live job would have two workers act on it.
+    """
     cutoff = (_dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=stale_after_s)).isoformat(timespec="microseconds")
+    failed = []
     with write_transaction(db):
         rows = db.execute("SELECT id, worker_id, heartbeat_at FROM jobs WHERE status = 'running' AND heartbeat_at < ?",
                           [cutoff]).fetchall()
         for job_id, worker, beat in rows:
+            if owner_alive is not None and owner_alive(worker):
+                continue
             db.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
                 [now(), f"worker {worker} stopped responding (last heartbeat {beat}); the job was abandoned", job_id],
             )
-    return [get_job(db, r[0]) for r in rows]
+            failed.append(job_id)
+    return [get_job(db, job_id) for job_id in failed]
 
 
 def get_job(db: sqlite_utils.Database, job_id: int) -> Job:

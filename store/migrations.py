@@ -255,3 +255,35 @@ def m080_kb_search_text_words(db) -> None:
     rows = db.execute("SELECT id, title, content FROM kb_docs").fetchall()
     db.conn.executemany("UPDATE kb_docs SET search_text = ? WHERE id = ?",
                         [(search_text(title + "\n" + content), pid) for pid, title, content in rows])
+
+
+@MIGRATIONS()
+def m090_slack_event_inbox(db) -> None:
+    # Issue 16: Events API deliveries are acknowledged (200) before the listeners run. Each one is written
+    # here first and deleted once dispatched, so a delivery acknowledged just before a crash or a restart
+    # is still handled after it (Slack will not send it again: it got its 200). `event_id` is unique: a
+    # retry that arrives while the first delivery still waits here adds nothing.
+    db["slack_event_inbox"].create(
+        {
+            "id": int,
+            "event_id": str,
+            "body": str,  # the request body as Slack sent it (JSON text), already verified
+            "headers": str,  # JSON: the headers the listeners read (content type, X-Slack-Retry-Num / -Reason)
+            "received_at": str,
+        },
+        pk="id",
+        not_null={"event_id", "body", "headers", "received_at"},
+    )
+    db["slack_event_inbox"].create_index(["event_id"], unique=True)
+
+
+@MIGRATIONS()
+def m100_example_disputes(db) -> None:
+    # Issue 16 (security review, finding 1): a 👎 correction of a question that already has an example becomes its
+    # own pending example pointing at the one it disputes, instead of overwriting a curator's approved answer. The
+    # approved answer keeps training and serving until a curator approves the correction (which retires it).
+    db["examples"].add_column("disputes_example_id", int, fk="examples", fk_col="id")
+    # Findings 4 and 5: the content hash (store.examples.confirmation_hash) of a text that a person approved although
+    # the scan flagged it ("approve anyway"). Training start leaves out flagged approved examples unless this still
+    # matches their text: an edit after the confirmation needs a new one.
+    db["examples"].add_column("sensitive_confirmed", str)

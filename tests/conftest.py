@@ -23,7 +23,8 @@ def kbloop_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("KBLOOP_DB", raising=False)
     monkeypatch.setenv("KBLOOP_BASE_MODEL", "tiny")
     for var in ("KBLOOP_ADMINS", "KBLOOP_NOTIFY_CHANNEL", "KBLOOP_PLAYGROUND_AUTH", "KBLOOP_PLAYGROUND_ADMINS",
-                "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "KBLOOP_SLACK_API_URL"):
+                "KBLOOP_PLAYGROUND_LOCAL_ADMIN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN",
+                "KBLOOP_SLACK_API_URL"):
         monkeypatch.delenv(var, raising=False)
     # A .env in the developer's working directory must not leak into tests.
     monkeypatch.chdir(tmp_path)

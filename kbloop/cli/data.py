@@ -43,13 +43,22 @@ def init() -> None:
 def kb_import(
     paths: Annotated[list[Path], typer.Argument(help="Markdown, text or HTML files, or folders (recursive).")],
     embed: Annotated[bool, typer.Option(help="Compute semantic-search embeddings now (else on first answer).")] = True,
+    allow_sensitive: Annotated[bool, typer.Option(
+        "--allow-sensitive", help="Import documents although they hold secrets or personal data.")] = False,
 ) -> None:
-    """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it."""
+    """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it.
+
+    Folders are read recursively; links that lead out of a folder are not followed (each is named). Documents holding
+    secrets or identity or payment numbers are refused (FILE:LINE for each) unless --allow-sensitive.
+    """
     from store.documents import import_documents
     from store.kb import kb_stats
 
     c = ctx()
-    read, changed = import_documents(c.db, paths)
+    result = import_documents(c.db, paths, allow_sensitive=allow_sensitive)
+    for line in result.skipped + result.notices:
+        typer.echo(line, err=True)
+    read, changed = result.read, result.changed
     if embed:
         _embed_passages(c)
     stats = kb_stats(c.db)
@@ -139,19 +148,26 @@ def data_import(
     """Import QA pairs as training examples and say how the file was read. A file with any bad line is refused whole.
 
     instruction/input/output is read in the layout the file uses: Alpaca's (the instruction is the question) or the
-    LoRA guide's (one preamble as the instruction on every row, the question in `input`).
+    LoRA guide's (one preamble as the instruction on every row, the question in `input`). Every row is scanned for
+    secrets and personal data: as approved, a file with flagged rows is refused whole (FILE:LINE for each); with
+    --status pending, they wait in review with the flag shown. A question may hold 4,000 characters, an answer or
+    its input 20,000.
     """
-    from store.examples import add_examples
-    from store.formats import read_examples_file
+    from store.formats import import_examples
 
     if status not in ("approved", "pending"):
         fail(f"--status must be approved or pending, not {status!r}")
     c = ctx()
-    imported = read_examples_file(file, question_field=question_field, answer_field=answer_field)
-    added, dupes = add_examples(c.db, imported.examples, status=status, source="import",
-                                reviewer="import" if status == "approved" else None)
-    typer.echo(f"{file}: {added} examples imported as {status}, {dupes} duplicates skipped.")
-    typer.echo(f"Read as: {imported.description}")
+    result = import_examples(c.db, file, status=status, reviewer="import", question_field=question_field,
+                             answer_field=answer_field)
+    typer.echo(f"{file}: {result.added} examples imported as {status}, {result.duplicates} duplicates skipped.")
+    typer.echo(f"Read as: {result.description}")
+    if result.held:
+        typer.echo(f"{len(result.held)} row(s) hold secrets or personal data; review them before approving:", err=True)
+        for line in result.held:
+            typer.echo(line, err=True)
+    for line in result.notices:
+        typer.echo(line, err=True)
 
 
 @data_app.command("export")
@@ -164,8 +180,11 @@ def data_export(
 
     if format not in EXPORT_FORMATS:
         fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-    n = write_export(ctx().db, format, out)
+    n, left_out = write_export(ctx().db, format, out)
     typer.echo(f"{n} {format} records written to {out}.")
+    if left_out:
+        typer.echo(f"{left_out} record(s) left out: they hold secrets or personal data that no curator confirmed "
+                   "(see `kbloop review --status approved` and the playground's review).", err=True)
 
 
 @data_app.command("stats")
@@ -198,16 +217,28 @@ def review_list(
         return
     from store.examples import list_examples
 
+    if status not in ("pending", "approved", "rejected"):
+        fail(f"--status must be pending, approved or rejected, not {status!r}")
     items = list_examples(ctx().db, status=status, limit=limit)
     if not items:
         typer.echo(f"No {status} examples.")
         return
+    from store.examples import disputed_example
+    from store.sensitive import describe, find_sensitive_in
+
+    db = ctx().db
     for ex in items:
         origin = f" (answer #{ex.interaction_id})" if ex.interaction_id else ""
         typer.echo(f"#{ex.id} [{ex.source}{origin}] Q: {_one_line(ex.question)}")
+        disputed = disputed_example(db, ex)
+        if disputed is not None:
+            typer.echo(f"    disputes #{disputed.id} ({disputed.status}): {_one_line(disputed.answer)}")
         if ex.rejected_answer:
             typer.echo(f"    was: {_one_line(ex.rejected_answer)}")
         typer.echo(f"    A:   {_one_line(ex.answer)}")
+        found = find_sensitive_in(ex.question, ex.input, ex.answer)
+        if found:
+            typer.echo(f"    ⚠ contains {describe(found)}")
 
 
 def _one_line(text: str, width: int = 110) -> str:
@@ -225,12 +256,25 @@ def _reviewer() -> str:
 def review_approve(
     example_id: Annotated[int, typer.Argument(help="Example id (see `kbloop review`).")],
     answer: Annotated[Optional[str], typer.Option(help="Replace the answer before approving.")] = None,
+    allow_sensitive: Annotated[bool, typer.Option(
+        "--allow-sensitive", help="Approve although the text holds secrets or personal data (recorded).")] = False,
 ) -> None:
-    """Approve an example, optionally with an edited answer."""
-    from store.examples import review_example
+    """Approve an example, optionally with an edited answer. Text holding secrets or personal data is refused unless
+    --allow-sensitive. Approving a correction that disputes an approved example replaces that example."""
+    from store.examples import get_example, review_example
+    from store.sensitive import describe, find_sensitive_in
 
-    ex = review_example(ctx().db, example_id, decision="approved", reviewer=_reviewer(), answer=answer)
-    typer.echo(f"#{ex.id} approved: {_one_line(ex.answer)}")
+    c = ctx()
+    current = get_example(c.db, example_id)
+    text = answer.strip() if answer is not None else current.answer
+    found = find_sensitive_in(current.question, current.input, text)
+    if found and not allow_sensitive:
+        fail(f"#{example_id} not approved: it contains {describe(found)}; edit it with --answer, or pass "
+             "--allow-sensitive to approve it anyway")
+    ex = review_example(c.db, example_id, decision="approved", reviewer=_reviewer(), answer=answer,
+                        sensitive_ok=allow_sensitive)
+    replaced = f" (replaces #{current.disputes_example_id})" if current.disputes_example_id else ""
+    typer.echo(f"#{ex.id} approved{replaced}: {_one_line(ex.answer)}")
 
 
 @review_app.command("reject")

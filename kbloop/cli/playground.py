@@ -33,7 +33,12 @@ def playground_command(
         answerer = Engine(db_path=c.settings.db_path, home=c.settings.kbloop_home,
                           base_model=c.settings.base_model).start()
     demo = build_playground(config=config, engine=answerer, db_path=c.settings.db_path, home=c.settings.kbloop_home)
-    login = "login required" if config.login_required else "no login: loopback only"
+    if config.login_required:
+        login = "login required"
+    elif config.local_admin:
+        login = "no login: loopback only; you are 'local', an admin (KBLOOP_PLAYGROUND_LOCAL_ADMIN)"
+    else:
+        login = "no login: loopback only; you are 'local', a curator (KBLOOP_PLAYGROUND_LOCAL_ADMIN=true to train)"
     typer.echo(f"Playground on http://{host}:{port}/ ({login}); Ctrl+C to stop.")
     try:
         launch(demo, config=config, quiet=True)

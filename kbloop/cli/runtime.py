@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -90,7 +91,10 @@ def demo(
     samples = samples_dir()
     if not (samples / "qa.jsonl").exists():
         fail(f"{samples}: the sample data is missing; run the demo from a kbloop source checkout")
-    settings = load_settings(KBLOOP_BASE_MODEL="tiny")  # the demo is offline whatever the environment says
+    # Offline whatever the environment says; and, unless told otherwise, the one person trying kbloop on their
+    # machine may press Train in the playground (it still answers loopback only, or asks for a login).
+    local_admin = {} if "KBLOOP_PLAYGROUND_LOCAL_ADMIN" in os.environ else {"KBLOOP_PLAYGROUND_LOCAL_ADMIN": True}
+    settings = load_settings(KBLOOP_BASE_MODEL="tiny", **local_admin)
     settings.kbloop_home.mkdir(parents=True, exist_ok=True)
     db = open_db(settings.db_path)
     typer.echo(f"Workspace: {settings.kbloop_home.resolve()}")

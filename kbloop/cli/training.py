@@ -174,8 +174,9 @@ def train(
                    "overrides.")
 
 
-def _echo_defaults(config, examples) -> None:
-    """Say which defaults apply (before the long part), as the trainer will resolve them."""
+def _echo_defaults(config, examples, *, label: str | None = None) -> None:
+    """Say which defaults apply (before the long part), as the trainer will resolve them; `label` names the
+    run when it is not a registered version (`file:qa.jsonl`)."""
     from finetune.config import resolve_config
     from finetune.models import TINY, is_tiny_base
     from finetune.recommend import profile_examples
@@ -186,7 +187,7 @@ def _echo_defaults(config, examples) -> None:
                                          profile=profile_examples(examples) if config.rank == "auto" else None)
     except Exception as exc:  # the same check runs in training, with the held-out split removed
         fail(str(exc))
-    typer.echo(f"Training {config.version} on base {config.base}: {resolved.method}, r={resolved.rank}, "
+    typer.echo(f"Training {label or config.version} on base {config.base}: {resolved.method}, r={resolved.rank}, "
                f"alpha={resolved.alpha}, lr={resolved.learning_rate}, epochs={resolved.epochs:g}, "
                f"batch {resolved.batch_size} x {resolved.grad_accum}, max length {resolved.max_length}, "
                f"{resolved.k_passages} passages per prompt.")
@@ -204,19 +205,24 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     from finetune.data import build_training_examples, split_heldout
     from finetune.models import is_tiny_base, resolve_base
     from finetune.training import train_adapter
-    from store.formats import read_examples_file
+    from store.formats import ImportFileError, read_examples_file, scan_imported
 
     if out is None:
         fail("--data needs --out FOLDER: an adapter trained on a file is written there, not registered")
     if out.exists():
         fail(f"{out}: already exists; choose a new folder (nothing was written)")
-    examples = read_examples_file(data).examples
+    imported = read_examples_file(data)
+    flagged, _contacts = scan_imported(data, imported)  # the same scan as every other path into training
+    if flagged:
+        raise ImportFileError(flagged + [f"{data}: not trained: {len(flagged)} row(s) hold secrets or personal data; "
+                                         "redact them first"])
+    examples = imported.examples
     base_path = resolve_base(config.base, home=c.settings.kbloop_home, db=c.db)
     config = replace(config, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
     built = build_training_examples(c.db, examples, k=config.k_passages)
     train_set, heldout = split_heldout(built)
     run = config.version or f"file:{data.name}"
-    _echo_defaults(replace(config, version=run), train_set)
+    _echo_defaults(config, train_set, label=run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

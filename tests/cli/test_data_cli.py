@@ -241,6 +241,22 @@ def test_review_approve_and_reject(workspace):
     assert "no example with id 99" in workspace("review", "approve", "99").stderr
 
 
+def test_review_shows_and_approves_a_correction_that_disputes_an_approved_example(workspace, kbloop_home):
+    from store import open_db
+    from store.examples import NewExample, add_examples, get_example
+    from store.interactions import record_interaction, record_vote
+
+    db = open_db(kbloop_home / "kbloop.db")
+    add_examples(db, [NewExample("Where is the Berlin office?", "Torstraße 1.")], reviewer="alice")
+    iid = record_interaction(db, question="where is the berlin office?", answer="Munich.", source="slack")
+    record_vote(db, interaction_id=iid, user_id="U1", vote=-1, correction="Torstraße 1, Mitte.")
+    listing = workspace("review").stdout
+    assert "#2 [feedback (answer #1)]" in listing and "disputes #1 (approved): Torstraße 1." in listing
+    r = workspace("review", "approve", "2")
+    assert r.exit_code == 0 and "#2 approved (replaces #1)" in r.stdout
+    assert get_example(db, 1).status == "rejected"
+
+
 def test_bad_setting_is_one_line_naming_the_variable(kbloop, monkeypatch):
     monkeypatch.setenv("KBLOOP_PLAYGROUND_AUTH", "alice")
     r = kbloop("init")

@@ -61,6 +61,19 @@ def test_train_with_no_examples_says_what_to_do(kbloop):
     assert r.exit_code == 1 and "no approved examples" in r.stderr and "kbloop data import" in r.stderr
 
 
+def test_train_on_a_file_with_a_secret_is_refused_before_training(kbloop, tmp_path):
+    """--data trains without registering, but it is still a way into a model: the same scan as import."""
+    qa = _small_qa(tmp_path, 12)
+    leaky = json.dumps({"instruction": "How do I reach the billing bucket?",
+                        "output": "Put this in .env: AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"})
+    qa.write_text(qa.read_text(encoding="utf-8") + leaky + "\n", encoding="utf-8")
+    out = tmp_path / "adapter"
+    assert kbloop("init").exit_code == 0
+    r = kbloop("train", "--data", qa, "--out", out)
+    assert r.exit_code == 1 and f"{qa}:13: contains" in r.stderr and "not trained" in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def test_train_with_too_few_examples_gives_the_number(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
     assert kbloop("data", "import", _small_qa(tmp_path, 4)).exit_code == 0

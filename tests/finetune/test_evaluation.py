@@ -138,6 +138,11 @@ def test_evaluate_returns_every_metric(tiny):
     assert set(METRIC_KEYS) <= set(m)
     assert m["n_heldout"] == 2 and m["n_train_sampled"] == 5
     assert 0.0 <= m["heldout_token_f1"] <= 1.0 and 0.0 <= m["stop_rate"] <= 1.0
+    # Per question, what the gate pairs with another model's answers; the means are theirs.
+    assert set(m["paired"]) == {"How many vacation days?", "年假有几天？"}
+    assert m["heldout_token_f1"] == pytest.approx(sum(r["f1"] for r in m["paired"].values()) / 2, abs=1e-3)
+    stops = [r["stopped"] for r in m["paired"].values()] + list(m["paired_stops"].values())
+    assert len(m["paired_stops"]) == 5 and m["stop_rate"] == pytest.approx(sum(stops) / len(stops))
     # A plain model is its own base: no forgetting.
     assert m["forgetting_delta"] == 0.0 and math.isfinite(m["forgetting_base_loss"])
     empty = evaluate(model, tok, heldout=[], train=[])

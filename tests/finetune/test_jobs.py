@@ -118,6 +118,11 @@ def test_request_retrain_refuses_unknown_parameters(db):
         request_retrain(db, requester="U", params={"colour": "red"})
     with pytest.raises(StoreError, match="`train` must be an object"):
         request_retrain(db, requester="U", params={"train": 3})
+    # The playground and `kbloop jobs` queue through here: the rules `kbloop train` applies, before queueing.
+    with pytest.raises(StoreError, match="epochs"):
+        request_retrain(db, requester="U", params={"train": {"epochs": 1e9}})
+    with pytest.raises(StoreError, match="max length must be from 64"):
+        request_retrain(db, requester="U", params={"train": {"max_length": 100_000_000}})
     assert list_jobs(db) == []
 
 
@@ -185,6 +190,7 @@ def test_a_job_of_a_dead_local_worker_is_failed_at_once_and_the_requester_told(d
     assert [j.id for j in failed] == [job.id]
     job = get_job(db, job.id)
     assert job.status == "failed" and f"process {dead.pid} is gone" in job.error
+    assert w.flush_notices(timeout=10)
     [outcome] = notifier.of("finished", job.id)
     assert outcome["status"] == "failed" and outcome["promoted"] is False and "died" in outcome["reasons"][0]
 
@@ -197,6 +203,101 @@ def test_a_job_of_a_remote_worker_is_failed_only_once_its_heartbeat_is_stale(db,
     time.sleep(0.6)
     assert [j.id for j in w.recover_abandoned()] == [job.id]
     assert "stopped responding" in get_job(db, job.id).error
+
+
+class BlockingNotifier(RecordingNotifier):
+    """A Slack that hangs: every notice blocks until `release` is set (or `block_s` passes)."""
+
+    def __init__(self, block_s: float = 60.0):
+        super().__init__()
+        self.release = threading.Event()
+        self.block_s = block_s
+        self.calls = 0
+
+    def _block(self):
+        with self.lock:
+            self.calls += 1
+        self.release.wait(self.block_s)
+
+    def job_started(self, job):
+        self._block()
+        super().job_started(job)
+
+    def job_progress(self, job, progress):
+        self._block()
+        super().job_progress(job, progress)
+
+    def job_finished(self, job, outcome):
+        self._block()
+        super().job_finished(job, outcome)
+
+
+def _age_heartbeat(db, job_id: int, seconds: float = 3600) -> None:
+    import datetime as dt
+
+    stamp = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)).isoformat(timespec="microseconds")
+    from store.db import write_transaction
+
+    with write_transaction(db):
+        db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", [stamp, job_id])
+
+
+def test_a_stale_job_of_a_live_local_worker_is_left_running(db, db_path, kbloop_home):
+    """Issue 16 #3: a stale heartbeat alone does not prove a worker on this host dead; its process says."""
+    job = request_retrain(db, requester="U_ADMIN")
+    owner = WorkerConfig().worker_id  # names this (live) process, as a worker in it would
+    claim_next_job(db, worker_id=owner)
+    _age_heartbeat(db, job.id)
+    w = Worker(db_path=db_path, home=kbloop_home, config=fast_config(heartbeat_interval_s=0.1, stale_after_s=0.5))
+    assert w.recover_abandoned() == []
+    assert get_job(db, job.id).status == "running"
+
+
+def test_a_job_whose_worker_pid_now_belongs_to_another_process_is_failed_at_once(db, db_path, kbloop_home):
+    """The pid is alive but started at another time than the worker that claimed the job: pid reuse."""
+    from finetune.processes import process_start_ticks
+
+    ticks = process_start_ticks(os.getpid())
+    assert ticks is not None  # Linux: /proc tells when a process started
+    owner = WorkerConfig().worker_id
+    assert f":{os.getpid()}@{ticks}:" in owner
+    job = request_retrain(db, requester="U_ADMIN")
+    claim_next_job(db, worker_id=owner.replace(f"@{ticks}:", f"@{ticks + 1}:"))
+    w = Worker(db_path=db_path, home=kbloop_home, config=fast_config(stale_after_s=600))
+    assert [j.id for j in w.recover_abandoned()] == [job.id]
+    assert "is gone" in get_job(db, job.id).error
+
+
+def test_fail_stale_jobs_spares_jobs_whose_owner_is_known_alive(db):
+    from store.jobs import fail_stale_jobs
+
+    live = request_retrain(db, requester="U")
+    claim_next_job(db, worker_id="here:1:live")
+    _age_heartbeat(db, live.id)
+    assert fail_stale_jobs(db, stale_after_s=1, owner_alive=lambda worker_id: worker_id == "here:1:live") == []
+    assert get_job(db, live.id).status == "running"
+    [failed] = fail_stale_jobs(db, stale_after_s=1, owner_alive=lambda worker_id: False)
+    assert failed.id == live.id and failed.status == "failed" and "stopped responding" in failed.error
+
+
+def test_notices_never_wait_for_the_notifier_and_stay_bounded_and_in_order(db, db_path, kbloop_home):
+    """A hung Slack must not hold up the worker: notices queue (bounded) and go out in order from another thread."""
+    job = request_retrain(db, requester="U_ADMIN")
+    slack = BlockingNotifier()
+    w = Worker(db_path=db_path, home=kbloop_home, config=fast_config(max_pending_notices=4), notifier=slack)
+    t0 = time.monotonic()
+    w._notify("job_started", job)
+    for step in range(50):
+        w._notify("job_progress", job, {"phase": "training", "step": step})
+    w._notify("job_finished", job, {"status": "succeeded"})
+    assert time.monotonic() - t0 < 0.5  # nothing waited for the blocked notifier
+    assert w.pending_notices() <= 4
+    slack.release.set()
+    assert w.flush_notices(timeout=10)
+    kinds = [e[0] for e in slack.events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds) == {"started", "progress", "finished"}
+    steps = [p["step"] for p in slack.of("progress")]
+    assert steps == sorted(steps) and steps[-1] == 49  # older progress gave way to newer, never the reverse
 
 
 def test_an_empty_dataset_fails_the_job_with_a_clear_reason_without_starting_a_child(db, db_path, kbloop_home):
@@ -320,6 +421,41 @@ def test_cancelling_a_running_job_stops_the_child(db, db_path, kbloop_home, tmp_
     assert not _alive(child_pid)
     assert "done" not in marker.read_text()
     assert notifier.of("finished", job.id)[0]["status"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_notifier_blocking_past_stale_after_does_not_let_a_second_worker_fail_the_live_job(db, db_path, kbloop_home):
+    """Issue 16 #3: Slack hangs for longer than stale_after_s on every notice while a job runs; the job's
+    heartbeat stays fresh, and a second worker polling all along fails nothing."""
+    stale_after_s = 1.0
+    job = scripted(db, steps=12, step_s=0.25)  # about 3 s of "training"
+    slack = BlockingNotifier(block_s=3 * stale_after_s)
+    # A names another host, so B cannot ask the process: only the heartbeat speaks for the job.
+    a = Worker(db_path=db_path, home=kbloop_home, notifier=slack,
+               config=fast_config(heartbeat_interval_s=0.2, stale_after_s=stale_after_s, notice_flush_s=0.5,
+                                  worker_id="far-host:1:a"))
+    b = Worker(db_path=db_path, home=kbloop_home,
+               config=fast_config(heartbeat_interval_s=0.2, stale_after_s=stale_after_s))
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("job", a.run_once()))
+    runner.start()
+    failed_by_b, oldest_beat = [], 0.0
+    import datetime as dt
+
+    while runner.is_alive():
+        failed_by_b += b.recover_abandoned()
+        current = get_job(db, job.id)
+        if current.status == "running" and current.heartbeat_at:
+            age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(current.heartbeat_at)).total_seconds()
+            oldest_beat = max(oldest_beat, age)
+        time.sleep(0.05)
+    runner.join()
+    slack.release.set()
+    assert failed_by_b == []
+    assert result["job"].status == "succeeded", result["job"].error
+    assert oldest_beat < stale_after_s
+    assert slack.calls >= 1  # the notifier was called, and blocked, while the job ran
+    assert a.flush_notices(timeout=10)
 
 
 def _alive(pid: int) -> bool:

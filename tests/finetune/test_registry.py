@@ -79,6 +79,55 @@ def test_gate_requires_keeping_the_answers_the_active_adapter_reproduces():
     assert gate(GOOD | {"retained_vs_active": 0.5, "n_active_reproduced": 4}, GOOD).passed
 
 
+def _paired(em: list[float], stopped: list[bool] | None = None) -> dict:
+    stopped = stopped or [True] * len(em)
+    return {f"q{i}": {"em": e, "f1": e, "stopped": s} for i, (e, s) in enumerate(zip(em, stopped))}
+
+
+def test_gate_fails_a_score_drop_only_with_paired_evidence():
+    """On 12 held-out questions one answer lost is 8 points of exact match: within chance, said but not failed.
+    Five lost and none won is evidence (sign test p = 1/32)."""
+    active = GOOD | {"n_heldout": 12, "heldout_exact_match": 6 / 12, "heldout_token_f1": 6 / 12,
+                     "paired": _paired([1.0] * 6 + [0.0] * 6)}
+    one_lost = GOOD | {"n_heldout": 12, "heldout_exact_match": 5 / 12, "heldout_token_f1": 5 / 12,
+                       "paired": _paired([0.0] + [1.0] * 5 + [0.0] * 6)}
+    verdict = gate(one_lost, active, active_label="v1")
+    assert verdict.passed, verdict.reasons
+    assert any("1 answers worse, 0 better, within chance (p=0.50)" in r for r in verdict.reasons), verdict.reasons
+    five_lost = GOOD | {"n_heldout": 12, "heldout_exact_match": 1 / 12, "heldout_token_f1": 1 / 12,
+                        "paired": _paired([0.0] * 5 + [1.0] + [0.0] * 6)}
+    verdict = gate(five_lost, active, active_label="v1")
+    assert not verdict.passed
+    assert any("exact match 8.3% is below v1's 50.0%" in r and "5 answers worse, 0 better, p=0.031" in r
+               for r in verdict.reasons), verdict.reasons
+    # Lost on some, won on others as often: no evidence either way.
+    swapped = GOOD | {"n_heldout": 12, "heldout_exact_match": 4 / 12, "heldout_token_f1": 4 / 12,
+                      "paired": _paired([0.0] * 4 + [1.0] * 2 + [1.0] * 2 + [0.0] * 4)}
+    assert gate(swapped, active).passed
+    # Without per-question records (metadata from before they were kept) the tolerances decide alone.
+    assert not gate(one_lost | {"paired": None}, active).passed
+
+
+def test_gate_fails_a_stop_rate_drop_only_with_paired_evidence():
+    active = GOOD | {"stop_rate": 1.0, "paired": _paired([0.5] * 10)}
+    one = GOOD | {"stop_rate": 0.9, "paired": _paired([0.5] * 10, [False] + [True] * 9)}
+    verdict = gate(one, active)
+    assert verdict.passed and any("1 fewer stop, 0 more, within chance" in r for r in verdict.reasons)
+    six = GOOD | {"stop_rate": 0.4, "paired": _paired([0.5] * 10, [False] * 6 + [True] * 4)}
+    verdict = gate(six, active)
+    assert not verdict.passed and any("(6 fewer answers stop, 0 more, p=0.016)" in r for r in verdict.reasons)
+
+
+def test_paired_sign_test_pairs_by_question():
+    from finetune.registry import paired_sign_test
+
+    mine = {"a": {"em": 0.0}, "b": {"em": 1.0}, "c": {"em": 0.0}}
+    theirs = {"a": {"em": 1.0}, "b": {"em": 0.0}, "d": {"em": 1.0}}  # c and d were asked of only one side
+    assert paired_sign_test(mine, theirs, "em") == (1, 1, 0.75)
+    assert paired_sign_test(None, theirs, "em") == (0, 0, None)
+    assert paired_sign_test({"a": {"em": 1.0}}, {"a": {"em": 1.0}}, "em") == (0, 0, 1.0)
+
+
 def test_compare_with_active_measures_retention_and_forgetting_against_the_previous_adapter():
     from finetune.registry import compare_with_active
 
@@ -471,3 +520,30 @@ def test_a_different_method_falls_back_to_the_base_with_the_reason(continued):
         plan_continuation(db, replace(config, start_from="v9"), tiny=True, active=active, train=eval_set.train)
     named = plan_continuation(db, replace(config, start_from="v1"), tiny=True, active=active, train=eval_set.train)
     assert named.previous.version == "v1" and len(named.new) == 1
+
+
+@pytest.mark.slow
+def test_a_continued_run_that_ends_its_budget_unlearnt_trains_from_the_base_and_says_why(continued, monkeypatch):
+    """A continued candidate that has not learnt the new answer with the earlier ones kept would fail the
+    gate's retention check, so the same run trains from the base instead and records the attempt."""
+    from dataclasses import replace
+
+    from finetune import registry
+    from finetune.continuation import Sizing
+
+    # One round (2 steps at a twentieth of the rate) cannot learn the new answer: the budget ends first.
+    monkeypatch.setattr(registry, "sizing_for", lambda *, tiny, learning_rate: Sizing(
+        new_repeats=4, replay_per_round=12, max_rounds=1, learning_rate=0.05 * learning_rate))
+    home, db = continued["home"], continued["db"]
+    phases = []
+    result = registry.train_candidate(db, home=home, config=replace(continued["config"], epochs=1.0),
+                                      eval_config=continued["eval_config"], on_phase=phases.append)
+    meta = json.loads((Path(result.adapter.path) / META_FILE).read_text())
+    assert meta["continued_from"] is None
+    assert meta["start"].startswith("training from the base: continuing v1 did not keep its answers within the budget")
+    assert meta["start"] in phases and phases.index(meta["start"]) > phases.index("training")
+    notes = meta["training"]["notes"]
+    assert notes[0] == meta["start"]
+    assert any(n.startswith("continued attempt: continued run: 1 rounds at most") for n in notes), notes
+    assert any(n.startswith("continued attempt: trained the whole budget") for n in notes), notes
+    assert not list(Path(home).glob("adapters/.tmp*")) and Path(result.adapter.path).is_dir()

@@ -25,7 +25,7 @@ def free_port() -> int:
 def server(tmp_path_factory):
     db_path = tmp_path_factory.mktemp("playground") / "kbloop.db"
     ids = seed_feedback(open_db(db_path))
-    config = PlaygroundConfig(port=free_port(), auth=(("alice", "alice-pw"), ("bob", "bob-pw")), admins=("alice",),
+    config = PlaygroundConfig(port=free_port(), auth=(("alice", "alice-password"), ("bob", "bob-password-1")), admins=("alice",),
                               export_dir=str(tmp_path_factory.mktemp("exports")))
     demo = build_playground(config=config, engine=None, db_path=db_path)
     launch(demo, config=config, prevent_thread_lock=True, quiet=True)
@@ -49,7 +49,7 @@ def test_login_is_required(server):
 
 
 def test_curator_approves_with_an_edit_and_is_recorded(server):
-    alice = client(server, "alice", "alice-pw")
+    alice = client(server, "alice", "alice-password")
     assert alice.predict(api_name="/whoami")[0].startswith("Signed in as **alice** (admin)")
     key = f"i:{server['ids']['badge']}"
     opened = alice.predict(key, api_name="/open_item")
@@ -68,13 +68,13 @@ def test_curator_approves_with_an_edit_and_is_recorded(server):
 
 
 def test_admin_controls_are_checked_on_the_server(server):
-    bob = client(server, "bob", "bob-pw")
+    bob = client(server, "bob", "bob-password-1")
     assert "(curator)" in bob.predict(api_name="/whoami")[0]
     out = bob.predict("", "", None, False, api_name="/retrain")
     assert out[0].startswith("⛔") and "bob may not start retraining" in out[0]
     assert "bob may not roll back" in bob.predict(None, api_name="/rollback")[0]
     assert list_jobs(open_db(server["db_path"])) == []
-    alice = client(server, "alice", "alice-pw")
+    alice = client(server, "alice", "alice-password")
     out = alice.predict("", "", None, False, api_name="/retrain")
     assert out[0].startswith("✅ Job")
     (job,) = list_jobs(open_db(server["db_path"]))
@@ -82,7 +82,7 @@ def test_admin_controls_are_checked_on_the_server(server):
 
 
 def test_export_and_redact_endpoints(server):
-    bob = client(server, "bob", "bob-pw")
+    bob = client(server, "bob", "bob-password-1")
     path, message = bob.predict("sft", api_name="/export")
     assert "sft records written" in message
     text, note = bob.predict("mail me: jane@example.com", api_name="/redact")

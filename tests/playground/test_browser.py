@@ -55,7 +55,7 @@ def test_login_approve_with_edit_and_find_it_in_the_dataset(tmp_path, db_path):
     ids = seed_feedback(open_db(db_path))
     if os.environ.get("KBLOOP_SCREENSHOTS_DIR"):
         seed_training_history(open_db(db_path), tmp_path / "adapters")
-    config = PlaygroundConfig(port=free_port(), auth=(("alice", "alice-pw"),), admins=("alice",),
+    config = PlaygroundConfig(port=free_port(), auth=(("alice", "alice-password"),), admins=("alice",),
                               export_dir=str(tmp_path / "exports"))
     demo = build_playground(config=config, engine=None, db_path=db_path)
     launch(demo, config=config, prevent_thread_lock=True, quiet=True)
@@ -67,7 +67,7 @@ def test_login_approve_with_edit_and_find_it_in_the_dataset(tmp_path, db_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{config.port}/")
             page.locator("input[type=text]").fill("alice")
-            page.locator("input[type=password]").fill("alice-pw")
+            page.locator("input[type=password]").fill("alice-password")
             page.get_by_role("button", name="Login").click()
 
             # The review tab opens on the first item to review: the uncorrected 👎 answer.

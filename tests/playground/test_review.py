@@ -141,3 +141,47 @@ def test_pending_examples_without_an_answer_are_in_the_queue(db, alice):
     out = review.approve(db, alice, rows[-1]["key"], answer="Upload the receipt in the expenses tool within 30 days.")
     assert out.ok and get_example(db, int(rows[-1]["key"][2:])).reviewer == "alice"
     assert review.counts(db)["left"] == 0
+
+
+def _dispute(db):
+    """An approved example and a 👎 correction of the same question (other case and spacing)."""
+    from store.examples import NewExample, add_examples
+
+    add_examples(db, [NewExample("Where is the Berlin office?", "Torstraße 1, Berlin.")], reviewer="alice")
+    (old,) = [e for e in list_examples(db) if e.question == "Where is the Berlin office?"]
+    iid = record_interaction(db, question="where is the  BERLIN office?", answer="In Munich.", source="slack")
+    record_vote(db, interaction_id=iid, user_id="U5", vote=-1, correction="Torstraße 1, 10119 Berlin-Mitte.")
+    return old, f"i:{iid}"
+
+
+def test_a_correction_of_an_approved_question_is_shown_beside_the_approved_answer(db, alice):
+    old, key = _dispute(db)
+    item = review.open_item(db, key)
+    assert item.status == "pending" and item.disputed.id == old.id
+    assert item.disputed.answer == "Torstraße 1, Berlin." and item.proposed_answer == "Torstraße 1, 10119 Berlin-Mitte."
+    shown = review.item_markdown(item).bot_answer
+    assert f"disputes example #{old.id}" in shown
+    assert "| Torstraße 1, Berlin. | Torstraße 1, 10119 Berlin-Mitte. |" in shown
+
+
+def test_approving_the_correction_replaces_the_approved_example(db, alice):
+    old, key = _dispute(db)
+    out = review.approve(db, alice, key, answer="Torstraße 1, Berlin-Mitte.", expected_status="pending")
+    assert out.ok and f"replaces example #{old.id}" in out.message
+    assert get_example(db, old.id).status == "rejected"
+    assert [e.answer for e in list_examples(db, status="approved") if "berlin" in e.question.lower()] == ["Torstraße 1, Berlin-Mitte."]
+
+
+def test_keeping_the_approved_answer_rejects_the_correction(db, alice, bob):
+    old, key = _dispute(db)
+    out = review.keep_approved(db, bob, key, expected_status="pending")
+    assert out.ok, out.message
+    assert get_example(db, old.id).status == "approved" and get_example(db, old.id).answer == "Torstraße 1, Berlin."
+    assert review.open_item(db, key).status == "rejected"
+    assert not review.keep_approved(db, bob, "i:999999").ok
+
+
+def test_safe_markdown_neutralises_images_and_html():
+    assert review.safe_markdown("![x](https://t.example/p.gif)") == "\\![x](https://t.example/p.gif)"
+    assert review.safe_markdown("<img src=x> & co") == "&lt;img src=x&gt; &amp; co"
+    assert review.safe_markdown(None) == ""

@@ -46,3 +46,40 @@ def test_redact_replaces_every_finding_and_leaves_the_rest():
 def test_finding_preview_hides_the_middle():
     (f,) = find_sensitive("xoxb-123456789012-abcdefghijkl")
     assert f.preview.startswith("xoxb") and "123456789012" not in f.preview
+
+
+def test_playground_reads_the_one_scanner_in_the_store():
+    import store.sensitive
+    from playground import safety
+
+    assert safety.find_sensitive is store.sensitive.find_sensitive
+
+
+def test_secrets_the_old_patterns_missed():
+    assert kinds("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY") == ["secret"]
+    assert kinds("https://hooks.slack.com/services/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") == ["Slack token"]
+    assert kinds("SLACK_SIGNING_SECRET=8f742231b10e8888abcd99aaa6885a5c") == ["secret"]
+    assert kinds("sk_live_4eC39HqLyjWDarjtT1zdp7dc") == ["Stripe key"]
+    assert kinds("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF0\n-----END PGP PRIVATE KEY BLOCK-----") == ["private key"]
+    assert kinds("postgres://admin:s3cr3tPass@db.internal:5432/prod") == ["password in a URL"]
+    assert kinds("Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l") == ["basic auth credentials"]
+
+
+def test_personal_data_with_checksums():
+    assert kinds("call (415) 555-0134") == ["phone number"]
+    assert kinds("IBAN GB82 WEST 1234 5698 7654 32") == ["IBAN"]
+    assert kinds("IBAN GB82 WEST 1234 5698 7654 33") == []  # fails MOD 97
+    assert kinds("身份证 110105 19491231 002X") == ["Chinese ID number"]
+    assert kinds("身份证 110105 19491231 0021") == []  # fails the check digit
+
+
+def test_redact_removes_a_whole_private_key_block():
+    text = "key:\n-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF0AAAAB\n-----END PGP PRIVATE KEY BLOCK-----\nbye"
+    out = redact(text)
+    assert "lQOYBF0" not in out and out.endswith("bye")
+
+
+def test_contact_details_are_shown_but_do_not_block():
+    (email,) = find_sensitive("write to payroll@example.com")
+    (token,) = find_sensitive("xoxb-123456789012-abcdefghijkl")
+    assert not email.blocks and token.blocks

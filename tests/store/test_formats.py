@@ -138,3 +138,42 @@ def test_guide_import_stores_the_bare_question(tmp_path, db):
                                                                              ("年假?", "15 天。")])))
     add_examples(db, f.examples)
     assert sorted((e.question, e.input) for e in list_examples(db)) == [("年假?", ""), ("报销流程?", "")]
+
+
+def test_limits_are_reported_per_line(tmp_path):
+    from store.examples import MAX_ANSWER_CHARS, MAX_QUESTION_CHARS
+
+    path = _jsonl(tmp_path / "long.jsonl", [{"question": "Q?", "answer": "A."},
+                                             {"question": "q" * (MAX_QUESTION_CHARS + 1), "answer": "A."},
+                                             {"question": "Q2?", "answer": "a" * (MAX_ANSWER_CHARS + 1)}])
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [
+        f"{path}:2: the question is {MAX_QUESTION_CHARS + 1:,} characters long; the limit is {MAX_QUESTION_CHARS:,}",
+        f"{path}:3: the answer is {MAX_ANSWER_CHARS + 1:,} characters long; the limit is {MAX_ANSWER_CHARS:,}",
+    ]
+
+
+def test_csv_header_must_name_each_column_once(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("question, question,answer\nA?,B?,C.\n", encoding="utf-8")
+    with pytest.raises(ImportFileError, match="column `question` appears 2 times"):
+        read_examples_file(path)
+
+
+def test_store_refuses_oversized_or_nul_text_whatever_the_path(db):
+    from store.examples import MAX_ANSWER_CHARS
+
+    with pytest.raises(StoreError, match="the answer is .* the limit is"):
+        add_examples(db, [NewExample("Q?", "a" * (MAX_ANSWER_CHARS + 1))])
+    with pytest.raises(StoreError, match="NUL character"):
+        add_examples(db, [NewExample("Q\x00?", "A.")])
+    assert list_examples(db) == []
+
+
+def test_import_examples_lists_contact_details_without_refusing(db, tmp_path):
+    from store.formats import import_examples
+
+    path = _jsonl(tmp_path / "contact.jsonl", [{"question": "Payroll?", "answer": "Ask payroll@example.com."}])
+    result = import_examples(db, path, reviewer="import")
+    assert result.added == 1 and result.notices == (f"{path}:1: contact details e-mail address (payr…om)",)

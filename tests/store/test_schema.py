@@ -36,9 +36,10 @@ SCHEMA = {
     "examples": {
         "columns": {"id": int, "question": str, "input": str, "answer": str, "status": str, "source": str,
                     "interaction_id": int, "rejected_answer": str, "content_hash": str, "reviewer": str,
-                    "reviewed_at": str, "note": str, "created_at": str, "updated_at": str},
+                    "reviewed_at": str, "note": str, "created_at": str, "updated_at": str, "disputes_example_id": int,
+                    "sensitive_confirmed": str},
         "indexes": {(("content_hash",), True), (("interaction_id",), False), (("status",), False)},
-        "fks": {("interaction_id", "interactions", "id")},
+        "fks": {("interaction_id", "interactions", "id"), ("disputes_example_id", "examples", "id")},
     },
     "adapters": {
         "columns": {"version": str, "path": str, "base_model": str, "method": str, "params": str, "dataset_hash": str,
@@ -80,6 +81,11 @@ SCHEMA = {
     },
     "slack_events": {
         "columns": {"event_id": str, "received_at": str},
+        "indexes": {(("event_id",), True)},
+        "fks": set(),
+    },
+    "slack_event_inbox": {
+        "columns": {"id": int, "event_id": str, "body": str, "headers": str, "received_at": str},
         "indexes": {(("event_id",), True)},
         "fks": set(),
     },
