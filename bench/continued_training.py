@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--base", choices=("tiny", "bench"), default="tiny",
                         help="`tiny` (random weights, memorises) or `bench`: bench/train_vs_seed.py's pretrained base")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="with --base bench: the base's pretraining")
+    parser.add_argument("--base-dir", help="with --base bench: a base this script pretrained before (its copy is used)")
     parser.add_argument("--out", help="default: bench/out/continued_training.json "
                         "(continued_training_bench_base.json with --base bench)")
     args = parser.parse_args()
@@ -111,7 +112,13 @@ def main() -> None:
             sys.path.insert(0, str(REPO / "bench"))
             from train_vs_seed import build_base
 
-            base = build_base(home, pretrain_steps=args.pretrain_steps)
+            if args.base_dir:
+                base = str(shutil.copytree(args.base_dir, home / "base10m"))
+            else:
+                base = build_base(home, pretrain_steps=args.pretrain_steps)
+            # Pretrained, not random: kbloop must treat it as a real base (the guide's QLoRA recipe, continued
+            # runs sized for real bases), not as `tiny`, whose marker file build_base's folder still carries.
+            (Path(base) / "TINY.md").unlink(missing_ok=True)
         else:
             base = "tiny"
         config = TrainConfig(base=base)

@@ -91,7 +91,7 @@ def worker(
     nproc: Annotated[Optional[int], typer.Option(help="Training processes under accelerate/torchrun, one per GPU (default 1).")] = None,
     heartbeat_s: Annotated[Optional[float], typer.Option(help="Heartbeat interval of a running job, seconds (default 5).")] = None,
     stale_after_s: Annotated[Optional[float], typer.Option(
-        help="A running job whose heartbeat is older than this many seconds belongs to a dead worker and is failed (default 60).")] = None,
+        help="A running job of a worker on another host whose heartbeat is older than this many seconds is failed (default 60); on this host the worker's process is asked instead.")] = None,
     poll_s: Annotated[Optional[float], typer.Option(help="How often an idle worker looks for jobs, seconds (default 2).")] = None,
     cancel_grace_s: Annotated[Optional[float], typer.Option(
         help="After a cancel, seconds between SIGTERM and SIGKILL of the training process (default 15).")] = None,
