@@ -15,6 +15,7 @@ from slack_bolt import App
 from slack_sdk import WebClient
 from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
 
+from bot.assistant import register_assistant_handlers
 from bot.commands import register_command_handlers
 from bot.config import BotConfig
 from store.db import ping
@@ -56,6 +57,7 @@ def build_app(*, config: BotConfig, engine, db_path: Path) -> App:
     runtime = BotRuntime(config=config, engine=engine, db_path=Path(db_path))
     app.kbloop = runtime  # type: ignore[attr-defined]
 
+    register_assistant_handlers(app, runtime)  # before the message listener: it takes assistant threads' messages
     register_question_handlers(app, runtime)
     register_feedback_handlers(app, runtime)
     register_command_handlers(app, runtime)

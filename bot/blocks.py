@@ -41,6 +41,30 @@ def escape_mrkdwn(text: str | None) -> str:
     return _BROADCAST.sub("@\u200b\\1", out)
 
 
+# In standard markdown (streamed answers' markdown_text) `]` followed by `(`, `[` or `:` can make a link whose
+# text hides its target ([docs](http://evil), [docs][1] with "[1]: http://evil"); a zero-width space breaks it.
+_MARKDOWN_LINK = re.compile(r"\](?=[(\[:])")
+_BROADCAST_WORDS = ("channel", "here", "everyone")
+
+
+def escape_markdown(text: str | None) -> str:
+    """Make arbitrary text safe in standard markdown (chat.startStream / appendStream / stopStream's
+    markdown_text): Slack's control characters as entities and @channel/@here/@everyone inert, as in
+    escape_mrkdwn, and no markdown link can form."""
+    return _MARKDOWN_LINK.sub("]\u200b", escape_mrkdwn(text))
+
+
+def settled_markdown_length(text: str) -> int:
+    """How much of a growing text can be escaped now: escape_markdown(text[:n]) is a prefix of escape_markdown
+    of anything that continues it. Held back: a trailing `]` (a link may follow) and a trailing `@` word that
+    may still become @channel/@here/@everyone."""
+    n = len(text) - 1 if text.endswith("]") else len(text)
+    at = text.rfind("@", 0, n)
+    if at >= 0 and any(word.startswith(text[at + 1:n].lower()) for word in _BROADCAST_WORDS):
+        n = at
+    return n
+
+
 def unescape_slack(text: str) -> str:
     """Slack escapes &, <, > in the text it sends us; the model should see the characters the user typed."""
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
@@ -124,17 +148,8 @@ def answer_message(*, text: str, source_titles: Sequence[str], interaction_id: i
     verified answer, who approved it), a small footer, and the 👍/👎 buttons carrying the interaction id.
     Within Slack's limits whatever `text` is."""
     body = escape_mrkdwn(text.strip()) or "…"
-    tail: list[dict] = []
-    if starting:
-        tail.append(context(messages.STARTING_NOTE))
-    elif verified_line:
-        tail.append(context(messages.VERIFIED_MARK + " " + escape_mrkdwn(verified_line)))
-    else:
-        tail.append(context(sources_line(source_titles)))
-    if footer and not verified_line:
-        tail.append(context(escape_mrkdwn(footer)))
-    if interaction_id is not None:
-        tail.append(feedback_actions(interaction_id))
+    tail = answer_tail(source_titles=source_titles, interaction_id=interaction_id, footer=footer,
+                       starting=starting, verified_line=verified_line)
     chunks = split_for_sections(body)
     room = MAX_BLOCKS - len(tail)
     if len(chunks) > room:
@@ -146,6 +161,24 @@ def answer_message(*, text: str, source_titles: Sequence[str], interaction_id: i
         chunks[-1] = last + messages.TRUNCATED
     blocks = [section(c) for c in chunks] + tail
     return blocks, fallback_text(body)
+
+
+def answer_tail(*, source_titles: Sequence[str], interaction_id: int | None, footer: str | None = None,
+                starting: bool = False, verified_line: str | None = None) -> list[dict]:
+    """The blocks under an answer's text: its sources (or who approved it), a footer, the 👍/👎 buttons.
+    A streamed answer gets these at chat.stopStream, under the text it streamed."""
+    tail: list[dict] = []
+    if starting:
+        tail.append(context(messages.STARTING_NOTE))
+    elif verified_line:
+        tail.append(context(messages.VERIFIED_MARK + " " + escape_mrkdwn(verified_line)))
+    else:
+        tail.append(context(sources_line(source_titles)))
+    if footer and not verified_line:
+        tail.append(context(escape_mrkdwn(footer)))
+    if interaction_id is not None:
+        tail.append(feedback_actions(interaction_id))
+    return tail
 
 
 def fallback_text(escaped: str) -> str:

@@ -17,7 +17,7 @@ from slack_bolt import App
 from bot import messages
 from bot.blocks import escape_mrkdwn
 from bot.handlers import BotRuntime
-from store import StoreError
+from store import KbloopError, StoreError
 from store.adapters import active_adapter
 from store.audit import record_audit
 from store.jobs import JobAlreadyActive, active_jobs, list_jobs
@@ -179,7 +179,7 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
         except ValueError as exc:
             respond(text=f"{escape_mrkdwn(str(exc))}. {messages.RETRAIN_USAGE}", response_type="ephemeral")
             return
-        except StoreError as exc:
+        except KbloopError as exc:
             respond(text=messages.retrain_invalid(escape_mrkdwn(str(exc))) + " " + messages.RETRAIN_USAGE,
                     response_type="ephemeral")
             return
@@ -195,7 +195,7 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
             respond(text=messages.retrain_already_active(job.id, job.status, job.requester, escape_mrkdwn(progress)),
                     response_type="ephemeral")
             return
-        except StoreError as exc:
+        except KbloopError as exc:
             respond(text=messages.retrain_failed_to_queue(escape_mrkdwn(str(exc))) + "\n" + messages.RETRAIN_USAGE,
                     response_type="ephemeral")
             return

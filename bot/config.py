@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from store.errors import KbloopError
 
-class BotConfigError(Exception):
+
+class BotConfigError(KbloopError):
     """A missing or malformed bot setting; the message names the variable."""
 
 
@@ -28,6 +30,8 @@ class BotConfig:
     rate_limit_retries: int = 3
     # A progress notice for a training job is refreshed at most this often (one message, edited).
     progress_interval_s: float = 10.0
+    # A streamed answer's message is updated at most this often (chat.startStream / appendStream / stopStream).
+    stream_interval_s: float = 0.5
 
     @classmethod
     def from_settings(cls, settings, *, http: bool = True, **overrides) -> BotConfig:

@@ -17,6 +17,7 @@ a crash between the claim and the answer leaves that question unanswered rather 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from bot import blocks, messages
 from bot.config import BotConfig
 from bot.priority import AckPriority
 from bot.ratelimit import QuestionRateLimiter
+from bot.streaming import AnswerStream, StreamingSupport
 from store import StoreError, local_db
 from store.interactions import (
     claim_slack_events, get_interaction, record_bot_error, record_vote, set_interaction_message,
@@ -55,6 +57,7 @@ class BotRuntime:
     priority: AckPriority = field(default_factory=AckPriority)
     # bot.server.EventDispatcher threads feeding the event inbox to bolt; stopped first on shutdown.
     dispatchers: list = field(default_factory=list)
+    streaming: StreamingSupport = field(default_factory=StreamingSupport)
 
     def __post_init__(self) -> None:
         self.answers = ThreadPoolExecutor(max_workers=self.config.answer_workers, thread_name_prefix="kbloop-answer")
@@ -111,15 +114,30 @@ def question_text(text: str, *, bot_user_id: str | None) -> str:
     return re.sub(r"\s+", " ", blocks.unescape_slack(text or "")).strip()
 
 
-def render_answer(answer) -> tuple[list[dict], str]:
+def _render_args(answer) -> dict:
     starting = (answer.notice or "") in NOT_ANSWERED
     who = f"adapter {answer.adapter_version}" if answer.adapter_version else "base model"
     footer = None if starting else f"{who} · {answer.latency_ms / 1000:.1f} s"
-    return blocks.answer_message(
-        text=answer.text, source_titles=[s.title for s in answer.sources],
-        interaction_id=None if starting else answer.interaction_id, footer=footer, starting=starting,
-        verified_line=answer.verified_line,
-    )
+    return dict(source_titles=[s.title for s in answer.sources],
+                interaction_id=None if starting else answer.interaction_id, footer=footer, starting=starting,
+                verified_line=answer.verified_line)
+
+
+def render_answer(answer) -> tuple[list[dict], str]:
+    return blocks.answer_message(text=answer.text, **_render_args(answer))
+
+
+def render_tail(answer) -> list[dict]:
+    """The blocks a streamed answer ends with (chat.stopStream): sources, footer, the 👍/👎 buttons."""
+    return blocks.answer_tail(**_render_args(answer))
+
+
+def _streams(engine) -> bool:
+    """Whether the engine takes `on_text` (finetune.engine.Engine does; a stand-in may not)."""
+    try:
+        return "on_text" in inspect.signature(engine.answer).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _claim_delivery(rt: BotRuntime, body: dict, event: dict) -> bool:
@@ -135,8 +153,14 @@ def _claim_delivery(rt: BotRuntime, body: dict, event: dict) -> bool:
 
 
 def _answer_in_channel(rt: BotRuntime, client, *, question: str, user: str, channel: str,
-                       thread_ts: str | None, event_id: str | None) -> None:
-    """Post "working on it", ask the engine, replace the placeholder with the answer (chat.update)."""
+                       thread_ts: str | None, event_id: str | None, team_id: str | None = None) -> None:
+    """Stream the answer into its thread (bot.streaming); where there is no thread (a top-level DM), where the
+    engine cannot stream, or while Slack refuses streaming: post "working on it", ask the engine, replace the
+    placeholder with the answer (chat.update)."""
+    if thread_ts and _streams(rt.engine) and rt.streaming.allowed():
+        _answer_streamed(rt, client, question=question, user=user, channel=channel, thread_ts=thread_ts,
+                         event_id=event_id, team_id=team_id)
+        return
     placeholder_ts = None
     try:
         rt.priority.wait_for_quiet()
@@ -162,6 +186,44 @@ def _answer_in_channel(rt: BotRuntime, client, *, question: str, user: str, chan
             log.exception("could not tell %s about the failure", user)
 
 
+def _answer_streamed(rt: BotRuntime, client, *, question: str, user: str, channel: str, thread_ts: str,
+                     event_id: str | None, team_id: str | None) -> None:
+    """The engine's tokens streamed into the thread; the final message carries the sources and the buttons."""
+    stream = AnswerStream(client, channel=channel, thread_ts=thread_ts, recipient_user_id=user,
+                          recipient_team_id=team_id, interval_s=rt.config.stream_interval_s,
+                          whole_as_one_message=rt.streaming.works)
+    try:
+        rt.priority.wait_for_quiet()
+        stream.start()
+        answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel, thread_ts=thread_ts,
+                                  event_id=event_id, on_text=stream.feed)
+        full_blocks, text = render_answer(answer)
+        rt.priority.wait_for_quiet()
+
+        def remember(ts: str) -> None:  # before the buttons appear where possible: a vote may follow at once
+            if answer.interaction_id is not None:
+                set_interaction_message(rt.db(), answer.interaction_id, channel_id=channel, message_ts=ts,
+                                        thread_ts=thread_ts)
+
+        stream.finish(answer.text, tail_blocks=render_tail(answer), full_blocks=full_blocks, fallback_text=text,
+                      on_ts=remember)
+        if stream.streamed:
+            rt.streaming.works = True
+        elif stream.refused:
+            rt.streaming.refused(stream.refused)
+    except Exception as exc:  # noqa: BLE001 - Slack already has its 200; keep the error, tell the user
+        stream.close()
+        ref = rt.record_error("answer", exc, event_id=event_id, user_id=user, channel_id=channel)
+        note = messages.ERROR_NOTE.format(ref=ref if ref is not None else "?")
+        try:
+            if stream.ts:  # the placeholder, or the streamed message: the note replaces it
+                client.chat_update(channel=channel, ts=stream.ts, text=note, blocks=[])
+            else:  # nothing in the thread yet: the note goes where the answer would have
+                client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=note)
+        except Exception:  # noqa: BLE001
+            log.exception("could not tell %s about the failure", user)
+
+
 def _answer_slash(rt: BotRuntime, respond, *, question: str, user: str, channel: str) -> None:
     try:
         answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel)
@@ -175,7 +237,17 @@ def _answer_slash(rt: BotRuntime, respond, *, question: str, user: str, channel:
             log.exception("could not tell %s about the failure", user)
 
 
-def _question_event(rt: BotRuntime, *, body: dict, event: dict, context, client, in_thread: bool) -> None:
+def question_event(rt: BotRuntime, *, body: dict, event: dict, context, client, in_thread: bool,
+                   before_work=None) -> None:
+    """A message that may be a question: filtered, claimed once, rate-limited, then answered by the answer
+    pool. `before_work(question)` runs once the question is accepted, before the answer is worked on (the
+    assistant surface sets its status line there)."""
+    _question_event(rt, body=body, event=event, context=context, client=client, in_thread=in_thread,
+                    before_work=before_work)
+
+
+def _question_event(rt: BotRuntime, *, body: dict, event: dict, context, client, in_thread: bool,
+                    before_work=None) -> None:
     bot_user_id = context.get("bot_user_id")
     why = ignored_event(event, bot_user_id=bot_user_id)
     if why:
@@ -201,8 +273,14 @@ def _question_event(rt: BotRuntime, *, body: dict, event: dict, context, client,
     if wait:
         tell(messages.rate_limited(wait))
         return
+    if before_work is not None:
+        try:
+            before_work(question)
+        except Exception:  # noqa: BLE001 - a status line that could not be set must not cost the answer
+            log.exception("could not set the status before answering")
     rt.answers.submit(_answer_in_channel, rt, client, question=question, user=user, channel=channel,
-                      thread_ts=thread_ts, event_id=body.get("event_id"))
+                      thread_ts=thread_ts, event_id=body.get("event_id"),
+                      team_id=event.get("team") or body.get("team_id"))
 
 
 def register_question_handlers(app: App, rt: BotRuntime) -> None:

@@ -19,6 +19,26 @@ BUTTON_UP = "👍 Helpful"
 BUTTON_DOWN = "👎 Not right"
 STARTING_NOTE = "_The model is still loading; ask again in a moment._"
 
+# The assistant surface (Slack's AI-app side panel and agent DMs).
+ASSISTANT_TITLE = "Knowledge base"
+SUGGESTED_TITLE = "Often asked lately:"
+# When nothing was asked in the last weeks yet: questions any company knowledge base tends to answer.
+DEFAULT_PROMPTS = (
+    "How do I request access to a new tool?",
+    "Where is the expense policy?",
+    "Who do I contact when something is down?",
+)
+STATUS_WORKING = "is searching the knowledge base…"
+# Slack rotates these under the status while the answer is being worked on.
+LOADING_MESSAGES = (
+    "Searching the knowledge base…",
+    "Reading the passages that match…",
+    "Checking the approved answers…",
+    "Writing the answer…",
+)
+PROMPT_TITLE_CHARS = 60
+THREAD_TITLE_CHARS = 80
+
 THANKS_UP = "Thanks! Your 👍 is recorded."
 THANKS_DOWN = "Thanks, your 👎 is recorded."
 THANKS_CORRECTION = ("Thanks! Your 👎 and your correction are recorded; a curator will review it before it is "

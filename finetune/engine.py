@@ -19,6 +19,13 @@ left-padded KV cache (finetune.kv_cache), greedy by default, bounded by max new 
 limit, stopping at the end-of-turn token. Each answer goes back to its caller as soon as its own row
 stops, not when the whole batch does. The caller's thread then records the interaction.
 
+Streaming: a caller that passes `on_text` gets the answer's text as it is generated, in pieces, from the
+worker thread (each row of a batch to its own caller). The pieces only ever extend what was sent: text that
+may still change (a character whose bytes are not all generated yet, trailing spaces, the start of a chat
+marker) is held back until the next token settles it, so the pieces put together are exactly
+`Answer.text`. Only generated text streams; a verified, refused or starting-up answer arrives whole in the
+returned Answer. `on_text` must return quickly (it runs between decode steps of the whole batch).
+
 Hot-swap: adapters are PEFT LoRA folders loaded once each under their version name and switched with
 set_adapter between batches; "base" runs with adapters disabled. A promote or rollback therefore takes
 effect on the next batch; a batch already generating finishes on the adapter it started with.
@@ -33,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -42,7 +48,11 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from finetune.prompting import ApprovedAnswer, PromptPassage, approved_in_prompt, build_messages, render_prompt
+from finetune.prompting import (
+    ApprovedAnswer, PromptPassage, Turn, approved_in_prompt, build_messages, history_within, render_prompt,
+    standalone_question,
+)
+from store.text import CJK_CHAR as _CJK
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,8 @@ APPROVED_SOURCE_TITLE = "Approved answer: {question}"
 # Approved answers to related questions looked up per question (at most approved_in_prompt() enter a prompt).
 RELATED_LOOKUP = 2
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+# Chat markers that end an answer if they survive decoding as plain text.
+END_MARKERS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,8 @@ class _Request:
     passages: list  # store.kb.Passage
     adapter: str  # "active" | "base" | a version
     approved: list[ApprovedAnswer] = field(default_factory=list)  # answers to related questions
+    on_text: Callable[[str], None] | None = None  # streaming consumer: pieces of the answer as generated
+    history: list[Turn] = field(default_factory=list)  # the thread's earlier turns (follow-ups), oldest first
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -161,9 +174,11 @@ class FinishedRows:
     soon as the row ends with a stop token, and the rest when generation ends: in a batch, a short answer
     does not wait for the longest one."""
 
-    def __init__(self, stop_ids: list[int], on_finished: Callable[[int, list[int]], None]):
+    def __init__(self, stop_ids: list[int], on_finished: Callable[[int, list[int]], None],
+                 on_tokens: Callable[[int, list[int]], None] | None = None):
         self.stop_ids = set(stop_ids)
         self.on_finished = on_finished
+        self.on_tokens = on_tokens  # (row, tokens so far) after each new token of a row that goes on
         self.tokens: list[list[int]] | None = None  # per row, the new tokens so far
         self.finished: set[int] = set()
 
@@ -177,6 +192,8 @@ class FinishedRows:
             self.tokens[row].append(token)
             if token in self.stop_ids:
                 self._finish(row)
+            elif self.on_tokens is not None:
+                self.on_tokens(row, self.tokens[row])
 
     def end(self) -> None:
         for row in range(len(self.tokens or [])):
@@ -186,6 +203,73 @@ class FinishedRows:
     def _finish(self, row: int) -> None:
         self.finished.add(row)
         self.on_finished(row, self.tokens[row])
+
+
+def clean_answer(text: str) -> str:
+    """A decoded answer as callers get it: special tokens are already skipped; a chat marker that survives as
+    plain text ends the answer; no surrounding whitespace."""
+    for marker in END_MARKERS:
+        text = text.split(marker)[0]
+    return text.strip()
+
+
+def settled_text(text: str) -> str:
+    """The part of a partly generated answer (decoded so far) that no later token can change in
+    `clean_answer`'s result: without a trailing incomplete character (decoded as U+FFFD), a tail that may
+    still become a chat marker, and trailing whitespace (stripped at the end unless more text follows)."""
+    for marker in END_MARKERS:
+        text = text.split(marker)[0]
+    text = text.lstrip().rstrip("\ufffd")
+    held = max((k for marker in END_MARKERS for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
+    return text[:len(text) - held].rstrip()
+
+
+class TextStream:
+    """One row's streaming consumer: fed the row's token ids after each step, it sends the consumer only text
+    that extends what it sent before, so that the pieces put together are the final answer."""
+
+    def __init__(self, decode: Callable[[list[int]], str], consumer: Callable[[str], None]):
+        self.decode = decode
+        self.consumer = consumer
+        self.sent = ""
+        self.failed = False  # the consumer raised: it gets nothing more
+
+    def update(self, ids: list[int]) -> None:
+        if self.failed:
+            return
+        settled = settled_text(self.decode(ids))
+        # A decode that changed text already sent (not seen with byte-level BPE) waits for the final text.
+        if len(settled) > len(self.sent) and settled.startswith(self.sent):
+            self._send(settled[len(self.sent):])
+            self.sent = settled
+
+    def finish(self, final: str) -> None:
+        """Send what remains of the final answer (the caller gets `final` as Answer.text)."""
+        if self.failed:
+            return
+        if final.startswith(self.sent):
+            if len(final) > len(self.sent):
+                self._send(final[len(self.sent):])
+                self.sent = final
+        else:
+            log.warning("engine: streamed text is not a prefix of the final answer; the caller repairs it")
+
+    def _send(self, piece: str) -> None:
+        try:
+            self.consumer(piece)
+        except Exception:  # a consumer's failure must not stop the batch
+            log.exception("engine: a streaming consumer failed; it gets no more text")
+            self.failed = True
+
+
+def thread_history(db, *, channel_id: str | None, thread_ts: str | None) -> list[Turn]:
+    """kbloop's earlier answers in a Slack thread (store.interactions), oldest first: what a follow-up is
+    asked after. None outside a thread."""
+    if not channel_id or not thread_ts:
+        return []
+    from store.interactions import thread_interactions
+
+    return [Turn(i.question, i.answer) for i in thread_interactions(db, channel_id=channel_id, thread_ts=thread_ts)]
 
 
 def sources_of(passages, related=()) -> list[Source]:
@@ -263,7 +347,7 @@ class Engine:
 
     def _load(self) -> None:
         try:
-            from finetune.models import load_model_for_inference, resolve_base, stop_token_ids
+            from finetune.models import load_model_for_inference, resolve_base, serving_stop_ids
             from finetune.retrieval import embedding_model
             from store import local_db
 
@@ -274,7 +358,7 @@ class Engine:
                 model = model.to(self.config.device)
             tokenizer.padding_side = "left"  # generation continues from the right edge of every row
             self.tokenizer, self.model = tokenizer, model
-            self._eos_ids = list(dict.fromkeys(stop_token_ids(tokenizer) + self._end_of_turn_ids(model, tokenizer)))
+            self._eos_ids = serving_stop_ids(model, tokenizer)  # the set the gate's stop rate measures too
             model_limit = getattr(model.config, "max_position_embeddings", None) or self.config.max_context_tokens
             self._context_tokens = min(int(model_limit), self.config.max_context_tokens)
             embedding_model()  # warm the retrieval model too, so the first question does not pay for it
@@ -293,27 +377,16 @@ class Engine:
         finally:
             self._loaded.set()
 
-    @staticmethod
-    def _end_of_turn_ids(model, tokenizer) -> list[int]:
-        ids: list[int] = []
-        configured = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            ids.append(configured)
-        elif configured:
-            ids += list(configured)
-        for token in ("<|im_end|>", tokenizer.eos_token):
-            tid = tokenizer.convert_tokens_to_ids(token) if token else None
-            if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
-                ids.append(tid)
-        return list(dict.fromkeys(ids))
-
     # --- answering (any thread) ---------------------------------------------------------------------
 
     def answer(self, question: str, *, source: str = "cli", user_id: str | None = None,
                channel_id: str | None = None, thread_ts: str | None = None, event_id: str | None = None,
-               adapter: str = ACTIVE, record: bool = True, model_only: bool = False) -> Answer:
+               adapter: str = ACTIVE, record: bool = True, model_only: bool = False,
+               on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer one question: a verified answer when one matches (unless `model_only`, or a named adapter is
-        asked), else generated. Returns at once with a "starting up" answer while the model loads."""
+        asked), else generated. Returns at once with a "starting up" answer while the model loads.
+        `on_text`: called from the generation thread with each new piece of a generated answer (see the
+        module's docstring, "Streaming")."""
         started = time.monotonic()
 
         def elapsed_ms() -> int:
@@ -345,14 +418,18 @@ class Engine:
             get_adapter(db, adapter)  # an unknown version is the caller's error: StoreError names it
         version = self._resolve_version(db, adapter)
         # Enough passages for the prompt of the adapter that will most likely answer, and for the sources.
-        passages = retrieve_passages(db, question, k=max(self.config.k, self._passages_for(db, version)))
-        related = self._related(db, question) if use_approved else []
+        # A follow-up in a thread is searched together with the question it follows (standalone_question).
+        history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
+        query = standalone_question(question, history)
+        passages = retrieve_passages(db, query, k=max(self.config.k, self._passages_for(db, version)))
+        related = self._related(db, query) if use_approved else []
         if not passages and not related and not model_only:
             text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
             generated = _Generated(text, version, ("no_match",))
         else:
             req = _Request(question=question, passages=passages, adapter=adapter,
-                           approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related])
+                           approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
+                           on_text=on_text, history=history)
             self._queue.put(req)
             try:
                 generated = req.future.result(timeout=self.config.request_timeout_s)
@@ -374,6 +451,24 @@ class Engine:
                 latency_ms=latency, user_id=user_id, channel_id=channel_id, thread_ts=thread_ts, event_id=event_id,
             )
         return Answer(generated.text, sources, generated.adapter_version, latency, interaction_id, notice)
+
+    def prompt_ids(self, question: str, *, channel_id: str | None = None, thread_ts: str | None = None,
+                   use_approved: bool = True) -> list[int]:
+        """The prompt the base model gets for `question` asked now (in that thread, if given): the same
+        retrieval, history and trimming as answer(), as token ids. Needs the tokenizer, not the model: it is
+        how tests check that training builds the very same prompt."""
+        from finetune.retrieval import retrieve_passages
+        from store import local_db
+
+        db = local_db(self.db_path)
+        question = question.strip()
+        history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
+        query = standalone_question(question, history)
+        related = self._related(db, query) if use_approved else []
+        req = _Request(question=question, passages=retrieve_passages(db, query, k=self.config.k), adapter=BASE,
+                       approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
+                       history=history)
+        return self._prompt(req, self.config.k)[0]
 
     def verified_answer(self, question: str, *, source: str = "cli", record: bool = True,
                         started: float | None = None, **slack) -> Answer | None:
@@ -476,7 +571,8 @@ class Engine:
                             _Generated(text, used, tuple(notices) + ((trims[i],) if trims[i] else ())))
 
                     self.batches_run += 1
-                    self._generate(model, [prompts[i] for i in bucket], deliver)
+                    self._generate(model, [prompts[i] for i in bucket], deliver,
+                                   consumers=[requests[i].on_text for i in bucket])
 
     # --- adapters -----------------------------------------------------------------------------------
 
@@ -584,12 +680,16 @@ class Engine:
         passages = [PromptPassage(p.title, p.content) for p in req.passages[:k]]
         approved = req.approved[:approved_in_prompt(k)]
         question = req.question
+        history = history_within(req.history, tok)
 
         def ids_of(q: str, ps) -> list[int]:
-            messages = build_messages(q, passages=ps, approved=approved)
+            messages = build_messages(q, passages=ps, approved=approved, history=history)
             return tok(render_prompt(tok, messages), add_special_tokens=False).input_ids
 
         ids = ids_of(question, passages)
+        while len(ids) > budget and history:  # the oldest earlier turn goes first
+            history = history[1:]
+            ids = ids_of(question, passages)
         if len(ids) <= budget:
             return ids, None
         q_ids = tok(question, add_special_tokens=False).input_ids
@@ -607,10 +707,12 @@ class Engine:
             notice += f"; {len(req.passages[:k]) - len(passages)} passage(s) left out"
         return ids_of(trimmed, passages), notice
 
-    def _generate(self, model, prompts: list[list[int]], deliver: Callable[[int, str], None]) -> None:
+    def _generate(self, model, prompts: list[list[int]], deliver: Callable[[int, str], None],
+                  consumers: list[Callable[[str], None] | None] | None = None) -> None:
         """Greedy (by default) generation for a batch of prompt ids. Each prompt is prefilled alone and the
         batch decodes from one left-padded cache (finetune.kv_cache); each row's cleaned answer goes to
-        `deliver(row, text)` as soon as that row stops, or when the batch ends."""
+        `deliver(row, text)` as soon as that row stops, or when the batch ends. A row with a consumer in
+        `consumers` streams its text to it as it grows (TextStream), all of it before `deliver`."""
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
         from finetune.kv_cache import generate_batch
@@ -623,14 +725,25 @@ class Engine:
             eos_token_id=self._eos_ids or None,
         )
         stop = StoppingCriteriaList([MaxTimeCriteria(self.config.time_limit_s, initial_timestamp=time.time())])
-        rows = FinishedRows(self._eos_ids, lambda row, ids: deliver(
-            row, self._clean(tok.decode(ids, skip_special_tokens=True))))
+        def decode(ids: list[int]) -> str:
+            return tok.decode(ids, skip_special_tokens=True)
+
+        streams = [TextStream(decode, c) if c is not None else None for c in (consumers or [None] * len(prompts))]
+
+        def finished(row: int, ids: list[int]) -> None:
+            text = self._clean(decode(ids))
+            if streams[row] is not None:
+                streams[row].finish(text)
+            deliver(row, text)
+
+        def grown(row: int, ids: list[int]) -> None:
+            if streams[row] is not None:
+                streams[row].update(ids)
+
+        rows = FinishedRows(self._eos_ids, finished, on_tokens=grown if any(streams) else None)
         generate_batch(model, prompts, max_new_tokens=self.config.max_new_tokens, pad_token_id=tok.pad_token_id,
                        generation_config=gen, stopping_criteria=stop, streamer=rows)
 
     @staticmethod
     def _clean(text: str) -> str:
-        # Special tokens are already skipped; a chat marker that survives as plain text ends the answer.
-        for marker in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
-            text = text.split(marker)[0]
-        return text.strip()
+        return clean_answer(text)

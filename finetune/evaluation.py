@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
 import unicodedata
 from collections import Counter
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.prompting import build_messages, render_prompt
+from store.text import CJK_CHAR as _CJK_CHAR
 
 if TYPE_CHECKING:
     from finetune.data import TrainingExample
@@ -63,9 +63,6 @@ class EvalConfig:
 
 # --------------------------------------------------------------------------------------------------
 # Text metrics
-
-
-_CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 
 
 def answer_tokens(text: str) -> list[str]:
@@ -104,18 +101,6 @@ def end_of_turn_token(tokenizer) -> str:
     from finetune.models import end_of_turn_id
 
     return tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
-
-
-def _stop_ids(tokenizer, model) -> list[int]:
-    from finetune.models import stop_token_ids
-
-    ids = set(stop_token_ids(tokenizer))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(gen_eos)
-    return sorted(ids)
 
 
 def _pad_id(tokenizer) -> int:
@@ -203,8 +188,10 @@ def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, c
     """Greedy answers, batched like the engine's (finetune.kv_cache: prefilled one by one, decoded together)."""
     from finetune.kv_cache import generate_batch
 
+    from finetune.models import serving_stop_ids
+
     config = config or EvalConfig()
-    stop_ids = _stop_ids(tokenizer, model)
+    stop_ids = serving_stop_ids(model, tokenizer)  # the engine's set: the stop rate measures what it serves
     pad_id = _pad_id(tokenizer)
     out: list[Generation] = []
     for i in range(0, len(examples), config.generation_batch_size):
@@ -336,7 +323,9 @@ def _finite(x: float | None) -> float | None:
 # --------------------------------------------------------------------------------------------------
 # Presentation
 
-_LABELS = {
+# The one place a metric gets its name for people and its format: (label, kind), kind "loss" (3 decimals),
+# "pct" (a share, as a percentage) or "signed" (a change, with its sign). Tables everywhere read this.
+METRIC_LABELS = {
     "heldout_loss": ("held-out loss", "loss"),
     "heldout_exact_match": ("held-out exact match", "pct"),
     "heldout_token_f1": ("held-out token F1", "pct"),
@@ -350,10 +339,18 @@ _LABELS = {
 }
 
 
+def metric_label(key: str) -> str:
+    return METRIC_LABELS.get(key, (key, "loss"))[0]
+
+
+def metric_kind(key: str) -> str:
+    return METRIC_LABELS.get(key, (key, "loss"))[1]
+
+
 def format_value(key: str, value) -> str:
     if value is None:
         return "n/a"
-    kind = _LABELS.get(key, (key, "loss"))[1]
+    kind = metric_kind(key)
     if kind == "pct":
         return f"{100 * value:.1f}%"
     if kind == "signed":
@@ -363,9 +360,18 @@ def format_value(key: str, value) -> str:
 
 def metrics_table(metrics: dict[str, Any], *, title: str = "") -> str:
     """One model's metrics as aligned text (the CLI prints it; Slack wraps it in a code block)."""
-    rows = [(label, format_value(key, metrics.get(key))) for key, (label, _) in _LABELS.items()]
+    rows = [(label, format_value(key, metrics.get(key))) for key, (label, _) in METRIC_LABELS.items()]
     rows.append(("held-out / sampled", f"{metrics.get('n_heldout', 0)} / {metrics.get('n_train_sampled', 0)}"))
-    width = max(len(r[0]) for r in rows)
-    lines = [title] if title else []
-    lines += [f"{label:<{width}}  {value:>10}" for label, value in rows]
-    return "\n".join(lines)
+    return "\n".join(([title] if title else []) + [text_table(rows, align="lr", min_widths=(0, 10))])
+
+
+def text_table(rows: list[tuple[str, ...]], *, align: str = "", min_widths: tuple[int, ...] = ()) -> str:
+    """Rows of text cells as aligned columns, two spaces apart, each as wide as its widest cell (or its
+    `min_widths` entry); a column is right-aligned where `align` has "r" at its position, else left-aligned.
+    Lines carry no trailing spaces. Every text table kbloop prints (metrics, the gate's comparison,
+    `kbloop adapters`, `kbloop sweep`) is drawn here."""
+    n = max((len(r) for r in rows), default=0)
+    widths = [max([len(r[i]) for r in rows if i < len(r)] + [min_widths[i] if i < len(min_widths) else 0])
+              for i in range(n)]
+    return "\n".join("  ".join(cell.rjust(widths[i]) if align[i:i + 1] == "r" else cell.ljust(widths[i])
+                               for i, cell in enumerate(r)).rstrip() for r in rows)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from store import StoreError
+from store import ConfigError, StoreError
+from store.files import publish_dir, write_json_atomic
 from store import adapters as adapter_rows
 from store.text import now
 
@@ -33,10 +34,10 @@ def export_merged(db: sqlite_utils.Database, version: str, out: Path, *, home: P
     from transformers import AutoModelForCausalLM
 
     from finetune.models import load_tokenizer, resolve_base
-    from finetune.registry import adapter_folder_problem, write_json_atomic
+    from finetune.registry import adapter_folder_problem
 
     if dtype not in DTYPES:
-        raise StoreError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     adapter = adapter_rows.get_adapter(db, version)
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -70,7 +71,7 @@ def export_merged(db: sqlite_utils.Database, version: str, out: Path, *, home: P
         })
         if out.exists():
             raise StoreError(f"{out}: appeared while exporting; the export was discarded")
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,15 +8,16 @@ as `python -m finetune.jobrun --exec torchrun … -m finetune.jobrun JOB_ID …`
 It dies with its parent (PR_SET_PDEATHSIG), stops at the next training step on SIGTERM, writes progress
 (`jobs.progress`) and the per-step log (`train_steps`) to the store, and leaves its outcome in
 `$KBLOOP_HOME/jobs/<id>/outcome.json` for the worker, which alone finishes the job and promotes.
-Exit status: 0 done, 1 failed, 2 the job is not this worker's (any more), 3 cancelled.
+Exit status: 0 done, 1 failed, 2 the job is not this worker's (any more), 3 cancelled. What it writes and
+exits with is finetune.jobprotocol, which the worker reads with.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime as _dt
-import json
 import os
 import signal
 import sys
@@ -26,11 +27,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from store import StoreError, open_db
+from finetune.jobprotocol import (
+    CANCELLED, EXIT_CANCELLED, EXIT_FAILED, EXIT_NOT_OURS, EXIT_OK, FAILED, SUCCEEDED, ChildResult, JobProgress,
+    write_child_result,
+)
+from store import KbloopError, StoreError, open_db
 from store.jobs import Job, get_job, log_train_step, set_job_progress
 from store.text import now
-
-EXIT_OK, EXIT_FAILED, EXIT_NOT_OURS, EXIT_CANCELLED = 0, 1, 2, 3
 
 
 class JobCancelled(Exception):
@@ -38,7 +41,7 @@ class JobCancelled(Exception):
 
 
 class ProgressReporter:
-    """Writes the job's progress JSON (phase, step, total, loss, eta_s, updated_at) and the step log.
+    """Writes the job's progress (a JobProgress: phase, step, total, loss, eta_s, updated_at) and the step log.
 
     Only the main rank writes; writes are spaced `min_interval_s` apart (the last step always lands).
     """
@@ -46,26 +49,27 @@ class ProgressReporter:
     def __init__(self, db, job: Job, *, is_main: bool = True, min_interval_s: float = 0.5):
         self.db, self.job, self.is_main, self.min_interval_s = db, job, is_main, min_interval_s
         self.run = f"job-{job.id}"
-        self.progress: dict = {"phase": "starting"}
+        self.progress = JobProgress()
         self._last_write = 0.0
         self._last_logged_step = -1
 
-    def phase(self, name: str, **extra) -> None:
-        self.progress = {**self.progress, "phase": name, **extra}
+    def phase(self, name: str, **changes) -> None:
+        """`changes`: other JobProgress fields (detail, eta_s, dataset_hash, n_examples)."""
+        self.progress = dataclasses.replace(self.progress, phase=name, **changes)
         self._write(force=True)
 
     def step(self, info) -> None:
         """`on_step` for finetune.training.train_adapter: a StepInfo(step, total_steps, epoch, loss, lr, eta_s)."""
         step, total = int(info.step), int(info.total_steps)
-        self.progress = {
-            **self.progress, "phase": "training", "step": step, "total": total,
-            "loss": None if info.loss is None else float(info.loss),
-            "epoch": None if info.epoch is None else float(info.epoch),
-            "eta_s": None if info.eta_s is None else float(info.eta_s),
-        }
+        self.progress = dataclasses.replace(
+            self.progress, phase="training", step=step, total=total,
+            loss=None if info.loss is None else float(info.loss),
+            epoch=None if info.epoch is None else float(info.epoch),
+            eta_s=None if info.eta_s is None else float(info.eta_s),
+        )
         if self.is_main and step != self._last_logged_step:
             self._last_logged_step = step
-            log_train_step(self.db, run=self.run, step=step, loss=self.progress["loss"], epoch=self.progress["epoch"],
+            log_train_step(self.db, run=self.run, step=step, loss=self.progress.loss, epoch=self.progress.epoch,
                            learning_rate=getattr(info, "learning_rate", None), job_id=self.job.id)
         self._write(force=step >= total)
 
@@ -76,7 +80,7 @@ class ProgressReporter:
         if not force and t - self._last_write < self.min_interval_s:
             return
         self._last_write = t
-        set_job_progress(self.db, self.job.id, {**self.progress, "updated_at": now()})
+        set_job_progress(self.db, self.job.id, dataclasses.replace(self.progress, updated_at=now()).to_dict())
 
 
 class StopSignal:
@@ -122,24 +126,15 @@ def die_with_parent() -> None:
         os._exit(EXIT_NOT_OURS)
 
 
-def write_outcome(home: Path, job_id: int, outcome: dict) -> None:
-    from finetune.jobs import job_dir
-
-    out = job_dir(home, job_id)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "outcome.json.partial"
-    tmp.write_text(json.dumps(outcome, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    tmp.replace(out / "outcome.json")
-
-
 # --------------------------------------------------------------------------------------------------
 # What a job does
 # --------------------------------------------------------------------------------------------------
 
-Runner = Callable[..., dict]
+Runner = Callable[..., ChildResult]
 
 
-def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReporter, should_stop: StopSignal) -> dict:
+def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReporter,
+                should_stop: StopSignal) -> ChildResult:
     """Train a candidate on the approved examples, evaluated against the active adapter on the same held-out
     set, and register it as a candidate. The worker promotes it when the gate passed."""
     from finetune.config import TrainConfig
@@ -163,16 +158,16 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
     adapter, verdict = result.adapter, result.verdict
     from finetune.registry import read_metadata
 
-    return {
-        "start": read_metadata(Path(adapter.path)).get("start"),  # continued from the active adapter, or why not
-        "status": "done", "version": adapter.version, "passed": bool(verdict.passed),
-        "reasons": list(verdict.reasons), "table": verdict.table, "metrics": adapter.metrics,
-        "active_version": result.active.version if result.active else None,
-        "dataset_hash": adapter.dataset_hash or digest, "n_examples": adapter.dataset_size or len(examples),
-    }
+    return ChildResult(
+        start=read_metadata(Path(adapter.path)).get("start"),  # continued from the active adapter, or why not
+        status=SUCCEEDED, version=adapter.version, passed=bool(verdict.passed),
+        reasons=list(verdict.reasons), table=verdict.table, metrics=adapter.metrics,
+        active_version=result.active.version if result.active else None,
+        dataset_hash=adapter.dataset_hash or digest, n_examples=adapter.dataset_size or len(examples),
+    )
 
 
-def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> dict:
+def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> ChildResult:
     """Ranks other than 0 under accelerate/torchrun: the same training split into a scratch folder, so that
     DDP's collectives line up with rank 0's train_candidate; rank 0 alone evaluates and registers."""
     import shutil
@@ -181,14 +176,14 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> d
 
     from finetune.config import prompt_passages
     from finetune.models import is_tiny_base, resolve_base
-    from finetune.registry import _eval_set, plan_continuation, train_continued
+    from finetune.registry import plan_continuation, train_continued, training_split
     from finetune.training import train_adapter
     from store.adapters import active_adapter
 
     base_path = resolve_base(config.base, home=home, db=db)
     tiny = is_tiny_base(base_path)
     config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
-    train = _eval_set(db, k_passages=config.k_passages).train  # rank 0's split, corrections included
+    train = training_split(db, k_passages=config.k_passages).train  # rank 0's split, corrections included
     # The same start as rank 0 (continued or from the base), or the collectives would not line up.
     plan = plan_continuation(db, config, tiny=tiny, active=active_adapter(db), train=train)
     config = replace(config, base=base_path)
@@ -202,7 +197,7 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> d
             train_adapter(config, list(train), scratch / "base", should_stop=should_stop)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"status": "done", "rank": int(os.environ.get("RANK", "0"))}
+    return ChildResult(status=SUCCEEDED, extra={"rank": int(os.environ.get("RANK", "0"))})
 
 
 RUNNERS: dict[str, Runner] = {"retrain": run_retrain}
@@ -246,27 +241,27 @@ def main(argv: list[str] | None = None, *, runners: dict[str, Runner] | None = N
     print(f"{now()} job {job.id} ({job.kind}) started, pid {os.getpid()}, rank {os.environ.get('RANK', '0')}",
           flush=True)
 
-    def finish(outcome: dict, code: int) -> int:
+    def finish(result: ChildResult, code: int) -> int:
         if is_main:
-            outcome["elapsed_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
-            write_outcome(args.home, job.id, outcome)
-        print(f"{now()} job {job.id}: {outcome.get('status')} {outcome.get('error') or ''}", flush=True)
+            elapsed = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
+            write_child_result(args.home, job.id, dataclasses.replace(result, elapsed_s=elapsed))
+        print(f"{now()} job {job.id}: {result.status} {result.error or ''}", flush=True)
         return code
 
     runner = runners.get(job.kind)
     if runner is None:
-        return finish({"status": "failed", "error": f"no runner for job kind {job.kind!r}"}, EXIT_FAILED)
+        return finish(ChildResult(status=FAILED, error=f"no runner for job kind {job.kind!r}"), EXIT_FAILED)
     try:
-        outcome = runner(db, job, home=args.home, base=args.base, reporter=reporter, should_stop=stop)
+        result = runner(db, job, home=args.home, base=args.base, reporter=reporter, should_stop=stop)
     except _cancelled_exceptions():
-        return finish({"status": "cancelled", "error": "cancelled before the candidate was registered"},
+        return finish(ChildResult(status=CANCELLED, error="cancelled before the candidate was registered"),
                       EXIT_CANCELLED)
-    except StoreError as exc:  # a user-fixable problem: say it in one line
-        return finish({"status": "failed", "error": str(exc)}, EXIT_FAILED)
+    except KbloopError as exc:  # a user-fixable problem: say it in one line
+        return finish(ChildResult(status=FAILED, error=str(exc)), EXIT_FAILED)
     except Exception as exc:
         traceback.print_exc()
-        return finish({"status": "failed", "error": f"{type(exc).__name__}: {exc}"}, EXIT_FAILED)
-    return finish(outcome, EXIT_OK)
+        return finish(ChildResult(status=FAILED, error=f"{type(exc).__name__}: {exc}"), EXIT_FAILED)
+    return finish(result, EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ Who writes what:
   hung Slack never delays the heartbeat;
 - the child writes progress (`progress` JSON: phase, step, total, loss, eta_s) and the training log
   (`train_steps`), trains and registers a *candidate* (finetune.registry.train_candidate), and leaves its
-  outcome in `$KBLOOP_HOME/jobs/<id>/outcome.json`;
+  result in `$KBLOOP_HOME/jobs/<id>/outcome.json`;
 - the worker then promotes the candidate when the gate passed and reports the outcome (JobNotifier).
+
+What they say to each other (JobProgress, ChildResult, JobOutcome, the exit codes, job_dir) is
+finetune.jobprotocol; this module and the child (finetune.jobrun) import it, not each other.
 
 Assumptions: one training job runs at a time across every worker of a database (claim_next_job
 refuses to start a second); the child dies with its worker (PR_SET_PDEATHSIG), and a candidate is
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
@@ -42,9 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from finetune.jobrun import EXIT_OK
+from finetune.jobprotocol import (
+    CANCELLED, CANDIDATE, DONE, EXIT_OK, PROMOTED, SUCCEEDED, UNCHANGED, ChildResult, JobOutcome, JobProgress, job_dir,
+    read_child_result,
+)
 from finetune.processes import pid_alive, process_start_ticks
-from store import StoreError, open_db
+from store import ConfigError, StoreError, open_db
 from store.jobs import (
     Job, JobAlreadyActive, abandon_job, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, get_job,
     heartbeat, running_jobs, set_job_pid,
@@ -62,12 +67,15 @@ class JobNotifier(Protocol):
 
     def job_started(self, job: Job) -> None: ...
 
-    def job_progress(self, job: Job, progress: dict) -> None: ...
+    def job_progress(self, job: Job, progress: dict) -> None:
+        """`progress`: a finetune.jobprotocol.JobProgress as stored (`JobProgress.to_dict()`)."""
+        ...
 
     def job_finished(self, job: Job, outcome: dict) -> None:
-        """`outcome`: status (succeeded|failed|cancelled), outcome (promoted|candidate|unchanged|failed|
-        cancelled), version, promoted, reasons (list of str), table (the metric table as text), message
-        (one line for people), metrics, active_version, dataset_hash, n_examples, error."""
+        """`outcome`: a finetune.jobprotocol.JobOutcome as JSON (`JobOutcome.to_dict()`): status
+        (succeeded|failed|cancelled), outcome (promoted|candidate|unchanged|failed|cancelled), version,
+        promoted, reasons (list of str), table (the metric table as text), message (one line for people),
+        metrics, active_version, dataset_hash, n_examples, error."""
         ...
 
 
@@ -122,15 +130,15 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
-            raise StoreError(f"worker launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
+            raise ConfigError(f"worker launcher must be one of {', '.join(LAUNCHERS)}, not {self.launcher!r}")
         if self.nproc < 1:
-            raise StoreError(f"worker nproc must be at least 1, not {self.nproc}")
+            raise ConfigError(f"worker nproc must be at least 1, not {self.nproc}")
         if self.launcher == "python" and self.nproc != 1:
-            raise StoreError("worker nproc > 1 needs launcher accelerate or torchrun")
+            raise ConfigError("worker nproc > 1 needs launcher accelerate or torchrun")
         if self.max_pending_notices < 1:
-            raise StoreError(f"worker max_pending_notices must be at least 1, not {self.max_pending_notices}")
+            raise ConfigError(f"worker max_pending_notices must be at least 1, not {self.max_pending_notices}")
         if self.heartbeat_interval_s <= 0 or self.stale_after_s <= 2 * self.heartbeat_interval_s:
-            raise StoreError(
+            raise ConfigError(
                 f"stale_after_s ({self.stale_after_s}) must be more than twice heartbeat_interval_s "
                 f"({self.heartbeat_interval_s}), or live jobs would be declared dead"
             )
@@ -151,9 +159,9 @@ def request_retrain(db, *, requester: str, reply_channel: str | None = None, rep
     params = dict(params or {})
     unknown = set(params) - {"force", "train"}
     if unknown:
-        raise StoreError(f"unknown retrain parameter(s): {', '.join(sorted(unknown))} (known: force, train)")
+        raise ConfigError(f"unknown retrain parameter(s): {', '.join(sorted(unknown))} (known: force, train)")
     if not isinstance(params.get("train", {}), dict):
-        raise StoreError("retrain parameter `train` must be an object of training settings")
+        raise ConfigError("retrain parameter `train` must be an object of training settings")
     _check_train_overrides(params.get("train") or {})
     return enqueue_job(db, kind=RETRAIN, requester=requester, params=params, reply_channel=reply_channel,
                        reply_thread_ts=reply_thread_ts, exclusive=True)
@@ -169,7 +177,7 @@ def _check_train_overrides(overrides: dict) -> None:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
-        raise StoreError(f"unknown training setting(s): {', '.join(bad)}")
+        raise ConfigError(f"unknown training setting(s): {', '.join(bad)}")
     check_settings(TrainConfig(**overrides))  # the rules `kbloop train` and /kb-retrain apply, before queueing
 
 
@@ -178,11 +186,12 @@ def job_eta_s(job: Job, *, now: _dt.datetime | None = None) -> float | None:
     return _eta_from_progress(job.progress, now=now) if job.status == "running" else None
 
 
-def _eta_from_progress(progress: dict, *, now: _dt.datetime | None = None) -> float | None:
-    eta = progress.get("eta_s")
+def _eta_from_progress(progress: dict | JobProgress, *, now: _dt.datetime | None = None) -> float | None:
+    p = progress if isinstance(progress, JobProgress) else JobProgress.from_dict(progress)
+    eta = p.eta_s
     if eta is None:
         return None
-    stamp = progress.get("updated_at")
+    stamp = p.updated_at
     if stamp:
         now = now or _dt.datetime.now(_dt.timezone.utc)
         eta -= max(0.0, (now - _dt.datetime.fromisoformat(stamp)).total_seconds())
@@ -209,20 +218,16 @@ def describe_job(job: Job) -> str:
     return f"job {job.id}{who} is running: {describe_progress(job.progress)}"
 
 
-def describe_progress(progress: dict) -> str:
-    """'training step 12/40, loss 1.234; about 2 min 05s left'."""
-    p = progress
-    doing = p.get("detail") or p.get("phase", "starting")
-    if p.get("total") and p.get("phase") == "training":
-        doing += f" step {p.get('step', 0)}/{p['total']}"
-    if p.get("loss") is not None:
-        doing += f", loss {p['loss']:.3f}"
+def describe_progress(progress: dict | JobProgress) -> str:
+    """'training step 12/40, loss 1.234; about 2 min 05s left'. `progress`: a JobProgress or its JSON."""
+    p = progress if isinstance(progress, JobProgress) else JobProgress.from_dict(progress)
+    doing = p.detail or p.phase
+    if p.total and p.phase == "training":
+        doing += f" step {p.step or 0}/{p.total}"
+    if p.loss is not None:
+        doing += f", loss {p.loss:.3f}"
     eta = _eta_from_progress(p)
     return doing + (f"; about {format_duration(eta)} left" if eta is not None else "; end time not known yet")
-
-
-def job_dir(home: Path, job_id: int) -> Path:
-    return Path(home) / "jobs" / str(job_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ class Worker:
             outcome = self._run(job, stop_event)
         except Exception as exc:  # the worker's own failure: the job says why, the worker lives on
             log.exception("job %s failed in the worker", job.id)
-            outcome = _failed(f"the worker failed while running the job: {exc}")
+            outcome = JobOutcome.failed(f"the worker failed while running the job: {exc}")
         return self._finish(job, outcome)
 
     def recover_abandoned(self) -> list[Job]:
@@ -324,11 +329,11 @@ class Worker:
                                   owner_alive=lambda worker_id: owner_alive_here(worker_id, host=host) is True)
         for job in failed:
             log.warning("job %s marked failed: %s", job.id, job.error)
-            self._notify("job_finished", job, _failed(job.error or "the worker stopped"))
+            self._notify("job_finished", job, JobOutcome.failed(job.error or "the worker stopped").to_dict())
         return failed
 
     # -- one job -----------------------------------------------------------------------------------
-    def _run(self, job: Job, stop_event: threading.Event) -> dict:
+    def _run(self, job: Job, stop_event: threading.Event) -> JobOutcome:
         outcome = self._before_child(job)
         if outcome is not None:
             return outcome
@@ -346,7 +351,7 @@ class Worker:
         rc, how = self._supervise(job, workdir, stop_event)
         return self._after_child(job, workdir, rc, how)
 
-    def _before_child(self, job: Job) -> dict | None:
+    def _before_child(self, job: Job) -> JobOutcome | None:
         """Retraining: refuse an empty dataset, skip an unchanged one (unless forced)."""
         if job.kind != RETRAIN:
             return None
@@ -355,8 +360,8 @@ class Worker:
 
         examples, digest = approved_snapshot(self.db)
         if not examples:
-            return _failed("there are no approved examples to train on; approve some with `kbloop review` "
-                           "or the playground first")
+            return JobOutcome.failed("there are no approved examples to train on; approve some with "
+                                     "`kbloop review` or the playground first")
         from finetune.registry import dataset_unchanged
 
         if not job.params.get("force") and dataset_unchanged(self.db):
@@ -364,10 +369,9 @@ class Worker:
             msg = (f"the approved examples ({len(examples)}, hash {digest}) have not changed since the active "
                    f"adapter {active.version if active else ''} was trained; nothing to do "
                    "(retrain with force to train anyway)")
-            return {"status": "succeeded", "outcome": "unchanged", "version": None, "promoted": False,
-                    "reasons": [msg], "table": "", "message": msg, "metrics": {},
-                    "active_version": active.version if active else None, "dataset_hash": digest,
-                    "n_examples": len(examples), "error": None}
+            return JobOutcome(status=SUCCEEDED, outcome=UNCHANGED, reasons=[msg], message=msg,
+                              active_version=active.version if active else None, dataset_hash=digest,
+                              n_examples=len(examples))
         return None
 
     def child_command(self, job: Job) -> list[str]:
@@ -440,65 +444,65 @@ class Worker:
                 term_at = float("inf")  # killed once; wait for the exit
             time.sleep(min(0.2, cfg.heartbeat_interval_s))
 
-    def _after_child(self, job: Job, workdir: Path, rc: int, how: str) -> dict:
-        outcome = _read_outcome(workdir)
+    def _after_child(self, job: Job, workdir: Path, rc: int, how: str) -> JobOutcome:
+        child = read_child_result(workdir)
         if how == "cancelled":
+            version = child.version if child else None
             msg = "cancelled by an admin"
-            if outcome.get("version"):
-                msg += f"; candidate {outcome['version']} was finished but is not promoted"
-            return {**_empty(), "status": "cancelled", "outcome": "cancelled", "message": msg, "reasons": [msg],
-                    "version": outcome.get("version"), "error": msg}
+            if version:
+                msg += f"; candidate {version} was finished but is not promoted"
+            return JobOutcome(status=CANCELLED, outcome=CANCELLED, message=msg, reasons=[msg], version=version,
+                              error=msg)
         if how == "stopped":
-            return _failed("the worker was stopped while the job ran; nothing was promoted")
-        if rc != EXIT_OK or outcome.get("status") != "done":
-            return _failed(_child_failure(rc, outcome, workdir))
+            return JobOutcome.failed("the worker was stopped while the job ran; nothing was promoted")
+        if rc != EXIT_OK or child is None or child.status != SUCCEEDED:
+            return JobOutcome.failed(_child_failure(rc, child, workdir))
         if job.kind != RETRAIN:
-            return {**_empty(), **outcome, "status": "succeeded", "outcome": outcome.get("outcome", "done")}
-        return self._conclude_retrain(job, outcome)
+            return JobOutcome.from_child(child, status=SUCCEEDED, outcome=DONE)
+        return self._conclude_retrain(job, child)
 
-    def _conclude_retrain(self, job: Job, trained: dict) -> dict:
+    def _conclude_retrain(self, job: Job, trained: ChildResult) -> JobOutcome:
         """Promote the candidate when the gate passed; otherwise keep it as a candidate, saying why."""
         from store.adapters import set_adapter_note
 
-        version = trained["version"]
-        outcome = {**_empty(), **trained, "status": "succeeded"}
+        version = trained.version
+        outcome = JobOutcome.from_child(trained, status=SUCCEEDED)
         # Only a worker that still owns the job may promote (a stale-marked job was given up).
         current = get_job(self.db, job.id)
         if current.status != "running" or current.worker_id != self.config.worker_id:
-            return _failed(f"the job was taken from this worker ({current.status}); candidate {version} is not promoted")
-        if trained.get("passed"):
+            return JobOutcome.failed(
+                f"the job was taken from this worker ({current.status}); candidate {version} is not promoted")
+        if trained.passed:
             from finetune.registry import promote
 
             try:
                 promote(self.db, version, actor=f"job {job.id} for {job.requester or 'unknown'}")
             except StoreError as exc:
-                outcome.update(outcome="candidate", promoted=False, reasons=[str(exc)],
-                               message=f"{version} trained but not promoted: {exc}")
                 set_adapter_note(self.db, version, f"not promoted: {exc}")
-                return outcome
-            outcome.update(outcome="promoted", promoted=True,
-                           message=f"{version} trained on {trained.get('n_examples', '?')} examples and promoted: "
-                                   "the bot answers with it now")
-            return outcome
-        reasons = trained.get("reasons") or ["the gate did not pass"]
+                return outcome.replace(outcome=CANDIDATE, promoted=False, reasons=[str(exc)],
+                                       message=f"{version} trained but not promoted: {exc}")
+            n_examples = trained.n_examples if trained.n_examples is not None else "?"
+            return outcome.replace(outcome=PROMOTED, promoted=True,
+                                   message=f"{version} trained on {n_examples} examples and promoted: "
+                                           "the bot answers with it now")
+        reasons = trained.reasons or ["the gate did not pass"]
         set_adapter_note(self.db, version, "not promoted: " + "; ".join(reasons))
-        outcome.update(outcome="candidate", promoted=False,
-                       message=f"{version} trained but not promoted: {'; '.join(reasons)}. "
-                               f"{trained.get('active_version') or 'The current model'} stays active.")
-        return outcome
+        return outcome.replace(outcome=CANDIDATE, promoted=False,
+                               message=f"{version} trained but not promoted: {'; '.join(reasons)}. "
+                                       f"{trained.active_version or 'The current model'} stays active.")
 
-    def _finish(self, job: Job, outcome: dict) -> Job:
-        status = outcome["status"]
-        result = {k: v for k, v in outcome.items() if k != "error"}
+    def _finish(self, job: Job, outcome: JobOutcome) -> Job:
+        status = outcome.status
+        result = {k: v for k, v in outcome.to_dict().items() if k != "error"}
         current = get_job(self.db, job.id)
         if current.status == "running":
             job = finish_job(self.db, job.id, status=status, result=result,
-                             error=outcome.get("error") if status != "succeeded" else None)
+                             error=outcome.error if status != SUCCEEDED else None)
         else:  # already ended elsewhere (marked stale): keep that verdict
             job = current
-            outcome = {**outcome, "status": current.status, "error": current.error}
-        log.info("job %s %s: %s", job.id, job.status, outcome.get("message") or outcome.get("error"))
-        self._notify("job_finished", job, outcome)
+            outcome = outcome.replace(status=current.status, error=current.error)
+        log.info("job %s %s: %s", job.id, job.status, outcome.message or outcome.error)
+        self._notify("job_finished", job, outcome.to_dict())
         return job
 
     def _notify(self, method: str, job: Job, *args) -> None:
@@ -579,27 +583,9 @@ class _NoticeSender:
 # helpers
 # ------------------------------------------------------------------------------------------------
 
-def _empty() -> dict:
-    return {"status": "failed", "outcome": "failed", "version": None, "promoted": False, "reasons": [],
-            "table": "", "message": "", "metrics": {}, "active_version": None, "dataset_hash": None,
-            "n_examples": None, "error": None}
-
-
-def _failed(reason: str) -> dict:
-    return {**_empty(), "reasons": [reason], "message": f"failed: {reason}", "error": reason}
-
-
-def _read_outcome(workdir: Path) -> dict:
-    path = workdir / "outcome.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _child_failure(rc: int, outcome: dict, workdir: Path) -> str:
-    if outcome.get("error"):
-        return outcome["error"]
+def _child_failure(rc: int, child: ChildResult | None, workdir: Path) -> str:
+    if child is not None and child.error:
+        return child.error
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
         hint = " (out of memory?)" if -rc == signal.SIGKILL else ""

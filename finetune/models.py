@@ -50,12 +50,6 @@ def is_tiny_base(path: str | Path) -> bool:
     return (Path(path) / "TINY.md").exists()
 
 
-def device_kind() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def compute_dtype():
     """bf16 where the hardware has it (CUDA with bf16), else fp16 on older GPUs, fp32 on the CPU (never fp16)."""
     import torch
@@ -107,11 +101,31 @@ def end_of_turn_id(tokenizer) -> int:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Generation stops at the end-of-turn token (and at EOS where that differs)."""
+    """Generation stops at the end-of-turn token (and at EOS where that differs). What a loaded model's
+    generation config is given; `serving_stop_ids` is the whole set generation stops at."""
     ids = [end_of_turn_id(tokenizer)]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def serving_stop_ids(model, tokenizer) -> list[int]:
+    """Every token at which generation stops: the set the engine serves with and the one the gate's stop
+    rate measures against (finetune.evaluation), so that "stops" means the same in both.
+
+    The end-of-turn token and EOS (`stop_token_ids`), the model's configured EOS ids, and `<|im_end|>` and
+    the EOS token wherever the vocabulary has them; in that order, without repeats."""
+    ids = list(stop_token_ids(tokenizer))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif configured:
+        ids += list(configured)
+    for token in ("<|im_end|>", tokenizer.eos_token):
+        tid = tokenizer.convert_tokens_to_ids(token) if token else None
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            ids.append(tid)
+    return list(dict.fromkeys(ids))
 
 
 def quantization_config():

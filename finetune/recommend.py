@@ -1,6 +1,6 @@
-"""The seed's decision framework (LoRA or full fine-tuning, which rank) applied to the actual data.
+"""The LoRA guide's decision framework (LoRA or full fine-tuning, which rank) applied to the actual data.
 
-The seed's table, by number of training examples:
+The guide's table, by number of training examples:
 
     under 1k        LoRA r=8
     1k - 10k        LoRA r=8-16
@@ -18,7 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+from store.text import CJK_CHAR as _CJK
+
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
 
@@ -101,28 +102,28 @@ def recommend_for_profile(p: DataProfile) -> Recommendation:
 
     if n < 1_000:
         method, band, rank = "lora", (8, 8), 8
-        reasons = [f"{n} examples (< 1k): the seed's table says LoRA r=8; more rank would only overfit"]
+        reasons = [f"{n} examples (< 1k): the LoRA guide's table says LoRA r=8; more rank would only overfit"]
         if complexity:
             reasons.append(f"noted {why_band}, but with this little data r=8 stays the choice")
     elif n < 10_000:
         method, band = "lora", (8, 16)
         rank = 16 if complexity else 8
-        reasons = [f"{n} examples (1k-10k): the seed's band is r=8-16", f"r={rank}: {why_band}"]
+        reasons = [f"{n} examples (1k-10k): the LoRA guide's band is r=8-16", f"r={rank}: {why_band}"]
     elif n < 100_000:
         method, band = "lora", (16, 32)
         rank = 32 if complexity else 16
-        reasons = [f"{n} examples (10k-100k): the seed's band is r=16-32", f"r={rank}: {why_band}"]
+        reasons = [f"{n} examples (10k-100k): the LoRA guide's band is r=16-32", f"r={rank}: {why_band}"]
     else:
         band = (32, 64)
         rank = 64 if complexity else 32
         method = "full" if complexity else "lora"
-        reasons = [f"{n} examples (> 100k): the seed recommends full fine-tuning, or LoRA r=32-64 by complexity"]
+        reasons = [f"{n} examples (> 100k): the LoRA guide recommends full fine-tuning, or LoRA r=32-64 by complexity"]
         reasons.append(f"{'full fine-tuning (or r=64 where memory is short)' if method == 'full' else f'LoRA r={rank}'}: "
                        f"{why_band}")
     langs = ", ".join(f"{k} {v}" for k, v in p.languages.items()) or "none"
     reasons.append(f"data: {n} examples, answers {p.mean_answer_words:.0f} words on average (max "
                    f"{p.max_answer_words}), languages: {langs}, with input: {p.with_input}")
-    # alpha / r = 4 as in the seed (r=8, alpha=32): the update's scale stays the same across ranks.
+    # alpha / r = 4 as in the guide's recipe (r=8, alpha=32): the update's scale stays the same across ranks.
     return Recommendation(method=method, rank=rank, alpha=4 * rank, rank_range=band, reasons=reasons, profile=p)
 
 

@@ -32,7 +32,6 @@ the base, and against the active adapter: `forgetting_vs_active`) are reported b
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -48,12 +47,13 @@ from typing import Any
 import sqlite_utils
 
 from finetune.continuation import StartPlan, plan_start, replay_rounds, sizing_for, steps_per_round, trained_record
-from finetune.evaluation import EvalConfig, evaluate, format_value
+from finetune.evaluation import EvalConfig, evaluate, format_value, metric_kind, metric_label, text_table
 from finetune.processes import pid_alive
-from store import StoreError
+from store import ConfigError, StoreError
 from store import adapters as adapter_rows
 from store.audit import record_audit
 from store.examples import approved_snapshot, training_examples
+from store.files import publish_dir, write_json_atomic
 from store.text import now
 
 META_FILE = "kbloop_adapter.json"
@@ -93,17 +93,18 @@ class GateVerdict:
     against: str = "base"  # the version compared with, or "base"
 
 
-# (metric key, label, direction): +1 = higher is better, -1 = lower is better, 0 = reported only.
+# (metric key, direction): +1 = higher is better, -1 = lower is better, 0 = reported only. Labels and formats
+# are finetune.evaluation.METRIC_LABELS.
 _TABLE_ROWS = (
-    ("heldout_loss", "held-out loss", -1),
-    ("heldout_exact_match", "held-out exact match", +1),
-    ("heldout_token_f1", "held-out token F1", +1),
-    ("stop_rate", "stops at end of turn", +1),
-    ("train_reproduced", "training reproduced", 0),
-    ("train_reproduced_exact", "training reproduced (all, exact)", 0),
-    ("retained_vs_active", "answers kept (vs active)", 0),
-    ("forgetting_adapter_loss", "general-text loss", 0),
-    ("forgetting_delta", "forgetting (vs base)", 0),
+    ("heldout_loss", -1),
+    ("heldout_exact_match", +1),
+    ("heldout_token_f1", +1),
+    ("stop_rate", +1),
+    ("train_reproduced", 0),
+    ("train_reproduced_exact", 0),
+    ("retained_vs_active", 0),
+    ("forgetting_adapter_loss", 0),
+    ("forgetting_delta", 0),
 )
 
 
@@ -193,23 +194,17 @@ def comparison_table(candidate: dict, active: dict, *, candidate_label: str = "c
     """Aligned text: metric, candidate, active, delta, and for gated metrics whether it is better or worse."""
     header = ("metric", candidate_label, active_label, "delta", "")
     rows = [header]
-    for key, label, direction in _TABLE_ROWS:
+    for key, direction in _TABLE_ROWS:
         cv, av = candidate.get(key), active.get(key)
         delta, mark = "", ""
         if cv is not None and av is not None:
             d = cv - av
-            pct = key not in ("heldout_loss", "forgetting_adapter_loss", "forgetting_delta")
-            delta = f"{100 * d:+.1f}" if pct else f"{d:+.3f}"
+            delta = f"{100 * d:+.1f}" if metric_kind(key) == "pct" else f"{d:+.3f}"
             if direction and abs(d) > 1e-9:
                 mark = "better" if d * direction > 0 else "worse"
-        rows.append((label, format_value(key, cv), format_value(key, av), delta, mark))
+        rows.append((metric_label(key), format_value(key, cv), format_value(key, av), delta, mark))
     rows.append(("held-out examples", str(candidate.get("n_heldout", 0)), str(active.get("n_heldout", 0)), "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = []
-    for r in rows:
-        cells = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in (1, 2, 3)] + [r[4]]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return text_table(rows, align="lrrrl")
 
 
 def _comparison_record(verdict: GateVerdict, against_metrics: dict) -> dict:
@@ -289,32 +284,6 @@ def _temp_dir(home: Path, label: str) -> Path:
     return path
 
 
-def _fsync_tree(path: Path) -> None:
-    """Flush the files and the folder, so that the rename publishes complete contents."""
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_metadata(adapter_dir: Path) -> dict:
     try:
         return json.loads((Path(adapter_dir) / META_FILE).read_text(encoding="utf-8"))
@@ -385,8 +354,10 @@ def passages_of(adapter: adapter_rows.Adapter) -> int:
     return 3 if k is None else int(k)
 
 
-def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
-    from finetune.data import build_training_examples, split_heldout
+def training_split(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
+    """The approved examples' snapshot split for training (finetune.data.split_for_training) and built into
+    prompts with `k_passages` retrieved passages. Rank 0 and every helper rank of a job train on its `train`."""
+    from finetune.data import build_training_examples, split_for_training
 
     examples, digest = approved_snapshot(db)  # without the approved examples the scan flags (store.sensitive)
     withheld = "; ".join(f"#{ex.id} {why}" for ex, why in training_examples(db)[1])
@@ -394,15 +365,15 @@ def _eval_set(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
         raise StoreError("no approved examples: import some with `kbloop data import FILE` "
                          "or approve pending ones with `kbloop review`"
                          + (f" (left out as flagged: {withheld})" if withheld else ""))
-    # An approved correction of a real answer is exactly what the bot must learn: it always trains. The
-    # held-out set is drawn (by question hash) from the rest, so it stays stable as corrections arrive.
-    corrections = [e for e in examples if e.interaction_id is not None]
-    rest = [e for e in examples if e.interaction_id is None]
-    train_rest, heldout = split_heldout(rest)
-    train = build_training_examples(db, list(train_rest) + corrections, k=k_passages)
-    heldout = build_training_examples(db, list(heldout), k=k_passages)
+    # Approved corrections always train; the held-out set is drawn from the rest (split_for_training).
+    train, heldout = split_for_training(examples)
+    train = build_training_examples(db, train, k=k_passages)
+    heldout = build_training_examples(db, heldout, k=k_passages)
     return _EvalSet(heldout=heldout, train=train, dataset_hash=digest, dataset_size=len(examples),
                     k_passages=k_passages, withheld=withheld)
+
+
+_eval_set = training_split  # the name older callers use
 
 
 def evaluate_model(base_path: str, *, adapter_dir: Path | None, eval_set: _EvalSet,
@@ -448,7 +419,7 @@ def _evaluate_registered(db, home: Path, adapter: adapter_rows.Adapter | None, b
     if problem:
         raise StoreError(problem)
     if passages_of(adapter) != eval_set.k_passages:  # each model is asked the way it was trained
-        eval_set = _eval_set(db, k_passages=passages_of(adapter))
+        eval_set = training_split(db, k_passages=passages_of(adapter))
     base_path = resolve_base(adapter.base_model, home=home, db=db)
     general = _base_general_loss(base_path) if adapter.method == "full" else None
     return evaluate_model(base_path, adapter_dir=Path(adapter.path), eval_set=eval_set,
@@ -486,8 +457,13 @@ def _pick_version(db: sqlite_utils.Database, home: Path, requested: str | None) 
         if requested in known or (adapters_dir(home) / requested).exists():
             raise StoreError(f"adapter version {requested!r} already exists; choose another")
         return requested
+    return next_free_version(db, home)
+
+
+def next_free_version(db: sqlite_utils.Database, home: Path) -> str:
+    """The version the next run registers as when none is asked for: v1, v2, … (store.adapters.next_version),
+    past any folder left by a crash between rename and registration, which keeps its number."""
     version = adapter_rows.next_version(db)
-    # A folder left by a crash between rename and registration keeps its number: skip past it.
     while (adapters_dir(home) / version).exists():
         version = f"v{int(version[1:]) + 1}"
     return version
@@ -497,13 +473,13 @@ def check_registrable(config) -> None:
     """Refuse, before any training, what the registry could not register: adapters vLLM cannot serve."""
     rank = config.rank
     if isinstance(rank, int) and rank > MAX_RANK:
-        raise StoreError(f"rank {rank} is above {MAX_RANK}, the largest the registry accepts "
+        raise ConfigError(f"rank {rank} is above {MAX_RANK}, the largest the registry accepts "
                          "(vLLM's LoRA serving limit); choose a smaller rank or --method full")
     targets = config.targets
     if isinstance(targets, (tuple, list)):
         extra = sorted(set(targets) - VLLM_TARGETS)
         if extra:
-            raise StoreError(f"target modules {', '.join(extra)} cannot be served by vLLM; "
+            raise ConfigError(f"target modules {', '.join(extra)} cannot be served by vLLM; "
                              f"use some of {', '.join(sorted(VLLM_TARGETS))} or all-linear")
 
 
@@ -589,7 +565,7 @@ def train_candidate(
     base_path = resolve_base(config.base, home=home, db=db)
     tiny = is_tiny_base(base_path)
     config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
-    eval_set = _eval_set(db, k_passages=config.k_passages)
+    eval_set = training_split(db, k_passages=config.k_passages)
     if eval_set.withheld:
         phase(f"preparing data: left out approved examples holding secrets or personal data that no curator "
               f"confirmed: {eval_set.withheld}")
@@ -661,9 +637,8 @@ def train_candidate(
             "continued_from": plan.previous.version if plan.previous else None, "start": plan.reason,
         }
         write_json_atomic(tmp / META_FILE, meta)
-        _fsync_tree(tmp)
         final = adapters_dir(home) / version
-        os.rename(tmp, final)  # atomic on one filesystem: the folder appears whole or not at all
+        publish_dir(tmp, final)  # flushed, then one rename: the folder appears whole or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -693,7 +668,7 @@ def evaluate_version(db: sqlite_utils.Database, version: str, *, home: Path, eva
     problem = adapter_folder_problem(adapter)
     if problem:
         raise StoreError(problem)
-    eval_set = _eval_set(db, k_passages=passages_of(adapter))
+    eval_set = training_split(db, k_passages=passages_of(adapter))
     active = adapter_rows.active_adapter(db)
     against = active if active is not None and active.version != version else None
     label = against.version if against else "base"

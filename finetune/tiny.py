@@ -11,7 +11,6 @@ memorises its training answers; it does not understand language.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.prompting import SYSTEM_PROMPT, build_messages
+from store.files import publish_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -126,7 +126,7 @@ def ensure_tiny_base(home: Path, texts: Iterable[str], *, spec: TinySpec = TinyS
     try:
         build_tiny_base(tmp / "model", texts, spec=spec)
         try:
-            os.rename(tmp / "model", target)
+            publish_dir(tmp / "model", target)
         except OSError:
             # Another process finished first; its base is as good as ours.
             if not (target / "config.json").exists():

@@ -416,7 +416,7 @@ def choose_checkpointing(config: TrainConfig) -> tuple[bool | str, str]:
     Whole layers when one batch's activations would take more than a quarter of the memory free on the
     training device (recomputing a layer costs ~25-35% more compute). Otherwise QLoRA, the method for
     training in the least memory, still recomputes its feed-forward blocks: their intermediate tensors are
-    about half of what a layer keeps, for 10-20% more time (the bench: peak below the seed recipe's, which
+    about half of what a layer keeps, for 10-20% more time (the bench: peak below the LoRA guide's recipe's, which
     checkpoints whole layers). LoRA and full fine-tuning keep everything.
     """
     import psutil

@@ -11,8 +11,10 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.errors import KbloopError
 
-class SettingsError(Exception):
+
+class SettingsError(KbloopError):
     """A missing or malformed setting; the message names the variable and what is expected."""
 
 

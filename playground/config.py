@@ -6,8 +6,10 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from store.errors import KbloopError
 
-class PlaygroundError(Exception):
+
+class PlaygroundError(KbloopError):
     """A setting or request the playground refuses; the message is one line that says what to do."""
 
 

@@ -12,7 +12,7 @@ import sqlite_utils
 
 from playground.auth import AdminRequired, Viewer, require_admin
 from playground.review import Outcome
-from store import StoreError
+from store import KbloopError, StoreError
 from store.adapters import active_adapter, get_adapter, list_adapters
 from store.jobs import JobAlreadyActive, active_jobs, get_job, list_jobs, request_cancel, train_steps
 
@@ -37,7 +37,7 @@ def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = Fa
         job = request_retrain(db, requester=_actor(viewer), params=params)
     except JobAlreadyActive as exc:
         return Outcome(False, f"Not queued: {describe_job(exc.job)}.")
-    except (AdminRequired, StoreError) as exc:
+    except KbloopError as exc:  # not an admin, a bad setting, a database problem
         return Outcome(False, f"Not queued: {exc}")
     from store.audit import record_audit
 
@@ -64,12 +64,14 @@ def cancel_job(db: sqlite_utils.Database, viewer: Viewer, job_id: int | str | No
 
 
 def jobs_frame(db: sqlite_utils.Database, *, limit: int = 20) -> pd.DataFrame:
+    from finetune.jobprotocol import JobProgress
+
     rows = []
     for j in list_jobs(db, limit=limit):
-        p = j.progress
-        rows.append({"id": j.id, "status": j.status, "requester": j.requester or "", "phase": p.get("phase", ""),
-                     "step": f"{p['step']}/{p['total']}" if p.get("total") else "",
-                     "loss": round(p["loss"], 4) if isinstance(p.get("loss"), (int, float)) else None,
+        p = JobProgress.from_dict(j.progress) if j.progress else None
+        rows.append({"id": j.id, "status": j.status, "requester": j.requester or "", "phase": p.phase if p else "",
+                     "step": f"{p.step}/{p.total}" if p and p.total else "",
+                     "loss": round(p.loss, 4) if p and isinstance(p.loss, (int, float)) else None,
                      "created_at": j.created_at[:19], "finished_at": (j.finished_at or "")[:19],
                      "error": j.error or ""})
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
@@ -99,8 +101,10 @@ def progress_markdown(db: sqlite_utils.Database, job_id: int | None) -> str:
 def progress_fraction(db: sqlite_utils.Database, job_id: int | None) -> float:
     if job_id is None:
         return 0.0
-    p = get_job(db, job_id).progress
-    return min(1.0, p["step"] / p["total"]) if p.get("total") else 0.0
+    from finetune.jobprotocol import JobProgress
+
+    p = JobProgress.from_dict(get_job(db, job_id).progress)
+    return min(1.0, (p.step or 0) / p.total) if p.total else 0.0
 
 
 def loss_frame(db: sqlite_utils.Database, job_id: int | None) -> pd.DataFrame:

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import sqlite_utils
 
+from store.errors import StoreError
+from store.files import atomic_path
 from store.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_S = 60.0
-
-
-class StoreError(Exception):
-    """A problem with the database that the user can act on; the message says what and where."""
 
 
 class NewerDatabaseError(StoreError):
@@ -113,16 +111,13 @@ def backup_db(db: sqlite_utils.Database, out: Path | str) -> Path:
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out}: already exists; choose a new file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    dest = sqlite3.connect(str(tmp))
-    try:
-        db.conn.backup(dest)
-        dest.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
-    finally:
-        dest.close()
-    tmp.rename(out)
+    with atomic_path(out) as tmp:
+        dest = sqlite3.connect(str(tmp))
+        try:
+            db.conn.backup(dest)
+            dest.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
+        finally:
+            dest.close()
     return out
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from store.db import StoreError
 from store.kb import NewPassage
 from store.sensitive import describe, find_sensitive, line_of
+from store.text import CJK_TEXT_END
 
 KB_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm")
 
@@ -162,7 +163,7 @@ def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
             if buf and len(buf) + len(s) > max_chars:
                 pieces.append(buf.strip())
                 buf = ""
-            buf += s + ("" if re.search(r"[\u3000-\u9fff]$", s) else " ")
+            buf += s + ("" if CJK_TEXT_END.search(s) else " ")
         if buf.strip():
             pieces.append(buf.strip())
     chunks: list[str] = []
@@ -185,14 +186,15 @@ def document_passages(path: Path, doc_path: str, *, max_chars: int = 700, text: 
             for i, chunk in enumerate(chunk_text(title, text, max_chars=max_chars))]
 
 
-def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False) -> DocumentImport:
+def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, max_chars: int = 700) -> DocumentImport:
     """Read every document under `paths`, then store them.
 
     All files are parsed and scanned before anything is written: one bad document stops the import with nothing
     changed, and so does one holding secrets or identity or payment numbers (each reported as `FILE:LINE: …`)
     unless `allow_sensitive`. Contact details (e-mail addresses, phone numbers) are imported and listed: KB
     documents publish role mailboxes and hotlines by design.
-    Each passage's `doc_path` is relative to the folder given (or the file's own folder).
+    Each passage's `doc_path` is relative to the folder given (or the file's own folder). `max_chars`: the
+    passage size (700 ranks best of 350, 700 and 1,200: bench/retrieval_recall.py --chunking).
     """
     from store.kb import replace_document
 
@@ -208,7 +210,7 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False) ->
             where = f"{f}:{line_of(text, finding.start)}"
             (flagged if finding.blocks else notices).append(f"{where}: {describe([finding])}")
         base = next((p for p in paths if p.is_dir() and f.is_relative_to(p)), f.parent)
-        parsed.append(document_passages(f, f.relative_to(base).as_posix(), text=text))
+        parsed.append(document_passages(f, f.relative_to(base).as_posix(), text=text, max_chars=max_chars))
     if flagged and not allow_sensitive:
         raise StoreError("\n".join([f"{line} (secret or personal data)" for line in flagged] + [
             f"nothing imported: {len(flagged)} finding(s) in the documents; remove them, or import with "

@@ -25,6 +25,7 @@ from pathlib import Path
 import sqlite_utils
 
 from store.db import StoreError
+from store.files import atomic_path
 from store.examples import (MAX_ANSWER_CHARS, MAX_INPUT_CHARS, MAX_QUESTION_CHARS, NewExample, add_examples,
                             example_problems, training_examples)
 from store.interactions import labelled_answers, preference_pairs
@@ -388,11 +389,7 @@ def export_records(db: sqlite_utils.Database, fmt: str) -> tuple[list[dict], int
 def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str) -> tuple[int, int]:
     """Write `fmt` records as JSONL to `out`; returns (written, left out as flagged by the scan)."""
     records, left_out = export_records(db, fmt)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(out)
     return len(records), left_out

@@ -132,7 +132,7 @@ def m001_initial(db) -> None:
             "reply_channel": str,  # where to report progress: a Slack channel / DM, or null
             "reply_thread_ts": str,
             "params": str,  # JSON
-            "progress": str,  # JSON: step, total_steps, loss, eta_s, phase
+            "progress": str,  # JSON: phase, step, total, loss, eta_s … (finetune.jobprotocol.JobProgress)
             "result": str,  # JSON
             "error": str,
             "worker_id": str,
@@ -287,3 +287,21 @@ def m100_example_disputes(db) -> None:
     # the scan flagged it ("approve anyway"). Training start leaves out flagged approved examples unless this still
     # matches their text: an edit after the confirmation needs a new one.
     db["examples"].add_column("sensitive_confirmed", str)
+
+
+@MIGRATIONS()
+def m110_assistant_threads(db) -> None:
+    # Issue 18: the Slack AI-app surface. An assistant thread's context (the channel the user is looking at,
+    # from assistant_thread_started / assistant_thread_context_changed) is kept here, so that a team's
+    # adapter can be picked by the channel the user is looking at once teams route by it.
+    db["assistant_threads"].create(
+        {
+            "channel_id": str,  # the DM the assistant thread lives in
+            "thread_ts": str,
+            "user_id": str,
+            "context": str,  # JSON, as Slack sent it: {"channel_id", "team_id", "enterprise_id"}
+            "updated_at": str,
+        },
+        pk=("channel_id", "thread_ts"),
+        not_null={"channel_id", "thread_ts", "context", "updated_at"},
+    )

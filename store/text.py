@@ -7,9 +7,18 @@ import hashlib
 import re
 import unicodedata
 
-# CJK ideographs, kana and hangul: scripts written without spaces between words.
-_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_CJK_RUN = re.compile(f"[{_CJK}]+")
+# The CJK scripts, defined here once for everything that asks "is this Chinese?" (retrieval, evaluation,
+# the engine, verified answers, recommend, document chunking): written without spaces between words.
+# Kana, CJK Unified Ideographs Extension A, CJK Unified Ideographs, compatibility ideographs, hangul, and
+# Extensions B-F with the compatibility supplement (rare names and classical text).
+CJK_RANGES = (r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+              r"\U00020000-\U0002fa1f")
+# CJK punctuation: the CJK symbols and punctuation block (、。「」…) and the full-width forms of ASCII
+# punctuation (，！？：；（）). Not letters: a run of CJK_RANGES stops at them.
+CJK_PUNCTUATION = r"\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+CJK_CHAR = re.compile(f"[{CJK_RANGES}]")  # one CJK character
+CJK_RUN = re.compile(f"[{CJK_RANGES}]+")  # a run of them: one unspaced stretch of CJK text
+CJK_TEXT_END = re.compile(f"[{CJK_RANGES}{CJK_PUNCTUATION}]$")  # text that ends in CJK: joined without a space
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
@@ -68,7 +77,7 @@ def segment(text: str, *, cjk: tuple[str, ...] = ("bigrams",)) -> list[str]:
     terms: list[str] = []
     for token in _WORD.findall(text):
         pos = 0
-        for run in _CJK_RUN.finditer(token):
+        for run in CJK_RUN.finditer(token):
             if run.start() > pos:
                 terms.append(token[pos : run.start()])
             chars = run.group()

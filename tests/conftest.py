@@ -1,8 +1,16 @@
-"""Shared fixtures. Every test runs with KBLOOP_HOME in a temporary folder: no test touches a user's data."""
+"""Shared fixtures. Every test runs with KBLOOP_HOME in a temporary folder: no test touches a user's data.
+
+REPO and SAMPLES (the shipped sample data) are defined here, once; tests import them from here.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -29,6 +37,46 @@ def kbloop_home(tmp_path, monkeypatch) -> Path:
     # A .env in the developer's working directory must not leak into tests.
     monkeypatch.chdir(tmp_path)
     return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_built_once(tmp_path_factory):
+    """Each `tiny` base is built once per test run and copied into every workspace that asks for one.
+
+    finetune.tiny.ensure_tiny_base builds the base from the workspace's knowledge-base text (seeded random
+    weights, a tokenizer trained on the text): the same text always gives the same base, so a workspace gets
+    a copy of the one already built for its text instead of building its own. Processes a test starts (job
+    children, servers) use the copy when the workspace has one, and build their own otherwise.
+    """
+    import finetune.tiny as tiny
+
+    build = tiny.ensure_tiny_base
+    cache = tmp_path_factory.mktemp("tiny-bases")
+
+    def ensure_from_cache(home: Path, texts, *, spec: tiny.TinySpec = tiny.TinySpec()) -> Path:
+        target = Path(home) / "models" / "tiny"
+        if (target / "config.json").exists():
+            return target
+        texts = list(texts)
+        key = hashlib.sha256(json.dumps([asdict(spec), texts]).encode("utf-8")).hexdigest()[:16]
+        built = build(cache / key, texts, spec=spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+        try:
+            shutil.copytree(built, staging / "model")
+            try:
+                os.rename(staging / "model", target)
+            except OSError:  # another thread or process put one there first: as good as ours
+                if not (target / "config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(tiny, "ensure_tiny_base", ensure_from_cache)
+    yield
+    patch.undo()
 
 
 @pytest.fixture

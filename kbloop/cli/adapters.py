@@ -42,7 +42,7 @@ def eval_command(
 @app.command("adapters")
 def adapters_command() -> None:
     """List adapter versions with their status and key held-out metrics (active one marked *)."""
-    from finetune.evaluation import format_value
+    from finetune.evaluation import format_value, text_table
     from store.adapters import list_adapters
 
     rows = list_adapters(ctx().db)
@@ -61,9 +61,7 @@ def adapters_command() -> None:
             format_value("heldout_token_f1", m.get("heldout_token_f1")),
             format_value("stop_rate", m.get("stop_rate")), gate_text, a.created_at[:16].replace("T", " "),
         ))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    typer.echo(text_table(table))
 
 
 @app.command("promote")

@@ -7,7 +7,8 @@ from functools import cached_property
 
 import typer
 
-from kbloop.settings import Settings, SettingsError, load_settings
+from kbloop.settings import Settings, load_settings
+from store.errors import KbloopError
 
 app = typer.Typer(
     name="kbloop",
@@ -19,7 +20,7 @@ app = typer.Typer(
 )
 
 
-class UserError(Exception):
+class UserError(KbloopError):
     """An error the user can fix; printed as one line (or one line per problem), exit status 1."""
 
 
@@ -66,13 +67,11 @@ def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, .
 
 
 def run(application: typer.Typer, args: list[str] | None = None) -> int:
-    """Run the CLI, turning the project's own errors into one clear line on stderr."""
-    from store import StoreError
-
+    """Run the CLI, turning the project's own errors (KbloopError) into one clear line on stderr."""
     usage_errors, aborts, exits = _cli_exceptions()
     try:
         result = application(args=args, standalone_mode=False)
-    except (UserError, SettingsError, StoreError) as exc:
+    except KbloopError as exc:
         for line in str(exc).splitlines() or ["error"]:
             print(f"kbloop: {line}", file=sys.stderr)
         return 1

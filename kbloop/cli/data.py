@@ -95,7 +95,7 @@ def kb_search(
     """The passages the bot would retrieve for a question, best first, with the evidence behind each rank
     (BM25, similarity, relevance, word coverage, fused score), or nothing when the KB does not cover it."""
     from finetune.embedding import embedding_model_name
-    from finetune.retrieval import config_for, retrieve_scored
+    from finetune.retrieval import cjk_share, config_for, match_score, retrieve_scored
 
     if not question.strip():
         fail("the question is empty")
@@ -107,7 +107,7 @@ def kb_search(
         return
     if not results:
         typer.echo("The knowledge base does not cover this question (no passage reaches the match score "
-                   f"{config_for(embedding_model_name()).min_score} of {embedding_model_name()}).")
+                   f"{match_score(config_for(embedding_model_name()), cjk_share(question)):.2f} of {embedding_model_name()}).")
         return
     for rank, s in enumerate(results, 1):
         hit = _search_hit(rank, s)

@@ -53,11 +53,13 @@ class _PrintProgress:
         self.task = self.progress.add_task(f"Training (job {job.id})", total=None, info="starting")
 
     def job_progress(self, job, progress: dict) -> None:
-        info = progress.get("phase", "")
-        if progress.get("loss") is not None:
-            info = f"{info} loss {progress['loss']:.3f}".strip()
-        self.progress.update(self.task, total=progress.get("total_steps") or progress.get("total"),
-                             completed=progress.get("step", 0), info=info)
+        from finetune.jobprotocol import JobProgress
+
+        p = JobProgress.from_dict(progress)
+        info = p.phase
+        if p.loss is not None:
+            info = f"{info} loss {p.loss:.3f}".strip()
+        self.progress.update(self.task, total=p.total, completed=p.step or 0, info=info)
 
     def job_finished(self, job, outcome: dict) -> None:
         self.progress.stop()

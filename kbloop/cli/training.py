@@ -12,9 +12,9 @@ import typer
 from kbloop.cli.app import app, ctx, fail
 
 # Printed before training (the defaults) or while it ran (where it started): not repeated after it.
-_DEFAULT_NOTES = ("seed default", "tiny-base default", "base is `tiny`", "rank auto", "continuing from",
+_DEFAULT_NOTES = ("defaults (the LoRA guide's recipe)", "tiny-base default", "base is `tiny`", "rank auto", "continuing from",
                   "training from the base")
-RANK_HELP = "LoRA rank: a number, or `auto` (the seed's table applied to the data; see `kbloop recommend`)."
+RANK_HELP = "LoRA rank: a number, or `auto` (the LoRA guide's table applied to the data; see `kbloop recommend`)."
 
 
 def _rank(value: str | None):
@@ -96,12 +96,9 @@ def _pick_version(db, home: Path, requested: str | None) -> str:
     """The version the run will register as, known up front so that its steps are logged under it."""
     if requested:
         return requested
-    from store.adapters import next_version
+    from finetune.registry import next_free_version
 
-    version = next_version(db)
-    while (home / "adapters" / version).exists():
-        version = f"v{int(version[1:]) + 1}"
-    return version
+    return next_free_version(db, home)
 
 
 @app.command()
@@ -126,7 +123,7 @@ def train(
 ) -> None:
     """Train an adapter on the approved examples, evaluate it against the active one, register it as a candidate.
 
-    Defaults follow the seed's recipe (QLoRA r=8, alpha 32, dropout 0.1, all linear projections, lr 2e-4,
+    Defaults follow the LoRA guide's recipe (QLoRA r=8, alpha 32, dropout 0.1, all linear projections, lr 2e-4,
     3 epochs, batch 4 x 4, warmup 10%); the `tiny` base gets its own (it has random weights and memorises:
     at least 400 steps, stopping once every training answer is reproduced). The defaults used are printed.
     By default the run continues the active adapter (new and changed examples plus a replay of earlier ones);
@@ -197,14 +194,14 @@ def _echo_defaults(config, examples, *, label: str | None = None) -> None:
 
 def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     """Train on a file: split, train into a temporary folder, evaluate, rename into --out. Nothing registered."""
-    import os
     import shutil
     import tempfile
 
     from finetune.config import prompt_passages
-    from finetune.data import build_training_examples, split_heldout
+    from finetune.data import build_training_examples, split_for_training
     from finetune.models import is_tiny_base, resolve_base
     from finetune.training import train_adapter
+    from store.files import publish_dir
     from store.formats import ImportFileError, read_examples_file, scan_imported
 
     if out is None:
@@ -219,8 +216,7 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     examples = imported.examples
     base_path = resolve_base(config.base, home=c.settings.kbloop_home, db=c.db)
     config = replace(config, k_passages=prompt_passages(config, tiny=is_tiny_base(base_path)))
-    built = build_training_examples(c.db, examples, k=config.k_passages)
-    train_set, heldout = split_heldout(built)
+    train_set, heldout = split_for_training(build_training_examples(c.db, examples, k=config.k_passages))
     run = config.version or f"file:{data.name}"
     _echo_defaults(config, train_set, label=run)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +234,7 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
             model, tokenizer = load_model_for_inference(base_path, adapter_path=tmp)
             metrics = evaluate(model, tokenizer, heldout=heldout, train=train_set)
             typer.echo(metrics_table(metrics, title=f"{data.name}: {len(heldout)} held-out examples"))
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -250,7 +246,7 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
 def recommend(
     data: Annotated[Optional[Path], typer.Option(help="Profile this file instead of the store's approved examples.")] = None,
 ) -> None:
-    """Apply the seed's decision framework (LoRA or full fine-tuning, which rank) to the data; print why."""
+    """Apply the LoRA guide's decision framework (LoRA or full fine-tuning, which rank) to the data; print why."""
     from finetune.recommend import recommend as recommend_for
 
     c = ctx()
@@ -276,7 +272,8 @@ def recommend(
 def sweep(
     ranks: Annotated[str, typer.Option(help="Comma-separated LoRA ranks to try, e.g. 4,8,16,32.")] = "4,8,16,32",
     base: Annotated[Optional[str], typer.Option(help="HF model id, local model folder, or `tiny`.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="qlora or lora.")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="qlora or lora (default: the base's; the `tiny` base needs --method lora, see above).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Epochs per run.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Examples per step.")] = None,
@@ -284,11 +281,13 @@ def sweep(
     max_length: Annotated[Optional[int], typer.Option(help="Max tokens per example.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
 ) -> None:
-    """The seed's grid search over rank: train and evaluate one candidate per rank, keep the best by evaluation.
+    """The LoRA guide's grid search over rank: train and evaluate one candidate per rank, keep the best by
+    evaluation.
 
-    Alpha scales with the rank (the default alpha/rank ratio), so the runs differ only in capacity. Every run
-    is registered as a candidate; the best (lowest held-out answer loss, then exact match) is named for
-    `kbloop promote`.
+    Alpha scales with the rank (the default alpha/rank ratio) and every run starts from the base, so the runs
+    differ only in capacity. Every run is registered as a candidate; the best (lowest held-out answer loss, then
+    exact match) is named for `kbloop promote`. The `tiny` base trains with full fine-tuning by default (its
+    weights are random), which has no rank: on tiny the sweep needs --method lora.
     """
     from finetune.config import SEED_DEFAULTS, TINY_DEFAULTS
     from finetune.models import TINY, is_tiny_base
@@ -304,13 +303,18 @@ def sweep(
         fail("--method full has no rank to sweep")
     c = ctx()
     base = base or c.settings.base_model
-    defaults = TINY_DEFAULTS if base == TINY or is_tiny_base(base) else SEED_DEFAULTS
+    tiny = base == TINY or is_tiny_base(base)
+    defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
+    if (method or defaults["method"]) == "full":  # the rank would be ignored: N equal runs, not a sweep
+        fail("the `tiny` base trains with full fine-tuning by default (random weights), which has no rank to sweep; "
+             "pass --method lora to compare LoRA ranks on tiny, or sweep a pretrained base (--base)")
     ratio = defaults["alpha"] / defaults["rank"]
     rows = []
     for rank in grid:
+        # From the base every time: a run that continued the active adapter would not compare with the others.
         config = _config(base=base, method=method, rank=str(rank), alpha=max(1, round(ratio * rank)), dropout=None,
                          targets=None, epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum,
-                         max_length=max_length, seed=seed, version=None, passages=None)
+                         max_length=max_length, seed=seed, version=None, passages=None, start_from="base")
         run = _pick_version(c.db, c.settings.kbloop_home, None)
         config = replace(config, version=run)
         typer.echo(f"— rank {rank} (alpha {config.alpha}) as {run}")
@@ -330,7 +334,7 @@ def _sweep_key(metrics: dict):
 
 
 def _sweep_table(rows) -> str:
-    from finetune.evaluation import format_value
+    from finetune.evaluation import format_value, text_table
 
     best = min(rows, key=lambda r: _sweep_key(r[1].metrics))[1].version
     table = [("rank", "version", "held-out loss", "exact", "F1", "reproduced", "stops", "seconds", "")]
@@ -342,5 +346,4 @@ def _sweep_table(rows) -> str:
                       format_value("train_reproduced", m.get("train_reproduced")),
                       format_value("stop_rate", m.get("stop_rate")), f"{seconds:.0f}",
                       "best" if a.version == best else ""))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
+    return text_table(table)

@@ -101,7 +101,7 @@ def worker(
     A job of a worker that died is marked failed (with the reason) when the next worker starts.
     """
     from finetune.jobs import Worker
-    from store import StoreError
+    from store import KbloopError
 
     c = ctx()
     s = c.settings
@@ -109,7 +109,7 @@ def worker(
     try:
         config = worker_config(s, launcher=launcher, nproc=nproc, heartbeat_interval_s=heartbeat_s,
                                stale_after_s=stale_after_s, poll_interval_s=poll_s, cancel_grace_s=cancel_grace_s)
-    except StoreError as exc:
+    except KbloopError as exc:
         fail(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

@@ -7,6 +7,7 @@ The integration test with the real Engine on the tiny base is tests/bot/test_rea
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import asdict
@@ -27,8 +28,12 @@ ADMIN = "UADMIN"
 class ScriptedEngine:
     """finetune.engine.Engine's answer() signature; answers with `reply(question)` after `delay_s`."""
 
-    def __init__(self, db_path: Path, *, reply=None, delay_s: float = 0.0, ready: bool = True):
+    def __init__(self, db_path: Path, *, reply=None, delay_s: float = 0.0, ready: bool = True,
+                 after_first_piece=None):
         self.db_path = db_path
+        # Streaming: called after the first piece is handed over, before the rest (a test waits there until
+        # the stream has started, as a real generation would still be running).
+        self.after_first_piece = after_first_piece
         self.reply = reply or (lambda q: f"Answer to: {q}")
         self.delay_s = delay_s
         self.ready = ready
@@ -38,14 +43,20 @@ class ScriptedEngine:
         self._lock = threading.Lock()
 
     def answer(self, question, *, source="cli", user_id=None, channel_id=None, thread_ts=None, event_id=None,
-               adapter="active", record=True):
+               adapter="active", record=True, on_text=None):
         with self._lock:
-            self.calls.append({"question": question, "user_id": user_id, "event_id": event_id})
+            self.calls.append({"question": question, "user_id": user_id, "event_id": event_id,
+                               "thread_ts": thread_ts})
         if self.delay_s:
             time.sleep(self.delay_s)
         text = self.reply(question)
         if isinstance(text, BaseException):
             raise text
+        if on_text is not None:  # streamed word by word, as the engine's generation thread would
+            for n, piece in enumerate(re.findall(r"\S+\s*", text)):
+                on_text(piece)
+                if n == 0 and self.after_first_piece is not None:
+                    self.after_first_piece()
         sources = [Source(title="VPN guide", doc_path="kb/vpn.md")]
         iid = record_interaction(local_db(self.db_path), question=question, answer=text, source=source,
                                  sources=[asdict(s) for s in sources], adapter_version=None, latency_ms=5,

@@ -350,10 +350,11 @@ def test_rate_limited_post_is_retried_after_retry_after(start_bot, fake_slack):
 def test_handler_failure_is_recorded_and_the_user_told(start_bot, fake_slack, db_path):
     bot = start_bot(engine=ScriptedEngine(db_path, reply=lambda q: RuntimeError("CUDA out of memory")))
     _mention(bot, fake_slack)
-    update = fake_slack.wait_for("chat.update", 1)[0].params
+    # Nothing was streamed yet: the note is posted in the thread where the answer would have been.
+    note = fake_slack.wait_for("chat.postMessage", 1)[0].params
     [error] = list_bot_errors(bot.db)
     assert "CUDA out of memory" in error["error"] and error["event_id"] == "Ev1"
-    assert f"E{error['id']}" in update["text"]
+    assert f"E{error['id']}" in note["text"] and note["thread_ts"] == "1711111111.000100"
 
 
 def test_listener_exception_still_answers_200_and_is_recorded(start_bot, fake_slack):

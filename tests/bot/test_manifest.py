@@ -13,8 +13,14 @@ MANIFEST = ROOT / "bot" / "manifest.yml"
 METHOD_SCOPES = {
     "auth.test": None, "views.open": None,  # no scope needed
     "chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.postEphemeral": "chat:write",
+    # Streamed answers: slack_sdk's chat_stream helper calls chat.startStream / appendStream / stopStream.
+    "chat.stream": "chat:write", "chat.startStream": "chat:write", "chat.appendStream": "chat:write",
+    "chat.stopStream": "chat:write",
+    "assistant.threads.setStatus": "assistant:write", "assistant.threads.setSuggestedPrompts": "assistant:write",
+    "assistant.threads.setTitle": "assistant:write",
 }
-EVENT_SCOPES = {"app_mention": "app_mentions:read", "message.im": "im:history"}
+EVENT_SCOPES = {"app_mention": "app_mentions:read", "message.im": "im:history",
+                "assistant_thread_started": "assistant:write", "assistant_thread_context_changed": "assistant:write"}
 # Scopes no method call shows: slash commands, and DMs that chat.postMessage starts with a user id.
 OTHER_SCOPES = {"commands", "im:write"}
 
@@ -32,7 +38,9 @@ def _web_api_methods_called() -> set[str]:
 def test_manifest_declares_scopes_events_commands_and_interactivity():
     m = yaml.safe_load(MANIFEST.read_text())
     settings = m["settings"]
-    assert set(settings["event_subscriptions"]["bot_events"]) == {"app_mention", "message.im"}
+    assert set(settings["event_subscriptions"]["bot_events"]) == {
+        "app_mention", "message.im", "assistant_thread_started", "assistant_thread_context_changed"}
+    assert m["features"]["assistant_view"]["assistant_description"]  # the AI-app feature
     assert settings["interactivity"]["is_enabled"] is True
     assert "socket_mode_enabled" in settings
     commands = {c["command"]: c for c in m["features"]["slash_commands"]}

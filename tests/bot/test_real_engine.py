@@ -63,3 +63,21 @@ def test_mention_answered_by_the_real_engine_then_corrected(start_bot, fake_slac
     [pending] = list_examples(bot.db, status="pending")
     assert pending.answer == "Use the expenses tool within 30 days."
     assert pending.rejected_answer == get_interaction(bot.db, interaction.id).answer
+
+
+@pytest.mark.slow
+def test_a_mention_streams_the_real_engine_answer_without_losing_a_character(engine, start_bot, fake_slack):
+    from bot.blocks import escape_markdown
+
+    fake_slack.streaming = True
+    bot = start_bot(engine=engine)
+    body = event_body(app_mention_event(text=f"<@{BOT_USER_ID}> How do I submit an expense report?",
+                                        ts="1711111111.000950"), event_id="EvStream")
+    assert post_signed(bot.events_url, body, SECRET)[0] == 200
+    stop = fake_slack.wait_for("chat.stopStream", 1, timeout=540)[0].params  # the first question embeds the KB
+    [interaction] = list_interactions(bot.db)
+    [message] = fake_slack.messages("C123")
+    assert message["text"] == escape_markdown(interaction.answer)  # the engine's answer, all of it
+    values = [el["value"] for b in stop["blocks"] if b["type"] == "actions" for el in b["elements"]]
+    assert values == [str(interaction.id)] * 2
+    assert fake_slack.requests("chat.update") == []  # no repair was needed

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE_QA = REPO / "samples" / "qa.jsonl"
+from tests.conftest import SAMPLES
+
+SAMPLE_QA = SAMPLES / "qa.jsonl"
 
 
 def _small_qa(tmp_path: Path, n: int) -> Path:
@@ -87,13 +88,78 @@ def test_sweep_refuses_bad_ranks(kbloop):
     assert r.exit_code == 1 and "--ranks" in r.stderr
 
 
+def test_sweep_on_tiny_refuses_the_full_fine_tuning_it_would_otherwise_repeat(kbloop, tmp_path):
+    """On `tiny` the default method is full fine-tuning, which has no rank: the sweep would train the same run
+    once per rank. It says so instead, in one line, and trains nothing."""
+    from store import open_db
+    from store.adapters import list_adapters
+
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    for args in ((), ("--method", "full")):
+        r = kbloop("sweep", "--ranks", "4,8", *args)
+        assert r.exit_code == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert "rank to sweep" in r.stderr
+    assert list_adapters(open_db(tmp_path / "kbloop-home" / "kbloop.db")) == []
+
+
+def test_sweep_trains_one_lora_run_per_rank_each_from_the_base(kbloop, tmp_path, monkeypatch):
+    """The sweep's training path: what each run is asked to train, as training will resolve it."""
+    from types import SimpleNamespace
+
+    import finetune.registry
+    from finetune.config import resolve_config
+    from store.adapters import register_adapter
+
+    asked = []
+
+    def fake_train_candidate(db, *, home, config, on_step=None, on_phase=None, **kw):
+        resolved, _ = resolve_config(config, tiny=True, n_examples=13)
+        asked.append((config, resolved))
+        loss = {2: 2.0, 4: 1.5, 8: 1.7}[resolved.rank]
+        adapter = register_adapter(db, version=config.version, path=str(home / "adapters" / config.version),
+                                   base_model=config.base, method=resolved.method,
+                                   params={"rank": resolved.rank}, dataset_hash=None, dataset_size=14,
+                                   metrics={"heldout_loss": loss, "heldout_exact_match": 0.5})
+        return SimpleNamespace(adapter=adapter)
+
+    monkeypatch.setattr(finetune.registry, "train_candidate", fake_train_candidate)
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    r = kbloop("sweep", "--ranks", "8,2,4", "--method", "lora")
+    assert r.exit_code == 0, r.stderr
+    assert [(res.method, res.rank, res.alpha) for _, res in asked] == [("lora", 2, 8), ("lora", 4, 16), ("lora", 8, 32)]
+    assert {cfg.start_from for cfg, _ in asked} == {"base"} and [cfg.version for cfg, _ in asked] == ["v1", "v2", "v3"]
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["2"], ["4"], ["8"])]
+    assert [row[:2] for row in rows] == [["2", "v1"], ["4", "v2"], ["8", "v3"]] and rows[1][-1] == "best"
+    assert "Best: rank 4 (v2)" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two trainings and four evaluations: past the default 600 s on a busy 2-core machine
+def test_sweep_on_tiny_with_lora_trains_and_registers_each_rank(kbloop, tmp_path):
+    import json as _json
+
+    from store import open_db
+    from store.adapters import list_adapters
+
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    r = kbloop("sweep", "--ranks", "2,4", "--method", "lora", "--epochs", "1", "--batch", "4", "--max-length", "256")
+    assert r.exit_code == 0, r.stderr
+    adapters = sorted(list_adapters(open_db(tmp_path / "kbloop-home" / "kbloop.db")), key=lambda a: a.version)
+    assert [(a.version, a.method, a.params["rank"]) for a in adapters] == [("v1", "lora", 2), ("v2", "lora", 4)]
+    ranks = [_json.loads((Path(a.path) / "adapter_config.json").read_text())["r"] for a in adapters]
+    assert ranks == [2, 4] and "Best: rank" in r.stdout
+
+
 @pytest.mark.slow
 def test_train_registers_a_candidate_and_logs_steps(kbloop, tmp_path):
     from store import open_db
     from store.adapters import list_adapters
 
     assert kbloop("init").exit_code == 0
-    assert kbloop("kb", "import", REPO / "samples" / "kb", "--no-embed").exit_code == 0
+    assert kbloop("kb", "import", SAMPLES / "kb", "--no-embed").exit_code == 0
     assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
     r = kbloop("train", "--method", "lora", "--epochs", "1", "--rank", "4", "--batch", "4", "--max-length", "256",
                "--passages", "1")

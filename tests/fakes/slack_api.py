@@ -17,6 +17,16 @@ What the fake checks like Slack does (so a test fails where Slack would refuse):
 Web API calls, Block Kit limits (50 blocks, 3,000 characters per section text, 2,000 per button value),
 `chat.update` of a message that does not exist. `fail_next(method, status=429, retry_after=1)`
 answers the next call(s) of a method with Slack's rate-limit response.
+
+The AI-app surface (https://docs.slack.dev/ai/): `FakeSlackAPI(streaming=True)` plays a workspace with
+chat.startStream / chat.appendStream / chat.stopStream (a streamed message collects its markdown_text and
+chunks; recipient_user_id and recipient_team_id are required outside DMs; only a message still streaming
+takes appends; the 12,000-character limit per call). By default the fake is a workspace without
+streaming: chat.startStream answers `unknown_method`, as Slack does for a method it does not offer, so
+every test that does not ask for streaming sees the placeholder + chat.update fallback.
+`stream_updates(channel, ts)` gives the times of the calls that changed a streamed message.
+assistant.threads.setStatus / setSuggestedPrompts / setTitle are checked for their required arguments
+and limits (at most 4 suggested prompts, each with a title and a message; at most 10 loading messages).
 """
 
 from __future__ import annotations
@@ -44,6 +54,9 @@ MAX_BLOCKS = 50
 MAX_SECTION_TEXT = 3000
 MAX_BUTTON_VALUE = 2000
 MAX_MESSAGE_TEXT = 40000
+MAX_MARKDOWN_TEXT = 12000  # markdown_text per chat.*Stream call
+MAX_SUGGESTED_PROMPTS = 4
+MAX_LOADING_MESSAGES = 10
 
 
 @dataclass
@@ -97,7 +110,8 @@ class FakeSlackAPI:
     """Slack's Web API on 127.0.0.1, recording every request. Start with `with` or `.start()`."""
 
     def __init__(self, *, bot_user_id: str = BOT_USER_ID, bot_id: str = BOT_ID, team_id: str = TEAM_ID,
-                 host: str = "127.0.0.1", port: int = 0, require_token: bool = True):
+                 host: str = "127.0.0.1", port: int = 0, require_token: bool = True, streaming: bool = False):
+        self.streaming = streaming
         self.bot_user_id = bot_user_id
         self.bot_id = bot_id
         self.team_id = team_id
@@ -208,6 +222,11 @@ class FakeSlackAPI:
             msgs = [dict(m) for (ch, _), m in self._messages.items() if channel is None or ch == channel]
         return sorted(msgs, key=lambda m: float(m["ts"]))
 
+    def stream_updates(self, channel: str, ts: str) -> list[float]:
+        """time.monotonic() of each startStream / appendStream / stopStream / chat.update of one message."""
+        with self._lock:
+            return list(self._messages.get((channel, ts), {}).get("updates", []))
+
     def reset(self) -> None:
         with self._lock:
             self._requests.clear()
@@ -278,9 +297,14 @@ class FakeSlackAPI:
             if key not in self._messages:
                 return {"ok": False, "error": "message_not_found"}
             self._messages[key].update({"text": p.get("text"), "blocks": p.get("blocks"), "edited": True})
+            self._messages[key].setdefault("updates", []).append(time.monotonic())
             return {"ok": True, "channel": key[0], "ts": key[1], "text": p.get("text")}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": self._next_ts()}
+        if method in ("chat.startStream", "chat.appendStream", "chat.stopStream"):
+            return self._stream_call(method, p)
+        if method.startswith("assistant.threads."):
+            return self._assistant_call(method, p)
         if method == "views.open":
             view = p.get("view") or {}
             if not p.get("trigger_id"):
@@ -297,6 +321,69 @@ class FakeSlackAPI:
             return {"ok": True, "channel": {"id": p.get("channel"), "name": "general", "is_member": True}}
         if method in ("conversations.replies", "conversations.history"):
             return {"ok": True, "messages": [], "has_more": False}
+        return {"ok": True}
+
+
+    def _stream_call(self, method: str, p: dict[str, Any]) -> dict:
+        """https://docs.slack.dev/reference/methods/chat.startStream (and appendStream, stopStream)."""
+        if not self.streaming:
+            return {"ok": False, "error": "unknown_method"}
+        channel = p.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        chunks = p.get("chunks") or []
+        if not isinstance(chunks, list) or any(not isinstance(c, dict) or c.get("type") != "markdown_text"
+                                               or not isinstance(c.get("text"), str) for c in chunks):
+            return {"ok": False, "error": "invalid_chunks"}
+        text = (p.get("markdown_text") or "") + "".join(c["text"] for c in chunks)
+        if len(p.get("markdown_text") or "") > MAX_MARKDOWN_TEXT or any(len(c["text"]) > MAX_MARKDOWN_TEXT for c in chunks):
+            return {"ok": False, "error": "msg_too_long"}
+        if method == "chat.startStream":
+            if not str(channel).startswith("D") and not (p.get("recipient_user_id") and p.get("recipient_team_id")):
+                return {"ok": False, "error": "invalid_arguments",
+                        "detail": "recipient_user_id and recipient_team_id are required outside DMs"}
+            ts = self._next_ts()
+            self._messages[(channel, ts)] = {
+                "channel": channel, "ts": ts, "thread_ts": p.get("thread_ts"), "text": text, "blocks": None,
+                "user": self.bot_user_id, "bot_id": self.bot_id, "streaming": True,
+                "recipient_user_id": p.get("recipient_user_id"), "updates": [time.monotonic()]}
+            return {"ok": True, "channel": channel, "ts": ts}
+        if method == "chat.appendStream" and not text:
+            return {"ok": False, "error": "invalid_arguments", "detail": "markdown_text is required"}
+        message = self._messages.get((channel, p.get("ts")))
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if not message.get("streaming"):
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        if method == "chat.stopStream":
+            errors = _block_errors(p.get("blocks"))
+            if errors:
+                return {"ok": False, "error": "invalid_blocks", "errors": errors}
+            message.update({"blocks": p.get("blocks"), "streaming": False})
+        message["text"] += text
+        message["updates"].append(time.monotonic())
+        return {"ok": True, "channel": channel, "ts": message["ts"]}
+
+    @staticmethod
+    def _assistant_call(method: str, p: dict[str, Any]) -> dict:
+        """https://docs.slack.dev/reference/methods/assistant.threads.setStatus (setSuggestedPrompts, setTitle)."""
+        if not p.get("channel_id"):
+            return {"ok": False, "error": "channel_not_found"}
+        if method == "assistant.threads.setStatus":
+            if not p.get("thread_ts") or "status" not in p:
+                return {"ok": False, "error": "invalid_arguments"}
+            if len(p.get("loading_messages") or []) > MAX_LOADING_MESSAGES:
+                return {"ok": False, "error": "invalid_arguments", "detail": "too many loading_messages"}
+        elif method == "assistant.threads.setSuggestedPrompts":
+            prompts = p.get("prompts")
+            if (not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_SUGGESTED_PROMPTS
+                    or any(not isinstance(x, dict) or not x.get("title") or not x.get("message") for x in prompts)):
+                return {"ok": False, "error": "invalid_arguments", "detail": "1-4 prompts, each a title and a message"}
+        elif method == "assistant.threads.setTitle":
+            if not p.get("thread_ts") or not p.get("title"):
+                return {"ok": False, "error": "invalid_arguments"}
+        else:
+            return {"ok": False, "error": "unknown_method"}
         return {"ok": True}
 
 
@@ -400,6 +487,22 @@ def message_event(*, text: str, user: str | None = "U123", channel: str = "D123"
         ev["thread_ts"] = thread_ts
     ev.update(extra)
     return ev
+
+
+def assistant_thread_event(*, type: str = "assistant_thread_started", user: str = "U123", channel: str = "D123",
+                           thread_ts: str | None = None, context_channel: str | None = "C123") -> dict:
+    """https://docs.slack.dev/reference/events/assistant_thread_started (and
+    assistant_thread_context_changed: the same shape, sent when the user looks at another channel)."""
+    context = {"channel_id": context_channel, "team_id": TEAM_ID, "enterprise_id": None} if context_channel else {}
+    return {"type": type, "assistant_thread": {"user_id": user, "context": context, "channel_id": channel,
+                                               "thread_ts": thread_ts or _ts()}, "event_ts": _ts()}
+
+
+def assistant_message_event(*, text: str, thread_ts: str, user: str = "U123", channel: str = "D123",
+                            ts: str | None = None) -> dict:
+    """A user's message in an assistant thread: message.im with the thread's thread_ts
+    (https://docs.slack.dev/ai/developing-agents#handling-user-messages)."""
+    return message_event(text=text, user=user, channel=channel, channel_type="im", ts=ts, thread_ts=thread_ts)
 
 
 def event_body(event: dict, *, event_id: str | None = None, team_id: str = TEAM_ID,

@@ -1,20 +1,16 @@
-"""The tiny base, built once per test module from the shipped KB text, and its tokenizer."""
+"""The tiny base, built once per test run from the shipped KB text, and its tokenizer."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory) -> str:
     from finetune.tiny import ensure_tiny_base
+    from tests.finetune.registry_fixtures import sample_texts
 
-    texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "samples" / "kb").rglob("*")) if p.is_file()]
-    return str(ensure_tiny_base(tmp_path_factory.mktemp("tiny-home"), texts))
+    return str(ensure_tiny_base(tmp_path_factory.mktemp("tiny-home"), sample_texts()))
 
 
 @pytest.fixture(scope="module")

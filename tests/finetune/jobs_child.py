@@ -3,7 +3,7 @@ ownership checks, progress and outcome files) around a scripted job body instead
 
     python -m tests.finetune.jobs_child JOB_ID --db … (the worker adds the arguments)
 
-Job params (kind "scripted"): steps, step_s, fail ("error" | "kill"), ignore_term, marker (a file to which
+Job params (kind "scripted"): steps, step_s, fail ("error" | "config" | "kill"), ignore_term, marker (a file to which
 the job appends "<job id> <pid>" when it starts and "done <job id>" when it finishes).
 """
 
@@ -16,9 +16,10 @@ import time
 from types import SimpleNamespace
 
 from finetune import jobrun
+from finetune.jobprotocol import SUCCEEDED, ChildResult
 
 
-def run_scripted(db, job, *, home, base, reporter, should_stop) -> dict:
+def run_scripted(db, job, *, home, base, reporter, should_stop) -> ChildResult:
     p = job.params
     if p.get("ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -34,12 +35,16 @@ def run_scripted(db, job, *, home, base, reporter, should_stop) -> dict:
                                       learning_rate=1e-3, eta_s=(steps - step) * step_s))
         if p.get("fail") == "error" and step == steps // 2 + 1:
             raise RuntimeError("scripted failure")
+        if p.get("fail") == "config" and step == steps // 2 + 1:
+            from store import ConfigError
+
+            raise ConfigError("the scripted setting cannot work")
         if p.get("fail") == "kill" and step == steps // 2 + 1:
             os.kill(os.getpid(), signal.SIGKILL)
     if p.get("marker"):
         with open(p["marker"], "a", encoding="utf-8") as f:
             f.write(f"done {job.id}\n")
-    return {"status": "done", "outcome": "done", "steps": steps}
+    return ChildResult(status=SUCCEEDED, extra={"steps": steps})
 
 
 if __name__ == "__main__":

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from finetune.data import (
     IGNORE_INDEX, CompletionCollator, TrainingExample, TruncationReport, encode_example,
-    load_training_examples, save_training_examples, split_heldout,
+    load_training_examples, save_training_examples, split_for_training, split_heldout,
 )
 from finetune.prompting import PromptPassage, build_messages, render_prompt
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _example(question="How many vacation days do I get?", answer="30 days a year, plus public holidays.",
@@ -110,6 +107,19 @@ def test_split_heldout_small_sets_get_one_heldout():
     train, held = split_heldout(exs)
     assert len(held) == 1 and len(train) == 4
     assert split_heldout(exs[:3]) == (exs[:3], [])
+
+
+def test_split_for_training_always_trains_corrections_last_and_holds_out_from_the_rest():
+    from types import SimpleNamespace
+
+    rest = [SimpleNamespace(question=f"Question number {i}?", interaction_id=None) for i in range(60)]
+    corrections = [SimpleNamespace(question=rest[i].question, interaction_id=100 + i) for i in (3, 1)]
+    mixed = rest[:30] + [corrections[0]] + rest[30:] + [corrections[1]]
+    train, held = split_for_training(mixed)
+    assert (train, held) == (split_heldout(rest)[0] + corrections, split_heldout(rest)[1])
+    assert held and not {id(c) for c in corrections} & {id(e) for e in held}
+    # Without corrections (a file for `kbloop train --data`) it is the held-out split by question hash.
+    assert split_for_training(rest) == split_heldout(rest)
 
 
 def test_build_training_examples_carries_retrieved_passages(db):

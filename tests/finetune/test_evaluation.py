@@ -66,6 +66,7 @@ class Ex:
     input: str = ""
     passages: list = field(default_factory=list)
     approved: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # finetune.data.TrainingExample's earlier turns of a thread
 
 
 def test_reproduction_sample_is_deterministic_and_order_free():
@@ -87,19 +88,65 @@ def test_metrics_table_formats_missing_values():
     assert "1.235" in table and "50.0%" in table and "n/a" in table
 
 
+def test_one_table_renderer_and_one_set_of_metric_labels():
+    from finetune.evaluation import METRIC_LABELS, text_table
+    from finetune.registry import comparison_table
+
+    assert text_table([("a", "1"), ("long name", "22")]) == "a          1\nlong name  22"
+    assert text_table([("a", "1", ""), ("bb", "22", "x")], align="lr") == "a    1\nbb  22  x"
+    assert text_table([("x", "1")], align="lr", min_widths=(0, 4)) == "x     1"
+    # The gate's comparison names every metric as the one-model table does.
+    table = comparison_table({"heldout_loss": 1.0, "forgetting_delta": 0.5}, {"heldout_loss": 2.0})
+    labels = {label for label, _ in METRIC_LABELS.values()}
+    body = [line.split("  ")[0] for line in table.splitlines()[1:-1]]
+    assert body and set(body) <= labels
+    assert "-1.000  better" in table and "+0.500" in table
+
+
+def test_the_stop_rate_counts_the_stop_tokens_the_engine_serves_with(tokenizer, eot, monkeypatch):
+    """The gate's stop rate and the engine stop on one set (finetune.models.serving_stop_ids): a model whose
+    generation config adds a stop token is counted as stopping there, as the engine would stop there."""
+    import ast
+    from types import SimpleNamespace
+
+    import torch
+
+    import finetune.kv_cache
+    from finetune.models import serving_stop_ids, stop_token_ids
+
+    extra = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eot, extra]))
+    stops = serving_stop_ids(model, tokenizer)
+    assert stops[:len(stop_token_ids(tokenizer))] == stop_token_ids(tokenizer) and stops[0] == eot
+    assert extra in stops and len(stops) == len(set(stops))
+    word = tokenizer("yes", add_special_tokens=False)["input_ids"]
+    rows = [word + [extra] + word, (word * 3)[:2 * len(word) + 1]]
+    seen = {}
+
+    def fake_generate(model, prompts, *, eos_token_id, **kw):
+        seen["eos"] = eos_token_id
+        return torch.tensor(rows[:len(prompts)])
+
+    monkeypatch.setattr(finetune.kv_cache, "generate_batch", fake_generate)
+    gens = generate_answers(model, tokenizer, [Ex("Stop?", "yes"), Ex("Go on?", "yes")])
+    assert seen["eos"] == stops
+    assert [g.stopped for g in gens] == [True, False] and gens[0].text == "yes"
+    # The engine computes its set with the same function.
+    from tests.conftest import REPO
+
+    engine = ast.parse((REPO / "finetune" / "engine.py").read_text(encoding="utf-8"))
+    called = {n.func.id for n in ast.walk(engine) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert "serving_stop_ids" in called and "stop_token_ids" not in called
+
+
 # --- on a model (tiny base, random weights) --------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.tiny import ensure_tiny_base
-    from tests.finetune.registry_fixtures import sample_texts
-
-    home = tmp_path_factory.mktemp("eval-home")
-    path = ensure_tiny_base(home, sample_texts())
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(tiny_path), AutoTokenizer.from_pretrained(tiny_path)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from finetune.export import EXPORT_META, export_merged
-from store import StoreError
+from store import ConfigError, StoreError
 from store import adapters as rows
 
 
@@ -74,6 +74,6 @@ def test_export_bad_input(db, kbloop_home, tmp_path):
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     with pytest.raises(StoreError, match="folder .* is missing"):
         export_merged(db, "v1", tmp_path / "new", home=kbloop_home)
-    with pytest.raises(StoreError, match="dtype must be one of"):
+    with pytest.raises(ConfigError, match="dtype must be one of"):
         export_merged(db, "v1", tmp_path / "new", home=kbloop_home, dtype="int3")
     assert not (tmp_path / "new").exists()

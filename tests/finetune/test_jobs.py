@@ -17,7 +17,7 @@ import pytest
 from finetune.jobs import (
     Worker, WorkerConfig, describe_job, format_duration, job_dir, job_eta_s, request_retrain,
 )
-from store import StoreError, open_db
+from store import ConfigError, open_db
 from store.jobs import (
     JobAlreadyActive, claim_next_job, enqueue_job, get_job, heartbeat, list_jobs, request_cancel, train_steps,
 )
@@ -114,14 +114,14 @@ def test_eta_counts_down_from_the_last_report_and_is_unknown_without_one(db):
 
 
 def test_request_retrain_refuses_unknown_parameters(db):
-    with pytest.raises(StoreError, match="unknown retrain parameter.*colour"):
+    with pytest.raises(ConfigError, match="unknown retrain parameter.*colour"):
         request_retrain(db, requester="U", params={"colour": "red"})
-    with pytest.raises(StoreError, match="`train` must be an object"):
+    with pytest.raises(ConfigError, match="`train` must be an object"):
         request_retrain(db, requester="U", params={"train": 3})
     # The playground and `kbloop jobs` queue through here: the rules `kbloop train` applies, before queueing.
-    with pytest.raises(StoreError, match="epochs"):
+    with pytest.raises(ConfigError, match="epochs"):
         request_retrain(db, requester="U", params={"train": {"epochs": 1e9}})
-    with pytest.raises(StoreError, match="max length must be from 64"):
+    with pytest.raises(ConfigError, match="max length must be from 64"):
         request_retrain(db, requester="U", params={"train": {"max_length": 100_000_000}})
     assert list_jobs(db) == []
 
@@ -149,8 +149,120 @@ def test_request_retrain_accepts_a_start(db):
     ({"heartbeat_interval_s": 10, "stale_after_s": 15}, "more than twice heartbeat_interval_s"),
 ])
 def test_worker_config_refuses_settings_that_cannot_work(kw, message):
-    with pytest.raises(StoreError, match=message):
+    with pytest.raises(ConfigError, match=message):
         WorkerConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol between the worker and its child (fast)
+# --------------------------------------------------------------------------------------------------
+
+def test_the_job_messages_survive_a_json_round_trip():
+    from finetune.jobprotocol import ChildResult, JobOutcome, JobProgress
+
+    progress = JobProgress(phase="training", step=12, total=40, loss=1.25, epoch=0.5, eta_s=30.0,
+                           updated_at=now(), dataset_hash="abc", n_examples=9, extra={"gpu": "none"})
+    assert JobProgress.from_json(progress.to_json()) == progress
+    # What is stored: the documented keys (`total`, not `total_steps`), None fields left out.
+    assert set(progress.to_dict()) == {"phase", "step", "total", "loss", "epoch", "eta_s", "updated_at",
+                                       "dataset_hash", "n_examples", "gpu"}
+    assert JobProgress(phase="preparing").to_dict() == {"phase": "preparing"}
+    child = ChildResult(status="succeeded", version="v3", passed=True, reasons=["ok"], table="t",
+                        metrics={"loss": 1.0}, active_version="v2", dataset_hash="abc", n_examples=9,
+                        start="continued from v2", elapsed_s=1.5, extra={"steps": 5})
+    assert ChildResult.from_json(child.to_json()) == child
+    assert child.to_dict()["steps"] == 5  # a runner's own keys sit beside the known ones
+    outcome = JobOutcome.from_child(child, status="succeeded", outcome="promoted", promoted=True, message="m")
+    assert JobOutcome.from_json(outcome.to_json()) == outcome
+    assert (outcome.version, outcome.start, outcome.extra, outcome.error) == ("v3", "continued from v2",
+                                                                             {"steps": 5}, None)
+    failed = JobOutcome.failed("no data")
+    assert failed.to_dict() == {**JobOutcome().to_dict(), "reasons": ["no data"], "message": "failed: no data",
+                                "error": "no data"}
+
+
+def test_the_child_and_the_worker_speak_one_vocabulary_of_statuses(db, db_path, kbloop_home):
+    """The child reports the statuses the store's jobs table uses (not "done"); anything else is refused."""
+    from finetune.jobprotocol import FINAL_STATUSES, ChildResult, JobOutcome, read_child_result, write_child_result
+    from store.jobs import finish_job
+
+    assert FINAL_STATUSES == ("succeeded", "failed", "cancelled")
+    for status in ("done", "finished"):
+        with pytest.raises(ValueError, match="succeeded, failed, cancelled"):
+            ChildResult(status=status)
+        with pytest.raises(ValueError):
+            JobOutcome(status=status)
+    # Every final status of the protocol is one the store accepts.
+    for status in FINAL_STATUSES:
+        job = enqueue_job(db, kind="scripted", requester="U", exclusive=False)
+        claim_next_job(db, worker_id="w")
+        assert finish_job(db, job.id, status=status, result={}).status == status
+    # The child's result file round-trips through the worker's reader; a missing or broken one reads None.
+    write_child_result(kbloop_home, 7, ChildResult(status="failed", error="boom"))
+    assert read_child_result(job_dir(kbloop_home, 7)) == ChildResult(status="failed", error="boom")
+    assert read_child_result(kbloop_home, 7).error == "boom"
+    (job_dir(kbloop_home, 7) / "outcome.json").write_text("{not json")
+    assert read_child_result(kbloop_home, 7) is None and read_child_result(kbloop_home, 8) is None
+
+
+def test_the_worker_and_its_child_import_the_protocol_not_each_other():
+    import ast
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((REPO / "finetune" / f"{module}.py").read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    jobs, jobrun = imports("jobs"), imports("jobrun")
+    assert "finetune.jobrun" not in jobs and "finetune.jobs" not in jobrun
+    assert "finetune.jobprotocol" in jobs and "finetune.jobprotocol" in jobrun
+    assert not {m for m in imports("jobprotocol") if m.startswith(("finetune", "bot", "playground", "kbloop"))}
+
+
+def test_rank_0_and_a_helper_rank_train_on_the_same_list_once_a_correction_exists(db, kbloop_home, tiny_path,
+                                                                                   monkeypatch):
+    """Under torchrun / accelerate every rank runs finetune.jobrun; DDP needs each rank's training list to be
+    rank 0's, item for item and in order, or the ranks train different models (issue 17)."""
+    import finetune.training
+    from finetune import jobrun
+    from store.examples import list_examples, review_example
+    from store.interactions import record_interaction, record_vote
+    from tests.finetune.registry_fixtures import seed_store
+
+    seed_store(db, n_examples=24)
+    # A correction: an answer voted down with the right one, approved by a curator.
+    asked = record_interaction(db, question="Where is the Berlin office?", answer="No idea.", source="playground")
+    record_vote(db, interaction_id=asked, user_id="U1", vote=-1, correction="Ask the office team in #berlin-office.",
+                source="playground")
+    [pending] = list_examples(db, status="pending")
+    review_example(db, pending.id, decision="approved", reviewer="curator")
+    request_retrain(db, requester="U")
+    job = claim_next_job(db, worker_id="w")
+
+    class Captured(Exception):
+        pass
+
+    lists = {}
+
+    def capture(config, examples, out_dir, **kw):  # train_adapter, as both ranks call it
+        lists[os.environ["RANK"]] = list(examples)
+        raise Captured
+
+    monkeypatch.setattr(finetune.training, "train_adapter", capture)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(Captured):
+            jobrun.run_retrain(db, job, home=kbloop_home, base=tiny_path, should_stop=lambda: False,
+                               reporter=jobrun.ProgressReporter(db, job, is_main=rank == "0"))
+    assert lists["0"] == lists["1"] and len(lists["0"]) > 1
+    assert (lists["0"][-1].question, lists["0"][-1].answer) == ("Where is the Berlin office?",
+                                                                 "Ask the office team in #berlin-office.")
 
 
 def test_launchers_run_the_same_module_with_n_processes(db_path, kbloop_home, monkeypatch):
@@ -387,6 +499,7 @@ def test_a_job_runs_in_a_child_process_reporting_progress_through_the_store(db, 
 @pytest.mark.slow
 @pytest.mark.parametrize("fail, reason", [
     ("error", "RuntimeError: scripted failure"),
+    ("config", "the scripted setting cannot work"),
     ("kill", "killed by SIGKILL (out of memory?)"),
 ])
 def test_a_crashing_child_fails_its_job_and_the_worker_runs_the_next(db, db_path, kbloop_home, fail, reason):
@@ -396,6 +509,8 @@ def test_a_crashing_child_fails_its_job_and_the_worker_runs_the_next(db, db_path
     w = Worker(db_path=db_path, home=kbloop_home, config=fast_config(), notifier=notifier)
     first = w.run_once()
     assert first.id == bad.id and first.status == "failed" and reason in first.error
+    if fail == "config":  # a KbloopError is the user's to fix: its message alone, as the CLI prints it
+        assert first.error == reason
     assert reason in notifier.of("finished", bad.id)[0]["reasons"][0]
     second = w.run_once()
     assert second.id == good.id and second.status == "succeeded"

@@ -1,9 +1,8 @@
-"""The seed's rank table on the data, and how the training config gets its defaults."""
+"""The LoRA guide's rank table on the data, and how the training config gets its defaults."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,8 @@ from finetune.config import (
 )
 from finetune.data import TrainingExample
 from finetune.recommend import DataProfile, language_of, profile_examples, recommend, recommend_for_profile
-from store import StoreError
-
-REPO = Path(__file__).resolve().parents[2]
+from store import ConfigError, StoreError
+from tests.conftest import SAMPLES
 
 
 def _profile(n, words=20.0, languages=None, with_input=0):
@@ -48,7 +46,7 @@ def test_language_detection():
 
 
 def test_recommend_on_the_sample_data():
-    rows = [json.loads(l) for l in (REPO / "samples" / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [json.loads(l) for l in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
     exs = [TrainingExample(question=r["instruction"], input=r.get("input", ""), answer=r["output"]) for r in rows]
     rec = recommend(exs)
     assert rec.rank == 8 and rec.method == "lora"
@@ -61,7 +59,7 @@ def test_real_base_gets_the_seed_recipe():
     cfg, notes = resolve_config(TrainConfig(base="Qwen/Qwen2.5-0.5B-Instruct"), tiny=False, n_examples=100)
     assert (cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.learning_rate, cfg.epochs) == ("qlora", 8, 32, 0.1, 2e-4, 3.0)
     assert (cfg.batch_size, cfg.grad_accum, cfg.warmup, cfg.targets) == (4, 4, 0.1, "all-linear")
-    assert any(n.startswith("seed defaults") for n in notes)
+    assert any(n.startswith("defaults (the LoRA guide's recipe): method=qlora") for n in notes)
 
 
 def test_tiny_base_gets_its_own_defaults_and_user_values_win():
@@ -99,7 +97,7 @@ def test_too_few_examples_are_refused_with_the_number():
     ("gradient_checkpointing", "sometimes", "gradient checkpointing must be true, false, mlp or auto"),
 ])
 def test_bad_values_are_refused(field, value, message):
-    with pytest.raises(StoreError, match=message):
+    with pytest.raises(ConfigError, match=message):
         resolve_config(TrainConfig(**{field: value}), tiny=False, n_examples=100)
 
 

@@ -11,21 +11,19 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from finetune.config import TrainConfig
 from finetune.data import TrainingExample, save_training_examples
 from store import StoreError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO, SAMPLES
 
 pytestmark = pytest.mark.slow
 
 
 def _qa(n: int) -> list[TrainingExample]:
-    rows = [json.loads(l) for l in (REPO / "samples" / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [json.loads(l) for l in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
     return [TrainingExample(question=r["instruction"], input=r.get("input", ""), answer=r["output"], passages=[])
             for r in rows[:n]]
 

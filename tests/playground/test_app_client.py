@@ -8,7 +8,7 @@ import pytest
 
 from playground import PlaygroundConfig, build_playground, launch
 from store import open_db
-from store.examples import get_example, list_examples
+from store.examples import list_examples
 from store.jobs import list_jobs
 from tests.playground.conftest import seed_feedback
 

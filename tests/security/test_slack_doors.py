@@ -305,10 +305,10 @@ def test_bad_retrain_options_are_refused_when_typed(start_bot, fake_slack, text,
 def test_retrain_options_follow_kbloop_train_rules(start_bot, fake_slack):
     """The refusal is the very text `kbloop train` gives for the same setting (finetune.config.check_settings)."""
     from finetune.config import TrainConfig, check_settings
-    from store import StoreError
+    from store import ConfigError
 
     bot = start_bot()
-    with pytest.raises(StoreError) as info:
+    with pytest.raises(ConfigError) as info:
         check_settings(TrainConfig(max_length=100000000))
     assert str(info.value) in _command(bot, fake_slack, "/kb-retrain", user=ADMIN, text="max_length=100000000")
 

@@ -89,6 +89,11 @@ SCHEMA = {
         "indexes": {(("event_id",), True)},
         "fks": set(),
     },
+    "assistant_threads": {
+        "columns": {"channel_id": str, "thread_ts": str, "user_id": str, "context": str, "updated_at": str},
+        "indexes": {(("channel_id", "thread_ts"), True)},
+        "fks": set(),
+    },
 }
 
 

@@ -1,0 +1,73 @@
+"""The CJK script ranges live once, in store.text, and every module that asks "is this Chinese?" uses them."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from store import text
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("store", "finetune", "bot", "playground", "kbloop", "bench")
+# How a copy of a range would be written: an escape or the character itself at the start of the main block.
+RANGE_SPELLINGS = re.compile(r"\\u4e00|\\U00004e00|\\x{4e00}|0x4e00|\u4e00-", re.IGNORECASE)
+
+
+def test_the_cjk_ranges_are_defined_once():
+    copies = [
+        str(path.relative_to(REPO))
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        if RANGE_SPELLINGS.search(path.read_text(encoding="utf-8"))
+    ]
+    assert copies == ["store/text.py"]
+
+
+def test_every_module_uses_the_store_definition():
+    from finetune import engine, evaluation, recommend, retrieval
+
+    assert evaluation._CJK_CHAR is text.CJK_CHAR
+    assert engine._CJK is text.CJK_CHAR
+    assert recommend._CJK is text.CJK_CHAR
+    assert retrieval._CJK_CHAR is text.CJK_CHAR
+    assert retrieval._CJK_RUN is text.CJK_RUN
+
+
+@pytest.mark.parametrize(
+    "char, block",
+    [
+        ("中", "CJK Unified Ideographs"),
+        ("\u3400", "Extension A"),
+        ("\uf900", "compatibility ideographs"),  # the block recommend.py's copy used to miss
+        ("\U00020000", "Extension B"),
+        ("か", "hiragana"),
+        ("한", "hangul"),
+    ],
+)
+def test_cjk_letters_are_recognised(char, block):
+    assert text.CJK_CHAR.fullmatch(char), block
+
+
+@pytest.mark.parametrize("char", ["。", "、", "「", "，", "！", "？", "：", "（"])
+def test_cjk_punctuation_is_punctuation_not_letters(char):
+    assert re.fullmatch(f"[{text.CJK_PUNCTUATION}]", char)
+    assert not text.CJK_CHAR.match(char)  # a run of CJK letters ends at it
+
+
+@pytest.mark.parametrize("char", ["a", "Z", "1", ".", "é", "Ａ"])
+def test_latin_is_neither(char):
+    assert not text.CJK_CHAR.match(char)
+    assert not re.fullmatch(f"[{text.CJK_PUNCTUATION}]", char)
+
+
+def test_recommend_counts_a_compatibility_ideograph_as_cjk():
+    from finetune.recommend import _CJK
+
+    assert _CJK.findall("豈更車") == list("豈更車")  # U+F900-U+F902
+
+
+def test_a_chinese_sentence_is_joined_to_the_next_without_a_space():
+    from store.documents import chunk_text
+
+    chunks = chunk_text("标题", "第一句话。" * 80 + "第二段！" * 80, max_chars=300)
+    assert all(" " not in c for c in chunks)
