@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 import store.text  # noqa: E402
 from finetune import embedding, retrieval  # noqa: E402
-from finetune.retrieval import RetrievalConfig, config_for, fuse, retrieve_scored  # noqa: E402
+from finetune.retrieval import RetrievalConfig, config_for, fuse, match_score, retrieve_scored  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 from store.kb import NewPassage, passages_missing_embedding, replace_document, set_embeddings  # noqa: E402
@@ -209,11 +209,12 @@ def decide(cands: list[Candidate], best_bm25: float, share: float, config: Retri
     return list(dict.fromkeys(doc for _, doc in scored))[:K]
 
 
-def evaluate(rows: list[dict], cands: dict[str, tuple], config: RetrievalConfig) -> dict:
-    """Per group: recall@3, false "nothing found" (covered questions), correct "nothing found" (off-topic)."""
+def _tally(rows: list[dict], docs_for) -> dict:
+    """Per group: recall@3, false "nothing found" (covered questions), correct "nothing found" (off-topic);
+    `docs_for(row)` is the documents retrieval returns for the row's question ([] for nothing found)."""
     out: dict[str, dict] = {}
     for row in rows:
-        docs = decide(*cands[row["question"]], config)
+        docs = docs_for(row)
         for g in groups_of(row):
             s = out.setdefault(g, {"n": 0, "hits": 0, "empty": 0})
             s["n"] += 1
@@ -223,6 +224,10 @@ def evaluate(rows: list[dict], cands: dict[str, tuple], config: RetrievalConfig)
         s["recall@3"] = round(s["hits"] / s["n"], 3) if not g.startswith("off-topic") else None
         s["nothing_found"] = round(s["empty"] / s["n"], 3)
     return out
+
+
+def evaluate(rows: list[dict], cands: dict[str, tuple], config: RetrievalConfig) -> dict:
+    return _tally(rows, lambda row: decide(*cands[row["question"]], config))
 
 
 def baseline_recall(db, rows: list[dict], mode: str) -> dict:
@@ -285,19 +290,11 @@ def _ranked(cands: tuple, fusion: RetrievalConfig) -> tuple[float, float, list[s
 
 def _evaluate_ranked(rows: list[dict], ranked: dict, config: RetrievalConfig) -> dict:
     """evaluate() over _ranked() orders: the same counts, without re-fusing every candidate."""
-    out: dict[str, dict] = {}
-    for row in rows:
+    def docs_for(row: dict) -> list:
         decisive, share, top = ranked[row["question"]]
-        docs = top if decisive >= config.min_score + config.chinese_offset * share else []
-        for g in groups_of(row):
-            s = out.setdefault(g, {"n": 0, "hits": 0, "empty": 0})
-            s["n"] += 1
-            s["empty"] += not docs
-            s["hits"] += bool(row["source"]) and row["source"] in docs
-    for g, s in out.items():
-        s["recall@3"] = round(s["hits"] / s["n"], 3) if not g.startswith("off-topic") else None
-        s["nothing_found"] = round(s["empty"] / s["n"], 3)
-    return out
+        return top if decisive >= match_score(config, share) else []
+
+    return _tally(rows, docs_for)
 
 
 def _tuning_score(rows, ranked_by_kb, config):
