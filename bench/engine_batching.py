@@ -22,9 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.engine import Engine, EngineConfig  # noqa: E402
-from finetune.models import resolve_base  # noqa: E402
-from finetune.retrieval import embed_missing_passages  # noqa: E402
+from finetune.serving.engine import Engine, EngineConfig  # noqa: E402
+from finetune.model.loading import resolve_base  # noqa: E402
+from finetune.serving.retrieval import embed_missing_passages  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 
@@ -107,7 +107,7 @@ def main() -> None:
         questions = eval_questions(args.questions)
         engine.answer(questions[0], record=False)  # warm-up
         # Query embeddings are cached per process: compute them for both runs alike, outside the timing.
-        from finetune.retrieval import retrieve_passages
+        from finetune.serving.retrieval import retrieve_passages
         for q in questions:
             retrieve_passages(engine_db(home), q, k=config.k)
         runs = [run_both(engine, questions) for _ in range(args.repeats)]

@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 import store.text  # noqa: E402
-from finetune import embedding, retrieval  # noqa: E402
-from finetune.retrieval import RetrievalConfig, config_for, fuse, match_score, retrieve_scored  # noqa: E402
+from finetune.serving import embedding, retrieval  # noqa: E402
+from finetune.serving.retrieval import RetrievalConfig, config_for, fuse, match_score, retrieve_scored  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 from store.kb import NewPassage, passages_missing_embedding, replace_document, set_embeddings  # noqa: E402
@@ -326,7 +326,7 @@ def latency(folder: Path, questions: list[str]) -> dict:
     times.sort()
     cpu.sort()
     # Wall time depends on what else runs; the process's CPU time is what one idle core would take (the
-    # question runs on one thread: finetune.embedding, finetune.retrieval._row_dots).
+    # question runs on one thread: finetune.serving.embedding, finetune.serving.retrieval._row_dots).
     return {"passages": db["kb_docs"].count, "questions": len(times), "p50_ms": round(statistics.median(times), 1),
             "p95_ms": round(times[int(0.95 * (len(times) - 1))], 1), "cpu_p50_ms": round(statistics.median(cpu), 1),
             "cpu_p95_ms": round(cpu[int(0.95 * (len(cpu) - 1))], 1),

@@ -46,7 +46,7 @@ class SimulatedEngine:
                **_):
         import numpy as np
 
-        from finetune.engine import Answer, Source
+        from finetune.serving.engine import Answer, Source
         from store import local_db
         from store.interactions import record_interaction
 
@@ -66,7 +66,7 @@ def serve_bot(args) -> int:
 
     db_path = args.home / "kbloop.db"
     if args.engine == "real":
-        from finetune.engine import Engine
+        from finetune.serving.engine import Engine
 
         engine = Engine(db_path=db_path, home=args.home, base_model="tiny").start()
     else:

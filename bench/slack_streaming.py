@@ -142,7 +142,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from bot import BackgroundHttpServer, BotConfig, build_app, shutdown
-    from finetune.engine import Engine
+    from finetune.serving.engine import Engine
     from store import local_db
     from tests.fakes.slack_api import FakeSlackAPI
 

@@ -3,12 +3,12 @@
     .venv/bin/python bench/tiny_sizes.py [--sizes 10,25,330,3000] [--max-minutes M]
         [--out bench/out/tiny_sizes.json]
 
-The defaults size each run by what it must achieve (finetune/config.py TINY_DEFAULTS: at least 400
+The defaults size each run by what it must achieve (finetune/training/config.py TINY_DEFAULTS: at least 400
 optimiser steps, stop at the first epoch end where every training answer is reproduced). For each size
 this trains `tiny` with no options on the training split (10% held out by question hash, as the registry
-does) through finetune.training.train_adapter, then measures reproduction two ways:
+does) through finetune.training.trainer.train_adapter, then measures reproduction two ways:
 - the exact check training stops on (teacher-forced argmax at every answer position, TrainOutcome.reproduced);
-- real greedy generation of every training answer (finetune.evaluation.generate_answers, the evaluation's
+- real greedy generation of every training answer (finetune.evaluation.metrics.generate_answers, the evaluation's
   and the engine's batched decoder), compared byte for byte and after the evaluation's normalisation.
 
 Data: 10 and 25 examples are an even spread of samples/qa.jsonl (English and Chinese); 330 is all of it;
@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.config import TrainConfig  # noqa: E402
-from finetune.data import TrainingExample, split_heldout  # noqa: E402
+from finetune.training.config import TrainConfig  # noqa: E402
+from finetune.training.data import TrainingExample, split_heldout  # noqa: E402
 
 SAMPLES = REPO / "samples"
 
@@ -109,9 +109,9 @@ def examples_for(size: int) -> tuple[list[TrainingExample], str]:
 
 
 def run_size(size: int, tiny_path: str, workdir: Path, *, max_minutes: float | None, gen_sample: int) -> dict:
-    from finetune.evaluation import EvalConfig, exact_match, generate_answers, sample_for_reproduction
-    from finetune.models import load_model_for_inference
-    from finetune.training import TrainingCancelled, train_adapter
+    from finetune.evaluation.metrics import EvalConfig, exact_match, generate_answers, sample_for_reproduction
+    from finetune.model.loading import load_model_for_inference
+    from finetune.training.trainer import TrainingCancelled, train_adapter
 
     examples, source = examples_for(size)
     train, heldout = split_heldout(examples)
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--gen-sample", type=int, default=500, help="generate at most this many training answers")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "tiny_sizes.json"))
     args = parser.parse_args()
-    from finetune.tiny import ensure_tiny_base
+    from finetune.model.tiny import ensure_tiny_base
 
     results = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "sizes": []}
     out = Path(args.out)

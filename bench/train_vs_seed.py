@@ -9,17 +9,17 @@ The seed's recipe, with only its crashes fixed (so it runs at all):
 - QLoRA through `load_in_4bit` (fixed: passed as BitsAndBytesConfig(load_in_4bit=True), no NF4 / double
   quantisation, as the seed had none) and prepare_model_for_kbit_training (gradient checkpointing on);
 - fp16=True (fixed: off, there is no fp16 on a CPU).
-kbloop: finetune.training.train_adapter with the seed's hyperparameters (QLoRA r=8, alpha 32, dropout
+kbloop: finetune.training.trainer.train_adapter with the seed's hyperparameters (QLoRA r=8, alpha 32, dropout
 0.1, all linear projections, batch 4 x 4, warmup 10%, cosine) and kbloop's own default for gradient
 checkpointing ("auto": for QLoRA the feed-forward blocks, whole layers only when memory is short) on the
 same pairs.
 
-Base: a Qwen2-architecture model of ~10M parameters built locally (finetune.tiny), pretrained for
+Base: a Qwen2-architecture model of ~10M parameters built locally (finetune.model.tiny), pretrained for
 --pretrain-steps next-token steps on the sample KB and the general text (LoRA cannot adapt random weights).
 A small base learns little at the seed's lr 2e-4, so both runs use --lr (default 2e-3).
 Data: 1,000 QA pairs of varied length, made from samples/qa.jsonl by joining 1-4 pairs into one question
 and one answer. Each recipe trains in its own process (peak RSS measured per process). Held-out: 10% of
-the pairs by question hash (finetune.data.split_heldout). Metrics, each recipe with its own prompt format:
+the pairs by question hash (finetune.training.data.split_heldout). Metrics, each recipe with its own prompt format:
 answer-token loss on the held-out split (answer tokens only, end token excluded), stop rate (greedy
 generation ends with <|im_end|> within 2x the reference length + 16 tokens).
 """
@@ -69,7 +69,7 @@ def build_base(home: Path, *, pretrain_steps: int) -> str:
     random weights: docs/training.md). Neither recipe's prompt format is in its pretraining data."""
     import torch
 
-    from finetune.tiny import TinySpec, build_tiny_base
+    from finetune.model.tiny import TinySpec, build_tiny_base
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "samples" / "kb").rglob("*")) if p.is_file()]
     texts.append((REPO / "finetune" / "assets" / "general.txt").read_text(encoding="utf-8"))
@@ -140,9 +140,9 @@ def train_seed(base: str, train: list[dict], out: Path, a) -> dict:
 
 
 def train_kbloop(base: str, train: list[dict], out: Path, a) -> dict:
-    from finetune.config import TrainConfig
-    from finetune.data import TrainingExample
-    from finetune.training import train_adapter
+    from finetune.training.config import TrainConfig
+    from finetune.training.data import TrainingExample
+    from finetune.training.trainer import train_adapter
 
     examples = [TrainingExample(question=p["question"], input="", answer=p["answer"], passages=[]) for p in train]
     config = TrainConfig(base=base, method="qlora", rank=a.rank, alpha=32, dropout=0.1, targets="all-linear",
@@ -159,7 +159,7 @@ def train_kbloop(base: str, train: list[dict], out: Path, a) -> dict:
 def evaluate(base: str, adapter: Path, heldout: list[dict], prompt_of, max_eval: int) -> dict:
     import torch
 
-    from finetune.models import load_model_for_inference
+    from finetune.model.loading import load_model_for_inference
 
     model, tok = load_model_for_inference(base, adapter_path=adapter)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
@@ -184,7 +184,7 @@ def evaluate(base: str, adapter: Path, heldout: list[dict], prompt_of, max_eval:
 
 
 def kbloop_prompt(tok, question):
-    from finetune.prompting import build_messages, render_prompt
+    from finetune.model.prompting import build_messages, render_prompt
 
     return render_prompt(tok, build_messages(question))
 
@@ -227,7 +227,7 @@ def main() -> None:
     if a.child:
         child(a)
         return
-    from finetune.data import split_heldout
+    from finetune.training.data import split_heldout
 
     work = Path(tempfile.mkdtemp(prefix="train-vs-seed-"))
     base = build_base(work, pretrain_steps=a.pretrain_steps)
@@ -245,7 +245,7 @@ def main() -> None:
                "pretrain_steps": a.pretrain_steps,
                "lr": a.lr, "seed_max_length": a.seed_max_length, "cpu": os.cpu_count(),
                "load_avg_start": os.getloadavg()[0]}
-    from finetune.models import load_base_model
+    from finetune.model.loading import load_base_model
 
     results["base_params"] = sum(p.numel() for p in load_base_model(base).parameters())
     for name in ("seed", "kbloop"):

@@ -3,7 +3,7 @@
     .venv/bin/python bench/verified_matching.py [--out bench/out/verified_matching.json]
 
 Approved set: the 330 sample QA pairs (samples/qa.jsonl), English and Chinese, imported into a fresh store.
-Asked, through finetune.verified (the engine's own lookup):
+Asked, through finetune.serving.verified (the engine's own lookup):
 - positives: for 48 approved questions (bench/data/verified_paraphrases.jsonl), a paraphrase in the same
   language and a translation into the other one. A hit is a verified match on that very example.
 - related negatives: the same 96 questions after their own example is rejected in the store. The sample set
@@ -35,8 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.embedding import embedding_model_name  # noqa: E402
-from finetune.verified import DEFAULT_VERIFIED, search_examples  # noqa: E402
+from finetune.serving.embedding import embedding_model_name  # noqa: E402
+from finetune.serving.verified import DEFAULT_VERIFIED, search_examples  # noqa: E402
 from store import open_db  # noqa: E402
 from store.examples import add_examples, list_examples, review_example  # noqa: E402
 from store.formats import read_examples_file  # noqa: E402

@@ -2,7 +2,7 @@
 
 Every admin command, allowed or refused, is written to audit_log (action "slack:/kb-retrain" …) before
 anything else happens. Replies are ephemeral, through the command's response_url. /kb-retrain's options
-are checked when typed, by the rules `kbloop train` applies (finetune.config.check_settings), so a bad
+are checked when typed, by the rules `kbloop train` applies (finetune.training.config.check_settings), so a bad
 one is answered at once instead of failing the job later. /kb-status shows everyone a job's short
 reason for failing; the whole error (server paths, the training log's last line) only to admins.
 """
@@ -38,7 +38,7 @@ RETRAIN_ALIASES = {"from": "start_from", "lr": "learning_rate", "batch": "batch_
 
 def parse_retrain_args(text: str) -> dict:
     """`force method=lora rank=16 epochs=2` -> {"force": True, "train": {"method": "lora", "rank": 16, …}}.
-    Names are finetune.config.TrainConfig fields (request_retrain checks them). ValueError on bad syntax."""
+    Names are finetune.training.config.TrainConfig fields (request_retrain checks them). ValueError on bad syntax."""
     params: dict = {}
     train: dict = {}
     for word in text.split():
@@ -58,7 +58,7 @@ def parse_retrain_args(text: str) -> dict:
 def check_retrain_options(params: dict) -> None:
     """The training settings of a parsed /kb-retrain, checked by `kbloop train`'s rules. ValueError for an
     option that is not one; StoreError naming a bad value."""
-    from finetune.config import TrainConfig, check_settings  # imported on use: keeps `import bot` light
+    from finetune.training.config import TrainConfig, check_settings  # imported on use: keeps `import bot` light
 
     train = params.get("train") or {}
     if "base" in train:
@@ -71,7 +71,7 @@ def check_retrain_options(params: dict) -> None:
     check_settings(config)
     # A /kb-retrain run is registered: the registry's own check (rank within vLLM's limit, servable targets),
     # which the job would run first thing, runs now.
-    from finetune.registry import check_registrable
+    from finetune.registry.folders import check_registrable
 
     check_registrable(config)
 
@@ -124,7 +124,7 @@ def status_text(db, *, engine=None, admin: bool = False) -> str:
 
 
 def _describe_job(job, *, admin: bool) -> str:
-    from finetune.jobs import describe_job
+    from finetune.jobs.queue import describe_job
 
     if admin:
         return describe_job(job)
@@ -140,13 +140,13 @@ def _describe_job(job, *, admin: bool) -> str:
 
 
 def _request_retrain(db, *, requester: str, reply_channel: str | None, params: dict):
-    from finetune.jobs import request_retrain  # imported on use: keeps `import bot` light
+    from finetune.jobs.queue import request_retrain  # imported on use: keeps `import bot` light
 
     return request_retrain(db, requester=requester, reply_channel=reply_channel, params=params)
 
 
 def _rollback(db, *, actor: str):
-    from finetune.registry import rollback  # records its own audit row ("rollback")
+    from finetune.registry.promotion import rollback  # records its own audit row ("rollback")
 
     return rollback(db, actor=actor)
 
@@ -189,7 +189,7 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
             job = exc.job
             progress = ""
             if job.status == "running" and job.progress:
-                from finetune.jobs import describe_progress
+                from finetune.jobs.queue import describe_progress
 
                 progress = " (" + describe_progress(job.progress) + ")"
             respond(text=messages.retrain_already_active(job.id, job.status, job.requester, escape_mrkdwn(progress)),

@@ -50,7 +50,7 @@ class BotRuntime:
     """What the listeners share: config, the engine, the store, the answer pool and the rate limiter."""
 
     config: BotConfig
-    engine: object  # finetune.engine.Engine, or anything with its answer() signature
+    engine: object  # finetune.serving.engine.Engine, or anything with its answer() signature
     db_path: Path
     answers: ThreadPoolExecutor = field(init=False)
     limiter: QuestionRateLimiter = field(init=False)
@@ -133,7 +133,7 @@ def render_tail(answer) -> list[dict]:
 
 
 def _streams(engine) -> bool:
-    """Whether the engine takes `on_text` (finetune.engine.Engine does; a stand-in may not)."""
+    """Whether the engine takes `on_text` (finetune.serving.engine.Engine does; a stand-in may not)."""
     try:
         return "on_text" in inspect.signature(engine.answer).parameters
     except (TypeError, ValueError):

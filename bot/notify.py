@@ -1,4 +1,4 @@
-"""SlackJobNotifier: tells Slack about a retraining job (implements finetune.jobs.JobNotifier).
+"""SlackJobNotifier: tells Slack about a retraining job (implements finetune.jobs.worker.JobNotifier).
 
 Where: the channel the job was requested from (`job.reply_channel`, in `reply_thread_ts` if set) and
 KBLOOP_NOTIFY_CHANNEL. When the bot cannot post in the requester's channel (not a member, archived …)
@@ -107,7 +107,7 @@ class SlackJobNotifier:
 
 
 def _describe_progress(progress: dict) -> str:
-    from finetune.jobs import describe_progress
+    from finetune.jobs.queue import describe_progress
 
     return describe_progress(progress)
 

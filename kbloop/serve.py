@@ -51,7 +51,7 @@ class Services:
 
 
 def build_services(settings: Settings, *, with_worker: bool = True, with_slack: bool = True) -> Services:
-    from finetune.engine import Engine
+    from finetune.serving.engine import Engine
 
     engine = Engine(db_path=settings.db_path, home=settings.kbloop_home, base_model=settings.base_model).start()
     services = Services(settings=settings, engine=engine)
@@ -74,7 +74,7 @@ def build_services(settings: Settings, *, with_worker: bool = True, with_slack: 
     else:
         services.notes.append("Slack: off (set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET to answer in Slack)")
     if with_worker:
-        from finetune.jobs import Worker, WorkerConfig
+        from finetune.jobs.worker import Worker, WorkerConfig
 
         worker = Worker(db_path=settings.db_path, home=settings.kbloop_home,
                         config=WorkerConfig(base_model=settings.base_model), notifier=notifier)

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     slack_signing_secret: str | None = Field(default=None, alias="SLACK_SIGNING_SECRET")
     slack_app_token: str | None = Field(default=None, alias="SLACK_APP_TOKEN")
     slack_api_url: str = Field(default="https://slack.com/api/", alias="KBLOOP_SLACK_API_URL")
-    # The embedder for semantic search (finetune.embedding): multilingual-e5-small (bundled, the default),
+    # The embedder for semantic search (finetune.serving.embedding): multilingual-e5-small (bundled, the default),
     # all-MiniLM-L6-v2 (bundled, English), or a sentence-transformers model id or folder.
     embedding_model: str = Field(default="multilingual-e5-small", alias="KBLOOP_EMBEDDING_MODEL")
 

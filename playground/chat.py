@@ -1,7 +1,7 @@
 """Chat tab handlers: ask the engine, compare base / active / a candidate side by side, vote on answers.
 
 The engine is passed in (one loaded model per process, shared with the bot in `kbloop serve`); anything
-with `answer(question, *, source, user_id, adapter, record)` returning finetune.engine.Answer works.
+with `answer(question, *, source, user_id, adapter, record)` returning finetune.serving.engine.Answer works.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Training tab handlers (admins): retrain, follow a job's progress and loss, promote and roll back.
 
 Every action checks `require_admin` here, server-side; the tab is only hidden from others as a courtesy.
-Jobs go through the same queue as Slack's /kb-retrain (finetune.jobs.request_retrain); promotion goes
-through the registry's gate (finetune.registry.promote), so the verdict shown is the one that decided.
+Jobs go through the same queue as Slack's /kb-retrain (finetune.jobs.queue.request_retrain); promotion goes
+through the registry's gate (finetune.registry.promotion.promote), so the verdict shown is the one that decided.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _actor(viewer: Viewer) -> str:
 
 def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = False, overrides: dict | None = None) -> Outcome:
     """Queue a retraining job (refused while one is queued or running: it says which)."""
-    from finetune.jobs import describe_job, request_retrain
+    from finetune.jobs.queue import describe_job, request_retrain
 
     try:
         require_admin(db, viewer, "start_retraining")
@@ -64,7 +64,7 @@ def cancel_job(db: sqlite_utils.Database, viewer: Viewer, job_id: int | str | No
 
 
 def jobs_frame(db: sqlite_utils.Database, *, limit: int = 20) -> pd.DataFrame:
-    from finetune.jobprotocol import JobProgress
+    from finetune.jobs.protocol import JobProgress
 
     rows = []
     for j in list_jobs(db, limit=limit):
@@ -84,7 +84,7 @@ def current_job_id(db: sqlite_utils.Database) -> int | None:
 
 
 def progress_markdown(db: sqlite_utils.Database, job_id: int | None) -> str:
-    from finetune.jobs import describe_job
+    from finetune.jobs.queue import describe_job
 
     if job_id is None:
         return "No training job yet."
@@ -101,7 +101,7 @@ def progress_markdown(db: sqlite_utils.Database, job_id: int | None) -> str:
 def progress_fraction(db: sqlite_utils.Database, job_id: int | None) -> float:
     if job_id is None:
         return 0.0
-    from finetune.jobprotocol import JobProgress
+    from finetune.jobs.protocol import JobProgress
 
     p = JobProgress.from_dict(get_job(db, job_id).progress)
     return min(1.0, (p.step or 0) / p.total) if p.total else 0.0
@@ -134,7 +134,7 @@ def verdict_markdown(db: sqlite_utils.Database, version: str | None) -> str:
     if not version:
         active = active_adapter(db)
         return f"Active adapter: **{active.version}**." if active else "No adapter is active: the bot answers with the base model."
-    from finetune.registry import stored_verdict
+    from finetune.registry.promotion import stored_verdict
 
     try:
         adapter = get_adapter(db, version)
@@ -150,7 +150,7 @@ def verdict_markdown(db: sqlite_utils.Database, version: str | None) -> str:
 
 def promote(db: sqlite_utils.Database, viewer: Viewer, version: str | None, *, force: bool = False) -> Outcome:
     """Make `version` active if the gate passes (or an admin forces it); the bot switches without a restart."""
-    from finetune.registry import promote as registry_promote
+    from finetune.registry.promotion import promote as registry_promote
 
     try:
         require_admin(db, viewer, "promote", target=version)
@@ -165,7 +165,7 @@ def promote(db: sqlite_utils.Database, viewer: Viewer, version: str | None, *, f
 
 
 def rollback(db: sqlite_utils.Database, viewer: Viewer) -> Outcome:
-    from finetune.registry import rollback as registry_rollback
+    from finetune.registry.promotion import rollback as registry_rollback
 
     try:
         require_admin(db, viewer, "roll_back")

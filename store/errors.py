@@ -2,11 +2,11 @@
 
 It lives in the bottom layer (store imports nothing of kbloop's other packages), so that every layer,
 finetune, bot, playground and the command root, can raise and catch it. The command line (kbloop.cli.app.run)
-and the training child (finetune.jobrun) catch this one type and print its message as one line.
+and the training child (finetune.jobs.child) catch this one type and print its message as one line.
 
     KbloopError
     ├── StoreError        the database and the data in it (store.JobAlreadyActive, store.ImportFileError, …)
-    ├── ConfigError       a training, worker or job setting that cannot work (finetune.config.check_settings)
+    ├── ConfigError       a training, worker or job setting that cannot work (finetune.training.config.check_settings)
     ├── SettingsError     kbloop.settings: a missing or malformed environment variable
     ├── PlaygroundError   playground.config
     ├── BotConfigError    bot.config: a missing or malformed Slack setting

@@ -132,7 +132,7 @@ def m001_initial(db) -> None:
             "reply_channel": str,  # where to report progress: a Slack channel / DM, or null
             "reply_thread_ts": str,
             "params": str,  # JSON
-            "progress": str,  # JSON: phase, step, total, loss, eta_s … (finetune.jobprotocol.JobProgress)
+            "progress": str,  # JSON: phase, step, total, loss, eta_s … (finetune.jobs.protocol.JobProgress)
             "result": str,  # JSON
             "error": str,
             "worker_id": str,

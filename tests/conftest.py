@@ -43,12 +43,12 @@ def kbloop_home(tmp_path, monkeypatch) -> Path:
 def tiny_built_once(tmp_path_factory):
     """Each `tiny` base is built once per test run and copied into every workspace that asks for one.
 
-    finetune.tiny.ensure_tiny_base builds the base from the workspace's knowledge-base text (seeded random
+    finetune.model.tiny.ensure_tiny_base builds the base from the workspace's knowledge-base text (seeded random
     weights, a tokenizer trained on the text): the same text always gives the same base, so a workspace gets
     a copy of the one already built for its text instead of building its own. Processes a test starts (job
     children, servers) use the copy when the workspace has one, and build their own otherwise.
     """
-    import finetune.tiny as tiny
+    import finetune.model.tiny as tiny
 
     build = tiny.ensure_tiny_base
     cache = tmp_path_factory.mktemp("tiny-bases")

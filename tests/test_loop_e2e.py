@@ -23,9 +23,10 @@ import time
 import pytest
 
 from bot import BackgroundHttpServer, BotConfig, SlackJobNotifier, build_app, messages, shutdown
-from finetune.engine import NO_MATCH_TEXT, Engine, EngineConfig
-from finetune.evaluation import token_f1
-from finetune.jobs import Worker, WorkerConfig, request_retrain
+from finetune.serving.engine import NO_MATCH_TEXT, Engine, EngineConfig
+from finetune.evaluation.metrics import token_f1
+from finetune.jobs.queue import request_retrain
+from finetune.jobs.worker import Worker, WorkerConfig
 from store import open_db
 from store.adapters import active_adapter
 from store.documents import import_documents
@@ -135,14 +136,14 @@ def test_the_loop_on_guide_format_data(db_path, kbloop_home, tmp_path, capsys):
             if not first.result["promoted"]:
                 # A memorising tiny model is worse than the random base on unseen questions (held-out loss);
                 # the admin promotes the first adapter anyway, as `kbloop promote V --force` does.
-                from finetune.registry import promote
+                from finetune.registry.promotion import promote
 
                 promote(db, first.result["version"], actor=ADMIN, force=True)
             v1 = active_adapter(db).version
             assert engine.wait_ready(300), engine.error
 
             # Trained on the bare question, asked the bare question: the guide's layout was read right.
-            from finetune.data import split_heldout
+            from finetune.training.data import split_heldout
 
             train_side, _ = split_heldout([NewExample(question=q, answer=a) for q, a in pairs])
             trained = [(t.question, t.answer) for t in train_side]
@@ -192,7 +193,7 @@ def test_the_loop_on_guide_format_data(db_path, kbloop_home, tmp_path, capsys):
             v2 = job.result["version"]
             assert active_adapter(db).version == v2 != v1
             assert job.pid and job.pid != os.getpid()  # trained in a child process
-            from finetune.registry import read_metadata
+            from finetune.registry.folders import read_metadata
             from store.adapters import get_adapter
 
             meta = read_metadata(get_adapter(db, v2).path)

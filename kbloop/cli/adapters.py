@@ -26,8 +26,8 @@ def eval_command(
     train_sample: Annotated[int, typer.Option(min=0, help="Training examples checked for exact reproduction.")] = 32,
 ) -> None:
     """Re-run the evaluation of adapter VERSION and of the active adapter on the held-out split; print the table."""
-    from finetune.evaluation import EvalConfig, metrics_table
-    from finetune.registry import evaluate_version
+    from finetune.evaluation.metrics import EvalConfig, metrics_table
+    from finetune.registry.candidates import evaluate_version
 
     c = ctx()
     metrics, verdict = evaluate_version(c.db, version, home=c.settings.kbloop_home, on_phase=_phase,
@@ -42,7 +42,7 @@ def eval_command(
 @app.command("adapters")
 def adapters_command() -> None:
     """List adapter versions with their status and key held-out metrics (active one marked *)."""
-    from finetune.evaluation import format_value, text_table
+    from finetune.evaluation.metrics import format_value, text_table
     from store.adapters import list_adapters
 
     rows = list_adapters(ctx().db)
@@ -70,7 +70,7 @@ def promote_command(
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (recorded in the audit log).")] = False,
 ) -> None:
     """Make VERSION the active adapter if it is no worse than the current one on the held-out set."""
-    from finetune.registry import promote
+    from finetune.registry.promotion import promote
 
     verdict = promote(ctx().db, version, actor=_actor(), force=force)
     if verdict.table:
@@ -84,7 +84,7 @@ def promote_command(
 @app.command("rollback")
 def rollback_command() -> None:
     """Retire the active adapter and go back to the one active before it (or the base model)."""
-    from finetune.registry import rollback
+    from finetune.registry.promotion import rollback
 
     current, previous = rollback(ctx().db, actor=_actor())
     to = previous.version if previous else "the base model (no adapter)"
@@ -98,7 +98,7 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16.")] = "float32",
 ) -> None:
     """Write base + adapter VERSION merged into one full model folder (safetensors + tokenizer)."""
-    from finetune.export import export_merged
+    from finetune.registry.export import export_merged
     from store.adapters import get_adapter
 
     if merged is None:

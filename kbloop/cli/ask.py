@@ -29,7 +29,7 @@ def ask(
     Prints the answer, its sources, the adapter that answered, the latency and the interaction id under
     which it was recorded.
     """
-    from finetune.engine import ACTIVE, BASE, Engine, EngineConfig
+    from finetune.serving.engine import ACTIVE, BASE, Engine, EngineConfig
     from store.adapters import get_adapter
 
     if not question.strip():

@@ -48,7 +48,7 @@ def bot_command(
     model are ready. Needs SLACK_BOT_TOKEN, and SLACK_SIGNING_SECRET in HTTP mode.
     """
     from bot import build_app, run_http, run_socket_mode, shutdown
-    from finetune.engine import Engine
+    from finetune.serving.engine import Engine
 
     c = ctx()
     s = c.settings

@@ -71,8 +71,8 @@ def _embed_passages(c) -> None:
     with a progress bar: a whole KB on two CPU cores takes minutes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from finetune.embedding import embedding_model_name
-    from finetune.retrieval import embed_missing_passages
+    from finetune.serving.embedding import embedding_model_name
+    from finetune.serving.retrieval import embed_missing_passages
     from store.kb import passages_missing_embedding
 
     model = embedding_model_name()
@@ -94,8 +94,8 @@ def kb_search(
 ) -> None:
     """The passages the bot would retrieve for a question, best first, with the evidence behind each rank
     (BM25, similarity, relevance, word coverage, fused score), or nothing when the KB does not cover it."""
-    from finetune.embedding import embedding_model_name
-    from finetune.retrieval import cjk_share, config_for, match_score, retrieve_scored
+    from finetune.serving.embedding import embedding_model_name
+    from finetune.serving.retrieval import cjk_share, config_for, match_score, retrieve_scored
 
     if not question.strip():
         fail("the question is empty")

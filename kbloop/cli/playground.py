@@ -28,7 +28,7 @@ def playground_command(
     c.db  # the database must exist (`kbloop init`); fails with one line otherwise
     answerer = None
     if engine:
-        from finetune.engine import Engine
+        from finetune.serving.engine import Engine
 
         answerer = Engine(db_path=c.settings.db_path, home=c.settings.kbloop_home,
                           base_model=c.settings.base_model).start()

@@ -53,7 +53,7 @@ class _PrintProgress:
         self.task = self.progress.add_task(f"Training (job {job.id})", total=None, info="starting")
 
     def job_progress(self, job, progress: dict) -> None:
-        from finetune.jobprotocol import JobProgress
+        from finetune.jobs.protocol import JobProgress
 
         p = JobProgress.from_dict(progress)
         info = p.phase
@@ -78,9 +78,9 @@ def demo(
     the `tiny` base, a few answers with votes in the review queue, an approved correction answered at once
     and then learnt by a continued retrain, then the playground (and Slack when configured). Safe to run
     again: it reuses what is already there."""
-    from finetune.engine import Engine
-    from finetune.retrieval import embed_missing_passages
-    from finetune.jobs import Worker, WorkerConfig
+    from finetune.serving.engine import Engine
+    from finetune.serving.retrieval import embed_missing_passages
+    from finetune.jobs.worker import Worker, WorkerConfig
     from kbloop.serve import samples_dir, serve as run_serve
     from kbloop.settings import load_settings
     from store import open_db
@@ -120,7 +120,7 @@ def demo(
             # The tiny base has random weights: an adapter that memorises the training answers can score
             # worse than it on held-out loss, so the gate may keep it as a candidate. The demo then promotes
             # it as an admin would (`kbloop promote --force`, audited); later adapters meet the gate against it.
-            from finetune.registry import promote
+            from finetune.registry.promotion import promote
 
             promote(db, version, actor="demo", force=True)
             typer.echo(f"{version} promoted by the demo (forced: it did not pass the held-out gate against the "
@@ -175,7 +175,7 @@ def _run_demo_job(db, worker, *, params: dict) -> dict:
     """Queue a retraining job and run it in this process's worker; its outcome, or one clear line."""
     import threading
 
-    from finetune.jobs import request_retrain
+    from finetune.jobs.queue import request_retrain
 
     job = request_retrain(db, requester="demo", params=params)
     finished = worker.run_once(stop_event=threading.Event())

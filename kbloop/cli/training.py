@@ -38,7 +38,7 @@ def _start_from(value: str | None) -> str | None:
     value = value.strip()
     if value.lower() in ("active", "base"):
         return value.lower()
-    from finetune.registry import VERSION_RE
+    from finetune.registry.folders import VERSION_RE
 
     if not VERSION_RE.match(value):
         fail(f"--from: expected `active`, `base` or an adapter version such as v3, not {value!r}")
@@ -47,7 +47,7 @@ def _start_from(value: str | None) -> str | None:
 
 def _config(*, base, method, rank, alpha, dropout, targets, epochs, lr, batch, grad_accum, max_length, seed,
             version, passages, start_from=None):
-    from finetune.config import METHODS, TrainConfig, parse_targets
+    from finetune.training.config import METHODS, TrainConfig, parse_targets
 
     if method is not None and method not in METHODS:
         fail(f"--method: expected one of {', '.join(METHODS)}, not {method!r}")
@@ -96,7 +96,7 @@ def _pick_version(db, home: Path, requested: str | None) -> str:
     """The version the run will register as, known up front so that its steps are logged under it."""
     if requested:
         return requested
-    from finetune.registry import next_free_version
+    from finetune.registry.folders import next_free_version
 
     return next_free_version(db, home)
 
@@ -141,7 +141,7 @@ def train(
         return
     if out is not None:
         fail("--out goes with --data; adapters trained on the store's examples go to KBLOOP_HOME/adapters/")
-    from finetune.registry import train_candidate
+    from finetune.registry.candidates import train_candidate
     from store.examples import approved_snapshot
 
     examples, _ = approved_snapshot(c.db)
@@ -158,7 +158,7 @@ def train(
     a = result.adapter
     typer.echo(f"Registered {a.version} as a candidate ({a.method}, {a.dataset_size} examples, "
                f"{time.monotonic() - started:.0f} s): {a.path}")
-    from finetune.registry import read_metadata
+    from finetune.registry.folders import read_metadata
 
     for note in (read_metadata(Path(a.path)).get("training") or {}).get("notes", []):
         if not note.startswith(_DEFAULT_NOTES):  # those were printed before training
@@ -174,9 +174,9 @@ def train(
 def _echo_defaults(config, examples, *, label: str | None = None) -> None:
     """Say which defaults apply (before the long part), as the trainer will resolve them; `label` names the
     run when it is not a registered version (`file:qa.jsonl`)."""
-    from finetune.config import resolve_config
-    from finetune.models import TINY, is_tiny_base
-    from finetune.recommend import profile_examples
+    from finetune.training.config import resolve_config
+    from finetune.model.loading import TINY, is_tiny_base
+    from finetune.training.recommend import profile_examples
 
     tiny = config.base == TINY or is_tiny_base(config.base)
     try:
@@ -197,10 +197,10 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     import shutil
     import tempfile
 
-    from finetune.config import prompt_passages
-    from finetune.data import build_training_examples, split_for_training
-    from finetune.models import is_tiny_base, resolve_base
-    from finetune.training import train_adapter
+    from finetune.training.config import prompt_passages
+    from finetune.training.data import build_training_examples, split_for_training
+    from finetune.model.loading import is_tiny_base, resolve_base
+    from finetune.training.trainer import train_adapter
     from store.files import publish_dir
     from store.formats import ImportFileError, read_examples_file, scan_imported
 
@@ -227,8 +227,8 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
         for note in outcome.notes:
             typer.echo(f"  {note}")
         if heldout:
-            from finetune.evaluation import evaluate, metrics_table
-            from finetune.models import load_model_for_inference
+            from finetune.evaluation.metrics import evaluate, metrics_table
+            from finetune.model.loading import load_model_for_inference
 
             typer.echo(f"… evaluating on {len(heldout)} held-out examples")
             model, tokenizer = load_model_for_inference(base_path, adapter_path=tmp)
@@ -247,7 +247,7 @@ def recommend(
     data: Annotated[Optional[Path], typer.Option(help="Profile this file instead of the store's approved examples.")] = None,
 ) -> None:
     """Apply the LoRA guide's decision framework (LoRA or full fine-tuning, which rank) to the data; print why."""
-    from finetune.recommend import recommend as recommend_for
+    from finetune.training.recommend import recommend as recommend_for
 
     c = ctx()
     if data is not None:
@@ -289,9 +289,9 @@ def sweep(
     exact match) is named for `kbloop promote`. The `tiny` base trains with full fine-tuning by default (its
     weights are random), which has no rank: on tiny the sweep needs --method lora.
     """
-    from finetune.config import SEED_DEFAULTS, TINY_DEFAULTS
-    from finetune.models import TINY, is_tiny_base
-    from finetune.registry import train_candidate
+    from finetune.training.config import SEED_DEFAULTS, TINY_DEFAULTS
+    from finetune.model.loading import TINY, is_tiny_base
+    from finetune.registry.candidates import train_candidate
 
     try:
         grid = sorted({int(r) for r in ranks.split(",") if r.strip()})
@@ -334,7 +334,7 @@ def _sweep_key(metrics: dict):
 
 
 def _sweep_table(rows) -> str:
-    from finetune.evaluation import format_value, text_table
+    from finetune.evaluation.metrics import format_value, text_table
 
     best = min(rows, key=lambda r: _sweep_key(r[1].metrics))[1].version
     table = [("rank", "version", "held-out loss", "exact", "F1", "reproduced", "stops", "seconds", "")]

@@ -24,7 +24,7 @@ log = logging.getLogger("kbloop.jobs")
 
 def worker_config(settings, **overrides):
     """The WorkerConfig for these settings; `overrides` are WorkerConfig fields (CLI options)."""
-    from finetune.jobs import WorkerConfig
+    from finetune.jobs.worker import WorkerConfig
 
     values = {"base_model": settings.base_model}
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -38,7 +38,7 @@ class ConsoleNotifier:
         typer.echo(f"job {job.id} started ({job.kind}, requested by {job.requester or 'unknown'})")
 
     def job_progress(self, job, progress: dict) -> None:
-        from finetune.jobs import describe_progress
+        from finetune.jobs.queue import describe_progress
 
         typer.echo(f"job {job.id}: {describe_progress(progress)}")
 
@@ -100,7 +100,7 @@ def worker(
 
     A job of a worker that died is marked failed (with the reason) when the next worker starts.
     """
-    from finetune.jobs import Worker
+    from finetune.jobs.worker import Worker
     from store import KbloopError
 
     c = ctx()
@@ -138,7 +138,7 @@ def worker(
 
 
 def _job_line(job) -> str:
-    from finetune.jobs import describe_job
+    from finetune.jobs.queue import describe_job
 
     when = (job.finished_at or job.started_at or job.created_at)[:19].replace("T", " ")
     return f"#{job.id} {job.kind:8} {job.status:9} {when}  {describe_job(job)}"
@@ -191,7 +191,7 @@ def jobs_retrain(
     force: Annotated[bool, typer.Option("--force", help="Train even if the approved examples did not change.")] = False,
 ) -> None:
     """Queue a retraining job (what /kb-retrain does); a running `kbloop worker` picks it up."""
-    from finetune.jobs import describe_job, request_retrain
+    from finetune.jobs.queue import describe_job, request_retrain
     from store.audit import record_audit
     from store.jobs import JobAlreadyActive
 

@@ -1,7 +1,7 @@
 """Fixtures for the bot: the fake Slack Web API, a bot on a real HTTP server, a scripted engine.
 
 The scripted engine is for handler tests only (it lets a test choose what "the model" says, e.g. a
-<!channel>); it records interactions through the real store exactly like finetune.engine.Engine does.
+<!channel>); it records interactions through the real store exactly like finetune.serving.engine.Engine does.
 The integration test with the real Engine on the tiny base is tests/bot/test_real_engine.py.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bot import BackgroundHttpServer, BotConfig, build_app, shutdown
-from finetune.engine import Answer, Source
+from finetune.serving.engine import Answer, Source
 from store import local_db
 from store.interactions import record_interaction
 from tests.fakes.slack_api import FakeSlackAPI
@@ -26,7 +26,7 @@ ADMIN = "UADMIN"
 
 
 class ScriptedEngine:
-    """finetune.engine.Engine's answer() signature; answers with `reply(question)` after `delay_s`."""
+    """finetune.serving.engine.Engine's answer() signature; answers with `reply(question)` after `delay_s`."""
 
     def __init__(self, db_path: Path, *, reply=None, delay_s: float = 0.0, ready: bool = True,
                  after_first_piece=None):

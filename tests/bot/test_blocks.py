@@ -68,7 +68,7 @@ def test_answer_message_shape():
 def test_a_verified_answer_names_who_approved_it_escaped_with_buttons_and_no_unreliable_note():
     from bot import messages
     from bot.handlers import render_answer
-    from finetune.engine import Answer
+    from finetune.serving.engine import Answer
 
     answer = Answer("Next to <!here> reception.", [], None, 12, 7, None, verified=True, example_id=3,
                     approved_by="<@U999>", approved_at="2026-11-30T10:00:00+00:00")

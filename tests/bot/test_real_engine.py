@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.engine import Engine, EngineConfig
+from finetune.serving.engine import Engine, EngineConfig
 from store import open_db
 from store.documents import import_documents
 from store.examples import list_examples

@@ -22,7 +22,7 @@ def workspace(kbloop, db):
 
 
 def _register(db, home: Path, version: str, metrics: dict, *, against: str = "base") -> None:
-    from finetune.registry import gate
+    from finetune.evaluation.gate import gate
 
     folder = home / "adapters" / version
     folder.mkdir(parents=True)
@@ -93,7 +93,7 @@ def test_unknown_versions_and_existing_export_folder(kbloop, workspace, kbloop_h
 
 @pytest.mark.slow
 def test_eval_and_export_on_the_tiny_base(kbloop, workspace, kbloop_home, tmp_path):
-    from finetune.models import resolve_base
+    from finetune.model.loading import resolve_base
     from tests.finetune.registry_fixtures import make_lora_adapter, seed_store
 
     db = workspace

@@ -27,8 +27,8 @@ def test_every_user_facing_error_derives_from_kbloop_error():
 
 
 def test_config_validation_raises_a_config_error():
-    from finetune.config import TrainConfig, check_settings
-    from finetune.jobs import WorkerConfig
+    from finetune.training.config import TrainConfig, check_settings
+    from finetune.jobs.worker import WorkerConfig
 
     with pytest.raises(ConfigError, match="epochs must be positive"):
         check_settings(TrainConfig(epochs=0))
@@ -39,7 +39,7 @@ def test_config_validation_raises_a_config_error():
 
 
 def test_a_retrain_request_with_bad_settings_is_refused_with_a_config_error(db):
-    from finetune.jobs import request_retrain
+    from finetune.jobs.queue import request_retrain
 
     with pytest.raises(ConfigError, match="unknown retrain parameter"):
         request_retrain(db, requester="U", params={"colour": "red"})

@@ -107,8 +107,8 @@ def test_sweep_trains_one_lora_run_per_rank_each_from_the_base(kbloop, tmp_path,
     """The sweep's training path: what each run is asked to train, as training will resolve it."""
     from types import SimpleNamespace
 
-    import finetune.registry
-    from finetune.config import resolve_config
+    import finetune.registry.candidates
+    from finetune.training.config import resolve_config
     from store.adapters import register_adapter
 
     asked = []
@@ -123,7 +123,7 @@ def test_sweep_trains_one_lora_run_per_rank_each_from_the_base(kbloop, tmp_path,
                                    metrics={"heldout_loss": loss, "heldout_exact_match": 0.5})
         return SimpleNamespace(adapter=adapter)
 
-    monkeypatch.setattr(finetune.registry, "train_candidate", fake_train_candidate)
+    monkeypatch.setattr(finetune.registry.candidates, "train_candidate", fake_train_candidate)
     assert kbloop("init").exit_code == 0
     assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
     r = kbloop("sweep", "--ranks", "8,2,4", "--method", "lora")

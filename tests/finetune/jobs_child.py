@@ -1,4 +1,4 @@
-"""A job child for the worker's mechanics tests: the real finetune.jobrun entry point (death signal, SIGTERM,
+"""A job child for the worker's mechanics tests: the real finetune.jobs.child entry point (death signal, SIGTERM,
 ownership checks, progress and outcome files) around a scripted job body instead of training.
 
     python -m tests.finetune.jobs_child JOB_ID --db … (the worker adds the arguments)
@@ -15,8 +15,8 @@ import sys
 import time
 from types import SimpleNamespace
 
-from finetune import jobrun
-from finetune.jobprotocol import SUCCEEDED, ChildResult
+from finetune.jobs import child as jobrun
+from finetune.jobs.protocol import SUCCEEDED, ChildResult
 
 
 def run_scripted(db, job, *, home, base, reporter, should_stop) -> ChildResult:

@@ -7,6 +7,11 @@ from pathlib import Path
 
 from tests.conftest import SAMPLES
 
+# Metrics of a sound adapter: what gate and promotion tests compare candidates with.
+GOOD = {"heldout_loss": 1.00, "heldout_exact_match": 0.50, "heldout_token_f1": 0.70, "stop_rate": 0.90,
+        "train_reproduced": 0.8, "forgetting_adapter_loss": 5.0, "forgetting_delta": 0.3, "n_heldout": 10,
+        "n_train_sampled": 32}
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -1,4 +1,4 @@
-"""Where a retraining run starts (finetune.continuation): fast, on plain objects."""
+"""Where a retraining run starts (finetune.training.continuation): fast, on plain objects."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from finetune.config import TrainConfig
-from finetune.continuation import Sizing, example_key, plan_start, replay_rounds, trained_record
-from finetune.data import TrainingExample
+from finetune.training.config import TrainConfig
+from finetune.training.continuation import Sizing, example_key, plan_start, replay_rounds, trained_record
+from finetune.training.data import TrainingExample
 
 
 @dataclass

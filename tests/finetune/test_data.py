@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from finetune.data import (
+from finetune.training.data import (
     IGNORE_INDEX, CompletionCollator, TrainingExample, TruncationReport, encode_example,
     load_training_examples, save_training_examples, split_for_training, split_heldout,
 )
-from finetune.prompting import PromptPassage, build_messages, render_prompt
+from finetune.model.prompting import PromptPassage, build_messages, render_prompt
 
 
 def _example(question="How many vacation days do I get?", answer="30 days a year, plus public holidays.",
@@ -123,7 +123,7 @@ def test_split_for_training_always_trains_corrections_last_and_holds_out_from_th
 
 
 def test_build_training_examples_carries_retrieved_passages(db):
-    from finetune.data import build_training_examples
+    from finetune.training.data import build_training_examples
     from store.examples import NewExample, add_examples, list_examples
     from store.kb import NewPassage, replace_document
 

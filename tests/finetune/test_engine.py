@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.engine import (
+from finetune.serving.engine import (
     EMPTY_TEXT,
     NO_MATCH_TEXT,
     NO_MATCH_TEXT_ZH,
@@ -24,8 +24,8 @@ from finetune.engine import (
     Source,
     length_buckets,
 )
-from finetune.models import resolve_base
-from finetune.retrieval import embed_missing_passages
+from finetune.model.loading import resolve_base
+from finetune.serving.retrieval import embed_missing_passages
 from store import StoreError, open_db
 from store.adapters import activate_adapter, register_adapter, rollback_adapter
 from store.documents import import_documents
@@ -184,10 +184,10 @@ def test_finished_rows_are_handed_over_at_their_stop_token_each_once():
 def test_a_short_answer_leaves_its_batch_as_soon_as_it_stops(workspace):
     import torch
 
-    from finetune.kv_cache import cache_kwarg, prefill
-    from finetune.models import load_model_for_inference
-    from finetune.prompting import PromptPassage, build_messages, render_prompt
-    from finetune.retrieval import retrieve_passages
+    from finetune.serving.kv_cache import cache_kwarg, prefill
+    from finetune.model.loading import load_model_for_inference
+    from finetune.model.prompting import PromptPassage, build_messages, render_prompt
+    from finetune.serving.retrieval import retrieve_passages
 
     db = workspace["db"]
     model, tok = load_model_for_inference(resolve_base("tiny", home=workspace["home"], db=db))
@@ -252,9 +252,9 @@ def test_each_adapter_is_asked_with_the_passages_it_was_trained_with(engine, wor
     and still names the retrieved sources."""
     import torch
 
-    from finetune.models import load_model_for_inference
-    from finetune.prompting import PromptPassage, build_messages, render_prompt
-    from finetune.retrieval import retrieve_passages
+    from finetune.model.loading import load_model_for_inference
+    from finetune.model.prompting import PromptPassage, build_messages, render_prompt
+    from finetune.serving.retrieval import retrieve_passages
 
     db, home = workspace["db"], workspace["home"]
     path = home / "adapters" / "v1"
@@ -377,7 +377,7 @@ def test_a_base_model_that_does_not_exist_is_reported(workspace, tmp_path, caplo
     eng = Engine(db_path=workspace["db_path"], home=workspace["home"], base_model=str(tmp_path / "nope")).start()
     assert not eng.wait_ready(60)
     assert "not found" in eng.error
-    logged = [r for r in caplog.records if r.name == "finetune.engine" and "not found" in r.getMessage()]
+    logged = [r for r in caplog.records if r.name == "finetune.serving.engine" and "not found" in r.getMessage()]
     assert logged and logged[0].exc_info is None  # the message says it all: no traceback on the terminal
     a = eng.answer("How do I set up the VPN?")
     assert a.notice == "unavailable" and "not found" in a.text

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from finetune.engine import Engine, EngineConfig, FinishedRows, TextStream, clean_answer, settled_text
-from finetune.retrieval import embed_missing_passages
+from finetune.serving.engine import Engine, EngineConfig, FinishedRows, TextStream, clean_answer, settled_text
+from finetune.serving.retrieval import embed_missing_passages
 from store import open_db
 from store.documents import import_documents
 from tests.conftest import SAMPLES

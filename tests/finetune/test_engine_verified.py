@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.engine import APPROVED_SOURCE_TITLE, NO_MATCH_TEXT, Engine, EngineConfig
-from finetune.retrieval import embed_missing_passages
+from finetune.serving.engine import APPROVED_SOURCE_TITLE, NO_MATCH_TEXT, Engine, EngineConfig
+from finetune.serving.retrieval import embed_missing_passages
 from store import open_db
 from store.documents import import_documents
 from store.examples import NewExample, add_examples, list_examples, review_example

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from finetune.evaluation import (
+from finetune.evaluation.metrics import (
     GENERAL_TEXT_PATH,
     METRIC_KEYS,
     answer_ids,
@@ -66,7 +66,7 @@ class Ex:
     input: str = ""
     passages: list = field(default_factory=list)
     approved: list = field(default_factory=list)
-    history: list = field(default_factory=list)  # finetune.data.TrainingExample's earlier turns of a thread
+    history: list = field(default_factory=list)  # finetune.training.data.TrainingExample's earlier turns of a thread
 
 
 def test_reproduction_sample_is_deterministic_and_order_free():
@@ -89,8 +89,8 @@ def test_metrics_table_formats_missing_values():
 
 
 def test_one_table_renderer_and_one_set_of_metric_labels():
-    from finetune.evaluation import METRIC_LABELS, text_table
-    from finetune.registry import comparison_table
+    from finetune.evaluation.metrics import METRIC_LABELS, text_table
+    from finetune.evaluation.gate import comparison_table
 
     assert text_table([("a", "1"), ("long name", "22")]) == "a          1\nlong name  22"
     assert text_table([("a", "1", ""), ("bb", "22", "x")], align="lr") == "a    1\nbb  22  x"
@@ -104,15 +104,15 @@ def test_one_table_renderer_and_one_set_of_metric_labels():
 
 
 def test_the_stop_rate_counts_the_stop_tokens_the_engine_serves_with(tokenizer, eot, monkeypatch):
-    """The gate's stop rate and the engine stop on one set (finetune.models.serving_stop_ids): a model whose
+    """The gate's stop rate and the engine stop on one set (finetune.model.loading.serving_stop_ids): a model whose
     generation config adds a stop token is counted as stopping there, as the engine would stop there."""
     import ast
     from types import SimpleNamespace
 
     import torch
 
-    import finetune.kv_cache
-    from finetune.models import serving_stop_ids, stop_token_ids
+    import finetune.serving.kv_cache
+    from finetune.model.loading import serving_stop_ids, stop_token_ids
 
     extra = tokenizer.convert_tokens_to_ids("<|im_start|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eot, extra]))
@@ -127,14 +127,14 @@ def test_the_stop_rate_counts_the_stop_tokens_the_engine_serves_with(tokenizer, 
         seen["eos"] = eos_token_id
         return torch.tensor(rows[:len(prompts)])
 
-    monkeypatch.setattr(finetune.kv_cache, "generate_batch", fake_generate)
+    monkeypatch.setattr(finetune.serving.kv_cache, "generate_batch", fake_generate)
     gens = generate_answers(model, tokenizer, [Ex("Stop?", "yes"), Ex("Go on?", "yes")])
     assert seen["eos"] == stops
     assert [g.stopped for g in gens] == [True, False] and gens[0].text == "yes"
     # The engine computes its set with the same function.
     from tests.conftest import REPO
 
-    engine = ast.parse((REPO / "finetune" / "engine.py").read_text(encoding="utf-8"))
+    engine = ast.parse((REPO / "finetune" / "serving" / "engine.py").read_text(encoding="utf-8"))
     called = {n.func.id for n in ast.walk(engine) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert "serving_stop_ids" in called and "stop_token_ids" not in called
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from finetune.export import EXPORT_META, export_merged
+from finetune.registry.export import EXPORT_META, export_merged
 from store import ConfigError, StoreError
 from store import adapters as rows
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from finetune.tiny import ensure_tiny_base
+    from finetune.model.tiny import ensure_tiny_base
     from tests.finetune.registry_fixtures import sample_texts
 
     return ensure_tiny_base(tmp_path_factory.mktemp("export-home"), sample_texts())

@@ -1,12 +1,12 @@
-"""The fused training ops give the values and gradients of the plain computation (finetune.fused)."""
+"""The fused training ops give the values and gradients of the plain computation (finetune.training.fused)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from finetune import fused
-from finetune.data import IGNORE_INDEX, CompletionCollator, TrainingExample, encode_example
+from finetune.training import fused
+from finetune.training.data import IGNORE_INDEX, CompletionCollator, TrainingExample, encode_example
 
 
 def _batch(tokenizer, eot):
@@ -28,7 +28,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_answer_token_loss_matches_the_models_own_loss_and_gradients(tiny_path, tokenizer, eot, monkeypatch):
-    from finetune.models import load_base_model
+    from finetune.model.loading import load_base_model
 
     model = load_base_model(tiny_path)
     model.train()
@@ -62,7 +62,7 @@ def test_answer_token_loss_matches_the_models_own_loss_and_gradients(tiny_path, 
 
 
 def test_the_fused_head_computes_logits_outside_training_and_unfuses(tiny_path):
-    from finetune.models import load_base_model
+    from finetune.model.loading import load_base_model
 
     model = load_base_model(tiny_path)
     keys = set(model.state_dict())
@@ -119,7 +119,7 @@ def test_dropout_masks_have_the_asked_rate_and_follow_the_seed():
 def test_fused_lora_dropout_in_a_peft_model_keeps_its_keys_and_is_recomputed_under_checkpointing(tiny_path):
     from peft import LoraConfig, get_peft_model
 
-    from finetune.models import load_base_model
+    from finetune.model.loading import load_base_model
 
     def lora_model(checkpointing: bool):
         torch.manual_seed(0)

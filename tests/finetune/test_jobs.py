@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.jobs import (
-    Worker, WorkerConfig, describe_job, format_duration, job_dir, job_eta_s, request_retrain,
-)
+from finetune.jobs.protocol import job_dir
+from finetune.jobs.queue import describe_job, format_duration, job_eta_s, request_retrain
+from finetune.jobs.worker import Worker, WorkerConfig
 from store import ConfigError, open_db
 from store.jobs import (
     JobAlreadyActive, claim_next_job, enqueue_job, get_job, heartbeat, list_jobs, request_cancel, train_steps,
@@ -130,7 +130,7 @@ def test_a_retrain_job_starts_where_kbloop_train_does_unless_told():
     """No `start_from` in the job: TrainConfig's default (continue from the active adapter), as `kbloop train`
     and the playground's Train; /kb-retrain's `from=base` reaches the job as start_from."""
     from bot.commands import parse_retrain_args
-    from finetune.config import TrainConfig
+    from finetune.training.config import TrainConfig
 
     assert TrainConfig(base="tiny").start_from is None
     assert parse_retrain_args("from=base") == {"train": {"start_from": "base"}}
@@ -158,7 +158,7 @@ def test_worker_config_refuses_settings_that_cannot_work(kw, message):
 # --------------------------------------------------------------------------------------------------
 
 def test_the_job_messages_survive_a_json_round_trip():
-    from finetune.jobprotocol import ChildResult, JobOutcome, JobProgress
+    from finetune.jobs.protocol import ChildResult, JobOutcome, JobProgress
 
     progress = JobProgress(phase="training", step=12, total=40, loss=1.25, epoch=0.5, eta_s=30.0,
                            updated_at=now(), dataset_hash="abc", n_examples=9, extra={"gpu": "none"})
@@ -183,7 +183,7 @@ def test_the_job_messages_survive_a_json_round_trip():
 
 def test_the_child_and_the_worker_speak_one_vocabulary_of_statuses(db, db_path, kbloop_home):
     """The child reports the statuses the store's jobs table uses (not "done"); anything else is refused."""
-    from finetune.jobprotocol import FINAL_STATUSES, ChildResult, JobOutcome, read_child_result, write_child_result
+    from finetune.jobs.protocol import FINAL_STATUSES, ChildResult, JobOutcome, read_child_result, write_child_result
     from store.jobs import finish_job
 
     assert FINAL_STATUSES == ("succeeded", "failed", "cancelled")
@@ -218,18 +218,18 @@ def test_the_worker_and_its_child_import_the_protocol_not_each_other():
                 names.update(a.name for a in node.names)
         return names
 
-    jobs, jobrun = imports("jobs"), imports("jobrun")
-    assert "finetune.jobrun" not in jobs and "finetune.jobs" not in jobrun
-    assert "finetune.jobprotocol" in jobs and "finetune.jobprotocol" in jobrun
-    assert not {m for m in imports("jobprotocol") if m.startswith(("finetune", "bot", "playground", "kbloop"))}
+    jobs, jobrun = imports("jobs/worker"), imports("jobs/child")
+    assert "finetune.jobs.child" not in jobs and not {"finetune.jobs.worker", "finetune.jobs.queue"} & jobrun
+    assert "finetune.jobs.protocol" in jobs and "finetune.jobs.protocol" in jobrun
+    assert not {m for m in imports("jobs/protocol") if m.startswith(("finetune", "bot", "playground", "kbloop"))}
 
 
 def test_rank_0_and_a_helper_rank_train_on_the_same_list_once_a_correction_exists(db, kbloop_home, tiny_path,
                                                                                    monkeypatch):
-    """Under torchrun / accelerate every rank runs finetune.jobrun; DDP needs each rank's training list to be
+    """Under torchrun / accelerate every rank runs finetune.jobs.child; DDP needs each rank's training list to be
     rank 0's, item for item and in order, or the ranks train different models (issue 17)."""
-    import finetune.training
-    from finetune import jobrun
+    import finetune.training.trainer
+    from finetune.jobs import child as jobrun
     from store.examples import list_examples, review_example
     from store.interactions import record_interaction, record_vote
     from tests.finetune.registry_fixtures import seed_store
@@ -253,7 +253,7 @@ def test_rank_0_and_a_helper_rank_train_on_the_same_list_once_a_correction_exist
         lists[os.environ["RANK"]] = list(examples)
         raise Captured
 
-    monkeypatch.setattr(finetune.training, "train_adapter", capture)
+    monkeypatch.setattr(finetune.training.trainer, "train_adapter", capture)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
@@ -266,25 +266,25 @@ def test_rank_0_and_a_helper_rank_train_on_the_same_list_once_a_correction_exist
 
 
 def test_launchers_run_the_same_module_with_n_processes(db_path, kbloop_home, monkeypatch):
-    import finetune.jobs
+    import finetune.jobs.worker
 
-    monkeypatch.setattr(finetune.jobs, "_has_gpu", lambda: False)
+    monkeypatch.setattr(finetune.jobs.worker, "_has_gpu", lambda: False)
     job = enqueue_job(open_db(db_path), kind="retrain", requester="U")
     args = [str(job.id), "--db", str(db_path), "--home", str(kbloop_home), "--base", "tiny"]
 
     def cmd(**kw):
         return Worker(db_path=db_path, home=kbloop_home, config=WorkerConfig(**kw)).child_command(job)
 
-    assert cmd()[:3] == [sys.executable, "-m", "finetune.jobrun"] and cmd()[3:10] == args
-    wrap = [sys.executable, "-m", "finetune.jobrun", "--exec"]
+    assert cmd()[:3] == [sys.executable, "-m", "finetune.jobs.child"] and cmd()[3:10] == args
+    wrap = [sys.executable, "-m", "finetune.jobs.child", "--exec"]
     torchrun = cmd(launcher="torchrun", nproc=2)
     assert torchrun[:7] == wrap + [sys.executable, "-m", "torch.distributed.run"]
-    assert "--nproc-per-node=2" in torchrun and torchrun[torchrun.index("-m", 6):][:2] == ["-m", "finetune.jobrun"]
+    assert "--nproc-per-node=2" in torchrun and torchrun[torchrun.index("-m", 6):][:2] == ["-m", "finetune.jobs.child"]
     assert torchrun[-9:-2] == args
     accel = cmd(launcher="accelerate", nproc=2)
     assert accel[:7] == wrap + [sys.executable, "-m", "accelerate.commands.launch"] and "--num_processes=2" in accel
-    assert accel[accel.index("-m", 6):][:2] == ["-m", "finetune.jobrun"] and "--cpu" in accel
-    monkeypatch.setattr(finetune.jobs, "_has_gpu", lambda: True)
+    assert accel[accel.index("-m", 6):][:2] == ["-m", "finetune.jobs.child"] and "--cpu" in accel
+    monkeypatch.setattr(finetune.jobs.worker, "_has_gpu", lambda: True)
     gpu = cmd(launcher="accelerate", nproc=2)
     assert "--multi_gpu" in gpu and "--cpu" not in gpu
 
@@ -367,7 +367,7 @@ def test_a_stale_job_of_a_live_local_worker_is_left_running(db, db_path, kbloop_
 
 def test_a_job_whose_worker_pid_now_belongs_to_another_process_is_failed_at_once(db, db_path, kbloop_home):
     """The pid is alive but started at another time than the worker that claimed the job: pid reuse."""
-    from finetune.processes import process_start_ticks
+    from finetune.jobs.processes import process_start_ticks
 
     ticks = process_start_ticks(os.getpid())
     assert ticks is not None  # Linux: /proc tells when a process started
@@ -586,7 +586,7 @@ def _alive(pid: int) -> bool:
 
 WORKER_SCRIPT = """
 import os, signal, socket, sys, threading
-from finetune.jobs import Worker, WorkerConfig
+from finetune.jobs.worker import Worker, WorkerConfig
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 child = None if sys.argv[4] == "real" else (sys.executable, "-m", "tests.finetune.jobs_child")
@@ -750,7 +750,7 @@ def test_a_candidate_worse_than_the_active_adapter_is_kept_and_the_requester_tol
 
 @pytest.mark.slow
 def test_kill_9_during_training_fails_the_job_keeps_the_active_adapter_and_the_next_job_succeeds(workspace):
-    from finetune.engine import Engine, EngineConfig
+    from finetune.serving.engine import Engine, EngineConfig
     from store.adapters import active_adapter, list_adapters
 
     db = workspace.db

@@ -1,13 +1,13 @@
 """Prefilling prompts one by one and decoding them from one left-padded cache generates what each prompt
-generates alone (finetune.kv_cache)."""
+generates alone (finetune.serving.kv_cache)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from finetune.kv_cache import BufferedLayer, cache_kwarg, prefill
-from finetune.prompting import PromptPassage, build_messages, render_prompt
+from finetune.serving.kv_cache import BufferedLayer, cache_kwarg, prefill
+from finetune.model.prompting import PromptPassage, build_messages, render_prompt
 
 QUESTIONS = [
     ("VPN?", []),
@@ -19,7 +19,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def model(tiny_path):
-    from finetune.models import load_base_model
+    from finetune.model.loading import load_base_model
 
     return load_base_model(tiny_path).eval()
 
@@ -115,7 +115,7 @@ def test_prompts_that_cannot_be_prefilled_are_refused(model):
 def test_an_adapter_model_prefills_through_peft(model, tiny_path, prompts):
     from peft import LoraConfig, get_peft_model
 
-    from finetune.models import load_base_model
+    from finetune.model.loading import load_base_model
 
     peft_model = get_peft_model(load_base_model(tiny_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)

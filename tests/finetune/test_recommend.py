@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from finetune.config import (
+from finetune.training.config import (
     MIN_TRAIN_EXAMPLES, SEED_DEFAULTS, TINY_DEFAULTS, TrainConfig, parse_targets, prompt_passages, resolve_config,
 )
-from finetune.data import TrainingExample
-from finetune.recommend import DataProfile, language_of, profile_examples, recommend, recommend_for_profile
+from finetune.training.data import TrainingExample
+from finetune.training.recommend import DataProfile, language_of, profile_examples, recommend, recommend_for_profile
 from store import ConfigError, StoreError
 from tests.conftest import SAMPLES
 

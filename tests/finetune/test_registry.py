@@ -1,5 +1,5 @@
-"""The adapter registry: the gate (fast), promote / rollback / audit (fast, real SQLite), and training a
-candidate end to end on the tiny base (slow)."""
+"""The adapter registry: folders, promote / rollback / audit (fast, real SQLite), and training a candidate end
+to end on the tiny base (slow). The gate itself: tests/finetune/test_gate.py."""
 
 from __future__ import annotations
 
@@ -12,146 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from finetune.registry import (
-    META_FILE,
-    GateConfig,
-    clean_stale_temp,
-    dataset_unchanged,
-    gate,
-    promote,
-    rollback,
-    stored_verdict,
-    vllm_problems,
-)
+from finetune.evaluation.gate import gate
+from finetune.registry.folders import META_FILE, clean_stale_temp, vllm_problems
+from finetune.registry.promotion import dataset_unchanged, promote, rollback, stored_verdict
 from store import StoreError
 from store import adapters as rows
 from store.audit import list_audit
 from store.examples import NewExample, add_examples, approved_snapshot
-
-GOOD = {"heldout_loss": 1.00, "heldout_exact_match": 0.50, "heldout_token_f1": 0.70, "stop_rate": 0.90,
-        "train_reproduced": 0.8, "forgetting_adapter_loss": 5.0, "forgetting_delta": 0.3, "n_heldout": 10,
-        "n_train_sampled": 32}
-
-
-# --- the gate --------------------------------------------------------------------------------------
-
-
-def test_gate_passes_an_equal_or_better_candidate():
-    assert gate(GOOD, GOOD).passed
-    better = GOOD | {"heldout_loss": 0.8, "heldout_exact_match": 0.6}
-    verdict = gate(better, GOOD, candidate_label="v2", active_label="v1")
-    assert verdict.passed and verdict.against == "v1"
-    assert "no worse than v1" in verdict.reasons[0]
-
-
-@pytest.mark.parametrize("change, words", [
-    ({"heldout_loss": 1.03}, "held-out loss 1.030 is higher than active's 1.000"),
-    ({"heldout_exact_match": 0.47}, "exact match 47.0% is below"),
-    ({"heldout_token_f1": 0.60}, "token F1 60.0% is below"),
-    ({"stop_rate": 0.85}, "stops at the end of its turn in 85.0%"),
-    ({"n_heldout": 0}, "no held-out examples"),
-    ({"heldout_token_f1": None}, "token F1 could not be measured"),
-])
-def test_gate_fails_a_worse_candidate_and_says_why(change, words):
-    verdict = gate(GOOD | change, GOOD)
-    assert not verdict.passed
-    assert any(words in r for r in verdict.reasons), verdict.reasons
-
-
-def test_gate_tolerances_are_inclusive_and_configurable():
-    # Within 2 % on loss and 2 points on scores: still "no worse".
-    assert gate(GOOD | {"heldout_loss": 1.019, "heldout_exact_match": 0.481, "heldout_token_f1": 0.681}, GOOD).passed
-    strict = GateConfig(loss_rel_tolerance=0.0, score_tolerance=0.0)
-    assert not gate(GOOD | {"heldout_loss": 1.001}, GOOD, config=strict).passed
-    # Forgetting and training reproduction are reported, not gated.
-    assert gate(GOOD | {"forgetting_delta": 3.0, "train_reproduced": 0.0}, GOOD).passed
-
-
-def test_gate_requires_keeping_the_answers_the_active_adapter_reproduces():
-    forgetful = GOOD | {"retained_vs_active": 0.9, "n_active_reproduced": 40}
-    verdict = gate(forgetful, GOOD, candidate_label="v2", active_label="v1")
-    assert not verdict.passed
-    assert "reproduces 90.0% of the 40 training answers v1 reproduces (at least 95% must be kept)" in verdict.reasons
-    assert "answers kept (vs active)" in verdict.table
-    kept = gate(GOOD | {"retained_vs_active": 0.95, "n_active_reproduced": 40}, GOOD, active_label="v1")
-    assert kept.passed and "keeps 95.0% of the 40 answers v1 reproduces" in kept.reasons[0]
-    # Fewer than 10 reproduced answers say little (a real base reproduces few exactly): reported, not gated.
-    assert gate(GOOD | {"retained_vs_active": 0.5, "n_active_reproduced": 4}, GOOD).passed
-
-
-def _paired(em: list[float], stopped: list[bool] | None = None) -> dict:
-    stopped = stopped or [True] * len(em)
-    return {f"q{i}": {"em": e, "f1": e, "stopped": s} for i, (e, s) in enumerate(zip(em, stopped))}
-
-
-def test_gate_fails_a_score_drop_only_with_paired_evidence():
-    """On 12 held-out questions one answer lost is 8 points of exact match: within chance, said but not failed.
-    Five lost and none won is evidence (sign test p = 1/32)."""
-    active = GOOD | {"n_heldout": 12, "heldout_exact_match": 6 / 12, "heldout_token_f1": 6 / 12,
-                     "paired": _paired([1.0] * 6 + [0.0] * 6)}
-    one_lost = GOOD | {"n_heldout": 12, "heldout_exact_match": 5 / 12, "heldout_token_f1": 5 / 12,
-                       "paired": _paired([0.0] + [1.0] * 5 + [0.0] * 6)}
-    verdict = gate(one_lost, active, active_label="v1")
-    assert verdict.passed, verdict.reasons
-    assert any("1 answers worse, 0 better, within chance (p=0.50)" in r for r in verdict.reasons), verdict.reasons
-    five_lost = GOOD | {"n_heldout": 12, "heldout_exact_match": 1 / 12, "heldout_token_f1": 1 / 12,
-                        "paired": _paired([0.0] * 5 + [1.0] + [0.0] * 6)}
-    verdict = gate(five_lost, active, active_label="v1")
-    assert not verdict.passed
-    assert any("exact match 8.3% is below v1's 50.0%" in r and "5 answers worse, 0 better, p=0.031" in r
-               for r in verdict.reasons), verdict.reasons
-    # Lost on some, won on others as often: no evidence either way.
-    swapped = GOOD | {"n_heldout": 12, "heldout_exact_match": 4 / 12, "heldout_token_f1": 4 / 12,
-                      "paired": _paired([0.0] * 4 + [1.0] * 2 + [1.0] * 2 + [0.0] * 4)}
-    assert gate(swapped, active).passed
-    # Without per-question records (metadata from before they were kept) the tolerances decide alone.
-    assert not gate(one_lost | {"paired": None}, active).passed
-
-
-def test_gate_fails_a_stop_rate_drop_only_with_paired_evidence():
-    active = GOOD | {"stop_rate": 1.0, "paired": _paired([0.5] * 10)}
-    one = GOOD | {"stop_rate": 0.9, "paired": _paired([0.5] * 10, [False] + [True] * 9)}
-    verdict = gate(one, active)
-    assert verdict.passed and any("1 fewer stop, 0 more, within chance" in r for r in verdict.reasons)
-    six = GOOD | {"stop_rate": 0.4, "paired": _paired([0.5] * 10, [False] * 6 + [True] * 4)}
-    verdict = gate(six, active)
-    assert not verdict.passed and any("(6 fewer answers stop, 0 more, p=0.016)" in r for r in verdict.reasons)
-
-
-def test_paired_sign_test_pairs_by_question():
-    from finetune.registry import paired_sign_test
-
-    mine = {"a": {"em": 0.0}, "b": {"em": 1.0}, "c": {"em": 0.0}}
-    theirs = {"a": {"em": 1.0}, "b": {"em": 0.0}, "d": {"em": 1.0}}  # c and d were asked of only one side
-    assert paired_sign_test(mine, theirs, "em") == (1, 1, 0.75)
-    assert paired_sign_test(None, theirs, "em") == (0, 0, None)
-    assert paired_sign_test({"a": {"em": 1.0}}, {"a": {"em": 1.0}}, "em") == (0, 0, 1.0)
-
-
-def test_compare_with_active_measures_retention_and_forgetting_against_the_previous_adapter():
-    from finetune.registry import compare_with_active
-
-    candidate = {"reproduced_keys": ["a", "b", "c"], "forgetting_adapter_loss": 5.5}
-    compare_with_active(candidate, {"reproduced_keys": ["a", "b", "d", "e"], "forgetting_adapter_loss": 5.0})
-    assert candidate["retained_vs_active"] == 0.5 and candidate["n_active_reproduced"] == 4
-    assert candidate["forgetting_vs_active"] == pytest.approx(0.5)
-
-
-def test_gate_against_a_base_without_measurements_only_needs_the_candidate_measured():
-    assert gate(GOOD, {}).passed
-
-
-def test_gate_table_has_both_columns_and_signed_deltas():
-    table = gate(GOOD | {"heldout_loss": 0.9, "heldout_token_f1": 0.75}, GOOD,
-                 candidate_label="v2", active_label="v1").table
-    lines = table.splitlines()
-    assert lines[0].split()[:3] == ["metric", "v2", "v1"]
-    loss = next(line for line in lines if line.startswith("held-out loss"))
-    assert "0.900" in loss and "1.000" in loss and "-0.100" in loss and loss.endswith("better")
-    f1 = next(line for line in lines if line.startswith("held-out token F1"))
-    assert "75.0%" in f1 and "+5.0" in f1
-    assert any(line.startswith("forgetting (vs base)") for line in lines)
-
+from tests.finetune.registry_fixtures import GOOD
 
 # --- folders -------------------------------------------------------------------------------------
 
@@ -286,9 +154,9 @@ def workspace(tmp_path_factory):
 
     Prompts without retrieved passages (k_passages=0) keep sequences short: the point here is the
     registry's lifecycle, not answer quality (retrieval in prompts is covered by the CLI eval test)."""
-    from finetune.config import TrainConfig
-    from finetune.evaluation import EvalConfig
-    from finetune.registry import train_candidate
+    from finetune.training.config import TrainConfig
+    from finetune.evaluation.metrics import EvalConfig
+    from finetune.registry.candidates import train_candidate
     from store import open_db
     from tests.finetune.registry_fixtures import seed_store
 
@@ -365,9 +233,9 @@ def test_registered_adapter_loads_with_plain_peft_in_a_fresh_process(workspace):
 def test_cancelled_or_failed_training_leaves_nothing_behind(workspace, monkeypatch):
     from dataclasses import replace
 
-    from finetune import registry
-    from finetune.registry import train_candidate
-    from finetune.training import TrainingCancelled
+    from finetune.registry import candidates as registry
+    from finetune.registry.candidates import train_candidate
+    from finetune.training.trainer import TrainingCancelled
 
     home, db = workspace["home"], workspace["db"]
     before = sorted(os.listdir(home / "adapters"))
@@ -386,7 +254,7 @@ def test_cancelled_or_failed_training_leaves_nothing_behind(workspace, monkeypat
 
 @pytest.mark.slow
 def test_next_candidate_is_compared_with_the_active_adapter(workspace):
-    from finetune.registry import train_candidate
+    from finetune.registry.candidates import train_candidate
 
     home, db = workspace["home"], workspace["db"]
     if rows.active_adapter(db) is None:
@@ -409,8 +277,8 @@ def test_next_candidate_is_compared_with_the_active_adapter(workspace):
 
 def test_approved_corrections_always_train_never_held_out(db):
     """A curator-approved correction must be learned: the held-out split is drawn from the other examples."""
-    from finetune.data import split_heldout
-    from finetune.registry import _eval_set
+    from finetune.training.data import split_heldout
+    from finetune.registry.candidates import _eval_set
     from store.examples import NewExample, add_examples, list_examples, review_example
     from store.interactions import record_interaction, record_vote
 
@@ -435,9 +303,9 @@ def test_approved_corrections_always_train_never_held_out(db):
 def continued(tmp_path_factory):
     """v1: tiny's defaults (full fine-tuning, memorise, stop when reproduced) on 10 approved pairs, promoted;
     then one new approved answer and v2 trained with the default start (continue from the active v1)."""
-    from finetune.config import TrainConfig
-    from finetune.evaluation import EvalConfig
-    from finetune.registry import train_candidate
+    from finetune.training.config import TrainConfig
+    from finetune.evaluation.metrics import EvalConfig
+    from finetune.registry.candidates import train_candidate
     from store import open_db
     from tests.finetune.registry_fixtures import seed_store
 
@@ -461,7 +329,7 @@ def continued(tmp_path_factory):
 def test_a_continued_run_starts_from_the_active_weights_learns_the_new_answer_and_keeps_the_earlier_ones(continued):
     """The default retrain continues v1 on the new answer and replayed samples of the earlier ones, and stops
     once the new answer is learnt with the earlier ones kept."""
-    from finetune.continuation import example_key
+    from finetune.training.continuation import example_key
 
     first, second = continued["first"], continued["second"]
     meta1 = json.loads((Path(first.adapter.path) / META_FILE).read_text())
@@ -492,7 +360,7 @@ def test_a_continued_run_starts_from_the_active_weights_learns_the_new_answer_an
 def test_from_base_trains_from_scratch(continued):
     from dataclasses import replace
 
-    from finetune.registry import train_candidate
+    from finetune.registry.candidates import train_candidate
 
     home, db = continued["home"], continued["db"]
     phases = []
@@ -507,7 +375,7 @@ def test_from_base_trains_from_scratch(continued):
 def test_a_different_method_falls_back_to_the_base_with_the_reason(continued):
     from dataclasses import replace
 
-    from finetune.registry import _eval_set, plan_continuation
+    from finetune.registry.candidates import _eval_set, plan_continuation
 
     db = continued["db"]
     eval_set = _eval_set(db, k_passages=0)
@@ -528,8 +396,8 @@ def test_a_continued_run_that_ends_its_budget_unlearnt_trains_from_the_base_and_
     gate's retention check, so the same run trains from the base instead and records the attempt."""
     from dataclasses import replace
 
-    from finetune import registry
-    from finetune.continuation import Sizing
+    from finetune.registry import candidates as registry
+    from finetune.training.continuation import Sizing
 
     # One round (2 steps at a twentieth of the rate) cannot learn the new answer: the budget ends first.
     monkeypatch.setattr(registry, "sizing_for", lambda *, tiny, learning_rate: Sizing(
@@ -550,7 +418,7 @@ def test_a_continued_run_that_ends_its_budget_unlearnt_trains_from_the_base_and_
 
 
 def test_the_next_version_skips_a_folder_a_crash_left_and_the_cli_asks_the_registry(db, kbloop_home):
-    from finetune.registry import next_free_version
+    from finetune.registry.folders import next_free_version
     from kbloop.cli.training import _pick_version
 
     rows.register_adapter(db, version="v1", path="/x/v1", base_model="tiny", method="lora", params={},

@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from finetune.embedding import embed_passages, embed_queries, embedding_dim, embedding_model_name
-from finetune.retrieval import (
+from finetune.serving.embedding import embed_passages, embed_queries, embedding_dim, embedding_model_name
+from finetune.serving.retrieval import (
     DEFAULT_CONFIG,
     embed_missing_passages,
     passage_sentences,
@@ -76,7 +76,7 @@ def test_embeddings_are_unit_float32_rows_with_e5_prefixes():
 
 
 def test_a_bad_embedding_model_setting_names_the_variable(monkeypatch, tmp_path):
-    from finetune import embedding
+    from finetune.serving import embedding
     from kbloop.settings import SettingsError
 
     monkeypatch.setattr(embedding, "_selected", str(tmp_path / "no-such-model"))
@@ -239,7 +239,7 @@ def test_the_text_search_index_is_rebuilt_with_words_by_migration(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_stays_selectable_under_its_own_name(tmp_path):
-    from finetune import embedding
+    from finetune.serving import embedding
 
     try:
         embedding.use_embedding_model("minilm")
@@ -262,7 +262,7 @@ def test_bench_questions_are_well_formed():
 
 
 def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
-    from finetune.retrieval import _background_vectors
+    from finetune.serving.retrieval import _background_vectors
 
     lines = ["The river floods the valley every spring.", "面包要烤四十分钟。"]
     passages, queries = _background_vectors(embedding_model_name(), lines)
@@ -274,7 +274,7 @@ def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
 
 
 def test_passage_vectors_are_reused_and_match_a_fresh_encoding():
-    from finetune import embedding
+    from finetune.serving import embedding
 
     embedder = embedding._embedder()
     texts = ["报销需要在 30 天内提交。", "The Lisbon office opens at 8:30."]
@@ -292,7 +292,7 @@ def test_passage_vectors_are_reused_and_match_a_fresh_encoding():
 
 
 def test_a_chinese_question_needs_a_higher_score_to_count_as_covered():
-    from finetune.retrieval import fuse
+    from finetune.serving.retrieval import fuse
 
     config = dataclasses.replace(DEFAULT_CONFIG, min_score=0.7, chinese_offset=0.2, coverage_weight=0.0)
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=0.0) == (pytest.approx(0.8), True)  # English
@@ -303,7 +303,7 @@ def test_a_chinese_question_needs_a_higher_score_to_count_as_covered():
 
 
 def test_the_row_products_match_numpys_matmul():
-    from finetune.retrieval import _row_dots
+    from finetune.serving.retrieval import _row_dots
 
     rng = np.random.default_rng(0)
     matrix, vector = rng.standard_normal((300, 384)).astype(np.float32), rng.standard_normal(384).astype(np.float32)
@@ -311,8 +311,8 @@ def test_the_row_products_match_numpys_matmul():
 
 
 def test_a_question_embedded_alone_equals_the_same_question_in_a_batch():
-    # One question runs on one OpenMP thread, a batch on all of them (finetune.embedding): same vectors.
-    from finetune import embedding
+    # One question runs on one OpenMP thread, a batch on all of them (finetune.serving.embedding): same vectors.
+    from finetune.serving import embedding
 
     questions = ["开叉车需要什么证书？", "How long is the forklift certificate valid?"]
     batch = embedding._embedder().encode(questions, is_query=True)

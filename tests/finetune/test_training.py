@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from finetune.config import TrainConfig
-from finetune.data import TrainingExample, save_training_examples
+from finetune.training.config import TrainConfig
+from finetune.training.data import TrainingExample, save_training_examples
 from store import StoreError
 from tests.conftest import REPO, SAMPLES
 
@@ -38,7 +38,7 @@ def _config(tiny_path, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_path, tmp_path_factory):
-    from finetune.training import train_adapter
+    from finetune.training.trainer import train_adapter
 
     steps = []
     out = tmp_path_factory.mktemp("lora") / "adapter"
@@ -68,7 +68,7 @@ def test_on_step_reports_every_step_with_loss_and_eta(lora_run):
 
 
 def test_adapter_loads_for_inference_and_stops_at_im_end(lora_run, tiny_path):
-    from finetune.models import load_model_for_inference
+    from finetune.model.loading import load_model_for_inference
 
     _, _, out = lora_run
     model, tokenizer = load_model_for_inference(tiny_path, adapter_path=out)
@@ -81,7 +81,7 @@ def test_adapter_loads_for_inference_and_stops_at_im_end(lora_run, tiny_path):
 def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_memory_and_qlora_mlps(tiny_path):
     from types import SimpleNamespace
 
-    from finetune.training import activation_bytes, choose_checkpointing
+    from finetune.training.trainer import activation_bytes, choose_checkpointing
 
     # Qwen2.5-0.5B (24 layers, hidden 896), batch 4 x 1024 tokens in fp32: ~5.6 GB of activations.
     qwen = activation_bytes(SimpleNamespace(hidden_size=896, num_hidden_layers=24), batch_size=4, max_length=1024,
@@ -96,7 +96,7 @@ def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_mem
 
 
 def test_gradient_checkpointing_works_with_lora(tiny_path, tmp_path):
-    from finetune.training import train_adapter
+    from finetune.training.trainer import train_adapter
 
     out = tmp_path / "gc"
     outcome = train_adapter(_config(tiny_path, gradient_checkpointing=True, learning_rate=1e-2), _qa(8), out)
@@ -111,8 +111,8 @@ def test_gradient_checkpointing_works_with_lora(tiny_path, tmp_path):
 def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(tiny_path):
     import torch
 
-    from finetune.config import resolve_config
-    from finetune.training import _prepare_model
+    from finetune.training.config import resolve_config
+    from finetune.training.trainer import _prepare_model
 
     ids = torch.randint(10, 300, (2, 48))
     results = {}
@@ -146,8 +146,8 @@ def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_g
 def test_qlora_quantises_the_base_with_bitsandbytes_on_this_machine(tiny_path, tmp_path):
     import bitsandbytes as bnb
 
-    from finetune.config import resolve_config
-    from finetune.training import _prepare_model, train_adapter
+    from finetune.training.config import resolve_config
+    from finetune.training.trainer import _prepare_model, train_adapter
 
     cfg, _ = resolve_config(_config(tiny_path, method="qlora"), tiny=True, n_examples=8)
     model = _prepare_model(cfg)
@@ -161,8 +161,8 @@ def test_qlora_quantises_the_base_with_bitsandbytes_on_this_machine(tiny_path, t
 
 
 def test_full_fine_tuning_writes_a_model_folder(tiny_path, tmp_path):
-    from finetune.models import load_model_for_inference
-    from finetune.training import train_adapter
+    from finetune.model.loading import load_model_for_inference
+    from finetune.training.trainer import train_adapter
 
     out = tmp_path / "full"
     outcome = train_adapter(_config(tiny_path, method="full", learning_rate=1e-3), _qa(8), out)
@@ -178,10 +178,11 @@ def test_tiny_learns_answers_and_to_stop(tiny_path, tmp_path):
     exact check it stops on agrees with real greedy generation, answer by answer."""
     import torch
 
-    from finetune.data import encode_examples
-    from finetune.models import end_of_turn_id, load_model_for_inference
-    from finetune.prompting import build_messages, render_prompt
-    from finetune.training import reproduced_examples, train_adapter
+    from finetune.training.data import encode_examples
+    from finetune.model.loading import end_of_turn_id, load_model_for_inference
+    from finetune.model.prompting import build_messages, render_prompt
+    from finetune.evaluation.reproduction import reproduced_examples
+    from finetune.training.trainer import train_adapter
 
     examples = _qa(10)
     out = tmp_path / "memorise"
@@ -210,8 +211,8 @@ def test_tiny_learns_answers_and_to_stop(tiny_path, tmp_path):
 
 
 def test_small_sets_train_at_least_the_step_floor_and_explicit_epochs_mean_what_they_say():
-    from finetune.config import resolve_config
-    from finetune.training import run_budget
+    from finetune.training.config import resolve_config
+    from finetune.training.trainer import run_budget
 
     tiny, _ = resolve_config(TrainConfig(base="tiny"), tiny=True, n_examples=23)
     budget = run_budget(tiny, 23, world=1)  # 3 steps an epoch: 20 epochs would be 60 steps
@@ -224,7 +225,7 @@ def test_small_sets_train_at_least_the_step_floor_and_explicit_epochs_mean_what_
 
 
 def test_should_stop_cancels_and_writes_no_adapter(tiny_path, tmp_path):
-    from finetune.training import TrainingCancelled, train_adapter
+    from finetune.training.trainer import TrainingCancelled, train_adapter
 
     seen = []
     out = tmp_path / "cancel"
@@ -237,7 +238,7 @@ def test_should_stop_cancels_and_writes_no_adapter(tiny_path, tmp_path):
 
 def test_resume_continues_from_the_last_checkpoint(tiny_path, tmp_path):
     """An interrupted run resumes where its checkpoint left it and logs the same losses as an uninterrupted one."""
-    from finetune.training import TrainingCancelled, train_adapter
+    from finetune.training.trainer import TrainingCancelled, train_adapter
 
     config = _config(tiny_path, epochs=2.0, save_steps=2, dropout=0.0)
     full = train_adapter(config, _qa(12), tmp_path / "straight")
@@ -257,7 +258,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_path, tmp_path):
 
 
 def test_bad_inputs_fail_with_clear_messages(tiny_path, tmp_path):
-    from finetune.training import train_adapter
+    from finetune.training.trainer import train_adapter
 
     with pytest.raises(StoreError, match="only 3 training examples; at least 8"):
         train_adapter(_config(tiny_path), _qa(3), tmp_path / "few")
@@ -270,7 +271,7 @@ def test_bad_inputs_fail_with_clear_messages(tiny_path, tmp_path):
 
 
 def test_base_without_chat_template_is_refused(tiny_path, tmp_path):
-    from finetune.training import train_adapter
+    from finetune.training.trainer import train_adapter
 
     plain = tmp_path / "plain-base"
     shutil.copytree(tiny_path, plain)
@@ -286,7 +287,7 @@ def test_disk_full_leaves_no_half_adapter(tiny_path, tmp_path, monkeypatch):
     """ENOSPC while writing the adapter: a clear error, and no adapter file left behind."""
     from peft import PeftModel
 
-    from finetune.training import train_adapter
+    from finetune.training.trainer import train_adapter
 
     real_save = PeftModel.save_pretrained
 
@@ -303,8 +304,8 @@ def test_disk_full_leaves_no_half_adapter(tiny_path, tmp_path, monkeypatch):
 
 
 def test_two_process_data_parallel_training_on_gloo(tiny_path, tmp_path):
-    """`torchrun --nproc_per_node 2 -m finetune.training`: the same code, two CPU processes, one valid adapter."""
-    from finetune.models import load_model_for_inference
+    """`torchrun --nproc_per_node 2 -m finetune.training.trainer`: the same code, two CPU processes, one valid adapter."""
+    from finetune.model.loading import load_model_for_inference
 
     data = tmp_path / "train.jsonl"
     save_training_examples(data, _qa(16))
@@ -314,7 +315,7 @@ def test_two_process_data_parallel_training_on_gloo(tiny_path, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "finetune.training", "--config", str(cfg), "--data", str(data), "--out", str(out)],
+         "-m", "finetune.training.trainer", "--config", str(cfg), "--data", str(data), "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

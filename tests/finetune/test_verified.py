@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.verified import find_verified, normalise_question, related_examples, search_examples
+from finetune.serving.verified import find_verified, normalise_question, related_examples, search_examples
 from store.examples import NewExample, add_examples, list_examples, review_example, update_example
 from store.verified import example_embeddings
 
@@ -78,7 +78,7 @@ def test_approval_edit_and_rejection_count_for_the_next_question(db):
 
 
 def test_each_question_is_embedded_once_and_again_after_an_edit(db, approved):
-    from finetune.embedding import embedding_model_name
+    from finetune.serving.embedding import embedding_model_name
 
     find_verified(db, "anything")
     stored = example_embeddings(db, embedding_model_name())

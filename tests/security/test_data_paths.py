@@ -158,7 +158,7 @@ def test_exports_of_votes_leave_out_flagged_rows(kbloop, tmp_path, db_path):
 
 
 def test_training_start_leaves_out_flagged_approved_rows_and_says_which(db):
-    from finetune.registry import _eval_set
+    from finetune.registry.candidates import _eval_set
 
     add_examples(db, [NewExample(f"Q{i}?", f"Answer {i}.") for i in range(5)], reviewer="alice")
     # A row approved before the scan existed (written as the old code wrote it, without a confirmation).

@@ -303,8 +303,8 @@ def test_bad_retrain_options_are_refused_when_typed(start_bot, fake_slack, text,
 
 
 def test_retrain_options_follow_kbloop_train_rules(start_bot, fake_slack):
-    """The refusal is the very text `kbloop train` gives for the same setting (finetune.config.check_settings)."""
-    from finetune.config import TrainConfig, check_settings
+    """The refusal is the very text `kbloop train` gives for the same setting (finetune.training.config.check_settings)."""
+    from finetune.training.config import TrainConfig, check_settings
     from store import ConfigError
 
     bot = start_bot()
@@ -325,7 +325,7 @@ def test_good_retrain_options_are_queued(start_bot, fake_slack):
 
 # --- 13: error details only for admins ------------------------------------------------------------
 
-SERVER_ERROR = ("the training process exited with status 1: RuntimeError: boom in /srv/kbloop/finetune/training.py; "
+SERVER_ERROR = ("the training process exited with status 1: RuntimeError: boom in /srv/kbloop/finetune/training/trainer.py; "
                 "see /srv/kbloop-data/jobs/1/child.log")
 
 

@@ -24,7 +24,9 @@ def test_the_cjk_ranges_are_defined_once():
 
 
 def test_every_module_uses_the_store_definition():
-    from finetune import engine, evaluation, recommend, retrieval
+    from finetune.evaluation import metrics as evaluation
+    from finetune.serving import engine, retrieval
+    from finetune.training import recommend
 
     assert evaluation._CJK_CHAR is text.CJK_CHAR
     assert engine._CJK is text.CJK_CHAR
@@ -61,7 +63,7 @@ def test_latin_is_neither(char):
 
 
 def test_recommend_counts_a_compatibility_ideograph_as_cjk():
-    from finetune.recommend import _CJK
+    from finetune.training.recommend import _CJK
 
     assert _CJK.findall("豈更車") == list("豈更車")  # U+F900-U+F902
 

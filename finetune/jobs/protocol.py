@@ -1,13 +1,13 @@
 """What a worker and its training child say to each other: typed messages with a JSON round trip.
 
-Both sides import this module and nothing of each other (finetune.jobs is the worker, finetune.jobrun the
+Both sides import this module and nothing of each other (finetune.jobs.worker is the worker, finetune.jobs.child the
 child). Three messages, each a dataclass whose `to_dict()` is the JSON that is stored or written:
 
 - `JobProgress`: the child's progress, in the store's `jobs.progress` (phase, detail, step, total, loss,
   epoch, eta_s, updated_at, dataset_hash, n_examples); `total` is the number of optimizer steps.
 - `ChildResult`: what the child leaves in `$KBLOOP_HOME/jobs/<id>/outcome.json` (`job_dir`) for the worker.
 - `JobOutcome`: what the worker concludes, in the store's `jobs.result` (less `error`, which has its own
-  column) and what notifiers (finetune.jobs.JobNotifier) are told.
+  column) and what notifiers (finetune.jobs.worker.JobNotifier) are told.
 
 One vocabulary of statuses, the store's job statuses: a finished job, and the child that ran it,
 `succeeded`, `failed` or `cancelled`. What became of a retraining (`JobOutcome.outcome`) is one of
@@ -70,7 +70,7 @@ class _Message:
 
 @dataclass(frozen=True)
 class JobProgress(_Message):
-    """The child's progress report (written by finetune.jobrun.ProgressReporter, read by the worker,
+    """The child's progress report (written by finetune.jobs.child.ProgressReporter, read by the worker,
     the playground, the CLI and Slack notices). Fields left None are not written."""
 
     phase: str = "starting"  # starting, preparing, training, evaluating, saving, …

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune.prompting import (
+from finetune.model.prompting import (
     ApprovedAnswer, PromptPassage, Turn, approved_in_prompt, build_messages, history_within, render_prompt,
     standalone_question,
 )
@@ -41,17 +41,17 @@ def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingE
     """Store examples -> training examples carrying the passages retrieved for their question and the approved
     answers to related questions (never their own).
 
-    Both lookups are the engine's own (finetune.retrieval, finetune.verified), so a prompt at training time
+    Both lookups are the engine's own (finetune.serving.retrieval, finetune.serving.verified), so a prompt at training time
     has what the same question gets when it is asked.
     """
-    from finetune.retrieval import retrieve_passages
-    from finetune.verified import related_examples
+    from finetune.serving.retrieval import retrieve_passages
+    from finetune.serving.verified import related_examples
 
     n_approved = approved_in_prompt(k)
     out = []
     for ex in examples:
         # A correction made on a follow-up in a Slack thread trains with the thread's earlier turns, and
-        # retrieves for the standalone question, as the engine answered it (finetune.prompting).
+        # retrieves for the standalone question, as the engine answered it (finetune.model.prompting).
         history = _thread_turns(db, getattr(ex, "interaction_id", None))
         query = standalone_question(ex.question, history)
         passages = retrieve_passages(db, query, k=k) if k > 0 else []

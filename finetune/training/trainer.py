@@ -1,12 +1,12 @@
 """Supervised fine-tuning: LoRA, QLoRA or full, on chat-formatted question/answer examples.
 
     train_adapter(config, train_examples, out_dir)            # in-process
-    torchrun --nproc_per_node 2 -m finetune.training \\
+    torchrun --nproc_per_node 2 -m finetune.training.trainer \\
         --config cfg.json --data train.jsonl --out DIR        # the same code, data-parallel
 
 Supports: QLoRA (4-bit NF4, double quantisation, bf16 compute, via bitsandbytes on CUDA or CPU), LoRA and
-full fine-tuning; loss on answer tokens only, the end-of-turn token learned (finetune.data); batches
-grouped by length (little padding); the output head, the loss and LoRA dropout fused (finetune.fused: no
+full fine-tuning; loss on answer tokens only, the end-of-turn token learned (finetune.training.data); batches
+grouped by length (little padding); the output head, the loss and LoRA dropout fused (finetune.training.fused: no
 full logits, no dropout copies); gradient checkpointing compatible with PEFT (non-reentrant, input
 grads enabled); freed memory handed back to the OS after each micro-batch on the CPU; bf16 where the
 hardware has it; per-step callbacks, cancellation, checkpoints and resume;
@@ -20,7 +20,7 @@ targets) or a previous full fine-tune's model folder instead of the bare base.
 
 Assumptions: checkpoints hold the adapter (or model) and the optimiser state and are kept in
 out_dir/checkpoints until training finishes; a finished run leaves only the final adapter and tokenizer in
-out_dir. Nothing here registers or renames anything: the caller (finetune.registry) trains into a
+out_dir. Nothing here registers or renames anything: the caller (finetune.registry.candidates) trains into a
 temporary folder and renames it when evaluation is done, so an interrupted run leaves nothing usable.
 """
 
@@ -36,9 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetune.config import ALL_LINEAR, TrainConfig, resolve_config
-from finetune.data import CompletionCollator, TrainingExample, TruncationReport, encode_examples
-from finetune.fused import answer_token_loss, fuse_lora_dropout, fuse_output_head, unfuse_output_head
+from finetune.evaluation.reproduction import reproduced_examples
+from finetune.training.config import ALL_LINEAR, TrainConfig, resolve_config
+from finetune.training.data import CompletionCollator, TrainingExample, TruncationReport, encode_examples
+from finetune.training.fused import answer_token_loss, fuse_lora_dropout, fuse_output_head, unfuse_output_head
 from store import StoreError
 
 CHECKPOINTS = "checkpoints"
@@ -97,7 +98,7 @@ def train_adapter(
 ) -> TrainOutcome:
     """Train on `train` and write a PEFT adapter folder (or, for method "full", a model folder) into out_dir.
 
-    `config.base` is an HF id or a model folder (resolve `tiny` first with finetune.models.resolve_base).
+    `config.base` is an HF id or a model folder (resolve `tiny` first with finetune.model.loading.resolve_base).
     `init_from`: a previous adapter folder (or full model folder, method "full") to continue from.
     The stop check (`config.stop_reproduced` > 0) measures `check_examples` (default: `train`, each once);
     `new_examples` must all be reproduced too, and are checked first (cheap) before the whole set. When
@@ -111,16 +112,16 @@ def train_adapter(
     Raises store.StoreError for bad input (too few examples, unknown base, rank too large, disk full) and
     TrainingCancelled when should_stop() says so.
     """
-    from finetune import models
-    from finetune.recommend import profile_examples
+    from finetune.model import loading
+    from finetune.training.recommend import profile_examples
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    tiny = models.is_tiny_base(config.base)
+    tiny = loading.is_tiny_base(config.base)
     config, notes = resolve_config(config, tiny=tiny, n_examples=len(train),
                                    profile=profile_examples(train) if config.rank == "auto" else None)
-    tokenizer = models.load_tokenizer(config.base)
-    eot_id = models.end_of_turn_id(tokenizer)
+    tokenizer = loading.load_tokenizer(config.base)
+    eot_id = loading.end_of_turn_id(tokenizer)
     encoded, truncation = encode_examples(tokenizer, train, max_length=config.max_length, eot_id=eot_id)
     if truncation.affected:
         notes.append(truncation.text())
@@ -220,8 +221,8 @@ def general_text_items(tokenizer, n: int, *, window: int = 128, seed: int = 42) 
     the probe still measures text the model was not trained on."""
     import random
 
-    from finetune.data import IGNORE_INDEX
-    from finetune.evaluation import EvalConfig, load_general_text
+    from finetune.training.data import IGNORE_INDEX
+    from finetune.evaluation.metrics import EvalConfig, load_general_text
 
     ids = tokenizer(load_general_text(), add_special_tokens=False)["input_ids"][EvalConfig().forgetting_tokens:]
     windows = [ids[i : i + window] for i in range(0, len(ids) - window // 2, window)]
@@ -249,56 +250,6 @@ def _unique(examples: Sequence[TrainingExample]) -> list[TrainingExample]:
         if key not in seen:
             seen.add(key)
             out.append(ex)
-    return out
-
-
-def reproduced_examples(model, encoded: Sequence[dict], *, pad_id: int, head_weight=None,
-                        batch_size: int = 16) -> list[bool]:
-    """For each encoded example (finetune.data.encode_example), would greedy decoding reproduce its answer?
-
-    Greedy decoding emits the answer exactly, then stops, iff at every answer position (the end-of-turn
-    token included) the argmax of the teacher-forced logits is the target token. So one forward pass, with
-    logits only at the answer positions, decides it exactly for every example, far cheaper than generating.
-    With `head_weight` (the head fused by finetune.fused) the head returns hidden states and the argmax is
-    taken a chunk of rows at a time: no full (positions x vocabulary) logits.
-    """
-    import torch
-
-    from finetune.data import IGNORE_INDEX
-    from finetune.fused import CHUNK_BYTES
-
-    if not encoded:
-        return []
-    collate = CompletionCollator(pad_id=pad_id)
-    was_training = model.training
-    model.eval()
-    head = model.get_output_embeddings()
-    if head_weight is not None:
-        head.train()  # the fused head passes hidden states through in training mode only
-    device = next(model.parameters()).device
-    out: list[bool] = []
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(encoded), batch_size):
-                batch = collate(list(encoded[i : i + batch_size]))
-                rows = model(input_ids=batch["input_ids"].to(device),
-                             logits_to_keep=batch["logits_to_keep"].to(device)).logits
-                rows = rows.reshape(-1, rows.shape[-1])  # (N, H) fused, else (N, V)
-                labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-                targets = labels[labels != IGNORE_INDEX].to(device)  # (N,), row-major like rows
-                if head_weight is None:
-                    predicted = rows.argmax(-1)
-                else:
-                    step = max(1, CHUNK_BYTES // (4 * head_weight.shape[0]))
-                    predicted = torch.cat([(rows[j : j + step] @ head_weight.T).argmax(-1)
-                                           for j in range(0, rows.shape[0], step)])
-                hits = (predicted == targets).tolist()
-                start = 0
-                for count in (labels != IGNORE_INDEX).sum(1).tolist():
-                    out.append(all(hits[start : start + count]))
-                    start += count
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -423,10 +374,10 @@ def choose_checkpointing(config: TrainConfig) -> tuple[bool | str, str]:
     import torch
     from transformers import AutoConfig
 
-    from finetune import models
+    from finetune.model import loading
 
     need = activation_bytes(AutoConfig.from_pretrained(config.base), batch_size=config.batch_size,
-                            max_length=config.max_length, dtype_bytes=torch.finfo(models.compute_dtype()).bits // 8)
+                            max_length=config.max_length, dtype_bytes=torch.finfo(loading.compute_dtype()).bits // 8)
     if torch.cuda.is_available():
         free, where = torch.cuda.mem_get_info()[0], "GPU"
     else:
@@ -446,11 +397,11 @@ def _prepare_model(config: TrainConfig, *, init_from: Path | None = None):
 
     `init_from`: full fine-tuning loads that model folder instead of the base; LoRA / QLoRA load that adapter,
     trainable, with its own rank, alpha and targets."""
-    from finetune import models
+    from finetune.model import loading
 
     quantize = config.method == "qlora"
     full_from = init_from is not None and config.method == "full"
-    model = models.load_base_model(str(init_from) if full_from else config.base, quantize=quantize)
+    model = loading.load_base_model(str(init_from) if full_from else config.base, quantize=quantize)
     model.config.use_cache = False  # the KV cache is for generation; with checkpointing it only wastes memory
     gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing loses gradients of frozen-input LoRA layers
     whole_layers = config.gradient_checkpointing is True
@@ -731,14 +682,14 @@ def _check_adapter_folder(out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m finetune.training --config C --data D --out O [--resume]`, also under torchrun."""
+    """`python -m finetune.training.trainer --config C --data D --out O [--resume]`, also under torchrun."""
     import argparse
 
-    from finetune.data import load_training_examples
+    from finetune.training.data import load_training_examples
 
-    parser = argparse.ArgumentParser(prog="python -m finetune.training", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m finetune.training.trainer", description=main.__doc__)
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
-    parser.add_argument("--data", required=True, help="JSONL of training examples (finetune.data.save_training_examples)")
+    parser.add_argument("--data", required=True, help="JSONL of training examples (finetune.training.data.save_training_examples)")
     parser.add_argument("--out", required=True, help="output folder for the adapter")
     parser.add_argument("--resume", action="store_true")
     a = parser.parse_args(argv)

@@ -1,7 +1,7 @@
-"""Retraining jobs: the queue's front door (`request_retrain`) and the worker that runs them.
+"""The worker that runs retraining jobs (the queue's front door, `request_retrain`, is finetune.jobs.queue).
 
 A job is a row in the store's `jobs` table. A `Worker` claims one atomically, heartbeats while it runs,
-and runs the training in a CHILD PROCESS (`python -m finetune.jobrun JOB_ID …`, or the same module under
+and runs the training in a CHILD PROCESS (`python -m finetune.jobs.child JOB_ID …`, or the same module under
 `accelerate launch` / `torchrun` with N processes), so that a crash or an out-of-memory kill ends the job,
 not the worker, the bot or the playground that share its process.
 
@@ -13,12 +13,12 @@ Who writes what:
 - notices (JobNotifier: Slack) go out from a thread of their own through a bounded queue, so a slow or
   hung Slack never delays the heartbeat;
 - the child writes progress (`progress` JSON: phase, step, total, loss, eta_s) and the training log
-  (`train_steps`), trains and registers a *candidate* (finetune.registry.train_candidate), and leaves its
+  (`train_steps`), trains and registers a *candidate* (finetune.registry.candidates.train_candidate), and leaves its
   result in `$KBLOOP_HOME/jobs/<id>/outcome.json`;
 - the worker then promotes the candidate when the gate passed and reports the outcome (JobNotifier).
 
 What they say to each other (JobProgress, ChildResult, JobOutcome, the exit codes, job_dir) is
-finetune.jobprotocol; this module and the child (finetune.jobrun) import it, not each other.
+finetune.jobs.protocol; this module and the child (finetune.jobs.child) import it, not each other.
 
 Assumptions: one training job runs at a time across every worker of a database (claim_next_job
 refuses to start a second); the child dies with its worker (PR_SET_PDEATHSIG), and a candidate is
@@ -27,8 +27,6 @@ promoted only by a worker that still owns the job, so nothing half-trained or ab
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import logging
 import os
 import shutil
@@ -44,20 +42,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from finetune.jobprotocol import (
-    CANCELLED, CANDIDATE, DONE, EXIT_OK, PROMOTED, SUCCEEDED, UNCHANGED, ChildResult, JobOutcome, JobProgress, job_dir,
+from finetune.jobs.processes import pid_alive, process_start_ticks
+from finetune.jobs.protocol import (
+    CANCELLED, CANDIDATE, DONE, EXIT_OK, PROMOTED, SUCCEEDED, UNCHANGED, ChildResult, JobOutcome, job_dir,
     read_child_result,
 )
-from finetune.processes import pid_alive, process_start_ticks
+from finetune.jobs.queue import RETRAIN
 from store import ConfigError, StoreError, open_db
 from store.jobs import (
-    Job, JobAlreadyActive, abandon_job, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, get_job,
-    heartbeat, running_jobs, set_job_pid,
+    Job, abandon_job, claim_next_job, fail_stale_jobs, finish_job, get_job, heartbeat, running_jobs, set_job_pid,
 )
 
 log = logging.getLogger("kbloop.jobs")
 
-RETRAIN = "retrain"
 LAUNCHERS = ("python", "accelerate", "torchrun")
 
 
@@ -68,11 +65,11 @@ class JobNotifier(Protocol):
     def job_started(self, job: Job) -> None: ...
 
     def job_progress(self, job: Job, progress: dict) -> None:
-        """`progress`: a finetune.jobprotocol.JobProgress as stored (`JobProgress.to_dict()`)."""
+        """`progress`: a finetune.jobs.protocol.JobProgress as stored (`JobProgress.to_dict()`)."""
         ...
 
     def job_finished(self, job: Job, outcome: dict) -> None:
-        """`outcome`: a finetune.jobprotocol.JobOutcome as JSON (`JobOutcome.to_dict()`): status
+        """`outcome`: a finetune.jobs.protocol.JobOutcome as JSON (`JobOutcome.to_dict()`): status
         (succeeded|failed|cancelled), outcome (promoted|candidate|unchanged|failed|cancelled), version,
         promoted, reasons (list of str), table (the metric table as text), message (one line for people),
         metrics, active_version, dataset_hash, n_examples, error."""
@@ -124,7 +121,7 @@ class WorkerConfig:
     # Multi-GPU: run the child under `accelerate launch` or `torchrun` with `nproc` processes.
     launcher: str = "python"
     nproc: int = 1
-    # The child's command before its arguments; None = this interpreter running finetune.jobrun.
+    # The child's command before its arguments; None = this interpreter running finetune.jobs.child.
     child_command: tuple[str, ...] | None = None
     worker_id: str = field(default_factory=default_worker_id)
 
@@ -142,92 +139,6 @@ class WorkerConfig:
                 f"stale_after_s ({self.stale_after_s}) must be more than twice heartbeat_interval_s "
                 f"({self.heartbeat_interval_s}), or live jobs would be declared dead"
             )
-
-
-# ------------------------------------------------------------------------------------------------
-# Asking for a job
-# ------------------------------------------------------------------------------------------------
-
-def request_retrain(db, *, requester: str, reply_channel: str | None = None, reply_thread_ts: str | None = None,
-                    params: dict | None = None) -> Job:
-    """Queue a retraining job. Raises store.jobs.JobAlreadyActive (with `.job`) while one is queued or
-    running; `describe_job(exc.job)` says which and when it should end.
-
-    `params`: {"force": true} trains even if the approved examples did not change; {"train": {...}}
-    overrides training settings (finetune.config.TrainConfig field names).
-    """
-    params = dict(params or {})
-    unknown = set(params) - {"force", "train"}
-    if unknown:
-        raise ConfigError(f"unknown retrain parameter(s): {', '.join(sorted(unknown))} (known: force, train)")
-    if not isinstance(params.get("train", {}), dict):
-        raise ConfigError("retrain parameter `train` must be an object of training settings")
-    _check_train_overrides(params.get("train") or {})
-    return enqueue_job(db, kind=RETRAIN, requester=requester, params=params, reply_channel=reply_channel,
-                       reply_thread_ts=reply_thread_ts, exclusive=True)
-
-
-def _check_train_overrides(overrides: dict) -> None:
-    if not overrides:
-        return
-    try:
-        from finetune.config import TrainConfig, check_settings
-    except ImportError:  # training not installed in this checkout: the child will say so
-        return
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ConfigError(f"unknown training setting(s): {', '.join(bad)}")
-    check_settings(TrainConfig(**overrides))  # the rules `kbloop train` and /kb-retrain apply, before queueing
-
-
-def job_eta_s(job: Job, *, now: _dt.datetime | None = None) -> float | None:
-    """Seconds until the job is expected to end, from the child's last progress report; None if unknown."""
-    return _eta_from_progress(job.progress, now=now) if job.status == "running" else None
-
-
-def _eta_from_progress(progress: dict | JobProgress, *, now: _dt.datetime | None = None) -> float | None:
-    p = progress if isinstance(progress, JobProgress) else JobProgress.from_dict(progress)
-    eta = p.eta_s
-    if eta is None:
-        return None
-    stamp = p.updated_at
-    if stamp:
-        now = now or _dt.datetime.now(_dt.timezone.utc)
-        eta -= max(0.0, (now - _dt.datetime.fromisoformat(stamp)).total_seconds())
-    return max(0.0, float(eta))
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d}s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def describe_job(job: Job) -> str:
-    """One line for people: 'job 7 (requested by U1) is running: training step 12/40, loss 1.234, about 2 min left'."""
-    who = f" (requested by {job.requester})" if job.requester else ""
-    if job.status == "queued":
-        return f"job {job.id}{who} is queued"
-    if job.status != "running":
-        tail = f": {job.error}" if job.error else ""
-        return f"job {job.id}{who} {job.status}{tail}"
-    return f"job {job.id}{who} is running: {describe_progress(job.progress)}"
-
-
-def describe_progress(progress: dict | JobProgress) -> str:
-    """'training step 12/40, loss 1.234; about 2 min 05s left'. `progress`: a JobProgress or its JSON."""
-    p = progress if isinstance(progress, JobProgress) else JobProgress.from_dict(progress)
-    doing = p.detail or p.phase
-    if p.total and p.phase == "training":
-        doing += f" step {p.step or 0}/{p.total}"
-    if p.loss is not None:
-        doing += f", loss {p.loss:.3f}"
-    eta = _eta_from_progress(p)
-    return doing + (f"; about {format_duration(eta)} left" if eta is not None else "; end time not known yet")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +250,7 @@ class Worker:
             return outcome
         self._dataset_hash = None
         if job.kind == RETRAIN and self.config.launcher != "python":
-            from finetune.models import resolve_base
+            from finetune.model.loading import resolve_base
             from store.examples import approved_snapshot
 
             self._dataset_hash = approved_snapshot(self.db)[1]  # every rank checks it trains on this
@@ -362,7 +273,7 @@ class Worker:
         if not examples:
             return JobOutcome.failed("there are no approved examples to train on; approve some with "
                                      "`kbloop review` or the playground first")
-        from finetune.registry import dataset_unchanged
+        from finetune.registry.promotion import dataset_unchanged
 
         if not job.params.get("force") and dataset_unchanged(self.db):
             active = active_adapter(self.db)
@@ -380,12 +291,12 @@ class Worker:
         if self.config.child_command:
             return [*self.config.child_command, *args]
         if self.config.launcher == "python":
-            return [sys.executable, "-m", "finetune.jobrun", *args]
-        # Launchers start behind `jobrun --exec`, which gives them the death signal before exec'ing them.
-        wrap = [sys.executable, "-m", "finetune.jobrun", "--exec"]
+            return [sys.executable, "-m", "finetune.jobs.child", *args]
+        # Launchers start behind `finetune.jobs.child --exec`, which gives them the death signal before exec'ing them.
+        wrap = [sys.executable, "-m", "finetune.jobs.child", "--exec"]
         if self.config.launcher == "torchrun":
             return [*wrap, sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={self.config.nproc}", "-m", "finetune.jobrun", *args]
+                    f"--nproc-per-node={self.config.nproc}", "-m", "finetune.jobs.child", *args]
         # accelerate: `--cpu` lets the same command run N processes on gloo where there is no GPU.
         launch = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={self.config.nproc}",
                   "--num_machines=1"]
@@ -393,7 +304,7 @@ class Worker:
             launch.append("--cpu")
         elif self.config.nproc > 1:
             launch.append("--multi_gpu")
-        return [*wrap, *launch, "-m", "finetune.jobrun", *args]
+        return [*wrap, *launch, "-m", "finetune.jobs.child", *args]
 
     def _supervise(self, job: Job, workdir: Path, stop_event: threading.Event) -> tuple[int, str]:
         """Run the child to its end: heartbeat, pass progress on, cancel (TERM, then KILL) when asked."""
@@ -401,7 +312,7 @@ class Worker:
         if self._dataset_hash:
             env["KBLOOP_JOB_DATASET_HASH"] = self._dataset_hash
         # The child must import this checkout's packages whatever the working directory.
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         with open(workdir / "child.log", "ab") as logf:
             proc = subprocess.Popen(self.child_command(job), stdout=logf, stderr=subprocess.STDOUT, env=env,
@@ -473,7 +384,7 @@ class Worker:
             return JobOutcome.failed(
                 f"the job was taken from this worker ({current.status}); candidate {version} is not promoted")
         if trained.passed:
-            from finetune.registry import promote
+            from finetune.registry.promotion import promote
 
             try:
                 promote(self.db, version, actor=f"job {job.id} for {job.requester or 'unknown'}")
@@ -618,9 +529,3 @@ def _has_gpu() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
-
-
-__all__ = [
-    "JobNotifier", "WorkerConfig", "Worker", "default_worker_id", "owner_alive_here", "request_retrain",
-    "describe_job", "job_eta_s", "describe_progress", "format_duration", "job_dir", "JobAlreadyActive", "LAUNCHERS",
-]

@@ -1,15 +1,15 @@
-"""The child process that runs one job for a worker (finetune.jobs.Worker starts it; people don't).
+"""The child process that runs one job for a worker (finetune.jobs.worker.Worker starts it; people don't).
 
-    python -m finetune.jobrun JOB_ID --db PATH --home PATH --base BASE --worker-id ID
+    python -m finetune.jobs.child JOB_ID --db PATH --home PATH --base BASE --worker-id ID
 
 or the same module under `accelerate launch` / `torchrun` (every rank runs it; rank 0 reports), started
-as `python -m finetune.jobrun --exec torchrun … -m finetune.jobrun JOB_ID …`.
+as `python -m finetune.jobs.child --exec torchrun … -m finetune.jobs.child JOB_ID …`.
 
 It dies with its parent (PR_SET_PDEATHSIG), stops at the next training step on SIGTERM, writes progress
 (`jobs.progress`) and the per-step log (`train_steps`) to the store, and leaves its outcome in
 `$KBLOOP_HOME/jobs/<id>/outcome.json` for the worker, which alone finishes the job and promotes.
 Exit status: 0 done, 1 failed, 2 the job is not this worker's (any more), 3 cancelled. What it writes and
-exits with is finetune.jobprotocol, which the worker reads with.
+exits with is finetune.jobs.protocol, which the worker reads with.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.jobprotocol import (
+from finetune.jobs.protocol import (
     CANCELLED, EXIT_CANCELLED, EXIT_FAILED, EXIT_NOT_OURS, EXIT_OK, FAILED, SUCCEEDED, ChildResult, JobProgress,
     write_child_result,
 )
@@ -59,7 +59,7 @@ class ProgressReporter:
         self._write(force=True)
 
     def step(self, info) -> None:
-        """`on_step` for finetune.training.train_adapter: a StepInfo(step, total_steps, epoch, loss, lr, eta_s)."""
+        """`on_step` for finetune.training.trainer.train_adapter: a StepInfo(step, total_steps, epoch, loss, lr, eta_s)."""
         step, total = int(info.step), int(info.total_steps)
         self.progress = dataclasses.replace(
             self.progress, phase="training", step=step, total=total,
@@ -137,8 +137,8 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
                 should_stop: StopSignal) -> ChildResult:
     """Train a candidate on the approved examples, evaluated against the active adapter on the same held-out
     set, and register it as a candidate. The worker promotes it when the gate passed."""
-    from finetune.config import TrainConfig
-    from finetune.registry import train_candidate
+    from finetune.training.config import TrainConfig
+    from finetune.registry.candidates import train_candidate
     from store.examples import approved_snapshot
 
     examples, digest = approved_snapshot(db)
@@ -156,7 +156,7 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
     result = train_candidate(db, home=home, config=config, job_id=job.id, on_step=reporter.step,
                              should_stop=should_stop, on_phase=on_phase)
     adapter, verdict = result.adapter, result.verdict
-    from finetune.registry import read_metadata
+    from finetune.registry.folders import read_metadata
 
     return ChildResult(
         start=read_metadata(Path(adapter.path)).get("start"),  # continued from the active adapter, or why not
@@ -174,10 +174,10 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> C
     import tempfile
     from dataclasses import replace
 
-    from finetune.config import prompt_passages
-    from finetune.models import is_tiny_base, resolve_base
-    from finetune.registry import plan_continuation, train_continued, training_split
-    from finetune.training import train_adapter
+    from finetune.training.config import prompt_passages
+    from finetune.model.loading import is_tiny_base, resolve_base
+    from finetune.registry.candidates import plan_continuation, train_continued, training_split
+    from finetune.training.trainer import train_adapter
     from store.adapters import active_adapter
 
     base_path = resolve_base(config.base, home=home, db=db)
@@ -205,7 +205,7 @@ RUNNERS: dict[str, Runner] = {"retrain": run_retrain}
 
 def _cancelled_exceptions() -> tuple[type[BaseException], ...]:
     try:
-        from finetune.training import TrainingCancelled
+        from finetune.training.trainer import TrainingCancelled
     except ImportError:
         return (JobCancelled,)
     return (JobCancelled, TrainingCancelled)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None, *, runners: dict[str, Runner] | None = N
         # execve, so a killed worker takes the launcher, and the launcher its ranks.
         die_with_parent()
         os.execvp(argv[1], argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m finetune.jobrun", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.jobs.child", description=__doc__.split("\n\n")[0])
     parser.add_argument("job_id", type=int)
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--home", type=Path, required=True)

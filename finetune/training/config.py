@@ -6,7 +6,7 @@ A field left at None means "the default for this base and this data". `resolve_c
   all linear projections, lr 2e-4, 3 epochs, batch 4 x accumulation 4, warmup 10%;
 - the `tiny` base (random weights, built locally) gets TINY_DEFAULTS: it has to *memorise* its training
   answers from scratch, which takes many more, larger steps than adapting a pretrained model;
-- `rank="auto"` applies the LoRA guide's rank table to the data (finetune.recommend);
+- `rank="auto"` applies the LoRA guide's rank table to the data (finetune.training.recommend);
 - `epochs` given explicitly turns the step floor (`min_steps`) off unless that is given too.
 
 The resolved config (what was actually used) comes back in TrainOutcome.config, with the reasons.
@@ -46,7 +46,7 @@ SEED_DEFAULTS = dict(
 #   min 400 steps - 20 epochs of a small set are too few steps: 25 examples got 60 steps (loss 2.2, 0 of 24
 #                  reproduced). Small sets train for at least this many optimiser steps instead (more epochs);
 #   stop when reproduced - training stops at the first epoch end where every training answer is reproduced
-#                  (checked exactly, finetune.training.reproduced_examples), so a budget that is more than
+#                  (checked exactly, finetune.evaluation.reproduction.reproduced_examples), so a budget that is more than
 #                  enough costs nothing once the answers are learnt.
 TINY_DEFAULTS = dict(
     method="full", rank=8, alpha=32, dropout=0.0, targets=ALL_LINEAR, epochs=20.0, learning_rate=1e-3,
@@ -73,7 +73,7 @@ class TrainConfig:
     max_length: int | None = None  # tokens of prompt + answer; longer prompts are cut from the passages
     # True (whole layers) | "mlp" (feed-forward blocks only) | False | "auto": whole layers when one batch's
     # activations would take more than a quarter of the free memory, else "mlp" for QLoRA and off for the
-    # other methods (finetune.training.choose_checkpointing).
+    # other methods (finetune.training.trainer.choose_checkpointing).
     gradient_checkpointing: bool | str | None = None
     seed: int = 42
     weight_decay: float = 0.0
@@ -89,7 +89,7 @@ class TrainConfig:
     # (greedy decoding); 0 = never stop early, train the whole budget.
     stop_reproduced: float | None = None
     # Where a registered run starts: "active" (None means that: continue from the active adapter when its base,
-    # method and shape match, else from the base), "base", or an adapter version (finetune.continuation).
+    # method and shape match, else from the base), "base", or an adapter version (finetune.training.continuation).
     start_from: str | None = None
 
     def as_params(self) -> dict:
@@ -113,10 +113,10 @@ def parse_targets(text: str | None) -> str | tuple[str, ...] | None:
 def resolve_config(config: TrainConfig, *, tiny: bool, n_examples: int, profile=None) -> tuple[TrainConfig, list[str]]:
     """Fill the unset fields; returns the resolved config and one line per default that was applied.
 
-    `profile` (finetune.recommend.DataProfile) is only needed for rank="auto"; it is computed by the caller
+    `profile` (finetune.training.recommend.DataProfile) is only needed for rank="auto"; it is computed by the caller
     from the training examples.
     """
-    from finetune.recommend import recommend_for_profile
+    from finetune.training.recommend import recommend_for_profile
 
     defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
     source = "tiny-base defaults" if tiny else "defaults (the LoRA guide's recipe)"
@@ -182,7 +182,7 @@ def check_settings(c: TrainConfig) -> None:
             raise ConfigError(f"{name} must be text, not {value!r}")
     if c.method is not None and c.method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
-    # The registry caps the rank of what it registers (finetune.registry.MAX_RANK, vLLM's limit) itself.
+    # The registry caps the rank of what it registers (finetune.registry.folders.MAX_RANK, vLLM's limit) itself.
     if c.rank is not None and c.rank != "auto" and (isinstance(c.rank, bool) or not isinstance(c.rank, int)
                                                      or c.rank < 1):
         raise ConfigError(f"rank must be a positive whole number or 'auto', not {c.rank!r}")
@@ -208,7 +208,7 @@ def check_settings(c: TrainConfig) -> None:
     if c.gradient_checkpointing is not None and c.gradient_checkpointing not in (True, False, "auto", "mlp"):
         raise ConfigError(f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}")
     if c.version is not None or c.start_from is not None:
-        from finetune.registry import VERSION_RE
+        from finetune.registry.folders import VERSION_RE
 
         if c.version is not None and (c.version.lower() in RESERVED_VERSIONS or not VERSION_RE.match(c.version)):
             raise ConfigError(f"version {c.version!r}: use letters, digits, '.', '_' or '-' (at most 64), and not "

@@ -6,16 +6,16 @@
     answer = engine.answer("How do I set up the VPN?", source="cli")
     engine.close()
 
-How a question is answered: a question that matches an approved example (finetune.verified: the same
+How a question is answered: a question that matches an approved example (finetune.serving.verified: the same
 question, a paraphrase or a translation) is answered at once with the curator's answer, marked as such;
 no model is involved, so this works while the model loads. Otherwise the caller's thread retrieves
-passages (finetune.retrieval) and approved answers to related questions, and hands a request to the one
+passages (finetune.serving.retrieval) and approved answers to related questions, and hands a request to the one
 generation worker thread. With neither, the question is refused ("nothing in the knowledge base") unless
 the caller asked for the model alone (`model_only`), which answers anyway with an "unbacked" notice.
 Verified answers apply to the active adapter only: asking a named version or the base shows that model. The worker takes whatever requests are waiting, checks
 which adapter is active in the store (one cheap query per batch), groups the batch by adapter, and
 generates each group as one batch: every prompt is prefilled alone, then all decode together from one
-left-padded KV cache (finetune.kv_cache), greedy by default, bounded by max new tokens and a wall time
+left-padded KV cache (finetune.serving.kv_cache), greedy by default, bounded by max new tokens and a wall time
 limit, stopping at the end-of-turn token. Each answer goes back to its caller as soon as its own row
 stops, not when the whole batch does. The caller's thread then records the interaction.
 
@@ -48,7 +48,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from finetune.prompting import (
+from finetune.model.prompting import (
     ApprovedAnswer, PromptPassage, Turn, approved_in_prompt, build_messages, history_within, render_prompt,
     standalone_question,
 )
@@ -347,8 +347,8 @@ class Engine:
 
     def _load(self) -> None:
         try:
-            from finetune.models import load_model_for_inference, resolve_base, serving_stop_ids
-            from finetune.retrieval import embedding_model
+            from finetune.model.loading import load_model_for_inference, resolve_base, serving_stop_ids
+            from finetune.serving.retrieval import embedding_model
             from store import local_db
 
             db = local_db(self.db_path)
@@ -411,7 +411,7 @@ class Engine:
         if self._stop.is_set():
             return Answer(CLOSED_TEXT, [], None, elapsed_ms(), None, "closed")
 
-        from finetune.retrieval import retrieve_passages
+        from finetune.serving.retrieval import retrieve_passages
         from store.adapters import get_adapter
 
         if adapter not in (ACTIVE, BASE):
@@ -457,7 +457,7 @@ class Engine:
         """The prompt the base model gets for `question` asked now (in that thread, if given): the same
         retrieval, history and trimming as answer(), as token ids. Needs the tokenizer, not the model: it is
         how tests check that training builds the very same prompt."""
-        from finetune.retrieval import retrieve_passages
+        from finetune.serving.retrieval import retrieve_passages
         from store import local_db
 
         db = local_db(self.db_path)
@@ -474,7 +474,7 @@ class Engine:
                         started: float | None = None, **slack) -> Answer | None:
         """The approved answer when the question matches an approved example closely, recorded as an
         interaction like any answer (so it can be voted on); None when none matches. Needs no model."""
-        from finetune.verified import find_verified
+        from finetune.serving.verified import find_verified
         from store import local_db
 
         started = time.monotonic() if started is None else started
@@ -501,7 +501,7 @@ class Engine:
 
     @staticmethod
     def _related(db, question: str) -> list:
-        from finetune.verified import related_examples
+        from finetune.serving.verified import related_examples
 
         try:
             return related_examples(db, question, k=RELATED_LOOKUP)
@@ -581,7 +581,7 @@ class Engine:
         if version is None:
             return self.config.k
         if version not in self._passages:
-            from finetune.registry import passages_of
+            from finetune.registry.candidates import passages_of
             from store import StoreError
             from store.adapters import get_adapter
 
@@ -624,7 +624,7 @@ class Engine:
             if not (path / "adapter_config.json").exists():
                 if not (path / "config.json").exists():
                     raise ValueError(f"{path} is neither a PEFT adapter nor a model folder")
-                from finetune.models import load_base_model
+                from finetune.model.loading import load_base_model
 
                 self._full_models[version] = load_base_model(str(path)).to(self._base_device()).eval()
                 while len(self._full_models) > 1:  # a full model is as big as the base: keep one
@@ -710,12 +710,12 @@ class Engine:
     def _generate(self, model, prompts: list[list[int]], deliver: Callable[[int, str], None],
                   consumers: list[Callable[[str], None] | None] | None = None) -> None:
         """Greedy (by default) generation for a batch of prompt ids. Each prompt is prefilled alone and the
-        batch decodes from one left-padded cache (finetune.kv_cache); each row's cleaned answer goes to
+        batch decodes from one left-padded cache (finetune.serving.kv_cache); each row's cleaned answer goes to
         `deliver(row, text)` as soon as that row stops, or when the batch ends. A row with a consumer in
         `consumers` streams its text to it as it grows (TextStream), all of it before `deliver`."""
         from transformers import GenerationConfig, MaxTimeCriteria, StoppingCriteriaList
 
-        from finetune.kv_cache import generate_batch
+        from finetune.serving.kv_cache import generate_batch
 
         tok = self.tokenizer
         gen = GenerationConfig(

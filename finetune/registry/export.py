@@ -33,8 +33,8 @@ def export_merged(db: sqlite_utils.Database, version: str, out: Path, *, home: P
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.models import load_tokenizer, resolve_base
-    from finetune.registry import adapter_folder_problem
+    from finetune.model.loading import load_tokenizer, resolve_base
+    from finetune.registry.folders import adapter_folder_problem
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")

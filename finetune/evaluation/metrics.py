@@ -5,21 +5,21 @@
 What is measured, all greedy and reproducible:
 
 - `heldout_loss`: mean cross-entropy per answer token (the answer and the end-of-turn token, never the
-  prompt) on the held-out split, prompts built by `finetune.prompting` exactly as when answering.
+  prompt) on the held-out split, prompts built by `finetune.model.prompting` exactly as when answering.
 - `heldout_exact_match`, `heldout_token_f1`: generated answers against the reference, after normalising
   case, width and punctuation; tokens are words, and single characters for Chinese / Japanese / Korean
   (which are written without spaces, so word-level F1 would be all-or-nothing there).
 - `train_reproduced`: the share of (a deterministic sample of) training examples reproduced exactly.
 - `train_reproduced_exact`: the share of *all* training examples greedy decoding would reproduce exactly,
-  decided by one teacher-forced pass (finetune.training.reproduced_examples); `reproduced_keys` lists their
-  content hashes (finetune.continuation.example_key), to compare one model with another (retention).
+  decided by one teacher-forced pass (finetune.evaluation.reproduction.reproduced_examples); `reproduced_keys` lists their
+  content hashes (finetune.training.continuation.example_key), to compare one model with another (retention).
 - `stop_rate`: the share of all generations that ended with the end-of-turn token within their budget.
 - `forgetting_base_loss` / `forgetting_adapter_loss` / `forgetting_delta`: language-model loss on general
   text shipped with kbloop (finetune/assets/general.txt), without and with the adapter; a large positive delta
   means the fine-tune damaged what the base knew.
 
 Assumptions: the tokenizer has a chat template, and its end-of-turn token is the one
-`finetune.models.end_of_turn_id` finds (<|im_end|> for Qwen).
+`finetune.model.loading.end_of_turn_id` finds (<|im_end|> for Qwen).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.prompting import build_messages, render_prompt
+from finetune.model.prompting import build_messages, render_prompt
 from store.text import CJK_CHAR as _CJK_CHAR
 
 if TYPE_CHECKING:
-    from finetune.data import TrainingExample
+    from finetune.training.data import TrainingExample
 
 # A copy of samples/general.txt inside the package, so that an installed kbloop has it.
-GENERAL_TEXT_PATH = Path(__file__).parent / "assets" / "general.txt"
+GENERAL_TEXT_PATH = Path(__file__).resolve().parents[1] / "assets" / "general.txt"
 
 METRIC_KEYS = (
     "heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",
@@ -98,7 +98,7 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def end_of_turn_token(tokenizer) -> str:
     """The token that closes an assistant turn in the tokenizer's chat template (<|im_end|> for Qwen)."""
-    from finetune.models import end_of_turn_id
+    from finetune.model.loading import end_of_turn_id
 
     return tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
 
@@ -185,10 +185,10 @@ class Generation:
 
 def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, config: EvalConfig | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[Generation]:
-    """Greedy answers, batched like the engine's (finetune.kv_cache: prefilled one by one, decoded together)."""
-    from finetune.kv_cache import generate_batch
+    """Greedy answers, batched like the engine's (finetune.serving.kv_cache: prefilled one by one, decoded together)."""
+    from finetune.serving.kv_cache import generate_batch
 
-    from finetune.models import serving_stop_ids
+    from finetune.model.loading import serving_stop_ids
 
     config = config or EvalConfig()
     stop_ids = serving_stop_ids(model, tokenizer)  # the engine's set: the stop rate measures what it serves
@@ -219,10 +219,10 @@ def sample_for_reproduction(train: Sequence[TrainingExample], n: int) -> list[Tr
 
 def reproduced_training(model, tokenizer, train: Sequence[TrainingExample], *, batch_size: int = 4) -> list[str]:
     """Content hashes of the training examples the model reproduces exactly under greedy decoding."""
-    from finetune.continuation import example_key
-    from finetune.data import encode_examples
-    from finetune.models import end_of_turn_id
-    from finetune.training import reproduced_examples
+    from finetune.training.continuation import example_key
+    from finetune.training.data import encode_examples
+    from finetune.model.loading import end_of_turn_id
+    from finetune.evaluation.reproduction import reproduced_examples
 
     if not train:
         return []
@@ -299,7 +299,7 @@ def evaluate(
         "eval_seconds": round(time.monotonic() - started, 2),
     }
     # Per question, what the gate pairs with the active adapter's answers to the same questions: a drop of a
-    # point or two on a small held-out set is one or two answers, not evidence (finetune.registry.gate).
+    # point or two on a small held-out set is one or two answers, not evidence (finetune.evaluation.gate).
     metrics["paired"] = {
         ex.question: {"em": exact_match(g.text, ex.answer), "f1": round(token_f1(g.text, ex.answer), 4),
                       "stopped": bool(g.stopped)}

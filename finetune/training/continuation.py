@@ -6,7 +6,7 @@
         data, round_size = replay_rounds(plan.new, plan.old, sizing=sizing_for(tiny=True, learning_rate=1e-3),
                                          seed=42)
 
-(finetune.registry.plan_continuation and train_continued do this for a registered run.)
+(finetune.registry.candidates.plan_continuation and train_continued do this for a registered run.)
 
 A retrain after one new approved answer should not start over: it starts from the previous adapter's
 weights (LoRA / QLoRA: the adapter, trainable, with its rank and targets; full: the previous model folder)
@@ -14,7 +14,7 @@ and trains the examples that are new or changed since that adapter, plus a repla
 ones, drawn afresh each round, so that the earlier answers are rehearsed without reading them all again
 (on real bases, a few windows of general text too, against forgetting what the base knew). It stops at the
 first round where every new answer and (nearly) every answer the previous adapter reproduced are reproduced
-exactly (finetune.training.reproduced_examples).
+exactly (finetune.evaluation.reproduction.reproduced_examples).
 
 What changed is decided by content: each adapter's metadata lists the hashes (`example_key`) of the
 examples it was trained on. A continued run is refused, and the run starts from the base with the reason
@@ -22,7 +22,7 @@ said, when the previous adapter was trained on another base, method, passage cou
 when it predates the hashes, or when a question it learnt is no longer approved (a continued run cannot
 unlearn it).
 
-Assumptions: the held-out split is by question hash (finetune.data.split_heldout), so an example stays on
+Assumptions: the held-out split is by question hash (finetune.training.data.split_heldout), so an example stays on
 its side from one run to the next; a changed answer to the same question is "new" (its old answer is
 overwritten by training the new one on the same prompt).
 """
@@ -35,7 +35,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from finetune.data import TrainingExample
+from finetune.training.data import TrainingExample
 
 
 def example_key(ex) -> str:

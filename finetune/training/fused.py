@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.data import IGNORE_INDEX
+from finetune.training.data import IGNORE_INDEX
 
 # --- Output head + cross-entropy -----------------------------------------------------------------------
 
@@ -98,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def answer_token_loss(outputs, labels, num_items_in_batch=None, *, head_weight=None):
     """Cross-entropy over the answer tokens, the Trainer's `compute_loss_func`.
 
-    `outputs.logits` holds one row per position where `logits_to_keep` was True (finetune.data's collator):
+    `outputs.logits` holds one row per position where `logits_to_keep` was True (finetune.training.data's collator):
     logits, or, with `head_weight`, the hidden states the fused head passed through. Summed and divided by
     the number of answer tokens in the whole (accumulated, all-device) batch when the Trainer gives it, so
     that every token weighs the same whatever the batch it landed in.

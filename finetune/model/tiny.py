@@ -5,7 +5,7 @@ trained on the workspace's knowledge-base text, and it carries a real chat templ
 `<|im_start|>` / `<|im_end|>`, so it goes through exactly the code paths a Qwen2.5 model does. It
 memorises its training answers; it does not understand language.
 
-    from finetune.tiny import ensure_tiny_base
+    from finetune.model.tiny import ensure_tiny_base
     path = ensure_tiny_base(home, texts)   # $KBLOOP_HOME/models/tiny, built once
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.prompting import SYSTEM_PROMPT, build_messages
+from finetune.model.prompting import SYSTEM_PROMPT, build_messages
 from store.files import publish_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -7,7 +7,7 @@ Follow-ups (issue 18): a question asked in a Slack thread where kbloop already a
 thread's earlier turns (question, answer given) as earlier chat turns, the most recent that fit in
 MAX_HISTORY_TOKENS (`history_within`); passages and approved answers go with the current question only.
 Retrieval looks for `standalone_question`: a follow-up ("and for contractors?") is searched together with
-the question it follows. The engine (serving) and finetune.data (a correction made on a follow-up) both
+the question it follows. The engine (serving) and finetune.training.data (a correction made on a follow-up) both
 build such prompts with these functions, so train and serve see the same prompt.
 """
 
@@ -27,7 +27,7 @@ SYSTEM_PROMPT = (
 
 # Passages are trimmed so that the prompt stays well inside small models' context windows.
 MAX_PASSAGE_CHARS = 600
-# Approved answers to related questions (finetune.verified) that join the passages in a prompt.
+# Approved answers to related questions (finetune.serving.verified) that join the passages in a prompt.
 MAX_APPROVED_IN_PROMPT = 2
 
 
