@@ -32,11 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.training.config import TrainConfig  # noqa: E402
-from finetune.training.continuation import example_key  # noqa: E402
 from finetune.registry.candidates import train_candidate  # noqa: E402
 from finetune.registry.folders import read_metadata  # noqa: E402
 from finetune.registry.promotion import promote  # noqa: E402
+from finetune.training.config import TrainConfig  # noqa: E402
+from finetune.training.continuation import example_key  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 from store.examples import add_examples  # noqa: E402
@@ -82,9 +82,9 @@ def _from_metadata(folder: Path) -> dict:
 
 
 def _generated(adapter_path: Path, base_path: str, question: str) -> str:
-    from finetune.training.data import TrainingExample
     from finetune.evaluation.metrics import generate_answers
     from finetune.model.loading import load_model_for_inference
+    from finetune.training.data import TrainingExample
 
     model, tokenizer = load_model_for_inference(base_path, adapter_path=adapter_path)
     return generate_answers(model, tokenizer, [TrainingExample(question=question, input="", answer=NEW_ANSWER)])[0].text

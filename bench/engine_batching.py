@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.serving.engine import Engine, EngineConfig  # noqa: E402
 from finetune.model.loading import resolve_base  # noqa: E402
+from finetune.serving.engine import Engine, EngineConfig  # noqa: E402
 from finetune.serving.retrieval import embed_missing_passages  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402

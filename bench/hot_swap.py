@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 
 from engine_batching import eval_questions, prepare_workspace  # noqa: E402
 
-from finetune.serving.engine import Engine, EngineConfig  # noqa: E402
 from finetune.model.loading import resolve_base  # noqa: E402
+from finetune.serving.engine import Engine, EngineConfig  # noqa: E402
 from store.adapters import activate_adapter, register_adapter  # noqa: E402
 
 

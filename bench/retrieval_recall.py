@@ -140,7 +140,7 @@ def build_kb(folder: Path, roots: list[tuple[Path, list[str] | None]], distracto
             # import_documents names a lone file by its name: keep the folder in doc_path, as a folder import does
             for d in only:
                 db.execute("UPDATE kb_docs SET doc_path = ? WHERE doc_path = ?", [d, Path(d).name])
-    for i, (path, title, body) in enumerate(distractor_documents(distractors)):
+    for path, title, body in distractor_documents(distractors):
         replace_document(db, path, [NewPassage(path, title, 0, body)])
     embed_cached(db)
     return db

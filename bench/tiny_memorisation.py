@@ -25,13 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune.training.config import TrainConfig  # noqa: E402
-from finetune.serving.engine import Engine  # noqa: E402
 from finetune.evaluation.metrics import EvalConfig, exact_match  # noqa: E402
 from finetune.registry.candidates import train_candidate  # noqa: E402
 from finetune.registry.folders import read_metadata  # noqa: E402
 from finetune.registry.promotion import promote  # noqa: E402
+from finetune.serving.engine import Engine  # noqa: E402
 from finetune.serving.retrieval import embed_missing_passages  # noqa: E402
+from finetune.training.config import TrainConfig  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 from store.examples import add_examples  # noqa: E402

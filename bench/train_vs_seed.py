@@ -49,7 +49,7 @@ def seed_prompt(question: str) -> str:
 
 
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    rows = [json.loads(l) for l in (REPO / "samples" / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [json.loads(line) for line in (REPO / "samples" / "qa.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(seed)
     pairs, seen = [], set()
     while len(pairs) < n:
@@ -109,8 +109,14 @@ def build_base(home: Path, *, pretrain_steps: int) -> str:
 def train_seed(base: str, train: list[dict], out: Path, a) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                              DataCollatorForLanguageModeling, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.eos_token  # the seed: pad = eos (<|im_end|>)

@@ -10,7 +10,12 @@ from bot.app import build_app, health, make_web_client, shutdown
 from bot.config import BotConfig, BotConfigError
 from bot.notify import SlackJobNotifier
 from bot.server import (
-    BackgroundHttpServer, build_asgi, healthz_endpoint, run_http, run_socket_mode, slack_events_endpoint,
+    BackgroundHttpServer,
+    build_asgi,
+    healthz_endpoint,
+    run_http,
+    run_socket_mode,
+    slack_events_endpoint,
 )
 
 __all__ = [

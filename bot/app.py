@@ -18,8 +18,8 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, R
 from bot.assistant import register_assistant_handlers
 from bot.commands import register_command_handlers
 from bot.config import BotConfig
-from store.db import ping
 from bot.handlers import BotRuntime, register_feedback_handlers, register_question_handlers
+from store.db import ping
 
 log = logging.getLogger("kbloop.bot")
 

@@ -29,7 +29,10 @@ from slack_bolt.context.assistant.thread_context_store.store import AssistantThr
 from bot import messages
 from bot.handlers import BotRuntime, question_event
 from store.interactions import (
-    assistant_thread_context, save_assistant_thread_context, suggested_questions, thread_interactions,
+    assistant_thread_context,
+    save_assistant_thread_context,
+    suggested_questions,
+    thread_interactions,
 )
 
 log = logging.getLogger("kbloop.bot")

@@ -36,7 +36,11 @@ from bot.ratelimit import QuestionRateLimiter
 from bot.streaming import AnswerStream, StreamingSupport
 from store import StoreError, local_db
 from store.interactions import (
-    claim_slack_events, get_interaction, record_bot_error, record_vote, set_interaction_message,
+    claim_slack_events,
+    get_interaction,
+    record_bot_error,
+    record_vote,
+    set_interaction_message,
 )
 
 log = logging.getLogger("kbloop.bot")

@@ -445,7 +445,7 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
                 return ("✅ " if outcome.ok else "⛔ ") + outcome.message
             return do_vote
 
-        for dd, bot, up, down, corr, iid in columns:
+        for _dropdown, _bot, up, down, corr, iid in columns:
             up.click(make_vote(1), [iid, corr], chat_msg, api_name=False)
             down.click(make_vote(-1), [iid, corr], chat_msg, api_name=False)
 

@@ -12,8 +12,15 @@ from playground.auth import Viewer
 from playground.review import Outcome
 from playground.safety import describe, find_sensitive
 from store import StoreError
-from store.examples import (STATUSES, example_stats, examples_growth_by_source, get_example,
-                            list_examples, review_example, update_example)
+from store.examples import (
+    STATUSES,
+    example_stats,
+    examples_growth_by_source,
+    get_example,
+    list_examples,
+    review_example,
+    update_example,
+)
 from store.formats import EXPORT_FORMATS, ImportFileError, import_examples, write_export
 from store.interactions import feedback_stats
 

@@ -27,10 +27,16 @@ from playground.auth import Viewer
 from playground.duplicates import Candidate, Match, near_duplicates
 from playground.safety import Finding, describe, find_sensitive, redact
 from store import StoreError
-from store.examples import (disputed_example, example_questions, get_example, list_examples, merge_example,
-                            review_example, update_example)
-from store.interactions import record_interaction_review, review_counts, review_item, review_items
-from store.interactions import approve_interaction
+from store.examples import (
+    disputed_example,
+    example_questions,
+    get_example,
+    list_examples,
+    merge_example,
+    review_example,
+    update_example,
+)
+from store.interactions import approve_interaction, record_interaction_review, review_counts, review_item, review_items
 
 TO_REVIEW = ("unreviewed", "pending")
 

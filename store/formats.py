@@ -25,9 +25,16 @@ from pathlib import Path
 import sqlite_utils
 
 from store.db import StoreError
+from store.examples import (
+    MAX_ANSWER_CHARS,
+    MAX_INPUT_CHARS,
+    MAX_QUESTION_CHARS,
+    NewExample,
+    add_examples,
+    example_problems,
+    training_examples,
+)
 from store.files import atomic_path
-from store.examples import (MAX_ANSWER_CHARS, MAX_INPUT_CHARS, MAX_QUESTION_CHARS, NewExample, add_examples,
-                            example_problems, training_examples)
 from store.interactions import labelled_answers, preference_pairs
 from store.sensitive import describe, find_sensitive_in
 

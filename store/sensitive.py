@@ -106,9 +106,13 @@ _KIND_NAMES = {
 
 def _not_a_value(secret: str, line: str) -> bool:
     """detect-secrets' own heuristics for values that are not secrets (placeholders, sequences, uuids)."""
-    from detect_secrets.filters.heuristic import (is_indirect_reference, is_potential_uuid,
-                                                  is_prefixed_with_dollar_sign, is_sequential_string,
-                                                  is_templated_secret)
+    from detect_secrets.filters.heuristic import (
+        is_indirect_reference,
+        is_potential_uuid,
+        is_prefixed_with_dollar_sign,
+        is_sequential_string,
+        is_templated_secret,
+    )
 
     return (is_sequential_string(secret) or is_potential_uuid(secret) or is_templated_secret(secret)
             or is_prefixed_with_dollar_sign(secret) or is_indirect_reference(line))

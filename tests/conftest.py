@@ -53,7 +53,8 @@ def tiny_built_once(tmp_path_factory):
     build = tiny.ensure_tiny_base
     cache = tmp_path_factory.mktemp("tiny-bases")
 
-    def ensure_from_cache(home: Path, texts, *, spec: tiny.TinySpec = tiny.TinySpec()) -> Path:
+    def ensure_from_cache(home: Path, texts, *, spec: tiny.TinySpec | None = None) -> Path:
+        spec = spec or tiny.TinySpec()
         target = Path(home) / "models" / "tiny"
         if (target / "config.json").exists():
             return target

@@ -23,10 +23,10 @@ import time
 import pytest
 
 from bot import BackgroundHttpServer, BotConfig, SlackJobNotifier, build_app, messages, shutdown
-from finetune.serving.engine import NO_MATCH_TEXT, Engine, EngineConfig
 from finetune.evaluation.metrics import token_f1
 from finetune.jobs.queue import request_retrain
 from finetune.jobs.worker import Worker, WorkerConfig
+from finetune.serving.engine import NO_MATCH_TEXT, Engine, EngineConfig
 from store import open_db
 from store.adapters import active_adapter
 from store.documents import import_documents
@@ -35,8 +35,15 @@ from store.interactions import list_interactions
 from store.jobs import get_job, list_jobs
 from tests.conftest import SAMPLES
 from tests.fakes.slack_api import (
-    BOT_USER_ID, FakeSlackAPI, app_mention_event, block_actions_payload, event_body, interactive_body,
-    post_signed, slash_command_body, view_submission_payload,
+    BOT_USER_ID,
+    FakeSlackAPI,
+    app_mention_event,
+    block_actions_payload,
+    event_body,
+    interactive_body,
+    post_signed,
+    slash_command_body,
+    view_submission_payload,
 )
 
 SECRET = "e2e-signing-secret"

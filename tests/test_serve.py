@@ -86,6 +86,6 @@ def test_serve_answers_slack_serves_playground_and_stops_cleanly(kbloop_home, tm
                 out, _ = proc.communicate(timeout=90)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                raise AssertionError("kbloop serve did not stop within 90 s of SIGTERM")
+                raise AssertionError("kbloop serve did not stop within 90 s of SIGTERM") from None
         assert proc.returncode == 0, out
         assert "Traceback" not in out

@@ -186,9 +186,8 @@ class Generation:
 def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, config: EvalConfig | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[Generation]:
     """Greedy answers, batched like the engine's (finetune.serving.kv_cache: prefilled one by one, decoded together)."""
-    from finetune.serving.kv_cache import generate_batch
-
     from finetune.model.loading import serving_stop_ids
+    from finetune.serving.kv_cache import generate_batch
 
     config = config or EvalConfig()
     stop_ids = serving_stop_ids(model, tokenizer)  # the engine's set: the stop rate measures what it serves
@@ -219,10 +218,10 @@ def sample_for_reproduction(train: Sequence[TrainingExample], n: int) -> list[Tr
 
 def reproduced_training(model, tokenizer, train: Sequence[TrainingExample], *, batch_size: int = 4) -> list[str]:
     """Content hashes of the training examples the model reproduces exactly under greedy decoding."""
+    from finetune.evaluation.reproduction import reproduced_examples
+    from finetune.model.loading import end_of_turn_id
     from finetune.training.continuation import example_key
     from finetune.training.data import encode_examples
-    from finetune.model.loading import end_of_turn_id
-    from finetune.evaluation.reproduction import reproduced_examples
 
     if not train:
         return []

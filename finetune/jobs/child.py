@@ -28,7 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.jobs.protocol import (
-    CANCELLED, EXIT_CANCELLED, EXIT_FAILED, EXIT_NOT_OURS, EXIT_OK, FAILED, SUCCEEDED, ChildResult, JobProgress,
+    CANCELLED,
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_NOT_OURS,
+    EXIT_OK,
+    FAILED,
+    SUCCEEDED,
+    ChildResult,
+    JobProgress,
     write_child_result,
 )
 from store import KbloopError, StoreError, open_db
@@ -137,8 +145,8 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
                 should_stop: StopSignal) -> ChildResult:
     """Train a candidate on the approved examples, evaluated against the active adapter on the same held-out
     set, and register it as a candidate. The worker promotes it when the gate passed."""
-    from finetune.training.config import TrainConfig
     from finetune.registry.candidates import train_candidate
+    from finetune.training.config import TrainConfig
     from store.examples import approved_snapshot
 
     examples, digest = approved_snapshot(db)
@@ -174,9 +182,9 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> C
     import tempfile
     from dataclasses import replace
 
-    from finetune.training.config import prompt_passages
     from finetune.model.loading import is_tiny_base, resolve_base
     from finetune.registry.candidates import plan_continuation, train_continued, training_split
+    from finetune.training.config import prompt_passages
     from finetune.training.trainer import train_adapter
     from store.adapters import active_adapter
 

@@ -44,13 +44,30 @@ from typing import Protocol
 
 from finetune.jobs.processes import pid_alive, process_start_ticks
 from finetune.jobs.protocol import (
-    CANCELLED, CANDIDATE, DONE, EXIT_OK, PROMOTED, SUCCEEDED, UNCHANGED, ChildResult, JobOutcome, job_dir,
+    CANCELLED,
+    CANDIDATE,
+    DONE,
+    EXIT_OK,
+    PROMOTED,
+    SUCCEEDED,
+    UNCHANGED,
+    ChildResult,
+    JobOutcome,
+    job_dir,
     read_child_result,
 )
 from finetune.jobs.queue import RETRAIN
 from store import ConfigError, StoreError, open_db
 from store.jobs import (
-    Job, abandon_job, claim_next_job, fail_stale_jobs, finish_job, get_job, heartbeat, running_jobs, set_job_pid,
+    Job,
+    abandon_job,
+    claim_next_job,
+    fail_stale_jobs,
+    finish_job,
+    get_job,
+    heartbeat,
+    running_jobs,
+    set_job_pid,
 )
 
 log = logging.getLogger("kbloop.jobs")

@@ -27,11 +27,23 @@ import sqlite_utils
 from finetune.evaluation.gate import GateConfig, GateVerdict, compare_with_active, comparison_table, gate
 from finetune.evaluation.metrics import EvalConfig, evaluate
 from finetune.registry.folders import (
-    META_FILE, adapter_folder_problem, adapters_dir, check_registrable, clean_stale_temp, pick_version, read_metadata,
-    temp_dir, vllm_problems,
+    META_FILE,
+    adapter_folder_problem,
+    adapters_dir,
+    check_registrable,
+    clean_stale_temp,
+    pick_version,
+    read_metadata,
+    temp_dir,
+    vllm_problems,
 )
 from finetune.training.continuation import (
-    StartPlan, plan_start, replay_rounds, sizing_for, steps_per_round, trained_record,
+    StartPlan,
+    plan_start,
+    replay_rounds,
+    sizing_for,
+    steps_per_round,
+    trained_record,
 )
 from store import StoreError
 from store import adapters as adapter_rows
@@ -100,9 +112,8 @@ def evaluate_model(base_path: str, *, adapter_dir: Path | None, eval_set: _EvalS
 
 def _base_general_loss(base_path: str) -> float | None:
     """The forgetting probe's reference for a full fine-tune (a PEFT model measures it with its adapter off)."""
-    from finetune.model.loading import load_model_for_inference
-
     from finetune.evaluation.metrics import general_text_loss, load_general_text
+    from finetune.model.loading import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(base_path)
     try:
@@ -193,7 +204,6 @@ def train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_st
     """Train from `plan.previous`'s weights on the new examples and replayed samples of the earlier ones
     (finetune.training.continuation), stopping once the new answers are learnt and the earlier ones kept."""
     from finetune.training.config import SEED_DEFAULTS, TINY_DEFAULTS
-
     from finetune.training.trainer import train_adapter
 
     defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
@@ -240,9 +250,8 @@ def train_candidate(
 ) -> CandidateResult:
     """Snapshot -> split -> train (temp folder) -> evaluate candidate and active -> metadata -> rename ->
     register as candidate. Never promotes. `on_phase(text)` hears "training", "evaluating …", "saving"."""
-    from finetune.training.config import prompt_passages
     from finetune.model.loading import is_tiny_base, resolve_base
-
+    from finetune.training.config import prompt_passages
     from finetune.training.trainer import train_adapter
 
     home = Path(home)

@@ -20,8 +20,8 @@ from pathlib import Path
 import sqlite_utils
 
 from store import ConfigError, StoreError
-from store.files import publish_dir, write_json_atomic
 from store import adapters as adapter_rows
+from store.files import publish_dir, write_json_atomic
 from store.text import now
 
 EXPORT_META = "kbloop_export.json"

@@ -49,7 +49,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from finetune.model.prompting import (
-    ApprovedAnswer, PromptPassage, Turn, approved_in_prompt, build_messages, history_within, render_prompt,
+    ApprovedAnswer,
+    PromptPassage,
+    Turn,
+    approved_in_prompt,
+    build_messages,
+    history_within,
+    render_prompt,
     standalone_question,
 )
 from store.text import CJK_CHAR as _CJK
@@ -565,7 +571,8 @@ class Engine:
             with scope:
                 # A left-padded batch attends over its longest prompt's length in every row at every step.
                 for bucket in length_buckets([len(ids) for ids in prompts], self.config.max_length_ratio):
-                    def deliver(row: int, text: str, bucket=bucket) -> None:
+                    def deliver(row: int, text: str, bucket=bucket, requests=requests, used=used, notices=notices,
+                                trims=trims) -> None:
                         i = bucket[row]
                         requests[i].future.set_result(
                             _Generated(text, used, tuple(notices) + ((trims[i],) if trims[i] else ())))

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.model.prompting import (
-    ApprovedAnswer, PromptPassage, Turn, approved_in_prompt, build_messages, history_within, render_prompt,
+    ApprovedAnswer,
+    PromptPassage,
+    Turn,
+    approved_in_prompt,
+    build_messages,
+    history_within,
+    render_prompt,
     standalone_question,
 )
 

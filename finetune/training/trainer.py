@@ -165,7 +165,9 @@ def train_adapter(
         if stopper is not None and not stopper.stopped and not tracker.cancelled:
             stopper.final_check()  # what the whole budget achieved, for the notes
     except OSError as exc:
-        raise _disk_error(exc, checkpoints) if exc.errno == errno.ENOSPC else exc
+        if exc.errno == errno.ENOSPC:
+            raise _disk_error(exc, checkpoints) from exc
+        raise
     finally:
         unfuse_output_head(model)
     if tracker.cancelled:
@@ -221,8 +223,8 @@ def general_text_items(tokenizer, n: int, *, window: int = 128, seed: int = 42) 
     the probe still measures text the model was not trained on."""
     import random
 
-    from finetune.training.data import IGNORE_INDEX
     from finetune.evaluation.metrics import EvalConfig, load_general_text
+    from finetune.training.data import IGNORE_INDEX
 
     ids = tokenizer(load_general_text(), add_special_tokens=False)["input_ids"][EvalConfig().forgetting_tokens:]
     windows = [ids[i : i + window] for i in range(0, len(ids) - window // 2, window)]

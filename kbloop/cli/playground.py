@@ -25,7 +25,7 @@ def playground_command(
         check_bind(config)  # before loading anything
     except PlaygroundError as exc:
         fail(str(exc))
-    c.db  # the database must exist (`kbloop init`); fails with one line otherwise
+    c.db  # noqa: B018  (the database must exist, `kbloop init`; fails with one line otherwise)
     answerer = None
     if engine:
         from finetune.serving.engine import Engine

@@ -22,7 +22,7 @@ def serve(
     from playground import PlaygroundError
 
     c = ctx()
-    c.db  # the workspace must exist: one clear line otherwise
+    c.db  # noqa: B018  (the workspace must exist: one clear line otherwise)
 
     def announce(services) -> None:
         typer.echo(f"kbloop serving on http://{host}:{port}/  (playground: /playground/, health: /healthz)")
@@ -78,10 +78,11 @@ def demo(
     the `tiny` base, a few answers with votes in the review queue, an approved correction answered at once
     and then learnt by a continued retrain, then the playground (and Slack when configured). Safe to run
     again: it reuses what is already there."""
+    from finetune.jobs.worker import Worker, WorkerConfig
     from finetune.serving.engine import Engine
     from finetune.serving.retrieval import embed_missing_passages
-    from finetune.jobs.worker import Worker, WorkerConfig
-    from kbloop.serve import samples_dir, serve as run_serve
+    from kbloop.serve import samples_dir
+    from kbloop.serve import serve as run_serve
     from kbloop.settings import load_settings
     from store import open_db
     from store.adapters import active_adapter

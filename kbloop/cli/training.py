@@ -174,8 +174,8 @@ def train(
 def _echo_defaults(config, examples, *, label: str | None = None) -> None:
     """Say which defaults apply (before the long part), as the trainer will resolve them; `label` names the
     run when it is not a registered version (`file:qa.jsonl`)."""
-    from finetune.training.config import resolve_config
     from finetune.model.loading import TINY, is_tiny_base
+    from finetune.training.config import resolve_config
     from finetune.training.recommend import profile_examples
 
     tiny = config.base == TINY or is_tiny_base(config.base)
@@ -197,9 +197,9 @@ def _train_on_file(c, config, data: Path, out: Path | None) -> None:
     import shutil
     import tempfile
 
+    from finetune.model.loading import is_tiny_base, resolve_base
     from finetune.training.config import prompt_passages
     from finetune.training.data import build_training_examples, split_for_training
-    from finetune.model.loading import is_tiny_base, resolve_base
     from finetune.training.trainer import train_adapter
     from store.files import publish_dir
     from store.formats import ImportFileError, read_examples_file, scan_imported
@@ -289,9 +289,9 @@ def sweep(
     exact match) is named for `kbloop promote`. The `tiny` base trains with full fine-tuning by default (its
     weights are random), which has no rank: on tiny the sweep needs --method lora.
     """
-    from finetune.training.config import SEED_DEFAULTS, TINY_DEFAULTS
     from finetune.model.loading import TINY, is_tiny_base
     from finetune.registry.candidates import train_candidate
+    from finetune.training.config import SEED_DEFAULTS, TINY_DEFAULTS
 
     try:
         grid = sorted({int(r) for r in ranks.split(",") if r.strip()})

@@ -3,10 +3,9 @@ Slack's docs in, assistant.threads.* and chat.*Stream calls to the fake Slack ou
 
 from __future__ import annotations
 
-
+from bot import messages
 from bot.assistant import suggested_prompts
 from bot.handlers import BotRuntime
-from bot import messages
 from store import open_db
 from store.interactions import assistant_thread_context, list_interactions, record_interaction, record_vote
 from tests.bot.conftest import SECRET, ScriptedEngine, bot_config

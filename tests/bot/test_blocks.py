@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from bot.blocks import (
-    MAX_BLOCKS, MAX_SECTION_CHARS, answer_message, correction_modal, escape_mrkdwn, split_for_sections,
+    MAX_BLOCKS,
+    MAX_SECTION_CHARS,
+    answer_message,
+    correction_modal,
+    escape_mrkdwn,
+    split_for_sections,
     unescape_slack,
 )
 from tests.fakes.slack_api import _block_errors

@@ -19,8 +19,16 @@ from store.interactions import count_slack_answers, list_bot_errors, list_intera
 from store.jobs import active_jobs, list_jobs
 from tests.bot.conftest import ADMIN, SECRET, ScriptedEngine
 from tests.fakes.slack_api import (
-    BOT_ID, BOT_USER_ID, app_mention_event, block_actions_payload, event_body, interactive_body, message_event,
-    post_signed, slash_command_body, view_submission_payload,
+    BOT_ID,
+    BOT_USER_ID,
+    app_mention_event,
+    block_actions_payload,
+    event_body,
+    interactive_body,
+    message_event,
+    post_signed,
+    slash_command_body,
+    view_submission_payload,
 )
 
 MENTION = f"<@{BOT_USER_ID}> how do I get VPN access?"

@@ -15,7 +15,12 @@ from store.examples import list_examples
 from store.interactions import get_interaction, list_interactions
 from tests.bot.conftest import SECRET
 from tests.fakes.slack_api import (
-    BOT_USER_ID, app_mention_event, block_actions_payload, event_body, interactive_body, post_signed,
+    BOT_USER_ID,
+    app_mention_event,
+    block_actions_payload,
+    event_body,
+    interactive_body,
+    post_signed,
     view_submission_payload,
 )
 

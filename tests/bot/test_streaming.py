@@ -17,7 +17,13 @@ from bot.streaming import AnswerStream
 from store.interactions import get_interaction, list_interactions, votes_for
 from tests.bot.conftest import SECRET, ScriptedEngine
 from tests.fakes.slack_api import (
-    BOT_USER_ID, TEAM_ID, app_mention_event, block_actions_payload, event_body, interactive_body, post_signed,
+    BOT_USER_ID,
+    TEAM_ID,
+    app_mention_event,
+    block_actions_payload,
+    event_body,
+    interactive_body,
+    post_signed,
     slash_command_body,
 )
 

@@ -27,8 +27,8 @@ def test_every_user_facing_error_derives_from_kbloop_error():
 
 
 def test_config_validation_raises_a_config_error():
-    from finetune.training.config import TrainConfig, check_settings
     from finetune.jobs.worker import WorkerConfig
+    from finetune.training.config import TrainConfig, check_settings
 
     with pytest.raises(ConfigError, match="epochs must be positive"):
         check_settings(TrainConfig(epochs=0))

@@ -13,7 +13,7 @@ SAMPLE_QA = SAMPLES / "qa.jsonl"
 
 
 def _small_qa(tmp_path: Path, n: int) -> Path:
-    lines = [l for l in SAMPLE_QA.read_text(encoding="utf-8").splitlines() if l.strip()][:n]
+    lines = [line for line in SAMPLE_QA.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
     path = tmp_path / f"qa{n}.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

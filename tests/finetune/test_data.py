@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 
-from finetune.training.data import (
-    IGNORE_INDEX, CompletionCollator, TrainingExample, TruncationReport, encode_example,
-    load_training_examples, save_training_examples, split_for_training, split_heldout,
-)
 from finetune.model.prompting import PromptPassage, build_messages, render_prompt
+from finetune.training.data import (
+    IGNORE_INDEX,
+    CompletionCollator,
+    TrainingExample,
+    TruncationReport,
+    encode_example,
+    load_training_examples,
+    save_training_examples,
+    split_for_training,
+    split_heldout,
+)
 
 
 def _example(question="How many vacation days do I get?", answer="30 days a year, plus public holidays.",

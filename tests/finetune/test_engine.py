@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.model.loading import resolve_base
 from finetune.serving.engine import (
     EMPTY_TEXT,
     NO_MATCH_TEXT,
@@ -24,7 +25,6 @@ from finetune.serving.engine import (
     Source,
     length_buckets,
 )
-from finetune.model.loading import resolve_base
 from finetune.serving.retrieval import embed_missing_passages
 from store import StoreError, open_db
 from store.adapters import activate_adapter, register_adapter, rollback_adapter
@@ -184,9 +184,9 @@ def test_finished_rows_are_handed_over_at_their_stop_token_each_once():
 def test_a_short_answer_leaves_its_batch_as_soon_as_it_stops(workspace):
     import torch
 
-    from finetune.serving.kv_cache import cache_kwarg, prefill
     from finetune.model.loading import load_model_for_inference
     from finetune.model.prompting import PromptPassage, build_messages, render_prompt
+    from finetune.serving.kv_cache import cache_kwarg, prefill
     from finetune.serving.retrieval import retrieve_passages
 
     db = workspace["db"]

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.training.data import IGNORE_INDEX, build_training_examples, encode_example
-from finetune.serving.engine import Engine, EngineConfig, thread_history
 from finetune.model.prompting import (
-    MAX_HISTORY_TOKENS, SYSTEM_PROMPT, Turn, build_messages, history_within, is_follow_up, standalone_question,
+    MAX_HISTORY_TOKENS,
+    SYSTEM_PROMPT,
+    Turn,
+    build_messages,
+    history_within,
+    is_follow_up,
+    standalone_question,
 )
+from finetune.serving.engine import Engine, EngineConfig, thread_history
 from finetune.serving.retrieval import embed_missing_passages
+from finetune.training.data import IGNORE_INDEX, build_training_examples, encode_example
 from store import open_db
 from store.documents import import_documents
 from store.examples import review_example, training_examples

@@ -14,7 +14,6 @@ from store.documents import import_documents
 from tests.conftest import SAMPLES
 from tests.finetune.test_engine import QUESTIONS
 
-
 # --- the rules, without a model ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("partial, settled", [

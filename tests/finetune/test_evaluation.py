@@ -89,8 +89,8 @@ def test_metrics_table_formats_missing_values():
 
 
 def test_one_table_renderer_and_one_set_of_metric_labels():
-    from finetune.evaluation.metrics import METRIC_LABELS, text_table
     from finetune.evaluation.gate import comparison_table
+    from finetune.evaluation.metrics import METRIC_LABELS, text_table
 
     assert text_table([("a", "1"), ("long name", "22")]) == "a          1\nlong name  22"
     assert text_table([("a", "1", ""), ("bb", "22", "x")], align="lr") == "a    1\nbb  22  x"

@@ -19,7 +19,14 @@ from finetune.jobs.queue import describe_job, format_duration, job_eta_s, reques
 from finetune.jobs.worker import Worker, WorkerConfig
 from store import ConfigError, open_db
 from store.jobs import (
-    JobAlreadyActive, claim_next_job, enqueue_job, get_job, heartbeat, list_jobs, request_cancel, train_steps,
+    JobAlreadyActive,
+    claim_next_job,
+    enqueue_job,
+    get_job,
+    heartbeat,
+    list_jobs,
+    request_cancel,
+    train_steps,
 )
 from store.text import now
 from tests.conftest import REPO

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.serving.kv_cache import BufferedLayer, cache_kwarg, prefill
 from finetune.model.prompting import PromptPassage, build_messages, render_prompt
+from finetune.serving.kv_cache import BufferedLayer, cache_kwarg, prefill
 
 QUESTIONS = [
     ("VPN?", []),

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from finetune.training.config import (
-    MIN_TRAIN_EXAMPLES, SEED_DEFAULTS, TINY_DEFAULTS, TrainConfig, parse_targets, prompt_passages, resolve_config,
+    MIN_TRAIN_EXAMPLES,
+    SEED_DEFAULTS,
+    TINY_DEFAULTS,
+    TrainConfig,
+    parse_targets,
+    prompt_passages,
+    resolve_config,
 )
 from finetune.training.data import TrainingExample
 from finetune.training.recommend import DataProfile, language_of, profile_examples, recommend, recommend_for_profile
@@ -46,7 +52,7 @@ def test_language_detection():
 
 
 def test_recommend_on_the_sample_data():
-    rows = [json.loads(l) for l in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [json.loads(line) for line in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     exs = [TrainingExample(question=r["instruction"], input=r.get("input", ""), answer=r["output"]) for r in rows]
     rec = recommend(exs)
     assert rec.rank == 8 and rec.method == "lora"

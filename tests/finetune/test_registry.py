@@ -154,9 +154,9 @@ def workspace(tmp_path_factory):
 
     Prompts without retrieved passages (k_passages=0) keep sequences short: the point here is the
     registry's lifecycle, not answer quality (retrieval in prompts is covered by the CLI eval test)."""
-    from finetune.training.config import TrainConfig
     from finetune.evaluation.metrics import EvalConfig
     from finetune.registry.candidates import train_candidate
+    from finetune.training.config import TrainConfig
     from store import open_db
     from tests.finetune.registry_fixtures import seed_store
 
@@ -277,8 +277,8 @@ def test_next_candidate_is_compared_with_the_active_adapter(workspace):
 
 def test_approved_corrections_always_train_never_held_out(db):
     """A curator-approved correction must be learned: the held-out split is drawn from the other examples."""
-    from finetune.training.data import split_heldout
     from finetune.registry.candidates import _eval_set
+    from finetune.training.data import split_heldout
     from store.examples import NewExample, add_examples, list_examples, review_example
     from store.interactions import record_interaction, record_vote
 
@@ -303,9 +303,9 @@ def test_approved_corrections_always_train_never_held_out(db):
 def continued(tmp_path_factory):
     """v1: tiny's defaults (full fine-tuning, memorise, stop when reproduced) on 10 approved pairs, promoted;
     then one new approved answer and v2 trained with the default start (continue from the active v1)."""
-    from finetune.training.config import TrainConfig
     from finetune.evaluation.metrics import EvalConfig
     from finetune.registry.candidates import train_candidate
+    from finetune.training.config import TrainConfig
     from store import open_db
     from tests.finetune.registry_fixtures import seed_store
 

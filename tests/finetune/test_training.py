@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _qa(n: int) -> list[TrainingExample]:
-    rows = [json.loads(l) for l in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [json.loads(line) for line in (SAMPLES / "qa.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     return [TrainingExample(question=r["instruction"], input=r.get("input", ""), answer=r["output"], passages=[])
             for r in rows[:n]]
 
@@ -178,10 +178,10 @@ def test_tiny_learns_answers_and_to_stop(tiny_path, tmp_path):
     exact check it stops on agrees with real greedy generation, answer by answer."""
     import torch
 
-    from finetune.training.data import encode_examples
+    from finetune.evaluation.reproduction import reproduced_examples
     from finetune.model.loading import end_of_turn_id, load_model_for_inference
     from finetune.model.prompting import build_messages, render_prompt
-    from finetune.evaluation.reproduction import reproduced_examples
+    from finetune.training.data import encode_examples
     from finetune.training.trainer import train_adapter
 
     examples = _qa(10)
@@ -319,7 +319,7 @@ def test_two_process_data_parallel_training_on_gloo(tiny_path, tmp_path):
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert report["world_size"] == 2
     assert report["steps"] == 2  # 16 examples / (batch 4 x 2 processes)
     model, _ = load_model_for_inference(tiny_path, adapter_path=out)

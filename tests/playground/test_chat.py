@@ -28,8 +28,8 @@ def test_without_an_engine_the_chat_says_so(db, alice):
 @pytest.mark.slow
 def test_side_by_side_answers_from_the_real_engine(db, db_path, kbloop_home, alice):
     from finetune.serving.engine import Engine
-    from store.kb import replace_document
     from store.documents import document_passages
+    from store.kb import replace_document
     from tests.conftest import SAMPLES
 
     for f in sorted((SAMPLES / "kb").glob("*.md"))[:4]:

@@ -18,14 +18,20 @@ import urllib.request
 import pytest
 
 from bot.verification import MAX_AGE_S, MAX_BODY_BYTES, RecentSignatures, Refused
-from store.adapters import active_adapter, activate_adapter, register_adapter
+from store.adapters import activate_adapter, active_adapter, register_adapter
 from store.audit import list_audit
 from store.interactions import list_interactions
 from store.jobs import claim_next_job, enqueue_job, finish_job, list_jobs, set_job_progress
 from store.slack_inbox import count_pending_slack_events
 from tests.bot.conftest import ADMIN, SECRET, ScriptedEngine, fake_slack, start_bot  # noqa: F401 - fixtures
 from tests.fakes.slack_api import (
-    BOT_USER_ID, app_mention_event, event_body, interactive_body, post_signed, sign_request, slash_command_body,
+    BOT_USER_ID,
+    app_mention_event,
+    event_body,
+    interactive_body,
+    post_signed,
+    sign_request,
+    slash_command_body,
 )
 
 MENTION = f"<@{BOT_USER_ID}> how do I get VPN access?"

@@ -4,8 +4,7 @@ overwriting it."""
 import pytest
 
 from store import StoreError
-from store.examples import (NewExample, add_examples, approved_snapshot, get_example, list_examples,
-                            review_example)
+from store.examples import NewExample, add_examples, approved_snapshot, get_example, list_examples, review_example
 from store.interactions import record_interaction, record_vote
 from store.verified import approved_examples
 

@@ -6,7 +6,15 @@ from store import StoreError
 from store.adapters import activate_adapter, active_adapter, next_version, register_adapter, rollback_adapter
 from store.examples import NewExample, add_examples, approved_snapshot, list_examples, review_example
 from store.interactions import claim_slack_event, record_interaction, record_vote, review_items, votes_for
-from store.jobs import JobAlreadyActive, claim_next_job, enqueue_job, fail_stale_jobs, finish_job, heartbeat, request_cancel
+from store.jobs import (
+    JobAlreadyActive,
+    claim_next_job,
+    enqueue_job,
+    fail_stale_jobs,
+    finish_job,
+    heartbeat,
+    request_cancel,
+)
 from store.kb import NewPassage, replace_document, search_passages
 from store.text import search_terms
 
