@@ -32,6 +32,8 @@ FIRST = Turn("How many days of annual leave do I get?", "You get 25 days a year.
     ("What about part-time staff?", True),
     ("Does it carry over to next year?", True),
     ("那合同工呢？", True),
+    ("它可以结转到明年吗？", True),
+    ("请问公司的差旅报销流程是怎样的？", False),
     ("How do I set up the VPN on my laptop?", False),
     ("What is the minimum password length for admin accounts?", False),
 ])
