@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -93,15 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
-    parser.add_argument("--max-length-ratio", type=float, default=EngineConfig.max_length_ratio,
-                        help="prompts differing more in length generate apart (a large value: one batch)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of both ways (this VM's timings vary ~10%%)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         prepare_workspace(home)
-        config = EngineConfig(max_new_tokens=args.max_new_tokens, max_batch_size=args.questions,
-                              max_length_ratio=args.max_length_ratio)
+        config = EngineConfig(max_new_tokens=args.max_new_tokens, max_batch_size=args.questions)
         engine = Engine(db_path=home / "kbloop.db", home=home, base_model="tiny", config=config).start()
         assert engine.wait_ready(600), engine.error
         questions = eval_questions(args.questions)
@@ -113,11 +111,10 @@ def main() -> None:
         runs = [run_both(engine, questions) for _ in range(args.repeats)]
         engine.close()
     n = len(questions)
-    print(f"{n} questions, max_new_tokens={args.max_new_tokens}, max_length_ratio={args.max_length_ratio}, "
-          f"tiny base, CPU")
+    print(f"{n} questions, max_new_tokens={args.max_new_tokens}, tiny base, CPU, load average {os.getloadavg()}")
     for i, run in enumerate(runs, 1):
         print(f"run {i}: one after another {run.t_seq:.2f}s ({n / run.t_seq:.2f} answers/s); concurrent "
-              f"{run.t_par:.2f}s ({n / run.t_par:.2f} answers/s) in {run.batches} generate() batch(es); "
+              f"{run.t_par:.2f}s ({n / run.t_par:.2f} answers/s) in {run.batches} running batch(es); "
               f"speed-up {run.t_seq / run.t_par:.1f}x; median latency in the burst {run.median_ms} ms; "
               f"identical answers: {run.same} ({run.distinct} distinct)")
     speedups = sorted(run.t_seq / run.t_par for run in runs)

@@ -81,6 +81,7 @@ def run_round(bot_url: str, slack, db, questions: list[str], *, streaming: bool,
     # Streamed: a generated answer ends with chat.stopStream; one that arrives whole (nothing found in the KB)
     # is posted as one message. Today: every answer replaces its placeholder (chat.update).
     done_methods = ("chat.stopStream", "chat.postMessage") if streaming else ("chat.update",)
+    load = os.getloadavg()  # the machine is shared: say how busy it was
     sent = ask_all(bot_url, questions, tag)
 
     def by_thread(*methods):
@@ -111,6 +112,7 @@ def run_round(bot_url: str, slack, db, questions: list[str], *, streaming: bool,
     out = {
         "mode": "streamed" if streaming else "today",
         "questions": len(rows),
+        "load_average_before": load,
         "first_chars_p50_s": p50([r["first_chars_s"] for r in rows]),
         "full_answer_p50_s": p50([r["full_answer_s"] for r in rows]),
         "rows": rows,
@@ -186,6 +188,7 @@ def main() -> int:
     summary = {
         "questions_at_once": args.questions, "rounds": args.rounds,
         "load_average": os.getloadavg(),
+        "load_average_before_rounds": [r["load_average_before"] for r in results],
         "streamed_first_chars_p50_s": [r["first_chars_p50_s"] for r in streamed],
         "streamed_full_answer_p50_s": [r["full_answer_p50_s"] for r in streamed],
         "today_full_answer_p50_s": [r["full_answer_p50_s"] for r in today],

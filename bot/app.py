@@ -107,7 +107,8 @@ _last_health_problem: list[str] = [""]  # logged once per change, not at every p
 
 def readiness(open_store, engine) -> tuple[bool, dict]:
     """(ready, what /healthz shows). /healthz has no authentication, so it says only `ok`, `error`,
-    `ready`, `loading` or `failed`; what failed, with the exception text, goes to the log (issue 16)."""
+    `ready`, `loading` or `failed`; what failed, with the exception text, goes to the log (issue 16).
+    `generation` appears when generation runs on a vLLM server (docs/scaling.md)."""
     problems = []
     try:
         ping(open_store())
@@ -124,9 +125,15 @@ def readiness(open_store, engine) -> tuple[bool, dict]:
         problems.append(f"model: {error}")
     else:
         model = "loading"
+    detail = {"store": store, "model": model}
+    if ready and getattr(engine, "remote", False):  # generation on a vLLM server: asked at every probe
+        error = engine.generation_problem()
+        detail["generation"] = "error" if error else "ok"
+        if error:
+            problems.append(f"generation: {error}")
     problem = "; ".join(problems)
     if problem != _last_health_problem[0]:
         _last_health_problem[0] = problem
         if problem:
             log.warning("health check: not ready: %s", problem)
-    return store == "ok" and ready, {"store": store, "model": model}
+    return store == "ok" and ready and detail.get("generation", "ok") == "ok", detail

@@ -17,11 +17,11 @@ a crash between the claim and the answer leaves that question unanswered rather 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +136,6 @@ def render_tail(answer) -> list[dict]:
     return blocks.answer_tail(**_render_args(answer))
 
 
-def _streams(engine) -> bool:
-    """Whether the engine takes `on_text` (finetune.serving.engine.Engine does; a stand-in may not)."""
-    try:
-        return "on_text" in inspect.signature(engine.answer).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _claim_delivery(rt: BotRuntime, body: dict, event: dict) -> bool:
     """True for the first delivery of this event and of the message it is about."""
     keys = [body["event_id"]] if body.get("event_id") else []
@@ -158,10 +150,10 @@ def _claim_delivery(rt: BotRuntime, body: dict, event: dict) -> bool:
 
 def _answer_in_channel(rt: BotRuntime, client, *, question: str, user: str, channel: str,
                        thread_ts: str | None, event_id: str | None, team_id: str | None = None) -> None:
-    """Stream the answer into its thread (bot.streaming); where there is no thread (a top-level DM), where the
-    engine cannot stream, or while Slack refuses streaming: post "working on it", ask the engine, replace the
-    placeholder with the answer (chat.update)."""
-    if thread_ts and _streams(rt.engine) and rt.streaming.allowed():
+    """Stream the answer into its thread (bot.streaming); where there is no thread (a top-level DM), or while
+    Slack refuses streaming: post "working on it", ask the engine, replace the placeholder with the answer
+    (chat.update)."""
+    if thread_ts and rt.streaming.allowed():
         _answer_streamed(rt, client, question=question, user=user, channel=channel, thread_ts=thread_ts,
                          event_id=event_id, team_id=team_id)
         return
@@ -179,15 +171,13 @@ def _answer_in_channel(rt: BotRuntime, client, *, question: str, user: str, chan
         rt.priority.wait_for_quiet()
         client.chat_update(channel=channel, ts=placeholder_ts, text=text, blocks=answer_blocks)
     except Exception as exc:  # noqa: BLE001 - Slack already has its 200; keep the error, tell the user
-        ref = rt.record_error("answer", exc, event_id=event_id, user_id=user, channel_id=channel)
-        note = messages.ERROR_NOTE.format(ref=ref if ref is not None else "?")
-        try:
+        def tell(note: str) -> None:
             if placeholder_ts:
                 client.chat_update(channel=channel, ts=placeholder_ts, text=note, blocks=[])
             else:
                 client.chat_postEphemeral(channel=channel, user=user, thread_ts=thread_ts, text=note)
-        except Exception:  # noqa: BLE001
-            log.exception("could not tell %s about the failure", user)
+
+        _report_failure(rt, exc, tell, user=user, channel=channel, event_id=event_id)
 
 
 def _answer_streamed(rt: BotRuntime, client, *, question: str, user: str, channel: str, thread_ts: str,
@@ -217,15 +207,14 @@ def _answer_streamed(rt: BotRuntime, client, *, question: str, user: str, channe
             rt.streaming.refused(stream.refused)
     except Exception as exc:  # noqa: BLE001 - Slack already has its 200; keep the error, tell the user
         stream.close()
-        ref = rt.record_error("answer", exc, event_id=event_id, user_id=user, channel_id=channel)
-        note = messages.ERROR_NOTE.format(ref=ref if ref is not None else "?")
-        try:
+
+        def tell(note: str) -> None:
             if stream.ts:  # the placeholder, or the streamed message: the note replaces it
                 client.chat_update(channel=channel, ts=stream.ts, text=note, blocks=[])
             else:  # nothing in the thread yet: the note goes where the answer would have
                 client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=note)
-        except Exception:  # noqa: BLE001
-            log.exception("could not tell %s about the failure", user)
+
+        _report_failure(rt, exc, tell, user=user, channel=channel, event_id=event_id)
 
 
 def _answer_slash(rt: BotRuntime, respond, *, question: str, user: str, channel: str) -> None:
@@ -234,11 +223,18 @@ def _answer_slash(rt: BotRuntime, respond, *, question: str, user: str, channel:
         answer_blocks, text = render_answer(answer)
         respond(text=text, blocks=answer_blocks, response_type="ephemeral", replace_original=False)
     except Exception as exc:  # noqa: BLE001
-        ref = rt.record_error("answer", exc, user_id=user, channel_id=channel)
-        try:
-            respond(text=messages.ERROR_NOTE.format(ref=ref if ref is not None else "?"), response_type="ephemeral")
-        except Exception:  # noqa: BLE001
-            log.exception("could not tell %s about the failure", user)
+        _report_failure(rt, exc, lambda note: respond(text=note, response_type="ephemeral"), user=user,
+                        channel=channel)
+
+
+def _report_failure(rt: BotRuntime, exc: Exception, tell: Callable[[str], None], *, user: str, channel: str,
+                    event_id: str | None = None) -> None:
+    """A failed answer: keep the error under a reference, then `tell` the asker the note that quotes it."""
+    ref = rt.record_error("answer", exc, event_id=event_id, user_id=user, channel_id=channel)
+    try:
+        tell(messages.ERROR_NOTE.format(ref=ref if ref is not None else "?"))
+    except Exception:  # noqa: BLE001 - the error itself is kept; this one goes to the log
+        log.exception("could not tell %s about the failure", user)
 
 
 def question_event(rt: BotRuntime, *, body: dict, event: dict, context, client, in_thread: bool,

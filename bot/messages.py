@@ -58,7 +58,8 @@ CORRECTION_TOO_LONG = f"Please keep the correction under {CORRECTION_MAX} charac
 NOT_ADMIN = "Sorry, only kbloop admins can use `{command}`. Ask one of them, or see `/kb-status`."
 NO_ADMINS_CONFIGURED = " (No admins are configured yet: set KBLOOP_ADMINS.)"
 RETRAIN_USAGE = ("Usage: `/kb-retrain [force] [method=qlora|lora|full] [rank=N|auto] [epochs=N] "
-                 "[from=active|base|VERSION]`; the other `kbloop train` settings work the same way, e.g. "
+                 "[from=active|base|VERSION] [objective=sft|kto|dpo]`; `objective=kto` trains the active adapter on the 👍 / 👎 "
+                 "votes, `objective=dpo` on approved corrections against the answers they replaced; the other `kbloop train` settings work the same way, e.g. "
                  "`lr=1e-4` or `max_length=512`. With no options the defaults are used.")
 RETRAIN_NO_BASE = ("`base` cannot be chosen from Slack: jobs train on the server's base model (KBLOOP_BASE_MODEL); "
                    "change it there, or train another base with `kbloop train --base` on the server")

@@ -51,9 +51,9 @@ class Services:
 
 
 def build_services(settings: Settings, *, with_worker: bool = True, with_slack: bool = True) -> Services:
-    from finetune.serving.engine import Engine
+    from kbloop.answering import engine_for
 
-    engine = Engine(db_path=settings.db_path, home=settings.kbloop_home, base_model=settings.base_model).start()
+    engine = engine_for(settings).start()
     services = Services(settings=settings, engine=engine)
     notifier = None
     if with_slack and settings.slack_bot_token:

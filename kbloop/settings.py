@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # The embedder for semantic search (finetune.serving.embedding): multilingual-e5-small (bundled, the default),
     # all-MiniLM-L6-v2 (bundled, English), or a sentence-transformers model id or folder.
     embedding_model: str = Field(default="multilingual-e5-small", alias="KBLOOP_EMBEDDING_MODEL")
+    # Generation on a vLLM server instead of in-process (finetune.serving.vllm, docs/scaling.md).
+    vllm_url: str | None = Field(default=None, alias="KBLOOP_VLLM_URL")
+    vllm_model: str | None = Field(default=None, alias="KBLOOP_VLLM_MODEL")
+    vllm_adapter_dir: str | None = Field(default=None, alias="KBLOOP_VLLM_ADAPTER_DIR")
 
     @field_validator("base_model")
     @classmethod
@@ -98,6 +102,21 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("expected an http(s) URL such as https://slack.com/api/")
         return v if v.endswith("/") else v + "/"
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _vllm_url(cls, v: str | None) -> str | None:
+        if not v or not v.strip():
+            return None
+        v = v.strip().rstrip("/")
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("expected the base URL of a vLLM server, such as http://gpu-box:8000")
+        return v.removesuffix("/v1")
+
+    @field_validator("vllm_model", "vllm_adapter_dir")
+    @classmethod
+    def _empty_is_unset(cls, v: str | None) -> str | None:
+        return v.strip() if v and v.strip() else None
 
     @field_validator("slack_bot_token")
     @classmethod
@@ -191,4 +210,12 @@ ENV_EXAMPLE = """\
 # all-MiniLM-L6-v2 (bundled, English only), or a sentence-transformers model id or folder
 # (e.g. BAAI/bge-m3, downloaded from the hub). Changing it re-embeds the knowledge base.
 # KBLOOP_EMBEDDING_MODEL=multilingual-e5-small
+
+# Generate on a vLLM server (started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) instead of
+# in this process; see docs/scaling.md. Adapters are loaded into it under their version names.
+# KBLOOP_VLLM_URL=http://gpu-box:8000
+# The name vLLM serves the base model under (defaults to KBLOOP_BASE_MODEL).
+# KBLOOP_VLLM_MODEL=Qwen/Qwen2.5-7B-Instruct
+# $KBLOOP_HOME/adapters as the vLLM machine sees it (a shared volume); unset: the same path as here.
+# KBLOOP_VLLM_ADAPTER_DIR=/mnt/kbloop/adapters
 """

@@ -10,9 +10,20 @@ The decisions live in plain functions (playground.review, .dataset, .chat, .trai
 database connection and a Viewer; app.py only lays them out.
 """
 
-from playground.app import build_playground, launch, mount_playground
 from playground.auth import AdminRequired, Viewer, viewer_for
 from playground.config import PlaygroundConfig, PlaygroundError, check_bind, is_loopback
+
+_GRADIO_APP = ("build_playground", "launch", "mount_playground")
+
+
+def __getattr__(name: str):
+    # Gradio takes seconds to import: only the names that build the app load it (PEP 562), so that the
+    # command line and the handler modules start without it.
+    if name in _GRADIO_APP:
+        from playground import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'playground' has no attribute {name!r}")
 
 __all__ = [
     "AdminRequired", "PlaygroundConfig", "PlaygroundError", "Viewer", "build_playground", "check_bind",

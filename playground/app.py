@@ -24,7 +24,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from playground import chat, dataset, review, training
+from playground import chat, dataset, review, search, training
 from playground.auth import LoginGate, PlaygroundGuard, Viewer, viewer_from_request
 from playground.config import PlaygroundConfig, check_bind
 from playground.review import QueueFilter
@@ -255,6 +255,16 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
                         columns.append((dd, bot, up, down, corr, iid))
             chat_msg = gr.Markdown()
 
+        # ------------------------------------------------------------------ Search
+        with gr.Tab("Search", id="search"):
+            gr.Markdown("The passages the bot retrieves for a question, best first, with the evidence behind each "
+                        "rank (the same search as `kbloop kb search`).")
+            with gr.Row():
+                search_q = gr.Textbox(label="Question", scale=4, elem_id="search-question")
+                search_btn = gr.Button("Search", variant="primary", scale=0, elem_id="search-run")
+            search_table = gr.Dataframe(headers=search.HEADERS, interactive=False, wrap=True, elem_id="search-results")
+            search_msg = gr.Markdown(elem_id="search-summary")
+
         # ------------------------------------------------------------------ Training
         with gr.Tab("Training", id="training", visible=False) as training_tab:
             gr.Markdown("Admins only. Jobs go to the same queue as Slack's `/kb-retrain`; a worker runs them.")
@@ -263,6 +273,10 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
                 tr_rank = gr.Textbox(label="Rank (N or auto; empty: default)")
                 tr_epochs = gr.Number(label="Epochs (0: default)", value=0)
                 tr_force = gr.Checkbox(label="Train even if the data did not change")
+                tr_objective = gr.Dropdown(
+                    [("sft: the approved examples", ""), ("kto: the 👍 / 👎 votes", "kto"),
+                     ("dpo: correction pairs", "dpo")], value="", label="Objective",
+                    info="kto and dpo continue the active adapter (docs/training.md)")
             with gr.Row():
                 tr_start = gr.Button("Start retraining", variant="primary")
                 tr_cancel = gr.Button("Cancel the current job", variant="stop")
@@ -437,6 +451,12 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
         chat_inputs = [chat_q] + [c[0] for c in columns] + [c[1] for c in columns]
         chat_outputs = [c[1] for c in columns] + [c[5] for c in columns] + [chat_msg]
         chat_btn.click(do_ask, chat_inputs, chat_outputs, api_name="ask")
+
+        def do_search(question):
+            return search.search(db(), question)
+
+        search_btn.click(do_search, [search_q], [search_table, search_msg], api_name="search")
+        search_q.submit(do_search, [search_q], [search_table, search_msg], api_name=False)
         chat_q.submit(do_ask, chat_inputs, chat_outputs, api_name=False)
 
         def make_vote(value: int):
@@ -472,14 +492,14 @@ def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, h
         poll_outputs = [tr_progress, tr_loss, tr_jobs, ad_table]
         timer.tick(train_poll, None, poll_outputs, api_name=False, show_progress="hidden")
 
-        def do_start(method, rank, epochs, force, request: gr.Request):
-            overrides = {"method": method or None, "epochs": epochs or None}
+        def do_start(method, rank, epochs, force, objective, request: gr.Request):
+            overrides = {"method": method or None, "epochs": epochs or None, "objective": objective or None}
             if rank:
                 overrides["rank"] = int(rank) if str(rank).strip().isdigit() else str(rank).strip()
             outcome = training.start_retrain(db(), who(request), force=bool(force), overrides=overrides)
             return [("✅ " if outcome.ok else "⛔ ") + outcome.message] + list(train_poll(request))
 
-        tr_start.click(do_start, [tr_method, tr_rank, tr_epochs, tr_force], [tr_msg] + poll_outputs,
+        tr_start.click(do_start, [tr_method, tr_rank, tr_epochs, tr_force, tr_objective], [tr_msg] + poll_outputs,
                        api_name="retrain")
 
         def do_cancel(request: gr.Request):

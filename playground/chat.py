@@ -36,7 +36,11 @@ def adapter_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
     """(label, value) pairs for the compare dropdowns: active, base, then every registered version."""
     active = active_adapter(db)
     choices = [(f"active ({active.version})" if active else "active (none: base model)", ACTIVE), ("base model", BASE)]
-    choices += [(f"{a.version} ({a.status})", a.version) for a in reversed(list_adapters(db))]
+    from finetune.registry.folders import adapter_objective
+
+    # An adapter trained on the votes says so (kto, dpo): comparing it with the one it continued is the point.
+    choices += [(f"{a.version} ({a.status}{'' if adapter_objective(a) == 'sft' else ', ' + adapter_objective(a)})",
+                 a.version) for a in reversed(list_adapters(db))]
     return choices
 
 

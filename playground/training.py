@@ -1,4 +1,4 @@
-"""Training tab handlers (admins): retrain, follow a job's progress and loss, promote and roll back.
+"""Training tab handlers (admins): retrain (on the approved examples, or on the votes: objective kto / dpo), follow a job's progress and loss, promote and roll back.
 
 Every action checks `require_admin` here, server-side; the tab is only hidden from others as a courtesy.
 Jobs go through the same queue as Slack's /kb-retrain (finetune.jobs.queue.request_retrain); promotion goes
@@ -17,7 +17,7 @@ from store.adapters import active_adapter, get_adapter, list_adapters
 from store.jobs import JobAlreadyActive, active_jobs, get_job, list_jobs, request_cancel, train_steps
 
 JOB_COLUMNS = ["id", "status", "requester", "phase", "step", "loss", "created_at", "finished_at", "error"]
-ADAPTER_COLUMNS = ["version", "status", "method", "rank", "examples", "held-out loss", "exact match", "token F1",
+ADAPTER_COLUMNS = ["version", "status", "method", "objective", "rank", "examples", "held-out loss", "exact match", "token F1",
                    "stop rate", "created_at"]
 
 
@@ -115,13 +115,15 @@ def loss_frame(db: sqlite_utils.Database, job_id: int | None) -> pd.DataFrame:
 
 
 def adapters_frame(db: sqlite_utils.Database) -> pd.DataFrame:
+    from finetune.registry.folders import adapter_objective
+
     def pct(v):
         return round(100 * v, 1) if isinstance(v, (int, float)) else None
 
     rows = []
     for a in reversed(list_adapters(db)):
         m = a.metrics
-        rows.append({"version": a.version, "status": a.status, "method": a.method,
+        rows.append({"version": a.version, "status": a.status, "method": a.method, "objective": adapter_objective(a),
                      "rank": a.params.get("rank", a.params.get("r", "")), "examples": a.dataset_size,
                      "held-out loss": round(m["heldout_loss"], 4) if isinstance(m.get("heldout_loss"), (int, float)) else None,
                      "exact match": pct(m.get("heldout_exact_match")), "token F1": pct(m.get("heldout_token_f1")),

@@ -1,5 +1,5 @@
 """The command root and the packages users import start without the model stack: `kbloop --help`, the bot's
-acknowledgements and the store's commands must not pay for loading torch or transformers."""
+acknowledgements and the store's commands must not pay for loading torch, transformers or gradio."""
 
 import subprocess
 import sys
@@ -7,9 +7,9 @@ import sys
 from tests.conftest import REPO
 
 
-def test_command_root_and_packages_import_without_torch_or_transformers():
+def test_command_root_and_packages_import_without_the_model_stack_or_gradio():
     code = ("import sys, kbloop.cli, kbloop.cli.app, bot, playground, store\n"
-            "print(','.join(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+            "print(','.join(m for m in ('torch', 'transformers', 'peft', 'gradio') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"imported at start-up: {proc.stdout.strip()}"

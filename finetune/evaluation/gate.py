@@ -11,7 +11,10 @@ The candidate passes when, on the held-out set, against the active adapter (or t
 - it still reproduces at least `min_retained` (95%) of the training answers the active adapter reproduces
   exactly, when the active reproduces at least `retention_min_answers` of them (a continued run must not
   forget; a from-scratch run must not lose what the active knew);
-and the held-out set is not empty. Training reproduction and the forgetting probe (general-text loss against
+and the held-out set is not empty. A preference candidate (kto, dpo: its metrics carry the voted answers'
+log-likelihoods, measured for it and the active adapter on the same votes) must also have made the 👎'd
+answers less likely (mean log-likelihood per answer token strictly lower) and the 👍'd ones no less likely
+(at most `preference_tolerance` lower). Training reproduction and the forgetting probe (general-text loss against
 the base, and against the active adapter: `forgetting_vs_active`) are reported beside it.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from finetune.evaluation.metrics import format_value, metric_kind, metric_label, text_table
+from finetune.evaluation.metrics import PREFERENCE_KEYS, format_value, metric_kind, metric_label, text_table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +37,8 @@ class GateConfig:
     retention_min_answers: int = 10
     # A drop beyond the tolerances fails only when the paired sign test says it is not chance (p below this).
     evidence_p: float = 0.05
+    # A preference candidate's 👍'd answers may lose at most this much mean log-likelihood per token (nats).
+    preference_tolerance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
             else:
                 notes.append(f"stops in {100 * cs:.1f}% of answers vs {active_label}'s {100 * as_:.1f}%: {worse} "
                              f"fewer stop, {better} more, within chance (p={p:.2f})")
+    failures += preference_failures(c, a, config=config, active_label=active_label)
     table = comparison_table(c, a, candidate_label=candidate_label, active_label=active_label)
     if failures:
         return GateVerdict(False, failures, table, active_label)
@@ -110,6 +116,26 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
             f"{active_label} reproduces" if c.get("retained_vs_active") is not None else "")
     return GateVerdict(True, [f"no worse than {active_label} on held-out loss, exact match, token F1 and stop rate "
                               f"({c.get('n_heldout')} held-out examples){kept}", *notes], table, active_label)
+
+
+def preference_failures(candidate: dict, active: dict, *, config: GateConfig,
+                        active_label: str = "active") -> list[str]:
+    """Why a preference candidate did not move the voted answers the right way (empty when it did, or when the
+    candidate is not one: its metrics carry no `pref_undesirable_loglik`)."""
+    c_bad, c_good = candidate.get("pref_undesirable_loglik"), candidate.get("pref_desirable_loglik")
+    if c_bad is None and c_good is None:
+        return []
+    a_bad, a_good = active.get("pref_undesirable_loglik"), active.get("pref_desirable_loglik")
+    failures = []
+    if c_bad is None or a_bad is None:
+        failures.append(f"the likelihood of the 👎'd answers could not be compared with {active_label}'s")
+    elif not c_bad < a_bad:
+        failures.append(f"the 👎'd answers did not become less likely: log-likelihood per token {c_bad:.3f} vs "
+                        f"{active_label}'s {a_bad:.3f}")
+    if c_good is not None and a_good is not None and c_good < a_good - config.preference_tolerance:
+        failures.append(f"the 👍'd answers became less likely: log-likelihood per token {c_good:.3f} vs "
+                        f"{active_label}'s {a_good:.3f}")
+    return failures
 
 
 def paired_sign_test(candidate: dict | None, active: dict | None, field: str) -> tuple[int, int, float | None]:
@@ -153,6 +179,16 @@ def comparison_table(candidate: dict, active: dict, *, candidate_label: str = "c
             delta = f"{100 * d:+.1f}" if metric_kind(key) == "pct" else f"{d:+.3f}"
             if direction and abs(d) > 1e-9:
                 mark = "better" if d * direction > 0 else "worse"
+        rows.append((metric_label(key), format_value(key, cv), format_value(key, av), delta, mark))
+    for key in PREFERENCE_KEYS:
+        cv, av = candidate.get(key), active.get(key)
+        if cv is None and av is None:
+            continue
+        delta, mark = ("", "")
+        if cv is not None and av is not None:
+            delta = f"{cv - av:+.3f}"
+            direction = +1 if key == "pref_desirable_loglik" else -1
+            mark = "" if abs(cv - av) <= 1e-9 else ("better" if (cv - av) * direction > 0 else "worse")
         rows.append((metric_label(key), format_value(key, cv), format_value(key, av), delta, mark))
     rows.append(("held-out examples", str(candidate.get("n_heldout", 0)), str(active.get("n_heldout", 0)), "", ""))
     return text_table(rows, align="lrrrl")

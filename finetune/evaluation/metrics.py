@@ -166,6 +166,15 @@ def answer_loss(model, tokenizer, examples: Sequence[TrainingExample], *, batch_
     return total / count if count else None
 
 
+def answer_log_likelihood(model, tokenizer, examples: Sequence[TrainingExample], *,
+                          batch_size: int = 4) -> float | None:
+    """Mean log-likelihood per answer token (end-of-turn included, all answers' tokens pooled) of the examples'
+    answers given their prompts; None without examples. What a preference run must move: up for the 👍'd
+    answers, down for the 👎'd ones (finetune.evaluation.gate)."""
+    loss = answer_loss(model, tokenizer, examples, batch_size=batch_size)
+    return None if loss is None else -loss
+
+
 def general_text_loss(model, tokenizer, text: str, *, max_tokens: int = 2048, window: int = 256,
                       batch_size: int = 4) -> float | None:
     """Plain language-model loss per token on `text`, read in windows (the forgetting probe)."""
@@ -246,8 +255,12 @@ def evaluate(
     model, tokenizer, *, heldout: Sequence[TrainingExample], train: Sequence[TrainingExample] = (),
     config: EvalConfig | None = None, general_text: str | None = None, base_general_loss: float | None = None,
     on_progress: Callable[[str], None] | None = None,
+    preference: tuple[Sequence[TrainingExample], Sequence[TrainingExample]] | None = None,
 ) -> dict[str, Any]:
     """All metrics of one model on one held-out split (see the module docstring). Keys: `METRIC_KEYS` + extras.
+
+    `preference`: (desirable, undesirable) answers of a preference run (the 👍 and 👎 votes): their mean
+    log-likelihoods are added as `pref_desirable_loglik` and `pref_undesirable_loglik`.
 
     The forgetting probe's base loss: with a PEFT model, measured with its adapter disabled; else
     `base_general_loss` when given (a full fine-tune), else the model is the base itself (delta 0).
@@ -304,6 +317,14 @@ def evaluate(
                       "stopped": bool(g.stopped)}
         for g, ex in zip(held_gen, heldout)
     }
+    if preference is not None:
+        say("likelihood of the voted answers")
+        good, bad = preference
+        metrics["pref_desirable_loglik"] = _finite(answer_log_likelihood(model, tokenizer, good,
+                                                                         batch_size=config.loss_batch_size))
+        metrics["pref_undesirable_loglik"] = _finite(answer_log_likelihood(model, tokenizer, bad,
+                                                                           batch_size=config.loss_batch_size))
+        metrics["n_pref_desirable"], metrics["n_pref_undesirable"] = len(good), len(bad)
     metrics["paired_stops"] = {ex.question: bool(g.stopped) for g, ex in zip(train_gen, sampled)}
     # A few generated answers, so that a reader of the metadata sees what the numbers mean.
     metrics["heldout_samples"] = [
@@ -335,7 +356,11 @@ METRIC_LABELS = {
     "forgetting_adapter_loss": ("general-text loss", "loss"),
     "forgetting_delta": ("forgetting (vs base)", "signed"),
     "forgetting_vs_active": ("forgetting (vs active)", "signed"),
+    "pref_desirable_loglik": ("log-likelihood, upvoted answers", "signed"),
+    "pref_undesirable_loglik": ("log-likelihood, downvoted answers", "signed"),
 }
+# Measured for preference runs only (kto, dpo): tables leave them out where they are not.
+PREFERENCE_KEYS = ("pref_desirable_loglik", "pref_undesirable_loglik")
 
 
 def metric_label(key: str) -> str:
@@ -359,7 +384,8 @@ def format_value(key: str, value) -> str:
 
 def metrics_table(metrics: dict[str, Any], *, title: str = "") -> str:
     """One model's metrics as aligned text (the CLI prints it; Slack wraps it in a code block)."""
-    rows = [(label, format_value(key, metrics.get(key))) for key, (label, _) in METRIC_LABELS.items()]
+    rows = [(label, format_value(key, metrics.get(key))) for key, (label, _) in METRIC_LABELS.items()
+            if key not in PREFERENCE_KEYS or metrics.get(key) is not None]
     rows.append(("held-out / sampled", f"{metrics.get('n_heldout', 0)} / {metrics.get('n_train_sampled', 0)}"))
     return "\n".join(([title] if title else []) + [text_table(rows, align="lr", min_widths=(0, 10))])
 

@@ -155,6 +155,8 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
         raise StoreError("the approved examples changed while the job started; queue it again")
     reporter.phase("preparing", dataset_hash=digest, n_examples=len(examples))
     config = TrainConfig(base=base, **(job.params.get("train") or {}))
+    if config.objective != "sft" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StoreError(f"objective {config.objective} trains in one process; run the worker without --nproc")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return _train_as_helper_rank(db, config, home=home, examples=examples, should_stop=should_stop)
 

@@ -292,7 +292,9 @@ class Worker:
                                      "`kbloop review` or the playground first")
         from finetune.registry.promotion import dataset_unchanged
 
-        if not job.params.get("force") and dataset_unchanged(self.db):
+        # A preference run (kto, dpo) learns from the votes, not the approved examples: their hash says nothing.
+        preference = (job.params.get("train") or {}).get("objective", "sft") != "sft"
+        if not job.params.get("force") and not preference and dataset_unchanged(self.db):
             active = active_adapter(self.db)
             msg = (f"the approved examples ({len(examples)}, hash {digest}) have not changed since the active "
                    f"adapter {active.version if active else ''} was trained; nothing to do "

@@ -114,9 +114,10 @@ def serving_stop_ids(model, tokenizer) -> list[int]:
     rate measures against (finetune.evaluation.metrics), so that "stops" means the same in both.
 
     The end-of-turn token and EOS (`stop_token_ids`), the model's configured EOS ids, and `<|im_end|>` and
-    the EOS token wherever the vocabulary has them; in that order, without repeats."""
+    the EOS token wherever the vocabulary has them; in that order, without repeats. `model` may also be its
+    GenerationConfig alone (the engine on vLLM loads no weights), or None."""
     ids = list(stop_token_ids(tokenizer))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(getattr(model, "generation_config", model), "eos_token_id", None)
     if isinstance(configured, int):
         ids.append(configured)
     elif configured:

@@ -96,15 +96,16 @@ _eval_set = training_split  # the name older callers use
 
 def evaluate_model(base_path: str, *, adapter_dir: Path | None, eval_set: _EvalSet,
                    eval_config: EvalConfig | None = None, base_general_loss: float | None = None,
-                   on_progress: Callable[[str], None] | None = None) -> dict:
-    """Load base (+ adapter, or a full fine-tune folder) as the engine would and evaluate it."""
+                   on_progress: Callable[[str], None] | None = None, preference=None) -> dict:
+    """Load base (+ adapter, or a full fine-tune folder) as the engine would and evaluate it. `preference`:
+    (desirable, undesirable) voted answers whose likelihoods a preference run is judged on."""
     from finetune.model.loading import load_model_for_inference
 
     # A full fine-tune's folder is a whole model: load_model_for_inference tells the two apart.
     model, tokenizer = load_model_for_inference(base_path, adapter_path=adapter_dir)
     try:
         return evaluate(model, tokenizer, heldout=eval_set.heldout, train=eval_set.train, config=eval_config,
-                        base_general_loss=base_general_loss, on_progress=on_progress)
+                        base_general_loss=base_general_loss, on_progress=on_progress, preference=preference)
     finally:
         del model, tokenizer
         gc.collect()
@@ -126,13 +127,14 @@ def _base_general_loss(base_path: str) -> float | None:
 
 
 def _evaluate_registered(db, home: Path, adapter: adapter_rows.Adapter | None, base_name: str, eval_set: _EvalSet,
-                         eval_config: EvalConfig | None, on_progress) -> dict:
+                         eval_config: EvalConfig | None, on_progress, preference=None) -> dict:
     """Metrics of a registered adapter (or of the base when `adapter` is None) on `eval_set`."""
     from finetune.model.loading import resolve_base
 
     if adapter is None:
         return evaluate_model(resolve_base(base_name, home=home, db=db), adapter_dir=None,
-                              eval_set=eval_set, eval_config=eval_config, on_progress=on_progress)
+                              eval_set=eval_set, eval_config=eval_config, on_progress=on_progress,
+                              preference=preference)
     problem = adapter_folder_problem(adapter)
     if problem:
         raise StoreError(problem)
@@ -141,7 +143,8 @@ def _evaluate_registered(db, home: Path, adapter: adapter_rows.Adapter | None, b
     base_path = resolve_base(adapter.base_model, home=home, db=db)
     general = _base_general_loss(base_path) if adapter.method == "full" else None
     return evaluate_model(base_path, adapter_dir=Path(adapter.path), eval_set=eval_set,
-                          eval_config=eval_config, base_general_loss=general, on_progress=on_progress)
+                          eval_config=eval_config, base_general_loss=general, on_progress=on_progress,
+                          preference=preference)
 
 
 
@@ -198,6 +201,28 @@ def plan_continuation(db: sqlite_utils.Database, config, *, tiny: bool, active: 
     return plan_start(requested=requested, config=config, method=method, k_passages=config.k_passages,
                       active=active, previous=previous, trained=trained, train=train,
                       folder_problem=adapter_folder_problem(previous) if previous is not None else None)
+
+
+def preference_start(db: sqlite_utils.Database, config, *, active: adapter_rows.Adapter | None) -> adapter_rows.Adapter:
+    """The adapter a preference run (kto, dpo) continues: the active one, or `config.start_from`'s version.
+    StoreError when there is none: the votes say which answers are better, not what the knowledge base says, so
+    they refine an adapter trained on the approved examples (`kbloop train` first)."""
+    requested = config.start_from or "active"
+    objective = config.objective
+    if requested == "base":
+        raise StoreError(f"--objective {objective} continues an adapter; train one on the approved examples first "
+                         "(`kbloop train`), or pass --from V")
+    previous = active if requested == "active" else adapter_rows.get_adapter(db, requested)
+    if previous is None:
+        raise StoreError(f"--objective {objective} continues the active adapter and none is active: train one on the "
+                         "approved examples (`kbloop train`) and promote it, or pass --from V")
+    if previous.base_model != config.base:
+        raise StoreError(f"{previous.version} was trained on {previous.base_model}, not {config.base}: "
+                         f"--objective {objective} continues an adapter on its own base")
+    problem = adapter_folder_problem(previous)
+    if problem:
+        raise StoreError(problem)
+    return previous
 
 
 def train_continued(config, plan: StartPlan, out_dir: Path, *, tiny: bool, on_step, should_stop):
@@ -259,6 +284,16 @@ def train_candidate(
     clean_stale_temp(home)
     check_registrable(config)
     phase("preparing data")
+    active = adapter_rows.active_adapter(db)
+    objective = getattr(config, "objective", "sft") or "sft"
+    start = preference = None
+    if objective != "sft":  # what it continues and what it learns from, checked before anything is loaded
+        from finetune.training.preference import preference_data
+
+        start = preference_start(db, config, active=active)
+        if config.k_passages is None:
+            config = replace(config, k_passages=passages_of(start))  # asked as the adapter it continues is asked
+        preference = preference_data(db, objective, k_passages=config.k_passages)
     base_path = resolve_base(config.base, home=home, db=db)
     tiny = is_tiny_base(base_path)
     config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
@@ -267,15 +302,24 @@ def train_candidate(
         phase(f"preparing data: left out approved examples holding secrets or personal data that no curator "
               f"confirmed: {eval_set.withheld}")
     version = pick_version(db, home, getattr(config, "version", None))
-    active = adapter_rows.active_adapter(db)
-    plan = plan_continuation(db, config, tiny=tiny, active=active, train=eval_set.train)
+    if preference is not None:
+        phase(f"preparing data: {objective} on {preference.describe()}")
+        plan = StartPlan(start, f"continuing from {start.version}: {objective} on the votes")
+    else:
+        plan = plan_continuation(db, config, tiny=tiny, active=active, train=eval_set.train)
     phase(plan.reason)
+    voted = (preference.desirable, preference.undesirable) if preference is not None else None
 
     tmp = temp_dir(home, version)
     try:
         phase("training")
         run_config = replace(config, base=base_path)
-        if plan.previous is None:
+        if preference is not None:
+            from finetune.training.preference import train_preference
+
+            outcome = train_preference(run_config, preference, tmp, init_from=Path(start.path), method=start.method,
+                                       on_step=on_step, should_stop=should_stop)
+        elif plan.previous is None:
             outcome = train_adapter(run_config, eval_set.train, tmp, on_step=on_step, should_stop=should_stop)
         else:
             outcome = train_continued(run_config, plan, tmp, tiny=tiny, on_step=on_step, should_stop=should_stop)
@@ -303,11 +347,12 @@ def train_candidate(
         phase(f"evaluating {version}")
         general = _base_general_loss(base_path) if method == "full" else None
         metrics = evaluate_model(base_path, adapter_dir=tmp, eval_set=eval_set,
-                                 eval_config=eval_config, base_general_loss=general)
+                                 eval_config=eval_config, base_general_loss=general, preference=voted)
         against_label = active.version if active else "base"
         phase(f"evaluating {against_label} on the same held-out set")
         try:
-            against = _evaluate_registered(db, home, active, config.base, eval_set, eval_config, None)
+            against = _evaluate_registered(db, home, active, config.base, eval_set, eval_config, None,
+                                           preference=voted)
             compare_with_active(metrics, against)
             verdict = gate(metrics, against, config=gate_config, candidate_label=version, active_label=against_label)
         except Exception as exc:  # a broken active adapter must not cost the new candidate
@@ -322,6 +367,13 @@ def train_candidate(
         phase("saving")
         params = used.as_params() if hasattr(used, "as_params") else _jsonable(used)
         params["base"] = config.base
+        trained = trained_record(eval_set.train)
+        if preference is not None:
+            # The adapter it continued decides its shape (rank, alpha, targets); the run's own settings on top.
+            params = {**(start.params or {}), **{k: v for k, v in params.items() if v is not None}}
+            # It learnt no approved example: a later SFT run continuing it compares with what `start` learnt.
+            trained = read_metadata(Path(start.path)).get("trained")
+        params["objective"] = objective
         meta = {
             "version": version, "base": config.base, "base_path": base_path, "method": method, "params": params,
             "dataset_hash": eval_set.dataset_hash, "dataset_size": eval_set.dataset_size,
@@ -330,7 +382,8 @@ def train_candidate(
             "metrics": metrics, "training": _jsonable({k: v for k, v in vars(outcome).items() if k not in ("config", "out_dir")}),
             "job_id": job_id, "created": now(),
             # What continued training compares with next time (finetune.training.continuation).
-            "trained": trained_record(eval_set.train), "reproduced_keys": reproduced,
+            "trained": trained, "reproduced_keys": reproduced, "objective": objective,
+            "preference_data": preference.describe() if preference is not None else None,
             "continued_from": plan.previous.version if plan.previous else None, "start": plan.reason,
         }
         write_json_atomic(tmp / META_FILE, meta)
@@ -370,10 +423,20 @@ def evaluate_version(db: sqlite_utils.Database, version: str, *, home: Path, eva
     active = adapter_rows.active_adapter(db)
     against = active if active is not None and active.version != version else None
     label = against.version if against else "base"
+    voted = None
+    objective = (adapter.params or {}).get("objective", "sft")
+    if objective in ("kto", "dpo"):  # judged again on the votes as they are now
+        from finetune.training.preference import preference_data
+
+        try:
+            data = preference_data(db, objective, k_passages=passages_of(adapter))
+            voted = (data.desirable, data.undesirable)
+        except StoreError as exc:  # the votes it learnt from are gone: judged on the held-out set alone
+            phase(f"not measuring the voted answers: {exc}")
     phase(f"evaluating {version}")
-    metrics = _evaluate_registered(db, home, adapter, adapter.base_model, eval_set, eval_config, None)
+    metrics = _evaluate_registered(db, home, adapter, adapter.base_model, eval_set, eval_config, None, voted)
     phase(f"evaluating {label}")
-    against_metrics = _evaluate_registered(db, home, against, adapter.base_model, eval_set, eval_config, None)
+    against_metrics = _evaluate_registered(db, home, against, adapter.base_model, eval_set, eval_config, None, voted)
     compare_with_active(metrics, against_metrics)
     reproduced = metrics.pop("reproduced_keys", None)
     verdict = gate(metrics, against_metrics, config=gate_config, candidate_label=version, active_label=label)

@@ -135,6 +135,12 @@ def next_free_version(db: sqlite_utils.Database, home: Path) -> str:
     return version
 
 
+def adapter_objective(adapter: adapter_rows.Adapter) -> str:
+    """What the adapter's last run learnt from: sft (the approved examples; adapters from before issue 20), kto
+    (the votes) or dpo (correction pairs)."""
+    return str((adapter.params or {}).get("objective") or "sft")
+
+
 def check_registrable(config) -> None:
     """Refuse, before any training, what the registry could not register: adapters vLLM cannot serve."""
     rank = config.rank

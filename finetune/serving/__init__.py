@@ -1,2 +1,3 @@
-"""Answering: the answer engine (engine), retrieval over the KB (retrieval, embedding), batched generation
-(kv_cache) and approved answers (verified)."""
+"""Answering: the answer engine (engine), retrieval over the KB (retrieval, embedding), approved answers
+(verified), the models it serves (models), generation (scheduler: continuous batching on kv_cache; vllm) and
+streamed text (streaming)."""

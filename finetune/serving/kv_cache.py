@@ -1,18 +1,23 @@
-"""Prefill prompts one at a time, then decode them together from one left-padded KV cache.
+"""KV caches for batched decoding: prompts prefilled one at a time, decoded together in place.
 
-Why not hand generate() the left-padded batch as it is: on the CPU the batched prefill computed every row
-at the longest prompt's length, and with a padding mask attention can take neither the causal shortcut nor
-skip the padding. For 16 prompts of 537-1,191 tokens it took 2.3-2.8 s, against 1.0-1.2 s for the same
-prompts one by one (docs/benchmarks.md, "Batching"). And transformers' DynamicCache appends each new token with
-torch.cat, which copies the whole cache, in every layer, at every step: a fifth of a batched decode step.
+Why not hand the model a left-padded batch as it is: on the CPU the batched prefill computed every row at the
+longest prompt's length, and with a padding mask attention can take neither the causal shortcut nor skip the
+padding. For 16 prompts of 537-1,191 tokens it took 2.3-2.8 s, against 1.0-1.2 s for the same prompts one by
+one (docs/benchmarks.md, "Batching"). And transformers' DynamicCache appends each new token with torch.cat,
+which copies the whole cache, in every layer, at every step: a fifth of a batched decode step.
+
+Two users:
+- `RunningBatch`, the answer engine's continuous batch (finetune.serving.scheduler): rows join and leave
+  between decode steps; see its docstring.
+- `generate_batch`, for a fixed batch through generate() (evaluation: finetune.evaluation.metrics):
 
     new_tokens = generate_batch(model, prompts, max_new_tokens=256, pad_token_id=pad, eos_token_id=eos, ...)
 
-`prefill` runs each prompt but its last token through the model alone (no padding, no mask), and copies
-the keys and values into one buffer per layer, right-aligned like a left-padded batch, with room for
-`reserve` new tokens. generate() then sees a cache that already holds all but the last prompt token of
-every row, feeds only those last tokens, and each step writes its token in place. Positions agree: the
-prompts were prefilled from position 0, and generate() numbers a left-padded row from its first real token.
+  `prefill` runs each prompt but its last token through the model alone (no padding, no mask), and copies
+  the keys and values into one buffer per layer, right-aligned like a left-padded batch, with room for
+  `reserve` new tokens. generate() then sees a cache that already holds all but the last prompt token of
+  every row, feeds only those last tokens, and each step writes its token in place. Positions agree: the
+  prompts were prefilled from position 0, and generate() numbers a left-padded row from its first real token.
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ def _forward_parameters(model) -> set[str]:
     return set(inspect.signature(inner.forward).parameters)
 
 
+def _logits_of_last(model) -> dict:
+    """`logits_to_keep=1` where forward() takes it: a prefill needs no logits but the last."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
 def cache_kwarg(model) -> str:
     """The name forward() and generate() take the cache by: `cache` in recent transformers 5 releases (5.24
     warns that `past_key_values` goes in 5.40), `past_key_values` in the earlier ones."""
@@ -80,7 +90,7 @@ def prefill(model, prompts: list[list[int]], *, reserve: int, pad_token_id: int
         raise ValueError("prefill needs at least one prompt, each of two tokens or more")
     device = next(model.parameters()).device
     longest = max(map(len, prompts))
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    extra = _logits_of_last(model)
     cache_name = cache_kwarg(model)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
@@ -113,3 +123,138 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, pad_
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_token_id, **generate_kwargs, **{cache_kwarg(model): cache})
     return out[:, input_ids.shape[1]:]
+
+
+class RunningBatch:
+    """The rows of a continuous batch and their KV cache: rows join and leave between decode steps.
+
+    Every row's keys and values are right-aligned in one buffer per layer (row slots, heads, columns, dim):
+    a row that has `n` tokens in the cache holds columns `width - n .. width - 1`, zeros to their left. A
+    decode step feeds one token per row at its own position (`position_ids`), writes its keys and values in
+    place at column `width` (BufferedLayer), and masks each row's columns left of its first token.
+
+    Rows change without copying the cache where they can: a newcomer (prefilled alone, as `prefill` does)
+    that fits the width is written into a free row slot; a row that leaves is replaced by the last row
+    (one row copied) and the batch shrinks to a prefix of the slots. The buffers are rebuilt (one copy of
+    the whole cache) only to widen them to the left for a prompt longer than the cache, to make room for
+    more columns or slots, or to drop leading columns that became padding in every row (when they are at
+    least a quarter of the width). A row feeds its prompt's last token at its first step.
+
+        batch = RunningBatch(model, reserve=256, slots=16)
+        batch.add([batch.prefill(a), batch.prefill(b)], [len(a) - 1, len(b) - 1])
+        logits = batch.step([a[-1], b[-1]])          # (2, vocab): each row's next token
+        order = batch.remove([0])                     # the rows left, as indices of the rows before
+    """
+
+    def __init__(self, model, *, reserve: int, slots: int = 1):
+        self.model = model
+        self.reserve = max(1, reserve)  # free columns a rebuild leaves to the right
+        self.slots = max(1, slots)  # row slots a rebuild allocates (at least the rows present)
+        self.device = next(model.parameters()).device
+        self.cache: Cache | None = None  # BufferedLayers over the first len(self) slots of the buffers
+        self.lengths: list[int] = []  # per row: tokens in the cache, the position of the token it feeds next
+        self.width = 0  # columns in use
+        self._keys: list[torch.Tensor] = []  # per layer: (slots, heads, columns, dim)
+        self._values: list[torch.Tensor] = []
+        self._cache_name = cache_kwarg(model)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def prefill(self, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values, (heads, tokens, dim) per layer, of all but the prompt's last token, run alone."""
+        if len(prompt) < 2:
+            raise ValueError("prefill needs a prompt of two tokens or more")
+        one = DynamicCache()
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([prompt[:-1]], device=self.device), use_cache=True,
+                       **{self._cache_name: one}, **_logits_of_last(self.model))
+        return [(layer.keys[0], layer.values[0]) for layer in one.layers]
+
+    def add(self, prefilled: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
+        """Add rows at the end: `prefilled[i]` from `prefill(prompt)`, `lengths[i]` = len(prompt) - 1."""
+        rows = len(self) + len(prefilled)
+        if (not self._keys or max(lengths) > self.width or rows > self._keys[0].shape[0]
+                or self.width >= self._keys[0].shape[2]):
+            self._rebuild(list(range(len(self))), prefilled, lengths)
+            return
+        with torch.inference_mode():
+            for slot, (kv, n) in enumerate(zip(prefilled, lengths), start=len(self)):
+                for (k, v), keys, values in zip(kv, self._keys, self._values):
+                    keys[slot].zero_()  # the slot may hold a row that left
+                    values[slot].zero_()
+                    keys[slot, :, self.width - n:self.width] = k
+                    values[slot, :, self.width - n:self.width] = v
+        self.lengths += list(lengths)
+        self._views()
+
+    def remove(self, rows: list[int]) -> list[int]:
+        """Take rows out; returns the rows left, in their new order, as indices of the rows before."""
+        gone = set(rows)
+        left = len(self) - len(gone)
+        order = list(range(left))
+        movers = [i for i in range(left, len(self)) if i not in gone]  # kept rows beyond the new end
+        with torch.inference_mode():
+            for hole, mover in zip(sorted(i for i in gone if i < left), movers):
+                for keys, values in zip(self._keys, self._values):
+                    keys[hole] = keys[mover]
+                    values[hole] = values[mover]
+                order[hole] = mover
+        self.lengths = [self.lengths[i] for i in order]
+        if not self.lengths:
+            self.cache, self._keys, self._values, self.width = None, [], [], 0
+        elif self.width - max(self.lengths) >= max(1, self.width // 4):
+            self._rebuild(list(range(left)), [], [])  # padding in every row: drop those columns
+        else:
+            self._views()
+        return order
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row; the logits of each row's next token, (rows, vocab)."""
+        if len(tokens) != len(self):
+            raise ValueError(f"{len(tokens)} tokens for {len(self)} rows")
+        if self.width >= self._keys[0].shape[2]:  # no free column left: rebuild with room
+            self._rebuild(list(range(len(self))), [], [])
+        width = self.width
+        lengths = torch.tensor(self.lengths, device=self.device)
+        # Row r attends to its own columns, width - lengths[r] .. width (the token fed now).
+        mask = torch.arange(width + 1, device=self.device)[None, :] >= (width - lengths)[:, None]  # (B, width+1)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
+                             position_ids=lengths[:, None], use_cache=True, **{self._cache_name: self.cache})
+        self.lengths = [n + 1 for n in self.lengths]
+        self.width += 1
+        return out.logits[:, -1, :]
+
+    def _views(self) -> None:
+        rows = len(self)
+        self.cache = Cache(layers=[BufferedLayer(k[:rows], v[:rows], self.width, self.reserve)
+                                   for k, v in zip(self._keys, self._values)])
+
+    def _rebuild(self, keep: list[int], prefilled: list, lengths: list[int]) -> None:
+        """New buffers holding the rows `keep` (indices of the present rows, in order), then the prefilled
+        ones, as wide as the longest row plus `reserve`."""
+        all_lengths = [self.lengths[i] for i in keep] + list(lengths)
+        width, rows = max(all_lengths), len(all_lengths)
+        span = max((self.lengths[i] for i in keep), default=0)  # the kept rows' columns, at the old right edge
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        keys_out, values_out = [], []
+        with torch.inference_mode():
+            for li in range(len(self._keys) if self._keys else len(prefilled[0])):
+                k_like = self._keys[li] if self._keys else prefilled[0][li][0][None]
+                v_like = self._values[li] if self._values else prefilled[0][li][1][None]
+                # zeros, not empty: a masked position's value still meets a zero weight
+                keys = k_like.new_zeros((max(rows, self.slots), k_like.shape[1], width + self.reserve, k_like.shape[-1]))
+                values = v_like.new_zeros((max(rows, self.slots), v_like.shape[1], width + self.reserve,
+                                           v_like.shape[-1]))
+                if keep:
+                    old = self.width
+                    keys[:len(keep), :, width - span:width] = self._keys[li][index, :, old - span:old]
+                    values[:len(keep), :, width - span:width] = self._values[li][index, :, old - span:old]
+                for row, (kv, n) in enumerate(zip(prefilled, lengths), start=len(keep)):
+                    keys[row, :, width - n:width] = kv[li][0]
+                    values[row, :, width - n:width] = kv[li][1]
+                keys_out.append(keys)
+                values_out.append(values)
+        self._keys, self._values, self.lengths, self.width = keys_out, values_out, all_lengths, width
+        self._views()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("qlora", "lora", "full")
+OBJECTIVES = ("sft", "kto", "dpo")
 # Qwen2 / Llama naming; "all-linear" finds whatever linear layers a model has (except the output head).
 ALL_LINEAR = "all-linear"
 QWEN_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,6 +26,10 @@ QWEN_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 MIN_TRAIN_EXAMPLES = 8
 
 # The LoRA guide's recipe (the project's seed), kept for real (pretrained) bases: "the default recipe".
+# k_passages=3: the three best retrieved passages in every training prompt (and so in every prompt the engine
+# builds for the adapter, which records it), so that the model learns to answer from what retrieval finds. The cost
+# is prompt length: ~730 tokens per example against ~400 with one passage on 200 guide-layout pairs with short
+# questions (bench/train_vs_seed.py --shape guide200); `--passages 1` trains faster, with less to ground on.
 SEED_DEFAULTS = dict(
     method="qlora", rank=8, alpha=32, dropout=0.1, targets=ALL_LINEAR, epochs=3.0, learning_rate=2e-4,
     batch_size=4, grad_accum=4, warmup=0.1, max_length=1024, gradient_checkpointing="auto", k_passages=3,
@@ -91,6 +96,10 @@ class TrainConfig:
     # Where a registered run starts: "active" (None means that: continue from the active adapter when its base,
     # method and shape match, else from the base), "base", or an adapter version (finetune.training.continuation).
     start_from: str | None = None
+    # What the run learns from (issue 20): "sft" the approved examples; "kto" the 👍 / 👎 votes (and corrections
+    # as desirable answers); "dpo" (correction, replaced answer) pairs. kto and dpo continue from an adapter
+    # (finetune.training.preference).
+    objective: str = "sft"
 
     def as_params(self) -> dict:
         """JSON-able form for the registry's metadata."""
@@ -182,6 +191,8 @@ def check_settings(c: TrainConfig) -> None:
             raise ConfigError(f"{name} must be text, not {value!r}")
     if c.method is not None and c.method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
+    if c.objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {c.objective!r}")
     # The registry caps the rank of what it registers (finetune.registry.folders.MAX_RANK, vLLM's limit) itself.
     if c.rank is not None and c.rank != "auto" and (isinstance(c.rank, bool) or not isinstance(c.rank, int)
                                                      or c.rank < 1):

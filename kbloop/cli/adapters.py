@@ -43,19 +43,20 @@ def eval_command(
 def adapters_command() -> None:
     """List adapter versions with their status and key held-out metrics (active one marked *)."""
     from finetune.evaluation.metrics import format_value, text_table
+    from finetune.registry.folders import adapter_objective
     from store.adapters import list_adapters
 
     rows = list_adapters(ctx().db)
     if not rows:
         typer.echo("No adapters yet. Train one with `kbloop train`.")
         return
-    table = [("", "version", "status", "method", "base", "examples", "loss", "exact", "F1", "stops", "gate",
+    table = [("", "version", "status", "method", "objective", "base", "examples", "loss", "exact", "F1", "stops", "gate",
               "created")]
     for a in rows:
         m, g = a.metrics, a.metrics.get("gate") or {}
         gate_text = ("pass" if g.get("passed") else "fail") + f" vs {g['against']}" if g else "-"
         table.append((
-            "*" if a.status == "active" else "", a.version, a.status, a.method, a.base_model,
+            "*" if a.status == "active" else "", a.version, a.status, a.method, adapter_objective(a), a.base_model,
             str(a.dataset_size or 0), format_value("heldout_loss", m.get("heldout_loss")),
             format_value("heldout_exact_match", m.get("heldout_exact_match")),
             format_value("heldout_token_f1", m.get("heldout_token_f1")),

@@ -29,7 +29,8 @@ def ask(
     Prints the answer, its sources, the adapter that answered, the latency and the interaction id under
     which it was recorded.
     """
-    from finetune.serving.engine import ACTIVE, BASE, Engine, EngineConfig
+    from finetune.serving.engine import ACTIVE, BASE, EngineConfig
+    from kbloop.answering import engine_for
     from store.adapters import get_adapter
 
     if not question.strip():
@@ -39,8 +40,7 @@ def ask(
     if adapter not in (ACTIVE, BASE):
         get_adapter(db, adapter)  # unknown version: StoreError lists the known ones
     config = EngineConfig(k=k, max_new_tokens=max_new_tokens, time_limit_s=time_limit)
-    engine = Engine(db_path=c.settings.db_path, home=c.settings.kbloop_home, base_model=c.settings.base_model,
-                    config=config)
+    engine = engine_for(c.settings, config)
     try:
         # A verified answer needs no model: only load one when the question has none.
         result = None

@@ -48,7 +48,7 @@ def bot_command(
     model are ready. Needs SLACK_BOT_TOKEN, and SLACK_SIGNING_SECRET in HTTP mode.
     """
     from bot import build_app, run_http, run_socket_mode, shutdown
-    from finetune.serving.engine import Engine
+    from kbloop.answering import engine_for
 
     c = ctx()
     s = c.settings
@@ -57,7 +57,7 @@ def bot_command(
     c.db  # noqa: B018 - opens the store (and fails with one line) before anything starts
     identity = check_slack_token(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(db_path=s.db_path, home=s.kbloop_home, base_model=s.base_model).start()
+    engine = engine_for(s).start()
     slack_app = build_app(config=config, engine=engine, db_path=s.db_path)
     typer.echo(f"kbloop bot: {identity}; model {s.base_model} loading in the background.")
     try:

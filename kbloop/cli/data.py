@@ -71,11 +71,10 @@ def _embed_passages(c) -> None:
     with a progress bar: a whole KB on two CPU cores takes minutes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from finetune.serving.embedding import embedding_model_name
-    from finetune.serving.retrieval import embed_missing_passages
+    from finetune.serving.kb_index import embed_missing_passages, index_model_name
     from store.kb import passages_missing_embedding
 
-    model = embedding_model_name()
+    model = index_model_name()  # the embedder's name (+ its latent-term layout)
     todo = len(passages_missing_embedding(c.db, model))
     if not todo:
         return
@@ -93,9 +92,8 @@ def kb_search(
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list (empty when the KB does not cover it).")] = False,
 ) -> None:
     """The passages the bot would retrieve for a question, best first, with the evidence behind each rank
-    (BM25, similarity, relevance, word coverage, fused score), or nothing when the KB does not cover it."""
-    from finetune.serving.embedding import embedding_model_name
-    from finetune.serving.retrieval import cjk_share, config_for, match_score, retrieve_scored
+    (BM25, similarity, relevance, word coverage, latent terms, fused score), or nothing when the KB does not cover it."""
+    from finetune.serving.retrieval import not_covered_line, retrieve_scored
 
     if not question.strip():
         fail("the question is empty")
@@ -103,39 +101,16 @@ def kb_search(
     _embed_passages(c)  # a changed KBLOOP_EMBEDDING_MODEL re-embeds here, visibly, not inside the search
     results = retrieve_scored(c.db, question, k=k)
     if as_json:
-        typer.echo(json.dumps([_search_hit(rank, s) for rank, s in enumerate(results, 1)], ensure_ascii=False, indent=2))
+        typer.echo(json.dumps([s.to_dict(rank) for rank, s in enumerate(results, 1)], ensure_ascii=False, indent=2))
         return
     if not results:
-        typer.echo("The knowledge base does not cover this question (no passage reaches the match score "
-                   f"{match_score(config_for(embedding_model_name()), cjk_share(question)):.2f} of {embedding_model_name()}).")
+        typer.echo(not_covered_line(question))
         return
     for rank, s in enumerate(results, 1):
-        hit = _search_hit(rank, s)
         typer.echo(f"{rank}. {s.passage.title}  [{s.passage.doc_path} #{s.passage.chunk_index}]  "
-                   f"score {hit['score']:.3f}{'' if s.matches else ' (below the match score)'}")
-        typer.echo("   " + ", ".join(f"{name} {value}" for name, value in hit["evidence"].items() if value is not None))
+                   f"score {s.score:.3f}{'' if s.matches else ' (below the match score)'}")
+        typer.echo("   " + ", ".join(f"{name} {value}" for name, value in s.evidence().items() if value is not None))
         typer.echo(f"   {_one_line(s.passage.content, 100)}")
-
-
-def _search_hit(rank: int, s) -> dict:
-    def rounded(x, digits=3):
-        return None if x is None else round(float(x), digits)
-
-    return {
-        "rank": rank,
-        "doc_path": s.passage.doc_path,
-        "title": s.passage.title,
-        "chunk_index": s.passage.chunk_index,
-        "passage_id": s.passage.id,
-        "score": rounded(s.score, 4),
-        "matches": s.matches,
-        "evidence": {
-            "bm25": rounded(s.bm25_score), "bm25_rank": s.bm25_rank,
-            "similarity": rounded(s.similarity), "dense_rank": s.dense_rank,
-            "relevance": rounded(s.relevance), "coverage": rounded(s.coverage),
-        },
-        "content": s.passage.content,
-    }
 
 
 @data_app.command("import")

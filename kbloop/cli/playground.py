@@ -28,10 +28,9 @@ def playground_command(
     c.db  # noqa: B018  (the database must exist, `kbloop init`; fails with one line otherwise)
     answerer = None
     if engine:
-        from finetune.serving.engine import Engine
+        from kbloop.answering import engine_for
 
-        answerer = Engine(db_path=c.settings.db_path, home=c.settings.kbloop_home,
-                          base_model=c.settings.base_model).start()
+        answerer = engine_for(c.settings).start()
     demo = build_playground(config=config, engine=answerer, db_path=c.settings.db_path, home=c.settings.kbloop_home)
     if config.login_required:
         login = "login required"

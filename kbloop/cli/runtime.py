@@ -73,14 +73,17 @@ def demo(
     host: Annotated[str, typer.Option(help="Interface for the playground.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port for the playground and Slack endpoint.")] = 8000,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the playground when ready.")] = True,
+    epochs: Annotated[float | None, typer.Option(
+        help="Train each adapter this many epochs instead of tiny's defaults: quicker, but the model alone "
+             "then reproduces less of what it was taught.", min=0.01)] = None,
 ) -> None:
     """Offline, end to end: a workspace with the sample knowledge base and QA pairs, a first adapter trained on
     the `tiny` base, a few answers with votes in the review queue, an approved correction answered at once
     and then learnt by a continued retrain, then the playground (and Slack when configured). Safe to run
     again: it reuses what is already there."""
     from finetune.jobs.worker import Worker, WorkerConfig
-    from finetune.serving.engine import Engine
     from finetune.serving.retrieval import embed_missing_passages
+    from kbloop.answering import engine_for
     from kbloop.serve import samples_dir
     from kbloop.serve import serve as run_serve
     from kbloop.settings import load_settings
@@ -113,10 +116,12 @@ def demo(
                     config=WorkerConfig(base_model="tiny", progress_notify_interval_s=1.0,
                                         heartbeat_interval_s=1.0, stale_after_s=30.0),
                     notifier=_PrintProgress())
+    # An epoch budget replaces tiny's step floor and early stop too: the run is as short as asked.
+    budget = {"train": {"epochs": epochs, "min_steps": 0, "stop_reproduced": 0.0}} if epochs else {}
     if active_adapter(db) is None:
         # The tiny defaults (docs/training.md): the adapter reproduces its training answers.
         typer.echo("Training a first adapter on the tiny base (its defaults: a few minutes on two CPU cores)…")
-        version = _run_demo_job(db, worker, params={"force": True})["version"]
+        version = _run_demo_job(db, worker, params={"force": True, **budget})["version"]
         if active_adapter(db) is None and version:
             # The tiny base has random weights: an adapter that memorises the training answers can score
             # worse than it on held-out loss, so the gate may keep it as a candidate. The demo then promotes
@@ -130,7 +135,7 @@ def demo(
     typer.echo(f"Active adapter: {active.version if active else 'none (base model)'}")
 
     if feedback_stats(db)["interactions"] == 0:
-        engine = Engine(db_path=settings.db_path, home=settings.kbloop_home, base_model="tiny").start()
+        engine = engine_for(settings).start()
         try:
             if not engine.wait_ready(300):
                 fail(f"the model did not load: {engine.error}")
@@ -156,7 +161,7 @@ def demo(
             _show(engine.answer(DEMO_CORRECTED, source="playground", user_id="demo-user-5"))
             typer.echo("\nRetraining continues from the active adapter with the new answer and a replay of the "
                        "earlier ones…")
-            outcome = _run_demo_job(db, worker, params={})
+            outcome = _run_demo_job(db, worker, params=budget)
             if outcome.get("start"):
                 typer.echo(f"Started from: {outcome['start']}")
             typer.echo("The model alone (`kbloop ask --model-only`) now says:")

@@ -46,15 +46,17 @@ def _start_from(value: str | None) -> str | None:
 
 
 def _config(*, base, method, rank, alpha, dropout, targets, epochs, lr, batch, grad_accum, max_length, seed,
-            version, passages, start_from=None):
-    from finetune.training.config import METHODS, TrainConfig, parse_targets
+            version, passages, start_from=None, objective="sft"):
+    from finetune.training.config import METHODS, OBJECTIVES, TrainConfig, parse_targets
 
     if method is not None and method not in METHODS:
         fail(f"--method: expected one of {', '.join(METHODS)}, not {method!r}")
+    if objective not in OBJECTIVES:
+        fail(f"--objective: expected one of {', '.join(OBJECTIVES)}, not {objective!r}")
     return TrainConfig(
         base=base, method=method, rank=_rank(rank), alpha=alpha, dropout=dropout, targets=parse_targets(targets),
         epochs=epochs, learning_rate=lr, batch_size=batch, grad_accum=grad_accum, max_length=max_length,
-        seed=seed, version=version, k_passages=passages, start_from=_start_from(start_from),
+        seed=seed, version=version, k_passages=passages, start_from=_start_from(start_from), objective=objective,
     )
 
 
@@ -118,6 +120,7 @@ def train(
     version: Annotated[Optional[str], typer.Option("--version", "--output-version", help="Version name to register (default: next vN).")] = None,
     passages: Annotated[Optional[int], typer.Option(help="Retrieved KB passages per training prompt; the engine asks the adapter with as many (default 3; tiny: 0).")] = None,
     start_from: Annotated[Optional[str], typer.Option("--from", help="Start from `active` (default: continue the active adapter on the new and changed examples when base and method match, else from the base, saying why), `base` (from scratch), or a version V.")] = None,
+    objective: Annotated[str, typer.Option(help="sft (default): the approved examples; kto: continue the active adapter on the 👍 / 👎 votes (a correction's answer counts as 👍); dpo: continue it on (approved correction, the answer it replaced) pairs. See docs/training.md.")] = "sft",
     data: Annotated[Optional[Path], typer.Option(help="Train on this file (JSONL/CSV as `kbloop data import` reads) instead of the store; writes to --out, registers nothing.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --data: the folder to write the adapter to (must not exist).")] = None,
 ) -> None:
@@ -133,8 +136,10 @@ def train(
     base = base or c.settings.base_model
     config = _config(base=base, method=method, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
                      epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, max_length=max_length, seed=seed,
-                     version=version, passages=passages, start_from=start_from)
+                     version=version, passages=passages, start_from=start_from, objective=objective)
     if data is not None:
+        if objective != "sft":
+            fail("--objective kto and dpo train on the store's votes; --data trains on a file's examples (sft)")
         if start_from is not None:
             fail("--from goes with the store's examples; --data trains a new adapter from the base")
         _train_on_file(c, config, data, out)
@@ -150,7 +155,11 @@ def train(
              "`kbloop review`")
     run = _pick_version(c.db, c.settings.kbloop_home, config.version)
     config = replace(config, version=run)
-    _echo_defaults(config, examples)
+    if objective == "sft":
+        _echo_defaults(config, examples)
+    else:
+        typer.echo(f"Training {run} on base {config.base}: {objective} on the votes, continuing "
+                   f"{config.start_from or 'the active adapter'}.")
     started = time.monotonic()
     with _Progress(c.db, run=run, description=f"Training {run}") as progress:
         result = train_candidate(c.db, home=c.settings.kbloop_home, config=config, on_step=progress.on_step,

@@ -278,6 +278,19 @@ def test_retrain_by_admin_queues_one_job_and_a_second_is_told_which_runs(start_b
     assert actions.count(("slack:/kb-retrain", True)) == 2
 
 
+def test_retrain_on_the_votes_is_for_admins_only(start_bot, fake_slack):
+    bot = start_bot()
+    refused = _command(bot, fake_slack, "/kb-retrain", user="U123", text="objective=kto", name="no")
+    assert "only kbloop admins" in refused["text"] and list_jobs(bot.db) == []
+    [entry] = list_audit(bot.db)
+    assert (entry["actor"], entry["action"], entry["allowed"]) == ("U123", "slack:/kb-retrain", False)
+    bad = _command(bot, fake_slack, "/kb-retrain", user=ADMIN, text="objective=ppo", name="bad")
+    assert "objective must be one of sft, kto, dpo" in bad["text"] and list_jobs(bot.db) == []
+    queued = _command(bot, fake_slack, "/kb-retrain", user=ADMIN, text="objective=kto", name="yes")
+    [job] = active_jobs(bot.db)
+    assert f"#{job.id}" in queued["text"] and job.params["train"] == {"objective": "kto"}
+
+
 def test_retrain_with_bad_options_says_how(start_bot, fake_slack):
     bot = start_bot()
     reply = _command(bot, fake_slack, "/kb-retrain", user=ADMIN, text="epochs")

@@ -35,6 +35,20 @@ def _register(db, home: Path, version: str, metrics: dict, *, against: str = "ba
                                                       "passed": verdict.passed, "reasons": verdict.reasons}})
 
 
+def test_adapters_show_what_each_version_learnt_from(kbloop, workspace, kbloop_home):
+    _register(workspace, kbloop_home, "v1", GOOD)
+    folder = kbloop_home / "adapters" / "v2"
+    folder.mkdir(parents=True)
+    rows.register_adapter(workspace, version="v2", path=str(folder), base_model="tiny", method="lora",
+                          params={"objective": "kto"}, dataset_hash="h", dataset_size=40, metrics=GOOD)
+    r = kbloop("adapters")
+    assert r.exit_code == 0, r.stderr
+    header, *lines = r.stdout.splitlines()
+    assert "objective" in header.split()
+    by_version = {line.split()[0]: line.split() for line in lines}
+    assert "sft" in by_version["v1"] and "kto" in by_version["v2"]
+
+
 def test_every_adapter_command_has_help(kbloop):
     for cmd in ("eval", "adapters", "promote", "rollback", "export"):
         r = kbloop(cmd, "--help")

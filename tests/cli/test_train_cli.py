@@ -46,6 +46,7 @@ def test_recommend_with_no_examples_fails_cleanly(kbloop):
     (["--rank", "0"], "--rank: must be at least 1"),
     (["--method", "dora"], "--method: expected one of qlora, lora, full"),
     (["--out", "x"], "--out goes with --data"),
+    (["--objective", "ppo"], "--objective: expected one of sft, kto, dpo"),
 ])
 def test_train_refuses_bad_options_in_one_line(kbloop, args, message):
     assert kbloop("init").exit_code == 0
@@ -54,6 +55,36 @@ def test_train_refuses_bad_options_in_one_line(kbloop, args, message):
     assert r.exit_code == 1
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _register_active(db, home: Path) -> None:
+    """An active LoRA adapter on tiny (its folder complete enough for the registry; never loaded here)."""
+    from store.adapters import activate_adapter, register_adapter
+
+    folder = home / "adapters" / "v1"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(b"\0")
+    register_adapter(db, version="v1", path=str(folder), base_model="tiny", method="lora",
+                     params={"k_passages": 0}, dataset_hash="h", dataset_size=20, metrics={})
+    activate_adapter(db, "v1")
+
+
+def test_preference_objectives_say_what_is_missing_in_one_line(kbloop, db, kbloop_home, tmp_path):
+    assert kbloop("init").exit_code == 0
+    assert kbloop("data", "import", _small_qa(tmp_path, 20)).exit_code == 0
+    r = kbloop("train", "--objective", "kto")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "continues the active adapter and none is active" in r.stderr
+    _register_active(db, kbloop_home)
+    r = kbloop("train", "--objective", "dpo")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "no correction pairs to train DPO on" in r.stderr
+    r = kbloop("train", "--objective", "kto")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "KTO needs at least 4 votes with both 👍 and 👎" in r.stderr
+    r = kbloop("train", "--objective", "kto", "--data", _small_qa(tmp_path, 20), "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "--objective kto and dpo train on the store's votes" in r.stderr
 
 
 def test_train_with_no_examples_says_what_to_do(kbloop):

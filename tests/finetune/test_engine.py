@@ -21,9 +21,7 @@ from finetune.serving.engine import (
     Answer,
     Engine,
     EngineConfig,
-    FinishedRows,
     Source,
-    length_buckets,
 )
 from finetune.serving.retrieval import embed_missing_passages
 from store import StoreError, open_db
@@ -92,7 +90,7 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(workspace):
-    config = EngineConfig(max_new_tokens=16, adapter_cache_size=2, batch_window_s=0.05)
+    config = EngineConfig(max_new_tokens=16, adapter_cache_size=2)
     eng = Engine(db_path=workspace["db_path"], home=workspace["home"], base_model="tiny", config=config).start()
     assert eng.wait_ready(600), eng.error
     yield eng
@@ -151,67 +149,6 @@ def test_concurrent_questions_are_batched_and_answered_as_one_by_one(engine, wor
         t.join(timeout=300)
     assert [r.text for r in results] == one_by_one
     assert engine.batches_run - batches_before < len(QUESTIONS)  # some questions shared a batch
-
-
-def test_prompts_of_very_different_lengths_generate_in_separate_batches():
-    # Real prompt lengths of 16 sample questions (5 long Chinese prompts), and one far longer prompt.
-    lengths = [585, 537, 1191, 603, 547, 1004, 555, 633, 560, 1178, 577, 724, 660, 985, 586, 1156]
-    buckets = length_buckets(lengths, 1.5)
-    assert [sorted(lengths[i] for i in b) for b in buckets] == [
-        [537, 547, 555, 560, 577, 585, 586, 603, 633, 660, 724], [985, 1004, 1156, 1178, 1191]]
-    by_length = sorted(range(16), key=lengths.__getitem__)
-    assert length_buckets(lengths, EngineConfig.max_length_ratio) == [by_length]  # the default keeps them together
-    assert length_buckets(lengths + [3900], EngineConfig.max_length_ratio) == [by_length, [16]]
-
-
-def test_finished_rows_are_handed_over_at_their_stop_token_each_once():
-    import torch
-
-    delivered: list[tuple[int, list[int]]] = []
-    rows = FinishedRows([9], lambda row, ids: delivered.append((row, list(ids))))
-    rows.put(torch.zeros(3, 5, dtype=torch.long))  # the prompts come first
-    rows.put(torch.tensor([1, 2, 3]))
-    assert delivered == []
-    rows.put(torch.tensor([9, 2, 3]))
-    assert delivered == [(0, [1, 9])]
-    rows.put(torch.tensor([0, 2, 9]))  # a finished row gets padding from generate(): not its answer
-    rows.put(torch.tensor([0, 4, 0]))
-    assert delivered == [(0, [1, 9]), (2, [3, 3, 9])]
-    rows.end()
-    assert delivered == [(0, [1, 9]), (2, [3, 3, 9]), (1, [2, 2, 2, 4])]
-
-
-def test_a_short_answer_leaves_its_batch_as_soon_as_it_stops(workspace):
-    import torch
-
-    from finetune.model.loading import load_model_for_inference
-    from finetune.model.prompting import PromptPassage, build_messages, render_prompt
-    from finetune.serving.kv_cache import cache_kwarg, prefill
-    from finetune.serving.retrieval import retrieve_passages
-
-    db = workspace["db"]
-    model, tok = load_model_for_inference(resolve_base("tiny", home=workspace["home"], db=db))
-    prompts = [tok(render_prompt(tok, build_messages(q, passages=[PromptPassage(p.title, p.content) for p in
-                                                                 retrieve_passages(db, q, k=3)])),
-                   add_special_tokens=False).input_ids for q in QUESTIONS]
-    greedy = dict(do_sample=False, pad_token_id=tok.pad_token_id, max_new_tokens=6)
-    with torch.inference_mode():
-        alone = [model.generate(input_ids=torch.tensor([p]), eos_token_id=None, **greedy)[0, len(p):].tolist()
-                 for p in prompts]
-    # Two questions whose answers differ: the first one's first token is the stop token, which the other's
-    # answer never says. (The random tiny base repeats one token per prompt.)
-    a, b = next((i, j) for i in range(len(prompts)) for j in range(len(prompts)) if alone[i][0] not in alone[j])
-    stop = alone[a][0]
-    delivered: list[tuple[int, list[int], int]] = []
-    rows = FinishedRows([stop], lambda row, ids: delivered.append(  # (row, answer, step it was handed over at)
-        (row, list(ids), max(len(t) for t in rows.tokens))))
-    with torch.inference_mode():
-        cache, input_ids, attention_mask = prefill(model, [prompts[a], prompts[b]], reserve=6,
-                                                   pad_token_id=tok.pad_token_id)
-        model.generate(input_ids=input_ids, attention_mask=attention_mask, eos_token_id=[stop], streamer=rows,
-                       **greedy, **{cache_kwarg(model): cache})
-    # The short answer was handed over at the first step, the long one at the end, with all six tokens.
-    assert delivered == [(0, [stop], 1), (1, alone[b], 6)]
 
 
 def test_hot_swap_follows_the_active_adapter_without_restart(engine, workspace):

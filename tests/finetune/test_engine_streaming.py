@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
-from finetune.serving.engine import Engine, EngineConfig, FinishedRows, TextStream, clean_answer, settled_text
+from finetune.serving.engine import Engine, EngineConfig
 from finetune.serving.retrieval import embed_missing_passages
+from finetune.serving.streaming import TextStream, clean_answer, settled_text
 from store import open_db
 from store.documents import import_documents
 from tests.conftest import SAMPLES
@@ -69,17 +70,6 @@ def test_a_consumer_that_fails_gets_nothing_more_and_the_batch_goes_on():
     assert calls == ["a"]
 
 
-def test_finished_rows_report_every_token_of_a_row_that_goes_on():
-    import torch
-
-    grown: list[tuple[int, list[int]]] = []
-    rows = FinishedRows([9], lambda row, ids: None, on_tokens=lambda row, ids: grown.append((row, list(ids))))
-    rows.put(torch.zeros(2, 3, dtype=torch.long))
-    rows.put(torch.tensor([1, 9]))
-    rows.put(torch.tensor([2, 0]))
-    assert grown == [(0, [1]), (0, [1, 2])]  # row 1 stopped at once: nothing to stream
-
-
 # --- the real engine on the tiny base -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -89,7 +79,7 @@ def engine(tmp_path_factory):
     import_documents(db, [SAMPLES / "kb"])
     embed_missing_passages(db)
     eng = Engine(db_path=home / "kbloop.db", home=home, base_model="tiny",
-                 config=EngineConfig(max_new_tokens=24, batch_window_s=0.05)).start()
+                 config=EngineConfig(max_new_tokens=24)).start()
     assert eng.wait_ready(600), eng.error
     yield eng
     eng.close()

@@ -123,3 +123,28 @@ def test_gate_table_has_both_columns_and_signed_deltas():
     f1 = next(line for line in lines if line.startswith("held-out token F1"))
     assert "75.0%" in f1 and "+5.0" in f1
     assert any(line.startswith("forgetting (vs base)") for line in lines)
+
+
+def test_gate_judges_a_preference_candidate_on_the_voted_answers_too():
+    """kto / dpo candidates carry the voted answers' mean log-likelihoods (theirs and the active's, measured on the
+    same votes): 👎'd answers must become less likely, 👍'd ones no less likely; held-out rules apply as ever."""
+    active = {**GOOD, "pref_desirable_loglik": -1.0, "pref_undesirable_loglik": -2.0}
+    moved = {**GOOD, "pref_desirable_loglik": -0.9, "pref_undesirable_loglik": -2.5}
+    verdict = gate(moved, active)
+    assert verdict.passed, verdict.reasons
+    assert "log-likelihood, downvoted answers" in verdict.table and "-0.500" in verdict.table
+
+    unmoved = gate({**moved, "pref_undesirable_loglik": -2.0}, active)
+    assert not unmoved.passed and any("👎'd answers did not become less likely" in r for r in unmoved.reasons)
+    lost = gate({**moved, "pref_desirable_loglik": -1.2}, active)
+    assert not lost.passed and any("👍'd answers became less likely" in r for r in lost.reasons)
+    assert gate({**moved, "pref_desirable_loglik": -1.2}, active,
+                config=GateConfig(preference_tolerance=0.25)).passed
+    worse_heldout = gate({**moved, "heldout_loss": 2.0}, active)
+    assert not worse_heldout.passed and any("held-out loss" in r for r in worse_heldout.reasons)
+    # An SFT candidate carries no such numbers and is judged as before; its table has no such rows.
+    plain = gate(GOOD, active)
+    assert plain.passed and "downvoted" in plain.table  # the active's number is shown beside n/a
+    assert "downvoted" not in gate(GOOD, GOOD).table
+    missing = gate(moved, GOOD)
+    assert not missing.passed and any("could not be compared" in r for r in missing.reasons)

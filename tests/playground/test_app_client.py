@@ -70,15 +70,15 @@ def test_curator_approves_with_an_edit_and_is_recorded(server):
 def test_admin_controls_are_checked_on_the_server(server):
     bob = client(server, "bob", "bob-password-1")
     assert "(curator)" in bob.predict(api_name="/whoami")[0]
-    out = bob.predict("", "", None, False, api_name="/retrain")
+    out = bob.predict("", "", None, False, "kto", api_name="/retrain")
     assert out[0].startswith("⛔") and "bob may not start retraining" in out[0]
     assert "bob may not roll back" in bob.predict(None, api_name="/rollback")[0]
     assert list_jobs(open_db(server["db_path"])) == []
     alice = client(server, "alice", "alice-password")
-    out = alice.predict("", "", None, False, api_name="/retrain")
+    out = alice.predict("", "", None, False, "kto", api_name="/retrain")
     assert out[0].startswith("✅ Job")
     (job,) = list_jobs(open_db(server["db_path"]))
-    assert job.requester == "playground:alice"
+    assert job.requester == "playground:alice" and job.params == {"train": {"objective": "kto"}}
 
 
 def test_export_and_redact_endpoints(server):
@@ -93,3 +93,25 @@ def test_export_and_redact_endpoints(server):
     from store.interactions import review_item
 
     assert review_item(db, server["ids"]["leave"])["reviewer"] == "bob"
+
+
+@pytest.mark.slow  # embeds a small knowledge base
+def test_search_shows_the_passages_and_their_evidence_or_why_nothing(server, tmp_path):
+    from store.documents import import_documents
+    from tests.conftest import SAMPLES
+
+    kb = tmp_path / "kb"
+    (kb / "zh").mkdir(parents=True)
+    for name in ("vpn-laptop-setup.md", "zh/annual-leave.md"):
+        (kb / name).write_text((SAMPLES / "kb" / name).read_text(encoding="utf-8"), encoding="utf-8")
+    import_documents(open_db(server["db_path"]), [kb])
+    bob = client(server, "bob", "bob-password-1")  # a curator: searching needs no admin
+
+    table, summary = bob.predict("How do I set up the VPN on my laptop?", api_name="/search")
+    rows = table["data"]
+    assert rows[0][2].startswith("vpn-laptop-setup.md #") and rows[0][4] == "yes"
+    assert [row[0] for row in rows] == list(range(1, len(rows) + 1)) and "best first" in summary
+    table, summary = bob.predict("年假有多少天？", api_name="/search")
+    assert table["data"][0][2].startswith("zh/annual-leave.md #")
+    table, summary = bob.predict("What is the capital of Australia?", api_name="/search")
+    assert table["data"] in ([], [[""] * len(table["headers"])]) and "does not cover this question" in summary

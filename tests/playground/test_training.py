@@ -78,3 +78,20 @@ def test_promote_shows_the_gates_verdict_and_rolls_back(db, alice, tmp_path):
     assert frame["version"].tolist() == ["v2", "v1"] and frame["exact match"].tolist() == [0.0, 60.0]
     actions = [(e["action"], e["allowed"], e["actor"]) for e in list_audit(db)]
     assert ("promote", True, "playground:alice") in actions and ("rollback", True, "playground:alice") in actions
+
+
+def test_admin_retrains_on_the_votes_and_the_adapter_list_says_so(db, alice, bob, tmp_path):
+    refused = training.start_retrain(db, bob, overrides={"objective": "kto"})
+    assert not refused.ok and training.current_job_id(db) is None
+    bad = training.start_retrain(db, alice, overrides={"objective": "ppo"})
+    assert not bad.ok and "objective must be one of sft, kto, dpo" in bad.message
+    out = training.start_retrain(db, alice, overrides={"objective": "kto", "method": ""})
+    assert out.ok, out.message
+    assert get_job(db, training.current_job_id(db)).params == {"train": {"objective": "kto"}}
+    _register(db, tmp_path, "v1", GOOD)
+    folder = tmp_path / "v2"
+    folder.mkdir()
+    register_adapter(db, version="v2", path=str(folder), base_model="tiny", method="full",
+                     params={"objective": "kto"}, dataset_hash="h", dataset_size=10, metrics=GOOD)
+    frame = training.adapters_frame(db)
+    assert dict(zip(frame["version"], frame["objective"])) == {"v1": "sft", "v2": "kto"}

@@ -1,0 +1,32 @@
+"""Search tab: the passages the bot would retrieve for a question, best first, with the evidence behind each
+rank, so that a curator can see why an answer cited what it did, or why the bot found nothing. The same
+search as `kbloop kb search` (finetune.serving.retrieval.retrieve_scored)."""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+from finetune.serving.retrieval import not_covered_line, retrieve_scored
+
+HEADERS = ["#", "title", "document", "score", "covers", "BM25", "similarity", "latent", "passage"]
+PASSAGE_CHARS = 200
+
+
+def search(db: sqlite_utils.Database, question: str, *, k: int = 5) -> tuple[list[list], str]:
+    """(table rows, a line under the table) for `question`."""
+    question = (question or "").strip()
+    if not question:
+        return [], "Type a question, as an employee would ask it."
+    results = retrieve_scored(db, question, k=k)
+    if not results:
+        return [], not_covered_line(question)
+    rows = []
+    for rank, hit in enumerate(results, 1):
+        evidence = hit.evidence()
+        text = " ".join(hit.passage.content.split())
+        rows.append([rank, hit.passage.title, f"{hit.passage.doc_path} #{hit.passage.chunk_index}",
+                     round(hit.score, 3), "yes" if hit.matches else "no", evidence["bm25"], evidence["similarity"],
+                     evidence["latent"], text[:PASSAGE_CHARS] + ("…" if len(text) > PASSAGE_CHARS else "")])
+    covering = sum(hit.matches for hit in results)
+    return rows, (f"{len(rows)} passage(s), best first; {covering} alone make the knowledge base cover the question "
+                  "(covers: yes). The bot answers from the first ones.")
