@@ -60,9 +60,11 @@ def test_demo_runs_the_loop_then_serves_until_interrupted(kbloop_home, tmp_path)
     assert re.search(r"Knowledge base and QA pairs imported \(\d{3} new examples", out)
     first = re.search(r"Active adapter: (v\d+)", out)
     assert first, out[-3000:]
-    # The loop once: the approved correction is the next answer at once, then a retrain continues the first adapter.
+    # The loop once: the approved correction is the next answer at once, then a retrain.
     approved = out.split('Asked again, before any retraining:', 1)[1]
     assert "Ask the office team in #berlin-office" in approved.splitlines()[1]
     assert "Approved answer: reviewed by demo-curator" in approved
-    assert f"Started from: continuing from {first.group(1)}" in out
+    # Where the retrain started, and why: with one epoch the first adapter reproduces nothing yet, so continuing it
+    # cannot keep its answers and the run starts from the base, saying so (tiny's defaults continue it).
+    assert re.search(rf"Started from: (continuing from {first.group(1)}|training from the base: .+)", out)
     assert "Traceback" not in out
