@@ -298,8 +298,8 @@ class VllmBackend:
             except VllmError as exc:
                 if version is None or "does not exist" not in str(exc) or pieces:
                     raise
-                self._forget(version)  # vLLM restarted since it was loaded: load it again, ask once more
-                self._load(version)
+                # vLLM restarted since it was loaded: load it again (its use count stays), ask once more
+                self.client.load_adapter(version, Path(self.adapter_folder(version)))
                 completion = complete(model=model)
             text = clean_answer(completion.text)
             if stream is not None:
@@ -337,11 +337,6 @@ class VllmBackend:
                           "answered with the base model",)
         self._evict()
         return version, ()
-
-    def _load(self, version: str) -> None:
-        with self._lock:
-            self._loaded[version] = self._loaded.get(version, 0) + 1
-        self.client.load_adapter(version, Path(self.adapter_folder(version)))
 
     def _release(self, version: str | None) -> None:
         if version is None:
