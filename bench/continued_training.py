@@ -26,17 +26,22 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from finetune.registry.candidates import train_candidate  # noqa: E402
+from candidate_runs import timed_candidate  # noqa: E402
+from train_vs_seed import bench_base  # noqa: E402
+
+from finetune.evaluation.metrics import generate_answers  # noqa: E402
+from finetune.model.loading import load_model_for_inference, resolve_base  # noqa: E402
 from finetune.registry.folders import read_metadata  # noqa: E402
 from finetune.registry.promotion import promote  # noqa: E402
 from finetune.training.config import TrainConfig  # noqa: E402
 from finetune.training.continuation import example_key  # noqa: E402
+from finetune.training.data import TrainingExample  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 from store.examples import add_examples  # noqa: E402
@@ -48,13 +53,8 @@ NEW_ANSWER = "It is called KB-Guest-Lisboa; the password is on the card at the r
 
 
 def _run(db, home, config, label: str) -> dict:
-    started = time.monotonic()
-    result = train_candidate(db, home=home, config=config)
-    total = time.monotonic() - started
-    meta = read_metadata(Path(result.adapter.path))
+    result, meta, total = timed_candidate(db, home, config, label)
     training, metrics = meta["training"], meta["metrics"]
-    print(f"{label}: {result.adapter.version} train {training['runtime_s']:.0f} s, total {total:.0f} s, "
-          f"gate {'PASS' if result.verdict.passed else 'FAIL'}: {result.verdict.reasons}", flush=True)
     return {
         "version": result.adapter.version, "start": meta.get("start"), "train_s": round(training["runtime_s"], 1),
         "train_candidate_s": round(total, 1), "steps": training["steps"], "examples_seen": training["n_examples"],
@@ -82,10 +82,6 @@ def _from_metadata(folder: Path) -> dict:
 
 
 def _generated(adapter_path: Path, base_path: str, question: str) -> str:
-    from finetune.evaluation.metrics import generate_answers
-    from finetune.model.loading import load_model_for_inference
-    from finetune.training.data import TrainingExample
-
     model, tokenizer = load_model_for_inference(base_path, adapter_path=adapter_path)
     return generate_answers(model, tokenizer, [TrainingExample(question=question, input="", answer=NEW_ANSWER)])[0].text
 
@@ -105,22 +101,12 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or str(REPO / "bench" / "out" / ("continued_training.json" if args.base == "tiny"
                                                          else "continued_training_bench_base.json"))
-    from finetune.model.loading import resolve_base
 
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         if args.base == "bench":
-            sys.path.insert(0, str(REPO / "bench"))
-            from train_vs_seed import build_base
-
-            if args.base_dir:
-                base = str(shutil.copytree(args.base_dir, home / "base10m"))
-            else:
-                base = build_base(home, pretrain_steps=args.pretrain_steps)
-            # Pretrained, not random: kbloop must treat it as a real base (the guide's QLoRA recipe, continued
-            # runs sized for real bases), not as `tiny`, whose marker file build_base's folder still carries.
-            (Path(base) / "TINY.md").unlink(missing_ok=True)
+            base = bench_base(home, base_dir=args.base_dir, pretrain_steps=args.pretrain_steps)
         else:
             base = "tiny"
         config = TrainConfig(base=base)

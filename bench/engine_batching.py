@@ -1,6 +1,7 @@
 """Batched generation: 16 concurrent questions vs the same 16 answered one after another (tiny base).
 
     .venv/bin/python bench/engine_batching.py [--questions 16] [--max-new-tokens 256] [--repeats 3]
+        [--out bench/out/engine_batching.json]
 
 Builds a workspace in a temporary folder (sample KB, tiny base), starts one Engine, answers the questions
 one by one, then all at once from 16 threads, and checks that the answers are identical (greedy); `--repeats`
@@ -95,7 +96,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
     parser.add_argument("--repeats", type=int, default=3, help="runs of both ways (this VM's timings vary ~10%%)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "engine_batching.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         prepare_workspace(home)
@@ -120,6 +123,16 @@ def main() -> None:
     speedups = sorted(run.t_seq / run.t_par for run in runs)
     print(f"speed-up: median {statistics.median(speedups):.1f}x (lowest {speedups[0]:.1f}x) over {len(runs)} runs")
     same = all(run.same for run in runs)
+    args.out.write_text(json.dumps({
+        "questions": n, "max_new_tokens": args.max_new_tokens, "base": "tiny", "cpu": os.cpu_count(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "runs": [{"sequential_s": round(r.t_seq, 3), "concurrent_s": round(r.t_par, 3), "batches": r.batches,
+                  "speedup": round(r.t_seq / r.t_par, 3), "burst_latency_p50_ms": r.median_ms,
+                  "identical_answers": r.same, "distinct_answers": r.distinct} for r in runs],
+        "speedup": {"median": round(statistics.median(speedups), 3), "min": round(speedups[0], 3),
+                    "max": round(speedups[-1], 3)},
+        "identical_answers": same,
+    }, indent=2) + "\n")
     if not same:
         sys.exit(1)
 

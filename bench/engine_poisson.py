@@ -47,20 +47,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import finetune.serving.engine as engine_module  # noqa: E402
+from finetune.evaluation.metrics import EvalConfig  # noqa: E402
+from finetune.registry.candidates import train_candidate  # noqa: E402
+from finetune.registry.promotion import promote  # noqa: E402
+from finetune.serving.engine import Engine  # noqa: E402
+from finetune.serving.retrieval import embed_missing_passages, retrieve_passages  # noqa: E402
+from finetune.training.config import TrainConfig  # noqa: E402
+from store import local_db, open_db  # noqa: E402
+from store.adapters import activate_adapter, register_adapter  # noqa: E402
+from store.documents import import_documents  # noqa: E402
+from store.examples import add_examples  # noqa: E402
+from store.formats import read_examples_file  # noqa: E402
+
 SAMPLES = REPO / "samples"
 
 
 def prepare(home: Path) -> None:
-    from finetune.evaluation.metrics import EvalConfig
-    from finetune.registry.candidates import train_candidate
-    from finetune.registry.promotion import promote
-    from finetune.serving.retrieval import embed_missing_passages
-    from finetune.training.config import TrainConfig
-    from store import open_db
-    from store.documents import import_documents
-    from store.examples import add_examples
-    from store.formats import read_examples_file
-
     home.mkdir(parents=True, exist_ok=True)
     db = open_db(home / "kbloop.db")
     import_documents(db, [SAMPLES / "kb"])
@@ -79,9 +82,6 @@ def register_checkpoint(home: Path) -> None:
     """Serve the latest checkpoint of an interrupted `--prepare` (a `tiny` full fine-tune: its checkpoints are
     whole models) as version `step<N>`, with tiny's 0 passages per prompt, and make it active."""
     import shutil
-
-    from store import open_db
-    from store.adapters import activate_adapter, register_adapter
 
     checkpoints = sorted(home.glob("adapters/.tmp-*/checkpoints/checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
     if not checkpoints:
@@ -151,11 +151,6 @@ def run_rate(engine, questions: list[str], rate: float, seed: int) -> dict:
 
 
 def run(home: Path, label: str, rates: list[float], n: int, repeats: int, out: Path) -> None:
-    import finetune.serving.engine as engine_module
-    from finetune.serving.engine import Engine
-    from finetune.serving.retrieval import retrieve_passages
-    from store import local_db
-
     trained = json.loads((home / "questions.json").read_text())
     questions = [trained[i % len(trained)] for i in range(n)]  # asked again when n is larger
     engine = Engine(db_path=home / "kbloop.db", home=home, base_model="tiny").start()

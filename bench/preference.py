@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from finetune.registry.candidates import train_candidate  # noqa: E402
-from finetune.registry.folders import read_metadata  # noqa: E402
+from candidate_runs import timed_candidate  # noqa: E402
+from train_vs_seed import bench_base  # noqa: E402
+
 from finetune.registry.promotion import promote  # noqa: E402
 from finetune.training.config import TrainConfig  # noqa: E402
 from store import open_db  # noqa: E402
@@ -49,14 +49,9 @@ KEYS = ("heldout_loss", "heldout_exact_match", "heldout_token_f1", "stop_rate", 
 
 
 def _run(db, home, config, label: str) -> dict:
-    started = time.monotonic()
-    result = train_candidate(db, home=home, config=config)
-    total = time.monotonic() - started
-    meta = read_metadata(Path(result.adapter.path))
+    result, meta, total = timed_candidate(db, home, config, label)
     training, metrics = meta["training"], meta["metrics"]
     against = (metrics.get("gate") or {}).get("against_metrics") or {}
-    print(f"{label}: {result.adapter.version} train {training['runtime_s']:.0f} s, total {total:.0f} s, "
-          f"gate {'PASS' if result.verdict.passed else 'FAIL'}: {result.verdict.reasons}", flush=True)
     print(result.verdict.table, flush=True)
     return {
         "version": result.adapter.version, "start": meta.get("start"), "objective": meta.get("objective"),
@@ -99,14 +94,7 @@ def main() -> None:
         home = Path(tmp)
         first_config = {}
         if args.base == "bench":
-            sys.path.insert(0, str(REPO / "bench"))
-            from train_vs_seed import build_base
-
-            if args.base_dir:
-                base = str(shutil.copytree(args.base_dir, home / "base10m"))
-            else:
-                base = build_base(home, pretrain_steps=args.pretrain_steps)
-            (Path(base) / "TINY.md").unlink(missing_ok=True)  # a pretrained base: treated as a real one
+            base = bench_base(home, base_dir=args.base_dir, pretrain_steps=args.pretrain_steps)
             first_config = dict(method="lora", k_passages=0)
         else:
             base = "tiny"

@@ -31,6 +31,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bot import BotConfig, build_app, build_asgi  # noqa: E402
+from finetune.serving.engine import Answer, Engine, Source  # noqa: E402
+from store import local_db, open_db  # noqa: E402
+from store.documents import import_documents  # noqa: E402
+from store.interactions import record_interaction  # noqa: E402
+from tests.fakes.slack_api import (  # noqa: E402
+    BOT_USER_ID,
+    FakeSlackAPI,
+    app_mention_event,
+    event_body,
+    post_signed,
+    sign_request,
+)
+
 SECRET = "bench-signing-secret"
 
 
@@ -46,10 +60,6 @@ class SimulatedEngine:
                **_):
         import numpy as np
 
-        from finetune.serving.engine import Answer, Source
-        from store import local_db
-        from store.interactions import record_interaction
-
         with self._generating:
             a = np.random.rand(256, 256)
             end = time.monotonic() + self.answer_s
@@ -62,12 +72,8 @@ class SimulatedEngine:
 
 def serve_bot(args) -> int:
     """The bot in its own process (as deployed): engine + HTTP server, until terminated."""
-    from bot import BotConfig, build_app
-
     db_path = args.home / "kbloop.db"
     if args.engine == "real":
-        from finetune.serving.engine import Engine
-
         engine = Engine(db_path=db_path, home=args.home, base_model="tiny").start()
     else:
         engine = SimulatedEngine(db_path, args.answer_s)
@@ -75,8 +81,6 @@ def serve_bot(args) -> int:
     import signal
 
     import uvicorn
-
-    from bot import build_asgi
 
     asgi = build_asgi(build_app(config=config, engine=engine, db_path=db_path))
     server_ms: list[float] = []
@@ -109,8 +113,6 @@ def serve_bot(args) -> int:
 def generate_load(plan: Path, port: int, concurrency: int) -> int:
     """Send every planned delivery, `concurrency` at a time; write each one's latency (ms) and status."""
     import asyncio
-
-    from tests.fakes.slack_api import sign_request
 
     items = [json.loads(line) for line in plan.read_text().splitlines()]
     latencies: list[float] = []
@@ -180,10 +182,6 @@ def main() -> int:
     os.environ["KBLOOP_HOME"] = str(home)
     import subprocess
     import urllib.request
-
-    from store import open_db
-    from store.documents import import_documents
-    from tests.fakes.slack_api import BOT_USER_ID, FakeSlackAPI, app_mention_event, event_body, post_signed
 
     db_path = home / "kbloop.db"
     db = open_db(db_path)

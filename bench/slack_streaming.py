@@ -36,6 +36,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.engine_batching import eval_questions, prepare_workspace  # noqa: E402
+from bot import BackgroundHttpServer, BotConfig, build_app, shutdown  # noqa: E402
+from bot.blocks import escape_markdown  # noqa: E402
+from finetune.serving.engine import Engine  # noqa: E402
+from store import local_db  # noqa: E402
+from store.interactions import list_interactions  # noqa: E402
+from tests.fakes.slack_api import BOT_USER_ID, FakeSlackAPI, app_mention_event, event_body, post_signed  # noqa: E402
 
 SECRET = "bench-signing-secret"
 CHANNEL = "CBENCH"
@@ -47,8 +53,6 @@ def p50(values: list[float]) -> float | None:
 
 def ask_all(bot_url: str, questions: list[str], tag: str) -> dict[str, tuple[str, float]]:
     """Send every question at once; {thread ts: (question, time.time() when sent)}."""
-    from tests.fakes.slack_api import BOT_USER_ID, app_mention_event, event_body, post_signed
-
     sent: dict[str, tuple[str, float]] = {}
     barrier = threading.Barrier(len(questions))
     lock = threading.Lock()
@@ -73,9 +77,6 @@ def ask_all(bot_url: str, questions: list[str], tag: str) -> dict[str, tuple[str
 
 
 def run_round(bot_url: str, slack, db, questions: list[str], *, streaming: bool, tag: str) -> dict:
-    from bot.blocks import escape_markdown
-    from store.interactions import list_interactions
-
     slack.reset()
     slack.streaming = streaming
     # Streamed: a generated answer ends with chat.stopStream; one that arrives whole (nothing found in the KB)
@@ -142,11 +143,6 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "slack_streaming.json")
     args = ap.parse_args()
-
-    from bot import BackgroundHttpServer, BotConfig, build_app, shutdown
-    from finetune.serving.engine import Engine
-    from store import local_db
-    from tests.fakes.slack_api import FakeSlackAPI
 
     questions = eval_questions(args.questions)
     with tempfile.TemporaryDirectory() as tmp, FakeSlackAPI() as slack:

@@ -31,8 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from finetune.evaluation.metrics import EvalConfig, exact_match, generate_answers, sample_for_reproduction  # noqa: E402
+from finetune.model.loading import load_model_for_inference  # noqa: E402
+from finetune.model.tiny import ensure_tiny_base  # noqa: E402
 from finetune.training.config import TrainConfig  # noqa: E402
 from finetune.training.data import TrainingExample, split_heldout  # noqa: E402
+from finetune.training.trainer import TrainingCancelled, train_adapter  # noqa: E402
 
 SAMPLES = REPO / "samples"
 
@@ -109,10 +113,6 @@ def examples_for(size: int) -> tuple[list[TrainingExample], str]:
 
 
 def run_size(size: int, tiny_path: str, workdir: Path, *, max_minutes: float | None, gen_sample: int) -> dict:
-    from finetune.evaluation.metrics import EvalConfig, exact_match, generate_answers, sample_for_reproduction
-    from finetune.model.loading import load_model_for_inference
-    from finetune.training.trainer import TrainingCancelled, train_adapter
-
     examples, source = examples_for(size)
     train, heldout = split_heldout(examples)
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
@@ -170,7 +170,6 @@ def main() -> None:
     parser.add_argument("--gen-sample", type=int, default=500, help="generate at most this many training answers")
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "tiny_sizes.json"))
     args = parser.parse_args()
-    from finetune.model.tiny import ensure_tiny_base
 
     results = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "sizes": []}
     out = Path(args.out)

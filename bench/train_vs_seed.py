@@ -64,6 +64,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# kbloop's modules are imported inside the functions that use them: the seed recipe's child process
+# (`--child seed`) is measured (time, peak memory) without them loaded.
 
 SEED_SYSTEM = "You are a helpful assistant."
 # guide200's shared instruction: the guide puts one such preamble on every row, the question in `input`.
@@ -256,6 +258,18 @@ def build_base(home: Path, *, pretrain_steps: int) -> str:
                   f"{time.monotonic() - started:.0f} s", flush=True)
     model.save_pretrained(path)
     return str(path)
+
+
+def bench_base(home: Path, *, base_dir: str | None, pretrain_steps: int) -> str:
+    """The bench base for a run in `home`: a copy of `base_dir` (one pretrained before) or one built now, without
+    the `tiny` marker file build_base's folder carries. Pretrained, not random: kbloop must treat it as a real
+    base (the guide's recipe, QLoRA, continued runs sized for real bases), not as `tiny`."""
+    if base_dir:
+        base = str(shutil.copytree(base_dir, home / "base10m"))
+    else:
+        base = build_base(home, pretrain_steps=pretrain_steps)
+    (Path(base) / "TINY.md").unlink(missing_ok=True)
+    return base
 
 
 def matmul_peak(size: int = 1024, seconds: float = 3.0) -> dict:
@@ -509,12 +523,7 @@ def main() -> None:
         child(a)
         return
     work = Path(tempfile.mkdtemp(prefix="train-vs-seed-"))
-    if a.base_dir:
-        base = str(shutil.copytree(a.base_dir, work / "base10m"))
-    else:
-        base = build_base(work, pretrain_steps=a.pretrain_steps)
-    # Pretrained, not random: kbloop treats it as a real base (the guide's recipe), not as `tiny`.
-    (Path(base) / "TINY.md").unlink(missing_ok=True)
+    base = bench_base(work, base_dir=a.base_dir, pretrain_steps=a.pretrain_steps)
     (work / "base.txt").write_text(base)
     from finetune.model.loading import load_base_model
 

@@ -4,7 +4,8 @@
   👍'd most in the last `SUGGESTED_WEEKS` weeks (store.interactions.suggested_questions), or
   messages.DEFAULT_PROMPTS while nothing was asked yet. The thread's context is kept.
 - `assistant_thread_context_changed`: the new context (the channel the user is looking at) is kept in the
-  store's `assistant_threads` (StoreThreadContextStore), for picking a team's adapter by it later.
+  store's `assistant_threads` (StoreThreadContextStore): the thread's questions belong to that channel's team
+  (bot.handlers.question_team), and its suggested prompts are the shared and that team's questions.
 - a user's message in an assistant thread: the same question pipeline as mentions and DMs
   (bot.handlers.question_event: filtered, claimed once, rate-limited), with the status line
   (assistant.threads.setStatus, rotating loading messages) set before the work starts, the thread titled
@@ -34,6 +35,7 @@ from store.interactions import (
     suggested_questions,
     thread_interactions,
 )
+from store.teams import team_for_channel
 
 log = logging.getLogger("kbloop.bot")
 
@@ -61,10 +63,13 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
-def suggested_prompts(rt: BotRuntime, *, now: _dt.datetime | None = None) -> list[dict[str, str]]:
-    """Up to four {"title", "message"} prompts: recent popular questions, else the defaults."""
+def suggested_prompts(rt: BotRuntime, *, now: _dt.datetime | None = None,
+                      team: str | None = None) -> list[dict[str, str]]:
+    """Up to four {"title", "message"} prompts: recent popular questions (shared ones and `team`'s: the team of
+    the channel the user is looking at), else the defaults."""
     since = ((now or _dt.datetime.now(_dt.timezone.utc)) - _dt.timedelta(weeks=SUGGESTED_WEEKS)).isoformat()
-    questions = suggested_questions(rt.db(), since=since, limit=MAX_PROMPTS) or list(messages.DEFAULT_PROMPTS)
+    questions = (suggested_questions(rt.db(), since=since, limit=MAX_PROMPTS, team=team)
+                 or list(messages.DEFAULT_PROMPTS))
     return [{"title": _short(q, messages.PROMPT_TITLE_CHARS), "message": q} for q in questions[:MAX_PROMPTS]]
 
 
@@ -77,7 +82,8 @@ def build_assistant(rt: BotRuntime) -> Assistant:
         save_assistant_thread_context(rt.db(), channel_id=thread["channel_id"], thread_ts=thread["thread_ts"],
                                       context=thread.get("context") or {}, user_id=thread.get("user_id"))
         set_title(messages.ASSISTANT_TITLE)
-        set_suggested_prompts(prompts=suggested_prompts(rt), title=messages.SUGGESTED_TITLE)
+        team = team_for_channel(rt.db(), (thread.get("context") or {}).get("channel_id"))
+        set_suggested_prompts(prompts=suggested_prompts(rt, team=team), title=messages.SUGGESTED_TITLE)
 
     @assistant.thread_context_changed
     def on_context_changed(payload, save_thread_context):

@@ -21,6 +21,7 @@ from store import KbloopError, StoreError
 from store.adapters import active_adapter
 from store.audit import record_audit
 from store.jobs import JobAlreadyActive, active_jobs, list_jobs
+from store.teams import list_teams, require_team
 
 log = logging.getLogger("kbloop.bot")
 
@@ -38,7 +39,8 @@ RETRAIN_ALIASES = {"from": "start_from", "lr": "learning_rate", "batch": "batch_
 
 def parse_retrain_args(text: str) -> dict:
     """`force method=lora rank=16 epochs=2` -> {"force": True, "train": {"method": "lora", "rank": 16, …}}.
-    Names are finetune.training.config.TrainConfig fields (request_retrain checks them). ValueError on bad syntax."""
+    Names are finetune.training.config.TrainConfig fields (request_retrain checks them), and `team=NAME` (the
+    team's adapter, store.teams) -> {"team": NAME}. ValueError on bad syntax."""
     params: dict = {}
     train: dict = {}
     for word in text.split():
@@ -49,6 +51,9 @@ def parse_retrain_args(text: str) -> dict:
         if not sep or not key or not raw:
             raise ValueError(f"`{word}` is not key=value")
         key = key.replace("-", "_")
+        if key == "team":
+            params["team"] = raw
+            continue
         train[RETRAIN_ALIASES.get(key, key)] = raw if key == "from" else _coerce(raw)
     if train:
         params["train"] = train
@@ -106,6 +111,11 @@ def status_text(db, *, engine=None, admin: bool = False) -> str:
         shown = [f"{label} {_fmt(metrics[key])}" for key, label in STATUS_METRICS if metrics.get(key) is not None]
         if shown:
             lines.append("Metrics: " + escape_mrkdwn(" · ".join(shown)))
+    for team in list_teams(db):  # each team's own active adapter, or the shared one it falls back to
+        own = active_adapter(db, team.name)
+        adapter = f"*{escape_mrkdwn(own.version)}* ({escape_mrkdwn(own.method)}, {own.dataset_size or 0} examples)" \
+            if own else messages.STATUS_TEAM_SHARED
+        lines.append(messages.STATUS_TEAM.format(team=escape_mrkdwn(team.name), adapter=adapter))
     jobs = active_jobs(db)
     if not jobs:
         lines.append(messages.STATUS_NO_JOBS)
@@ -145,10 +155,21 @@ def _request_retrain(db, *, requester: str, reply_channel: str | None, params: d
     return request_retrain(db, requester=requester, reply_channel=reply_channel, params=params)
 
 
-def _rollback(db, *, actor: str):
+def _rollback(db, *, actor: str, team: str | None = None):
     from finetune.registry.promotion import rollback  # records its own audit row ("rollback")
 
-    return rollback(db, actor=actor)
+    return rollback(db, actor=actor, team=team)
+
+
+def parse_rollback_args(text: str) -> str | None:
+    """`team=eng` -> "eng"; "" -> None (the shared adapter). ValueError for anything else."""
+    words = text.split()
+    if not words:
+        return None
+    key, sep, raw = words[0].partition("=")
+    if len(words) > 1 or key != "team" or not sep or not raw:
+        raise ValueError(f"`{text.strip()}` is not team=NAME")
+    return raw
 
 
 def _refuse(rt: BotRuntime, respond, command: dict, name: str) -> bool:
@@ -209,12 +230,19 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
         if _refuse(rt, respond, command, "/kb-rollback"):
             return
         try:
-            current, previous = _rollback(rt.db(), actor=command["user_id"])
+            team = parse_rollback_args(command.get("text") or "")
+        except ValueError as exc:
+            respond(text=f"{escape_mrkdwn(str(exc))}. {messages.ROLLBACK_USAGE}", response_type="ephemeral")
+            return
+        try:
+            require_team(rt.db(), team)
+            current, previous = _rollback(rt.db(), actor=command["user_id"], team=team)
         except StoreError as exc:
             respond(text=messages.rollback_failed(escape_mrkdwn(str(exc))), response_type="ephemeral")
             return
         respond(text=messages.rolled_back(escape_mrkdwn(current.version),
-                                          escape_mrkdwn(previous.version) if previous else None),
+                                          escape_mrkdwn(previous.version) if previous else None,
+                                          escape_mrkdwn(team) if team else None),
                 response_type="ephemeral")
 
     @app.command("/kb-status")

@@ -13,6 +13,10 @@ and one mention of the bot can arrive both as `app_mention` and as `message`. Ea
 event id and the (channel, ts) of the message in the store (`claim_slack_events`, persisted, so also
 across restarts); only the first claim answers. The cost of claiming before answering is at-most-once:
 a crash between the claim and the answer leaves that question unanswered rather than answered twice.
+
+Teams (store.teams): a question asked in a team's channel is the team's; in an assistant thread (a DM), the channel
+the user is looking at (the thread's context, kept in the store by bot.assistant) decides. The engine then answers
+from the shared and that team's rows only (`question_team`).
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from bot.ratelimit import QuestionRateLimiter
 from bot.streaming import AnswerStream, StreamingSupport
 from store import StoreError, local_db
 from store.interactions import (
+    assistant_thread_context,
     claim_slack_events,
     get_interaction,
     record_bot_error,
     record_vote,
     set_interaction_message,
 )
+from store.teams import team_for_channel
 
 log = logging.getLogger("kbloop.bot")
 
@@ -136,6 +142,19 @@ def render_tail(answer) -> list[dict]:
     return blocks.answer_tail(**_render_args(answer))
 
 
+def question_team(db, *, channel: str | None, thread_ts: str | None = None) -> str | None:
+    """The team a Slack question belongs to: its channel's, else (an assistant thread, or the agent view's DM) the
+    team of the channel the user is looking at; None: no team's (shared rows only)."""
+    team = team_for_channel(db, channel)
+    if team is None and channel:
+        # The thread's own context (assistant_view), else the DM's agent_view context (bot.assistant keeps it
+        # under thread_ts "agent").
+        context = ((assistant_thread_context(db, channel_id=channel, thread_ts=thread_ts) if thread_ts else None)
+                   or assistant_thread_context(db, channel_id=channel, thread_ts="agent") or {})
+        team = team_for_channel(db, context.get("channel_id"))
+    return team
+
+
 def _claim_delivery(rt: BotRuntime, body: dict, event: dict) -> bool:
     """True for the first delivery of this event and of the message it is about."""
     keys = [body["event_id"]] if body.get("event_id") else []
@@ -163,7 +182,8 @@ def _answer_in_channel(rt: BotRuntime, client, *, question: str, user: str, chan
         placeholder = client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=messages.WORKING)
         placeholder_ts = placeholder["ts"]
         answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel,
-                                  thread_ts=thread_ts, event_id=event_id)
+                                  thread_ts=thread_ts, event_id=event_id,
+                                  team=question_team(rt.db(), channel=channel, thread_ts=thread_ts))
         if answer.interaction_id is not None:  # before the update: a vote may follow at once
             set_interaction_message(rt.db(), answer.interaction_id, channel_id=channel, message_ts=placeholder_ts,
                                     thread_ts=thread_ts)
@@ -190,7 +210,8 @@ def _answer_streamed(rt: BotRuntime, client, *, question: str, user: str, channe
         rt.priority.wait_for_quiet()
         stream.start()
         answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel, thread_ts=thread_ts,
-                                  event_id=event_id, on_text=stream.feed)
+                                  event_id=event_id, on_text=stream.feed,
+                                  team=question_team(rt.db(), channel=channel, thread_ts=thread_ts))
         full_blocks, text = render_answer(answer)
         rt.priority.wait_for_quiet()
 
@@ -219,7 +240,8 @@ def _answer_streamed(rt: BotRuntime, client, *, question: str, user: str, channe
 
 def _answer_slash(rt: BotRuntime, respond, *, question: str, user: str, channel: str) -> None:
     try:
-        answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel)
+        answer = rt.engine.answer(question, source="slack", user_id=user, channel_id=channel,
+                                  team=question_team(rt.db(), channel=channel))
         answer_blocks, text = render_answer(answer)
         respond(text=text, blocks=answer_blocks, response_type="ephemeral", replace_original=False)
     except Exception as exc:  # noqa: BLE001

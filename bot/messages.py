@@ -58,7 +58,8 @@ CORRECTION_TOO_LONG = f"Please keep the correction under {CORRECTION_MAX} charac
 NOT_ADMIN = "Sorry, only kbloop admins can use `{command}`. Ask one of them, or see `/kb-status`."
 NO_ADMINS_CONFIGURED = " (No admins are configured yet: set KBLOOP_ADMINS.)"
 RETRAIN_USAGE = ("Usage: `/kb-retrain [force] [method=qlora|lora|full] [rank=N|auto] [epochs=N] "
-                 "[from=active|base|VERSION] [objective=sft|kto|dpo]`; `objective=kto` trains the active adapter on the 👍 / 👎 "
+                 "[from=active|base|VERSION] [objective=sft|kto|dpo] [team=NAME]`; `team=NAME` trains that team's "
+                 "adapter on the shared and the team's examples; `objective=kto` trains the active adapter on the 👍 / 👎 "
                  "votes, `objective=dpo` on approved corrections against the answers they replaced; the other `kbloop train` settings work the same way, e.g. "
                  "`lr=1e-4` or `max_length=512`. With no options the defaults are used.")
 RETRAIN_NO_BASE = ("`base` cannot be chosen from Slack: jobs train on the server's base model (KBLOOP_BASE_MODEL); "
@@ -88,9 +89,13 @@ def retrain_failed_to_queue(reason: str) -> str:
     return f"Could not queue a retraining job: {reason}"
 
 
-def rolled_back(from_version: str, to_version: str | None) -> str:
-    target = f"*{to_version}*" if to_version else "the base model (no adapter)"
-    return f":leftwards_arrow_with_hook: Rolled back from *{from_version}* to {target}. New answers use it now."
+def rolled_back(from_version: str, to_version: str | None, team: str | None = None) -> str:
+    target = f"*{to_version}*" if to_version else ("the shared adapter" if team else "the base model (no adapter)")
+    whose = f"team *{team}* " if team else ""
+    return f":leftwards_arrow_with_hook: Rolled back {whose}from *{from_version}* to {target}. New answers use it now."
+
+
+ROLLBACK_USAGE = "Usage: `/kb-rollback [team=NAME]`: the shared adapter, or the named team's."
 
 
 def rollback_failed(reason: str) -> str:
@@ -111,6 +116,9 @@ def job_finished(job_id: int, headline: str) -> str:
 
 STATUS_TITLE = "*kbloop status*"
 STATUS_NO_ADAPTER = "Active adapter: none (answers come from the base model)."
+# One line per team (store.teams): its own active adapter, or the shared one it falls back to.
+STATUS_TEAM = "Team *{team}*: {adapter}"
+STATUS_TEAM_SHARED = "the shared adapter"
 STATUS_NO_JOBS = "No retraining job is queued or running."
 STATUS_LAST_JOB = "Last job: "
 DETAILS_FOR_ADMINS = "details: admins in `/kb-status`, and the worker's log"

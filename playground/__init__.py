@@ -7,7 +7,7 @@ dataset, chat with and compare adapters, and (admins) retrain, promote and roll 
            config=config)
 
 The decisions live in plain functions (playground.review, .dataset, .chat, .training) that take a
-database connection and a Viewer; app.py only lays them out.
+database connection and a Viewer; each tab's `*_tab.py` lays them out, and app.py assembles the tabs.
 """
 
 from playground.auth import AdminRequired, Viewer, viewer_for

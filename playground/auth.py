@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from playground.config import PlaygroundConfig, PlaygroundError, is_loopback_host_header, is_loopback_origin
+from store.audit import record_audit
 
 log = logging.getLogger("kbloop.playground.auth")
 
@@ -58,7 +59,6 @@ def require_admin(db, viewer: Viewer, action: str, *, target: str | None = None)
     """Raise AdminRequired (and record the refusal in the audit log) unless `viewer` is an admin."""
     if viewer.is_admin:
         return
-    from store.audit import record_audit
 
     setting = "KBLOOP_PLAYGROUND_LOCAL_ADMIN" if viewer.name == LOCAL_USER else "KBLOOP_PLAYGROUND_ADMINS"
     record_audit(db, actor=f"playground:{viewer.name}", action=action, allowed=False, target=target,

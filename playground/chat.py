@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from finetune.registry.folders import adapter_objective
 from playground.auth import Viewer
 from playground.review import Outcome
 from store import StoreError
@@ -36,11 +37,10 @@ def adapter_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
     """(label, value) pairs for the compare dropdowns: active, base, then every registered version."""
     active = active_adapter(db)
     choices = [(f"active ({active.version})" if active else "active (none: base model)", ACTIVE), ("base model", BASE)]
-    from finetune.registry.folders import adapter_objective
 
     # An adapter trained on the votes says so (kto, dpo): comparing it with the one it continued is the point.
-    choices += [(f"{a.version} ({a.status}{'' if adapter_objective(a) == 'sft' else ', ' + adapter_objective(a)})",
-                 a.version) for a in reversed(list_adapters(db))]
+    choices += [(f"{a.version} ({a.status}{'' if adapter_objective(a) == 'sft' else ', ' + adapter_objective(a)}"
+                 f"{f', team {a.team}' if a.team else ''})", a.version) for a in reversed(list_adapters(db))]
     return choices
 
 
@@ -50,9 +50,11 @@ def default_candidate(db: sqlite_utils.Database) -> str | None:
     return candidates[-1].version if candidates else None
 
 
-def ask(engine, viewer: Viewer, question: str, adapters: list[str]) -> list[ChatAnswer]:
+def ask(engine, viewer: Viewer, question: str, adapters: list[str], *, team: str | None = None) -> list[ChatAnswer]:
     """Answer `question` with each adapter (concurrently: the engine batches them). Each answer is recorded
-    as an interaction with source "playground", so it can be voted on and reviewed like a Slack answer."""
+    as an interaction with source "playground", so it can be voted on and reviewed like a Slack answer.
+    `team`: ask as that team's channels would (store.teams): the shared and the team's documents and approved
+    answers, "active" being the team's adapter (else the shared one); None: as no team, shared rows only."""
     question = (question or "").strip()
     adapters = [a for a in dict.fromkeys(a for a in adapters if a)]
     if not question:
@@ -62,7 +64,7 @@ def ask(engine, viewer: Viewer, question: str, adapters: list[str]) -> list[Chat
 
     def one(adapter: str) -> ChatAnswer:
         try:
-            ans = engine.answer(question, source="playground", user_id=viewer.name, adapter=adapter)
+            ans = engine.answer(question, source="playground", user_id=viewer.name, adapter=adapter, team=team)
         except StoreError as exc:
             return ChatAnswer(adapter, adapter, f"Could not answer with {adapter}: {exc}", [], None, 0, "error")
         label = "approved answer" if ans.verified else ans.adapter_version or "base model"

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from kbloop.settings import check_playground_password
 from store.errors import KbloopError
 
 
@@ -38,8 +39,6 @@ class PlaygroundConfig:
     login_backoff_max_s: float = 300.0
 
     def __post_init__(self) -> None:
-        from kbloop.settings import check_playground_password
-
         for user, password in self.auth:
             try:
                 check_playground_password(user, password)

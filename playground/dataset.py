@@ -24,16 +24,19 @@ from store.examples import (
 from store.formats import EXPORT_FORMATS, ImportFileError, import_examples, write_export
 from store.interactions import feedback_stats
 
-TABLE_COLUMNS = ["id", "question", "answer", "source", "reviewer", "reviewed_at"]
+TABLE_COLUMNS = ["id", "question", "answer", "source", "reviewer", "reviewed_at", "team"]
 
 
-def examples_table(db: sqlite_utils.Database, *, search: str = "", status: str = "approved", limit: int = 500) -> pd.DataFrame:
-    """The examples (approved by default) matching `search`, newest first."""
+def examples_table(db: sqlite_utils.Database, *, search: str = "", status: str = "approved", limit: int = 500,
+                   team: str | None = None) -> pd.DataFrame:
+    """The examples (approved by default) matching `search`, newest first. `team`: only that team's
+    (store.teams.SHARED: the shared ones); None or "": every team's. The team column is empty for shared ones."""
     status = status if status in STATUSES else None
-    rows = list_examples(db, status=status, search=search.strip() or None)
+    rows = list_examples(db, status=status, search=search.strip() or None, team=team or None)
     rows = sorted(rows, key=lambda e: e.id, reverse=True)[:limit]
     return pd.DataFrame([{"id": e.id, "question": e.question, "answer": e.answer, "source": e.source,
-                          "reviewer": e.reviewer or "", "reviewed_at": (e.reviewed_at or "")[:19]} for e in rows],
+                          "reviewer": e.reviewer or "", "reviewed_at": (e.reviewed_at or "")[:19],
+                          "team": e.team or ""} for e in rows],
                         columns=TABLE_COLUMNS)
 
 

@@ -1,6 +1,6 @@
 """Review tab handlers: the queue of voted answers and pending examples, and the curator's decisions.
 
-Pure functions over a database connection and a Viewer; the Gradio layer (app.py) only wires them up.
+Pure functions over a database connection and a Viewer; the Gradio layer (review_tab.py) only wires them up.
 Queue items are keyed "i:<interaction id>" (an answer with votes / corrections) or "e:<example id>" (a
 pending example with no answer behind it, e.g. imported with --status pending).
 

@@ -12,12 +12,13 @@ HEADERS = ["#", "title", "document", "score", "covers", "BM25", "similarity", "l
 PASSAGE_CHARS = 200
 
 
-def search(db: sqlite_utils.Database, question: str, *, k: int = 5) -> tuple[list[list], str]:
-    """(table rows, a line under the table) for `question`."""
+def search(db: sqlite_utils.Database, question: str, *, k: int = 5, team: str | None = None) -> tuple[list[list], str]:
+    """(table rows, a line under the table) for `question`, as a question of `team` gets them (store.teams: the
+    shared and the team's passages; None: as no team, shared passages only)."""
     question = (question or "").strip()
     if not question:
         return [], "Type a question, as an employee would ask it."
-    results = retrieve_scored(db, question, k=k)
+    results = retrieve_scored(db, question, k=k, team=team)
     if not results:
         return [], not_covered_line(question)
     rows = []

@@ -10,10 +10,17 @@ from __future__ import annotations
 import pandas as pd
 import sqlite_utils
 
+from finetune.jobs.protocol import JobProgress
+from finetune.jobs.queue import describe_job, request_retrain
+from finetune.registry.folders import adapter_objective
+from finetune.registry.promotion import promote as registry_promote
+from finetune.registry.promotion import rollback as registry_rollback
+from finetune.registry.promotion import stored_verdict
 from playground.auth import AdminRequired, Viewer, require_admin
 from playground.review import Outcome
 from store import KbloopError, StoreError
 from store.adapters import active_adapter, get_adapter, list_adapters
+from store.audit import record_audit
 from store.jobs import JobAlreadyActive, active_jobs, get_job, list_jobs, request_cancel, train_steps
 
 JOB_COLUMNS = ["id", "status", "requester", "phase", "step", "loss", "created_at", "finished_at", "error"]
@@ -27,8 +34,6 @@ def _actor(viewer: Viewer) -> str:
 
 def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = False, overrides: dict | None = None) -> Outcome:
     """Queue a retraining job (refused while one is queued or running: it says which)."""
-    from finetune.jobs.queue import describe_job, request_retrain
-
     try:
         require_admin(db, viewer, "start_retraining")
         params: dict = {"force": True} if force else {}
@@ -39,7 +44,6 @@ def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = Fa
         return Outcome(False, f"Not queued: {describe_job(exc.job)}.")
     except KbloopError as exc:  # not an admin, a bad setting, a database problem
         return Outcome(False, f"Not queued: {exc}")
-    from store.audit import record_audit
 
     record_audit(db, actor=_actor(viewer), action="retrain", allowed=True, target=str(job.id), detail=params)
     return Outcome(True, f"Job {job.id} queued; a worker (`kbloop worker` or `kbloop serve`) will run it.")
@@ -56,7 +60,6 @@ def cancel_job(db: sqlite_utils.Database, viewer: Viewer, job_id: int | str | No
         job = request_cancel(db, int(job_id))
     except (AdminRequired, StoreError, ValueError) as exc:
         return Outcome(False, f"Not cancelled: {exc}")
-    from store.audit import record_audit
 
     record_audit(db, actor=_actor(viewer), action="cancel", allowed=True, target=str(job.id))
     state = "cancelled" if job.status == "cancelled" else "asked to stop"
@@ -64,8 +67,6 @@ def cancel_job(db: sqlite_utils.Database, viewer: Viewer, job_id: int | str | No
 
 
 def jobs_frame(db: sqlite_utils.Database, *, limit: int = 20) -> pd.DataFrame:
-    from finetune.jobs.protocol import JobProgress
-
     rows = []
     for j in list_jobs(db, limit=limit):
         p = JobProgress.from_dict(j.progress) if j.progress else None
@@ -84,8 +85,6 @@ def current_job_id(db: sqlite_utils.Database) -> int | None:
 
 
 def progress_markdown(db: sqlite_utils.Database, job_id: int | None) -> str:
-    from finetune.jobs.queue import describe_job
-
     if job_id is None:
         return "No training job yet."
     job = get_job(db, job_id)
@@ -101,7 +100,6 @@ def progress_markdown(db: sqlite_utils.Database, job_id: int | None) -> str:
 def progress_fraction(db: sqlite_utils.Database, job_id: int | None) -> float:
     if job_id is None:
         return 0.0
-    from finetune.jobs.protocol import JobProgress
 
     p = JobProgress.from_dict(get_job(db, job_id).progress)
     return min(1.0, (p.step or 0) / p.total) if p.total else 0.0
@@ -115,8 +113,6 @@ def loss_frame(db: sqlite_utils.Database, job_id: int | None) -> pd.DataFrame:
 
 
 def adapters_frame(db: sqlite_utils.Database) -> pd.DataFrame:
-    from finetune.registry.folders import adapter_objective
-
     def pct(v):
         return round(100 * v, 1) if isinstance(v, (int, float)) else None
 
@@ -136,7 +132,6 @@ def verdict_markdown(db: sqlite_utils.Database, version: str | None) -> str:
     if not version:
         active = active_adapter(db)
         return f"Active adapter: **{active.version}**." if active else "No adapter is active: the bot answers with the base model."
-    from finetune.registry.promotion import stored_verdict
 
     try:
         adapter = get_adapter(db, version)
@@ -152,8 +147,6 @@ def verdict_markdown(db: sqlite_utils.Database, version: str | None) -> str:
 
 def promote(db: sqlite_utils.Database, viewer: Viewer, version: str | None, *, force: bool = False) -> Outcome:
     """Make `version` active if the gate passes (or an admin forces it); the bot switches without a restart."""
-    from finetune.registry.promotion import promote as registry_promote
-
     try:
         require_admin(db, viewer, "promote", target=version)
         if not version:
@@ -167,8 +160,6 @@ def promote(db: sqlite_utils.Database, viewer: Viewer, version: str | None, *, f
 
 
 def rollback(db: sqlite_utils.Database, viewer: Viewer) -> Outcome:
-    from finetune.registry.promotion import rollback as registry_rollback
-
     try:
         require_admin(db, viewer, "roll_back")
         current, previous = registry_rollback(db, actor=_actor(viewer))

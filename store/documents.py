@@ -20,6 +20,7 @@ from pathlib import Path
 from store.db import StoreError
 from store.kb import NewPassage
 from store.sensitive import describe, find_sensitive, line_of
+from store.teams import require_team
 from store.text import CJK_TEXT_END
 
 KB_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm")
@@ -186,7 +187,8 @@ def document_passages(path: Path, doc_path: str, *, max_chars: int = 700, text: 
             for i, chunk in enumerate(chunk_text(title, text, max_chars=max_chars))]
 
 
-def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, max_chars: int = 700) -> DocumentImport:
+def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, max_chars: int = 700,
+                     team: str | None = None) -> DocumentImport:
     """Read every document under `paths`, then store them.
 
     All files are parsed and scanned before anything is written: one bad document stops the import with nothing
@@ -195,9 +197,11 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
     documents publish role mailboxes and hotlines by design.
     Each passage's `doc_path` is relative to the folder given (or the file's own folder). `max_chars`: the
     passage size (700 ranks best of 350, 700 and 1,200: bench/retrieval_recall.py --chunking).
+    `team`: the documents belong to that team (it must exist; store.teams), None: shared.
     """
     from store.kb import replace_document
 
+    team = require_team(db, team)
     skipped: list[str] = []
     files = find_kb_files(paths, skipped)
     if not files:
@@ -215,5 +219,5 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
         raise StoreError("\n".join([f"{line} (secret or personal data)" for line in flagged] + [
             f"nothing imported: {len(flagged)} finding(s) in the documents; remove them, or import with "
             "--allow-sensitive if they belong in the knowledge base"]))
-    changed = sum(replace_document(db, passages[0].doc_path, passages)[1] for passages in parsed)
+    changed = sum(replace_document(db, passages[0].doc_path, passages, team=team)[1] for passages in parsed)
     return DocumentImport(len(files), changed, tuple(skipped), tuple(notices + (flagged if allow_sensitive else [])))

@@ -10,6 +10,7 @@ import sqlite_utils
 
 from store.db import StoreError, write_transaction
 from store.sensitive import Finding, blocking, describe, find_sensitive_in
+from store.teams import require_team, team_filter, visible_to
 from store.text import content_hash, now
 
 STATUSES = ("pending", "approved", "rejected")
@@ -40,6 +41,7 @@ class Example:
     updated_at: str
     disputes_example_id: int | None = None  # a correction of a question that already had this example
     sensitive_confirmed: str | None = None  # confirmation_hash of a flagged text someone approved anyway
+    team: str | None = None  # None: shared (store.teams)
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,11 @@ def _row(row: dict) -> Example:
     return Example(**{k: row[k] for k in Example.__dataclass_fields__})
 
 
-def example_hash(question: str, input: str = "") -> str:
-    # One example per question (+ input): a second answer to the same question is an edit, not a new row.
-    return content_hash(question, input)
+def example_hash(question: str, input: str = "", team: str | None = None) -> str:
+    # One example per question (+ input) per team: a second answer to the same question is an edit, not a new row;
+    # two teams (or a team and the shared set) may each answer the same question their own way.
+    digest = content_hash(question, input)
+    return digest if team is None else f"{digest}@{team}"
 
 
 def example_problems(question: str, answer: str, input: str = "") -> list[str]:
@@ -98,14 +102,17 @@ def withheld_reason(ex: Example) -> str | None:
 
 def add_examples(
     db: sqlite_utils.Database, examples: list[NewExample], *, status: str = "approved", source: str = "import",
-    reviewer: str | None = None, sensitive_ok: bool = False,
+    reviewer: str | None = None, sensitive_ok: bool = False, team: str | None = None,
 ) -> tuple[int, int]:
     """Insert examples in one transaction, skipping questions already present. Returns (added, duplicates).
 
     Approved examples holding secrets or identity numbers are refused unless `sensitive_ok` (a person confirmed
     them; recorded, so training start keeps them); import them as pending to review them instead.
+    `team`: they belong to that team (it must exist), None: shared. A duplicate is a question the same team (or
+    the shared set) already has.
     """
     _check(status, STATUSES, "status")
+    team = require_team(db, team)
     _check(source, SOURCES, "source")
     for n, ex in enumerate(examples, start=1):
         check_example_text(ex.question, ex.answer, ex.input, what=f"example {n} ({_short(ex.question)})")
@@ -124,10 +131,10 @@ def add_examples(
         for n, ex in enumerate(examples, start=1):
             cur = db.execute(
                 """INSERT INTO examples (question, input, answer, status, source, content_hash, reviewer,
-                   reviewed_at, sensitive_confirmed, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+                   reviewed_at, sensitive_confirmed, team, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT(content_hash) DO NOTHING""",
-                [ex.question, ex.input or "", ex.answer, status, source, example_hash(ex.question, ex.input),
-                 reviewer, stamp if status != "pending" else None, confirmed.get(n), stamp, stamp],
+                [ex.question, ex.input or "", ex.answer, status, source, example_hash(ex.question, ex.input, team),
+                 reviewer, stamp if status != "pending" else None, confirmed.get(n), team, stamp, stamp],
             )
             added += cur.rowcount
     return added, len(examples) - added
@@ -140,9 +147,10 @@ def _short(text: str, width: int = 60) -> str:
 
 def add_pending_correction(
     db: sqlite_utils.Database, *, interaction_id: int, question: str, corrected_answer: str, rejected_answer: str,
-    source: str = "feedback",
+    source: str = "feedback", team: str | None = None,
 ) -> int:
-    """A correction from a 👎 becomes (or updates) a pending example tied to its interaction.
+    """A correction from a 👎 becomes (or updates) a pending example tied to its interaction, of the interaction's
+    `team` (feedback from a team's channel belongs to that team).
 
     When the question (case and spacing aside) already has an example, the correction is its own pending item
     pointing at that example (`disputes_example_id`): a curator's approved answer stays approved, keeps training and
@@ -159,7 +167,7 @@ def add_pending_correction(
                 [corrected_answer, rejected_answer, stamp, row[0]],
             )
             return row[0]
-        h = example_hash(question, "")
+        h = example_hash(question, "", team)
         existing = db.execute("SELECT id FROM examples WHERE content_hash = ?", [h]).fetchone()
         disputes = existing[0] if existing else None
         # The question's own hash belongs to the disputed example until the correction is approved; until then
@@ -167,9 +175,9 @@ def add_pending_correction(
         own_hash = h if disputes is None else f"{h}:correction:{interaction_id}"
         cur = db.execute(
             """INSERT INTO examples (question, input, answer, status, source, interaction_id, rejected_answer,
-               content_hash, disputes_example_id, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+               content_hash, disputes_example_id, team, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
             [question, "", corrected_answer, "pending", source, interaction_id, rejected_answer, own_hash, disputes,
-             stamp, stamp],
+             team, stamp, stamp],
         )
         return cur.lastrowid
 
@@ -183,9 +191,14 @@ def get_example(db: sqlite_utils.Database, example_id: int) -> Example:
 
 def list_examples(
     db: sqlite_utils.Database, *, status: str | None = None, source: str | None = None, search: str | None = None,
-    limit: int | None = None, offset: int = 0,
+    limit: int | None = None, offset: int = 0, team: str | None = None,
 ) -> list[Example]:
+    """Examples, filtered; `team`: only that team's (store.teams.SHARED: the shared ones); None: every team's."""
     where, args = [], []
+    if team:
+        condition, team_args = team_filter(team)
+        where.append(condition)
+        args += team_args
     if status:
         _check(status, STATUSES, "status")
         where.append("status = ?")
@@ -231,7 +244,7 @@ def review_example(
             "answer": new_answer,
             "question": new_question,
         }
-        canonical = example_hash(new_question, current.input)
+        canonical = example_hash(new_question, current.input, current.team)
         if new_question != current.question or decision == "approved":
             updates["content_hash"] = canonical
         if decision == "approved":
@@ -267,6 +280,27 @@ def _retire_disputed(db: sqlite_utils.Database, example_id: int, canonical: str,
     )
 
 
+def set_example_team(db: sqlite_utils.Database, example_id: int, team: str | None) -> Example:
+    """Move an example to `team` (it must exist) or make it shared (None). Refused when the target already has an
+    example with the same question: merge them instead."""
+    with write_transaction(db):
+        team = require_team(db, team)
+        current = get_example(db, example_id)
+        if current.team == team:
+            return current
+        updates = {"team": team, "updated_at": now()}
+        if current.disputes_example_id is None or current.status == "approved":  # a pending correction keeps its own
+            updates["content_hash"] = example_hash(current.question, current.input, team)
+            holder = db.execute("SELECT id FROM examples WHERE content_hash = ? AND id != ?",
+                                [updates["content_hash"], example_id]).fetchone()
+            if holder:
+                whose = f"team {team!r}" if team else "the shared set"
+                raise StoreError(f"{whose} already has an example asking {current.question!r} (#{holder[0]}); "
+                                 "merge instead")
+        db["examples"].update(example_id, updates)
+    return get_example(db, example_id)
+
+
 def disputed_example(db: sqlite_utils.Database, example: Example) -> Example | None:
     """The example a pending correction disputes (approved, usually), or None for an ordinary example."""
     if example.disputes_example_id is None:
@@ -297,19 +331,23 @@ def update_example(db: sqlite_utils.Database, example_id: int, *, question: str 
         check_example_text(q, a, i, what=f"example #{example_id}")
         updates = {"question": q, "input": i, "answer": a, "updated_at": now()}
         if (q, i) != (cur.question, cur.input):  # a pending correction keeps its own hash until approved
-            updates["content_hash"] = example_hash(q, i)
+            updates["content_hash"] = example_hash(q, i, cur.team)
         db["examples"].update(example_id, updates)
     return get_example(db, example_id)
 
 
-def training_examples(db: sqlite_utils.Database) -> tuple[list[Example], list[tuple[Example, str]]]:
-    """(the approved examples that may train, [(approved example left out, why)]).
+def training_examples(db: sqlite_utils.Database, *, team: str | None = None
+                      ) -> tuple[list[Example], list[tuple[Example, str]]]:
+    """(the approved examples that may train the adapter of `team` (the shared ones and the team's; None: the
+    shared adapter, shared ones only), [(approved example left out, why)]).
 
     Left out: flagged text (secrets, identity or payment numbers) that nobody confirmed since it was last edited —
     approved before the scan existed, or through a path that did not scan, or caught by a better detector since.
     """
     keep, withheld = [], []
-    for ex in list_examples(db, status="approved"):
+    visible, args = visible_to(team)
+    for ex in [_row(r) for r in db.query(f"SELECT * FROM examples WHERE status = 'approved' AND {visible} ORDER BY id",
+                                         args)]:
         reason = withheld_reason(ex)
         if reason:
             withheld.append((ex, reason))
@@ -318,10 +356,10 @@ def training_examples(db: sqlite_utils.Database) -> tuple[list[Example], list[tu
     return keep, withheld
 
 
-def approved_snapshot(db: sqlite_utils.Database) -> tuple[list[Example], str]:
-    """The approved examples that may train (`training_examples`), in a stable order, and a hash that changes
-    whenever any of them does."""
-    examples, _ = training_examples(db)
+def approved_snapshot(db: sqlite_utils.Database, *, team: str | None = None) -> tuple[list[Example], str]:
+    """The approved examples that may train the adapter of `team` (`training_examples`), in a stable order, and a
+    hash that changes whenever any of them does."""
+    examples, _ = training_examples(db, team=team)
     digest = hashlib.sha256()
     for ex in examples:
         digest.update(json.dumps([ex.id, ex.question, ex.input, ex.answer], ensure_ascii=False).encode())

@@ -37,6 +37,7 @@ from store.examples import (
 from store.files import atomic_path
 from store.interactions import labelled_answers, preference_pairs
 from store.sensitive import describe, find_sensitive_in
+from store.teams import require_team
 
 # The longest CSV field read at all: the largest text an example may hold, with room for quoting. Python's csv
 # stops at 128 KiB by default with an exception that names no line.
@@ -228,8 +229,10 @@ def scan_imported(path: Path | str, imported: ImportedFile) -> tuple[list[str], 
 
 
 def import_examples(db: sqlite_utils.Database, path: Path | str, *, status: str = "approved", reviewer: str | None = None,
-                    question_field: str | None = None, answer_field: str | None = None) -> ImportResult:
+                    question_field: str | None = None, answer_field: str | None = None,
+                    team: str | None = None) -> ImportResult:
     """Read, validate and scan a file, then add its examples in one transaction (the CLI's and the playground's import).
+    `team`: the examples belong to that team (it must exist; store.teams), None: shared.
 
     Rows whose texts hold secrets or identity or payment numbers are never approved silently: importing as approved,
     the file is refused whole with `FILE:LINE: reason` for each; importing as pending, they are held for review,
@@ -237,13 +240,14 @@ def import_examples(db: sqlite_utils.Database, path: Path | str, *, status: str 
     """
     if status not in ("approved", "pending"):
         raise StoreError(f"status must be approved or pending, not {status!r}")
+    require_team(db, team)  # before reading: a misspelt team is the first thing to say
     imported = read_examples_file(path, question_field=question_field, answer_field=answer_field)
     flagged, notices = scan_imported(path, imported)
     if flagged and status == "approved":
         raise ImportFileError(flagged + [f"{path}: nothing imported: {len(flagged)} row(s) hold secrets or personal "
                                          "data; redact them, or import with --status pending to review them"])
     added, dupes = add_examples(db, imported.examples, status=status, source="import",
-                                reviewer=reviewer if status == "approved" else None)
+                                reviewer=reviewer if status == "approved" else None, team=team)
     return ImportResult(added, dupes, imported.description, status, held=tuple(flagged), notices=tuple(notices))
 
 
@@ -376,15 +380,16 @@ def _read_text(path: Path) -> str:
         raise StoreError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
 
 
-def export_records(db: sqlite_utils.Database, fmt: str) -> tuple[list[dict], int]:
-    """(records, how many were left out because the scan flagged them and nobody confirmed them)."""
+def export_records(db: sqlite_utils.Database, fmt: str, *, team: str | None = None) -> tuple[list[dict], int]:
+    """(records, how many were left out because the scan flagged them and nobody confirmed them). `team`: what
+    trains that team's adapter, the shared and the team's rows (store.teams); None: the shared adapter's."""
     if fmt not in EXPORT_FORMATS:
         raise StoreError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "dpo":
-        return preference_pairs(db)
+        return preference_pairs(db, team=team)
     if fmt == "kto":
-        return labelled_answers(db)
-    examples, withheld = training_examples(db)
+        return labelled_answers(db, team=team)
+    examples, withheld = training_examples(db, team=team)
     if fmt == "sft":
         return [{"instruction": e.question, "input": e.input, "output": e.answer} for e in examples], len(withheld)
     return [{"messages": [
@@ -393,9 +398,10 @@ def export_records(db: sqlite_utils.Database, fmt: str) -> tuple[list[dict], int
     ]} for e in examples], len(withheld)
 
 
-def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str) -> tuple[int, int]:
-    """Write `fmt` records as JSONL to `out`; returns (written, left out as flagged by the scan)."""
-    records, left_out = export_records(db, fmt)
+def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str, *, team: str | None = None) -> tuple[int, int]:
+    """Write `fmt` records as JSONL to `out` (`team`: export_records); returns (written, left out as flagged)."""
+    require_team(db, team)
+    records, left_out = export_records(db, fmt, team=team)
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")

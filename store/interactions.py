@@ -10,6 +10,7 @@ import sqlite_utils
 from store.db import StoreError, write_transaction
 from store.examples import add_pending_correction, blocking_findings, check_example_text, confirmation_hash
 from store.sensitive import describe
+from store.teams import team_filter, visible_to
 from store.text import now
 
 
@@ -29,6 +30,7 @@ class Interaction:
     latency_ms: int | None
     created_at: str
     verified_example_id: int | None = None  # the approved example it repeated (a verified answer)
+    team: str | None = None  # the team whose channel it was asked in; None: shared (store.teams)
 
 
 @dataclass(frozen=True)
@@ -52,15 +54,15 @@ def record_interaction(
     db: sqlite_utils.Database, *, question: str, answer: str, source: str, sources: list[dict] | None = None,
     adapter_version: str | None = None, latency_ms: int | None = None, user_id: str | None = None,
     channel_id: str | None = None, thread_ts: str | None = None, message_ts: str | None = None,
-    event_id: str | None = None, verified_example_id: int | None = None,
+    event_id: str | None = None, verified_example_id: int | None = None, team: str | None = None,
 ) -> int:
     with write_transaction(db):
         cur = db.execute(
             """INSERT INTO interactions (question, answer, source, user_id, channel_id, thread_ts, message_ts,
-               event_id, adapter_version, sources, latency_ms, verified_example_id, created_at)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+               event_id, adapter_version, sources, latency_ms, verified_example_id, team, created_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
             [question, answer, source, user_id, channel_id, thread_ts, message_ts, event_id, adapter_version,
-             json.dumps(sources or [], ensure_ascii=False), latency_ms, verified_example_id, now()],
+             json.dumps(sources or [], ensure_ascii=False), latency_ms, verified_example_id, team, now()],
         )
         return cur.lastrowid
 
@@ -131,6 +133,7 @@ def record_vote(
             add_pending_correction(
                 db, interaction_id=interaction_id, question=interaction.question, corrected_answer=correction,
                 rejected_answer=interaction.answer, source="feedback" if source == "slack" else "playground",
+                team=interaction.team,
             )
         row = db.execute(
             "SELECT interaction_id, user_id, vote, correction, source, created_at, updated_at FROM feedback "
@@ -174,15 +177,18 @@ class CorrectionPair:
     rejected_answer: str
 
 
-def correction_pairs(db: sqlite_utils.Database) -> tuple[list[CorrectionPair], int]:
+def correction_pairs(db: sqlite_utils.Database, *, team: str | None = None) -> tuple[list[CorrectionPair], int]:
     """Corrections that a curator approved, with the answer each replaced: DPO data. Returns (pairs, left out).
+    `team`: those that may train that team's adapter (shared and the team's; None: shared ones only).
 
     The rejected side is the bot's answer as Slack got it, never reviewed: a pair whose texts hold secrets or
     identity numbers is left out (unless a curator confirmed exactly these texts)."""
     pairs, left_out = [], 0
+    visible, args = visible_to(team)
     for r in db.query(
-        """SELECT id, interaction_id, question, input, answer, rejected_answer, sensitive_confirmed FROM examples
-           WHERE status = 'approved' AND rejected_answer IS NOT NULL AND rejected_answer != answer ORDER BY id"""):
+        f"""SELECT id, interaction_id, question, input, answer, rejected_answer, sensitive_confirmed FROM examples
+           WHERE status = 'approved' AND rejected_answer IS NOT NULL AND rejected_answer != answer AND {visible}
+           ORDER BY id""", args):
         confirmed = r["sensitive_confirmed"] == confirmation_hash(r["question"], r["input"], r["answer"])
         if blocking_findings(r["question"], r["rejected_answer"]) or (
                 blocking_findings(r["question"], r["answer"], r["input"]) and not confirmed):
@@ -193,10 +199,10 @@ def correction_pairs(db: sqlite_utils.Database) -> tuple[list[CorrectionPair], i
     return pairs, left_out
 
 
-def preference_pairs(db: sqlite_utils.Database) -> tuple[list[dict], int]:
+def preference_pairs(db: sqlite_utils.Database, *, team: str | None = None) -> tuple[list[dict], int]:
     """(prompt, chosen, rejected) from corrections that a curator approved: DPO data. Returns (rows, left out).
-    The selection is `correction_pairs`'s, the one `kbloop train --objective dpo` uses."""
-    pairs, left_out = correction_pairs(db)
+    The selection is `correction_pairs`'s, the one `kbloop train --objective dpo [--team T]` uses."""
+    pairs, left_out = correction_pairs(db, team=team)
     return [{"prompt": p.question, "chosen": p.answer, "rejected": p.rejected_answer} for p in pairs], left_out
 
 
@@ -214,8 +220,11 @@ class LabelledAnswer:
     example_id: int | None = None  # the example the interaction's correction became (latest), if any
 
 
-def voted_answers(db: sqlite_utils.Database, *, corrections: bool = False) -> tuple[list[LabelledAnswer], int]:
+def voted_answers(db: sqlite_utils.Database, *, corrections: bool = False,
+                  team: str | None = None) -> tuple[list[LabelledAnswer], int]:
     """Votes on answers, latest vote per user, in vote order, and how many were left out. Returns (rows, left out).
+    `team`: votes on the answers that may train that team's adapter (asked in no team's channel, or in the
+    team's; None: the shared adapter's, no team's).
 
     Left out: votes on an answer a curator rejected (the review queue's status "rejected": the answer, or the
     correction it became, was rejected; a correction merged into another example is not a rejection), and texts
@@ -227,6 +236,7 @@ def voted_answers(db: sqlite_utils.Database, *, corrections: bool = False) -> tu
     rows: list[LabelledAnswer] = []
     left_out = 0
     corrected: set[int] = set()
+    visible, args = visible_to(team, "i.team")
     for r in db.query(
             """SELECT f.vote, f.correction, i.id AS interaction_id, i.question, i.answer, e.id AS example_id,
                       e.status AS example_status, e.note AS example_note, e.question AS example_question,
@@ -235,7 +245,8 @@ def voted_answers(db: sqlite_utils.Database, *, corrections: bool = False) -> tu
                FROM feedback f JOIN interactions i ON i.id = f.interaction_id
                LEFT JOIN examples e ON e.id = (SELECT MAX(x.id) FROM examples x WHERE x.interaction_id = i.id)
                LEFT JOIN interaction_reviews r ON r.interaction_id = i.id
-               ORDER BY f.id"""):
+               WHERE {visible}
+               ORDER BY f.id""".format(visible=visible), args):
         # The review queue's status (review_items), without its aggregation: the example's, else the decision.
         merged = r["example_status"] == "rejected" and (r["example_note"] or "").startswith("merged into ")
         status = "merged" if merged else (r["example_status"] or r["review_decision"])
@@ -260,10 +271,11 @@ def voted_answers(db: sqlite_utils.Database, *, corrections: bool = False) -> tu
     return rows, left_out
 
 
-def labelled_answers(db: sqlite_utils.Database) -> tuple[list[dict], int]:
+def labelled_answers(db: sqlite_utils.Database, *, team: str | None = None) -> tuple[list[dict], int]:
     """(prompt, completion, label) per vote on an answer: KTO data (👍 true, 👎 false). Latest vote per user.
-    Returns (rows, left out); the selection is `voted_answers`'s, the one `kbloop train --objective kto` uses."""
-    votes, left_out = voted_answers(db)
+    Returns (rows, left out); the selection is `voted_answers`'s, the one `kbloop train --objective kto [--team T]`
+    uses."""
+    votes, left_out = voted_answers(db, team=team)
     return [{"prompt": v.question, "completion": v.answer, "label": v.desirable} for v in votes], left_out
 
 
@@ -275,9 +287,10 @@ REVIEW_STATUSES = ("to_review", "unreviewed", "pending", "approved", "rejected",
 def review_items(
     db: sqlite_utils.Database, *, vote: str | None = None, status: str | None = None, channel_id: str | None = None,
     since: str | None = None, until: str | None = None, search: str | None = None, interaction_id: int | None = None,
-    limit: int = 200,
+    limit: int = 200, team: str | None = None,
 ) -> list[dict]:
     """Answers with votes or corrections, filtered, 👎 and not-yet-reviewed first.
+    `team`: only that team's answers (store.teams.SHARED: those of no team); None: every team's.
 
     Each row: the interaction's columns, `up`, `down`, `corrections` (list), `example_id`, `example_status`,
     `example_answer`, `review_decision`, `reviewer`, and `status`: the example's status when the answer
@@ -305,6 +318,10 @@ def review_items(
     if channel_id:
         where.append("channel_id = ?")
         args.append(channel_id)
+    if team:
+        condition, team_args = team_filter(team)
+        where.append(condition)
+        args += team_args
     if since:
         where.append("created_at >= ?")
         args.append(since)
@@ -376,9 +393,10 @@ def approve_interaction(
     db: sqlite_utils.Database, interaction_id: int, *, reviewer: str, answer: str, question: str | None = None,
     sensitive_ok: bool = False,
 ) -> int:
-    """Turn a voted answer (with no example yet) into an approved example; returns the example id.
+    """Turn a voted answer (with no example yet) into an approved example of the answer's team (store.teams);
+    returns the example id.
 
-    Refuses when the question is already an example: that is a merge, not a second row. Text holding secrets or
+    Refuses when the question is already an example (of the same team): that is a merge, not a second row. Text holding secrets or
     identity numbers needs `sensitive_ok` (the curator confirmed it).
     """
     from store.examples import example_hash
@@ -395,17 +413,17 @@ def approve_interaction(
         if found and not sensitive_ok:
             raise StoreError(f"answer #{interaction_id} contains {describe(found)}: redact it, or confirm that it may "
                              "train (“approve anyway”)")
-        h = example_hash(q, "")
+        h = example_hash(q, "", interaction.team)
         existing = db.execute("SELECT id FROM examples WHERE content_hash = ?", [h]).fetchone()
         if existing:
             raise StoreError(f"example #{existing[0]} already asks {q!r}; merge into it instead")
         cur = db.execute(
             """INSERT INTO examples (question, input, answer, status, source, interaction_id, rejected_answer,
-               content_hash, reviewer, reviewed_at, sensitive_confirmed, created_at, updated_at)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+               content_hash, reviewer, reviewed_at, sensitive_confirmed, team, created_at, updated_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
             [q, "", answer, "approved", "playground", interaction_id,
              interaction.answer if answer != interaction.answer.strip() else None, h, reviewer, stamp,
-             confirmation_hash(q, "", answer) if found else None, stamp, stamp],
+             confirmation_hash(q, "", answer) if found else None, interaction.team, stamp, stamp],
         )
         example_id = cur.lastrowid
         record_interaction_review(db, interaction_id, decision="approved", reviewer=reviewer, example_id=example_id)
@@ -484,21 +502,23 @@ def thread_interactions(db: sqlite_utils.Database, *, channel_id: str, thread_ts
     return [_interaction(r) for r in db.query(sql + " ORDER BY id", args)]
 
 
-def suggested_questions(db: sqlite_utils.Database, *, since: str, limit: int = 4) -> list[str]:
+def suggested_questions(db: sqlite_utils.Database, *, since: str, limit: int = 4, team: str | None = None) -> list[str]:
     """Questions to suggest when an assistant thread starts: asked since `since` (an ISO time), the most
     asked and the most 👍'd alternately, each once (compared without case or surrounding spaces), in the words
     most recently used. Questions whose answers got more 👎 than 👍 are left out: they would suggest a
-    bad answer. Empty when nothing was asked."""
+    bad answer. Empty when nothing was asked. `team`: questions asked in no team's channel or in that team's
+    (store.teams): another team's questions are never suggested."""
+    visible, args = visible_to(team, "i.team")
     rows = list(db.query(
         """WITH asked AS (
              SELECT lower(trim(i.question)) AS key, COUNT(DISTINCT i.id) AS asked, MAX(i.id) AS last_id,
                COALESCE(SUM(CASE WHEN f.vote = 1 THEN 1 ELSE 0 END), 0) AS up,
                COALESCE(SUM(CASE WHEN f.vote = -1 THEN 1 ELSE 0 END), 0) AS down
              FROM interactions i LEFT JOIN feedback f ON f.interaction_id = i.id
-             WHERE i.created_at >= ? AND trim(i.question) != ''
+             WHERE i.created_at >= ? AND trim(i.question) != '' AND {visible}
              GROUP BY key)
            SELECT a.asked, a.up, a.down, i.question FROM asked a JOIN interactions i ON i.id = a.last_id
-           WHERE a.up >= a.down""", [since]))
+           WHERE a.up >= a.down""".format(visible=visible), [since, *args]))
     by_asked = sorted(rows, key=lambda r: (-r["asked"], -r["up"], r["question"]))
     by_up = sorted((r for r in rows if r["up"] > 0), key=lambda r: (-r["up"], -r["asked"], r["question"]))
     out: list[str] = []

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from store.db import write_transaction
+from store.teams import visible_to
 from store.text import content_hash, fts_query, now, search_text
 
 
@@ -19,6 +20,7 @@ class Passage:
     title: str
     chunk_index: int
     content: str
+    team: str | None = None  # None: shared (store.teams)
 
 
 @dataclass(frozen=True)
@@ -30,20 +32,23 @@ class NewPassage:
 
 
 def _row_to_passage(row: dict) -> Passage:
-    return Passage(row["id"], row["doc_path"], row["title"], row["chunk_index"], row["content"])
+    return Passage(row["id"], row["doc_path"], row["title"], row["chunk_index"], row["content"], row["team"])
 
 
-def replace_document(db: sqlite_utils.Database, doc_path: str, passages: list[NewPassage]) -> tuple[int, bool]:
-    """Store a document's passages, replacing an older version of the same document.
+def replace_document(db: sqlite_utils.Database, doc_path: str, passages: list[NewPassage], *,
+                     team: str | None = None) -> tuple[int, bool]:
+    """Store a document's passages, replacing an older version of the same document of the same team (`team`
+    None: shared; each team has its own documents, paths may repeat across teams).
 
     Returns (number of passages, changed). An unchanged document keeps its rows (and embeddings).
     """
     with write_transaction(db):
-        existing = {r["chunk_index"]: r["content_hash"] for r in db["kb_docs"].rows_where("doc_path = ?", [doc_path])}
+        existing = {r["chunk_index"]: r["content_hash"]
+                    for r in db["kb_docs"].rows_where("doc_path = ? AND team IS ?", [doc_path, team])}
         new_hashes = {p.chunk_index: content_hash(p.title, p.content) for p in passages}
         if existing == new_hashes:
             return len(passages), False
-        db.execute("DELETE FROM kb_docs WHERE doc_path = ?", [doc_path])
+        db.execute("DELETE FROM kb_docs WHERE doc_path = ? AND team IS ?", [doc_path, team])
         stamp = now()
         db["kb_docs"].insert_all(
             {
@@ -53,6 +58,7 @@ def replace_document(db: sqlite_utils.Database, doc_path: str, passages: list[Ne
                 "content": p.content,
                 "search_text": search_text(p.title + "\n" + p.content),
                 "content_hash": new_hashes[p.chunk_index],
+                "team": team,
                 "created_at": stamp,
             }
             for p in passages
@@ -60,21 +66,24 @@ def replace_document(db: sqlite_utils.Database, doc_path: str, passages: list[Ne
     return len(passages), True
 
 
-def search_passages(db: sqlite_utils.Database, query: str, *, limit: int = 5) -> list[tuple[Passage, float]]:
-    """BM25 full-text search; higher score is better (FTS5's bm25() is negated)."""
+def search_passages(db: sqlite_utils.Database, query: str, *, limit: int = 5,
+                    team: str | None = None) -> list[tuple[Passage, float]]:
+    """BM25 full-text search over the passages a question of `team` may see (its own and the shared ones; None:
+    shared only); higher score is better (FTS5's bm25() is negated)."""
     match = fts_query(query)
     if match is None:
         return []
+    visible, args = visible_to(team, "kb_docs.team")
     rows = db.execute(
-        """
-        SELECT kb_docs.id, doc_path, title, chunk_index, content, -bm25(kb_docs_fts) AS score
+        f"""
+        SELECT kb_docs.id, doc_path, title, chunk_index, content, team, -bm25(kb_docs_fts) AS score
         FROM kb_docs_fts JOIN kb_docs ON kb_docs.id = kb_docs_fts.rowid
-        WHERE kb_docs_fts MATCH ?
+        WHERE kb_docs_fts MATCH ? AND {visible}
         ORDER BY bm25(kb_docs_fts) LIMIT ?
         """,
-        [match, limit],
+        [match, *args, limit],
     ).fetchall()
-    return [(Passage(*r[:5]), float(r[5])) for r in rows]
+    return [(Passage(*r[:6]), float(r[6])) for r in rows]
 
 
 def get_passages(db: sqlite_utils.Database, ids: Iterable[int]) -> list[Passage]:
@@ -118,7 +127,7 @@ def index_rows(db: sqlite_utils.Database, model_name: str) -> list[tuple[int, by
     return [
         (r[0], r[1], r[2], Passage(r[0], *r[3:]))
         for r in db.execute(
-            """SELECT id, embedding, search_text, doc_path, title, chunk_index, content FROM kb_docs
+            """SELECT id, embedding, search_text, doc_path, title, chunk_index, content, team FROM kb_docs
                WHERE embedding IS NOT NULL AND embedding_model = ? ORDER BY id""",
             [model_name],
         ).fetchall()

@@ -305,3 +305,29 @@ def m110_assistant_threads(db) -> None:
         pk=("channel_id", "thread_ts"),
         not_null={"channel_id", "thread_ts", "context", "updated_at"},
     )
+
+
+@MIGRATIONS()
+def m120_teams(db) -> None:
+    # Issue 20: teams. A team owns Slack channels (a question asked there, or in an assistant thread looking at one,
+    # is the team's); examples, passages, interactions and adapters may belong to one (`team`, the team's name).
+    # NULL is shared: every team sees shared rows, a question with no team sees only them. No foreign key to
+    # `teams`: removing a team keeps its rows under its name, private to nobody's questions (store.teams).
+    db["teams"].create(
+        {
+            "name": str,
+            "channels": str,  # JSON list of Slack channel ids, in the order given
+            "created_at": str,
+        },
+        pk="name",
+        not_null={"channels", "created_at"},
+    )
+    for table in ("examples", "kb_docs", "interactions", "adapters"):
+        db[table].add_column("team", str)
+    # A document's path is unique within a team (and among shared documents), not across teams: two teams may each
+    # have their own "handbook/vpn.md". COALESCE because a unique index treats NULLs as distinct.
+    db.execute("DROP INDEX idx_kb_docs_doc_path_chunk_index")
+    db.execute("CREATE UNIQUE INDEX idx_kb_docs_team_doc_path_chunk_index "
+               "ON kb_docs (COALESCE(team, ''), doc_path, chunk_index)")
+    db["examples"].create_index(["team"])
+    db["adapters"].create_index(["team", "status"])

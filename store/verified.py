@@ -20,6 +20,7 @@ class ApprovedExample:
     reviewer: str | None
     reviewed_at: str | None
     source: str
+    team: str | None = None  # None: shared; a team's serves only that team's questions (store.teams)
 
 
 def matching_text_hash(question: str) -> str:
@@ -34,8 +35,11 @@ def approved_state(db: sqlite_utils.Database) -> tuple:
 
 
 def approved_examples(db: sqlite_utils.Database) -> list[ApprovedExample]:
+    """Every approved example, of every team: the matcher keeps them all in one index and filters by team per
+    question (finetune.serving.verified)."""
     return [ApprovedExample(*row) for row in db.execute(
-        "SELECT id, question, answer, reviewer, reviewed_at, source FROM examples WHERE status = 'approved' ORDER BY id")]
+        "SELECT id, question, answer, reviewer, reviewed_at, source, team FROM examples WHERE status = 'approved' "
+        "ORDER BY id")]
 
 
 def example_embeddings(db: sqlite_utils.Database, model: str) -> dict[int, tuple[str, bytes]]:

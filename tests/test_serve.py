@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, SAMPLES
+from tests.conftest import REPO, small_sample_kb
 from tests.fakes.slack_api import BOT_USER_ID, FakeSlackAPI, app_mention_event, event_body, post_signed
 
 SECRET = "serve-test-secret"
@@ -51,7 +51,8 @@ def test_serve_answers_slack_serves_playground_and_stops_cleanly(kbloop_home, tm
                "KBLOOP_SLACK_API_URL": slack.url, "PYTHONPATH": str(REPO)}
         kbloop = [sys.executable, "-m", "kbloop"]
         subprocess.run(kbloop + ["init"], env=env, check=True, capture_output=True, cwd=tmp_path)
-        subprocess.run(kbloop + ["kb", "import", str(SAMPLES / "kb"), "--no-embed"], env=env, check=True,
+        kb = small_sample_kb(tmp_path / "kb")  # the server embeds what it searches: a few documents, not all
+        subprocess.run(kbloop + ["kb", "import", str(kb), "--no-embed"], env=env, check=True,
                        capture_output=True, cwd=tmp_path)
         port = _free_port()
         base = f"http://127.0.0.1:{port}"

@@ -86,28 +86,17 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
             if cv is None:
                 failures.append(f"the candidate's held-out {label} could not be measured")
             elif av is not None and cv < av - config.score_tolerance:
-                worse, better, p = paired_sign_test(c.get("paired"), a.get("paired"), field)
-                if p is None or p < config.evidence_p:
-                    failures.append(f"held-out {label} {100 * cv:.1f}% is below {active_label}'s {100 * av:.1f}% "
-                                    f"(more than {100 * config.score_tolerance:.0f} points lower"
-                                    + (f"; {worse} answers worse, {better} better, p={p:.3f})" if p is not None else ")"))
-                else:
-                    notes.append(f"held-out {label} {100 * cv:.1f}% vs {active_label}'s {100 * av:.1f}%: {worse} "
-                                 f"answers worse, {better} better, within chance (p={p:.2f})")
+                _judge_drop(_SCORE_DROP, c.get("paired"), a.get("paired"), field, config=config, failures=failures,
+                            notes=notes, label=label, c=100 * cv, a=100 * av, active=active_label,
+                            tol=100 * config.score_tolerance)
         retained, n_before = c.get("retained_vs_active"), c.get("n_active_reproduced") or 0
         if retained is not None and n_before >= config.retention_min_answers and retained < config.min_retained:
             failures.append(f"reproduces {100 * retained:.1f}% of the {n_before} training answers {active_label} "
                             f"reproduces (at least {100 * config.min_retained:.0f}% must be kept)")
         cs, as_ = c.get("stop_rate"), a.get("stop_rate")
         if cs is not None and as_ is not None and cs < as_ - config.stop_tolerance:
-            worse, better, p = paired_sign_test(_stops(c), _stops(a), "stopped")
-            if p is None or p < config.evidence_p:
-                failures.append(f"stops at the end of its turn in {100 * cs:.1f}% of answers, "
-                                f"{active_label} in {100 * as_:.1f}%"
-                                + (f" ({worse} fewer answers stop, {better} more, p={p:.3f})" if p is not None else ""))
-            else:
-                notes.append(f"stops in {100 * cs:.1f}% of answers vs {active_label}'s {100 * as_:.1f}%: {worse} "
-                             f"fewer stop, {better} more, within chance (p={p:.2f})")
+            _judge_drop(_STOP_DROP, _stops(c), _stops(a), "stopped", config=config, failures=failures, notes=notes,
+                        c=100 * cs, a=100 * as_, active=active_label)
     failures += preference_failures(c, a, config=config, active_label=active_label)
     table = comparison_table(c, a, candidate_label=candidate_label, active_label=active_label)
     if failures:
@@ -116,6 +105,43 @@ def gate(candidate_metrics: dict, active_metrics: dict, *, config: GateConfig | 
             f"{active_label} reproduces" if c.get("retained_vs_active") is not None else "")
     return GateVerdict(True, [f"no worse than {active_label} on held-out loss, exact match, token F1 and stop rate "
                               f"({c.get('n_heldout')} held-out examples){kept}", *notes], table, active_label)
+
+
+@dataclass(frozen=True)
+class _DropWording:
+    """How the gate words a drop past its tolerance (str.format templates; `c`, `a`: the candidate's and the
+    active's percentages, `active`: its label; `worse`, `better`, `p`: the paired sign test)."""
+
+    failed: str  # with {evidence}: the sign test's counts, or "" when there are no per-question records
+    evidence: str
+    within: str  # the note when the drop is within chance
+
+
+_SCORE_DROP = _DropWording(
+    failed="held-out {label} {c:.1f}% is below {active}'s {a:.1f}% (more than {tol:.0f} points lower{evidence})",
+    evidence="; {worse} answers worse, {better} better, p={p:.3f}",
+    within="held-out {label} {c:.1f}% vs {active}'s {a:.1f}%: {worse} answers worse, {better} better, "
+           "within chance (p={p:.2f})",
+)
+_STOP_DROP = _DropWording(
+    failed="stops at the end of its turn in {c:.1f}% of answers, {active} in {a:.1f}%{evidence}",
+    evidence=" ({worse} fewer answers stop, {better} more, p={p:.3f})",
+    within="stops in {c:.1f}% of answers vs {active}'s {a:.1f}%: {worse} fewer stop, {better} more, "
+           "within chance (p={p:.2f})",
+)
+
+
+def _judge_drop(wording: _DropWording, candidate_paired: dict | None, active_paired: dict | None, field: str, *,
+                config: GateConfig, failures: list[str], notes: list[str], **values) -> None:
+    """The one rule for a score or stop-rate drop past its tolerance: it fails the gate unless the paired sign test
+    over the same questions puts it within chance (p at least `evidence_p`), and is then only noted; without
+    per-question records (p None) the tolerance alone decides."""
+    worse, better, p = paired_sign_test(candidate_paired, active_paired, field)
+    if p is None or p < config.evidence_p:
+        evidence = wording.evidence.format(worse=worse, better=better, p=p) if p is not None else ""
+        failures.append(wording.failed.format(evidence=evidence, **values))
+    else:
+        notes.append(wording.within.format(worse=worse, better=better, p=p, **values))
 
 
 def preference_failures(candidate: dict, active: dict, *, config: GateConfig,

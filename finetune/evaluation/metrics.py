@@ -20,6 +20,10 @@ What is measured, all greedy and reproducible:
 
 Assumptions: the tokenizer has a chat template, and its end-of-turn token is the one
 `finetune.model.loading.end_of_turn_id` finds (<|im_end|> for Qwen).
+
+This module starts without torch: the gate (finetune.evaluation.gate) reads its labels and tables, and the bot,
+the command line and the playground import the gate. The two modules here that load torch when imported
+(finetune.serving.kv_cache, finetune.evaluation.reproduction) are imported in the functions that use them.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune.model.loading import end_of_turn_id, serving_stop_ids
 from finetune.model.prompting import build_messages, render_prompt
+from finetune.training.continuation import example_key
+from finetune.training.data import encode_examples
 from store.text import CJK_CHAR as _CJK_CHAR
 
 if TYPE_CHECKING:
@@ -98,8 +105,6 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def end_of_turn_token(tokenizer) -> str:
     """The token that closes an assistant turn in the tokenizer's chat template (<|im_end|> for Qwen)."""
-    from finetune.model.loading import end_of_turn_id
-
     return tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
 
 
@@ -195,8 +200,7 @@ class Generation:
 def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, config: EvalConfig | None = None,
                      on_batch: Callable[[int], None] | None = None) -> list[Generation]:
     """Greedy answers, batched like the engine's (finetune.serving.kv_cache: prefilled one by one, decoded together)."""
-    from finetune.model.loading import serving_stop_ids
-    from finetune.serving.kv_cache import generate_batch
+    from finetune.serving.kv_cache import generate_batch  # loads torch (module docstring)
 
     config = config or EvalConfig()
     stop_ids = serving_stop_ids(model, tokenizer)  # the engine's set: the stop rate measures what it serves
@@ -227,10 +231,7 @@ def sample_for_reproduction(train: Sequence[TrainingExample], n: int) -> list[Tr
 
 def reproduced_training(model, tokenizer, train: Sequence[TrainingExample], *, batch_size: int = 4) -> list[str]:
     """Content hashes of the training examples the model reproduces exactly under greedy decoding."""
-    from finetune.evaluation.reproduction import reproduced_examples
-    from finetune.model.loading import end_of_turn_id
-    from finetune.training.continuation import example_key
-    from finetune.training.data import encode_examples
+    from finetune.evaluation.reproduction import reproduced_examples  # loads torch (module docstring)
 
     if not train:
         return []

@@ -1,5 +1,5 @@
 """Whether a model reproduces training answers exactly, decided by one teacher-forced pass: the check the
-trainer stops on (finetune.training.trainer) and the `train_reproduced_exact` metric (finetune.evaluation.metrics)
+trainer stops on (finetune.training.sizing) and the `train_reproduced_exact` metric (finetune.evaluation.metrics)
 share it.
 """
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from finetune.training.data import CompletionCollator
+from finetune.training.data import IGNORE_INDEX, CompletionCollator
+from finetune.training.fused import CHUNK_BYTES
 
 
 def reproduced_examples(model, encoded: Sequence[dict], *, pad_id: int, head_weight=None,
@@ -21,9 +22,6 @@ def reproduced_examples(model, encoded: Sequence[dict], *, pad_id: int, head_wei
     taken a chunk of rows at a time: no full (positions x vocabulary) logits.
     """
     import torch
-
-    from finetune.training.data import IGNORE_INDEX
-    from finetune.training.fused import CHUNK_BYTES
 
     if not encoded:
         return []

@@ -149,7 +149,8 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
     from finetune.training.config import TrainConfig
     from store.examples import approved_snapshot
 
-    examples, digest = approved_snapshot(db)
+    team = job.params.get("team")  # a team's adapter (store.teams), None: the shared one
+    examples, digest = approved_snapshot(db, team=team)
     expected = os.environ.get("KBLOOP_JOB_DATASET_HASH")
     if expected and digest != expected:  # every rank must train on the same snapshot
         raise StoreError("the approved examples changed while the job started; queue it again")
@@ -158,13 +159,13 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
     if config.objective != "sft" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise StoreError(f"objective {config.objective} trains in one process; run the worker without --nproc")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return _train_as_helper_rank(db, config, home=home, examples=examples, should_stop=should_stop)
+        return _train_as_helper_rank(db, config, home=home, examples=examples, should_stop=should_stop, team=team)
 
     def on_phase(text: str) -> None:  # "preparing data", "training", "evaluating v3", "saving"
         reporter.phase(text.split(" ")[0], detail=text, **({} if text == "training" else {"eta_s": None}))
 
     result = train_candidate(db, home=home, config=config, job_id=job.id, on_step=reporter.step,
-                             should_stop=should_stop, on_phase=on_phase)
+                             should_stop=should_stop, on_phase=on_phase, team=team)
     adapter, verdict = result.adapter, result.verdict
     from finetune.registry.folders import read_metadata
 
@@ -177,7 +178,7 @@ def run_retrain(db, job: Job, *, home: Path, base: str, reporter: ProgressReport
     )
 
 
-def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> ChildResult:
+def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop, team: str | None = None) -> ChildResult:
     """Ranks other than 0 under accelerate/torchrun: the same training split into a scratch folder, so that
     DDP's collectives line up with rank 0's train_candidate; rank 0 alone evaluates and registers."""
     import shutil
@@ -188,14 +189,14 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop) -> C
     from finetune.registry.candidates import plan_continuation, train_continued, training_split
     from finetune.training.config import prompt_passages
     from finetune.training.trainer import train_adapter
-    from store.adapters import active_adapter
+    from store.adapters import serving_adapter
 
     base_path = resolve_base(config.base, home=home, db=db)
     tiny = is_tiny_base(base_path)
     config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
-    train = training_split(db, k_passages=config.k_passages).train  # rank 0's split, corrections included
+    train = training_split(db, k_passages=config.k_passages, team=team).train  # rank 0's split, corrections included
     # The same start as rank 0 (continued or from the base), or the collectives would not line up.
-    plan = plan_continuation(db, config, tiny=tiny, active=active_adapter(db), train=train)
+    plan = plan_continuation(db, config, tiny=tiny, active=serving_adapter(db, team), train=train)
     config = replace(config, base=base_path)
     scratch = Path(tempfile.mkdtemp(prefix=f"kbloop-rank{os.environ.get('RANK')}-"))
     try:

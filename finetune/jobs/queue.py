@@ -11,6 +11,7 @@ import datetime as _dt
 from finetune.jobs.protocol import JobProgress
 from store import ConfigError
 from store.jobs import Job, enqueue_job
+from store.teams import require_team
 
 RETRAIN = "retrain"
 
@@ -21,12 +22,15 @@ def request_retrain(db, *, requester: str, reply_channel: str | None = None, rep
     running; `describe_job(exc.job)` says which and when it should end.
 
     `params`: {"force": true} trains even if the approved examples did not change; {"train": {...}}
-    overrides training settings (finetune.training.config.TrainConfig field names).
+    overrides training settings (finetune.training.config.TrainConfig field names); {"team": NAME} trains that
+    team's adapter (store.teams: the shared and the team's examples; the team must exist).
     """
     params = dict(params or {})
-    unknown = set(params) - {"force", "train"}
+    unknown = set(params) - {"force", "train", "team"}
     if unknown:
-        raise ConfigError(f"unknown retrain parameter(s): {', '.join(sorted(unknown))} (known: force, train)")
+        raise ConfigError(f"unknown retrain parameter(s): {', '.join(sorted(unknown))} (known: force, train, team)")
+    if params.get("team") is not None:
+        require_team(db, params["team"])
     if not isinstance(params.get("train", {}), dict):
         raise ConfigError("retrain parameter `train` must be an object of training settings")
     _check_train_overrides(params.get("train") or {})
@@ -77,6 +81,8 @@ def format_duration(seconds: float) -> str:
 def describe_job(job: Job) -> str:
     """One line for people: 'job 7 (requested by U1) is running: training step 12/40, loss 1.234, about 2 min left'."""
     who = f" (requested by {job.requester})" if job.requester else ""
+    if (job.params or {}).get("team"):
+        who += f" for team {job.params['team']}"
     if job.status == "queued":
         return f"job {job.id}{who} is queued"
     if job.status != "running":

@@ -270,7 +270,8 @@ class Worker:
             from finetune.model.loading import resolve_base
             from store.examples import approved_snapshot
 
-            self._dataset_hash = approved_snapshot(self.db)[1]  # every rank checks it trains on this
+            # every rank checks it trains on this
+            self._dataset_hash = approved_snapshot(self.db, team=job.params.get("team"))[1]
             resolve_base(self.config.base_model, home=self.home, db=self.db)  # build `tiny` once, not per rank
         workdir = job_dir(self.home, job.id)
         if workdir.exists():
@@ -286,7 +287,8 @@ class Worker:
         from store.adapters import active_adapter
         from store.examples import approved_snapshot
 
-        examples, digest = approved_snapshot(self.db)
+        team = job.params.get("team")  # a team's adapter: the shared and the team's examples (store.teams)
+        examples, digest = approved_snapshot(self.db, team=team)
         if not examples:
             return JobOutcome.failed("there are no approved examples to train on; approve some with "
                                      "`kbloop review` or the playground first")
@@ -294,8 +296,8 @@ class Worker:
 
         # A preference run (kto, dpo) learns from the votes, not the approved examples: their hash says nothing.
         preference = (job.params.get("train") or {}).get("objective", "sft") != "sft"
-        if not job.params.get("force") and not preference and dataset_unchanged(self.db):
-            active = active_adapter(self.db)
+        if not job.params.get("force") and not preference and dataset_unchanged(self.db, team):
+            active = active_adapter(self.db, team)
             msg = (f"the approved examples ({len(examples)}, hash {digest}) have not changed since the active "
                    f"adapter {active.version if active else ''} was trained; nothing to do "
                    "(retrain with force to train anyway)")

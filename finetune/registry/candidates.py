@@ -49,6 +49,7 @@ from store import StoreError
 from store import adapters as adapter_rows
 from store.examples import approved_snapshot, training_examples
 from store.files import publish_dir, write_json_atomic
+from store.teams import require_team
 from store.text import now
 
 # A continued run stops once it has learnt every new answer and keeps this share of the answers its
@@ -64,6 +65,7 @@ class _EvalSet:
     dataset_size: int
     k_passages: int
     withheld: str = ""  # which approved examples were left out for holding secrets or personal data, and why
+    team: str | None = None  # whose adapter: the shared and this team's examples (store.teams); None: shared only
 
 
 def passages_of(adapter: adapter_rows.Adapter) -> int:
@@ -72,23 +74,26 @@ def passages_of(adapter: adapter_rows.Adapter) -> int:
     return 3 if k is None else int(k)
 
 
-def training_split(db: sqlite_utils.Database, *, k_passages: int) -> _EvalSet:
+def training_split(db: sqlite_utils.Database, *, k_passages: int, team: str | None = None) -> _EvalSet:
     """The approved examples' snapshot split for training (finetune.training.data.split_for_training) and built into
-    prompts with `k_passages` retrieved passages. Rank 0 and every helper rank of a job train on its `train`."""
+    prompts with `k_passages` retrieved passages. Rank 0 and every helper rank of a job train on its `train`.
+    `team`: the snapshot of that team's adapter, the shared and the team's examples, prompts as its questions get
+    them (store.teams); None: the shared adapter's, shared rows only."""
     from finetune.training.data import build_training_examples, split_for_training
 
-    examples, digest = approved_snapshot(db)  # without the approved examples the scan flags (store.sensitive)
-    withheld = "; ".join(f"#{ex.id} {why}" for ex, why in training_examples(db)[1])
+    # Without the approved examples the scan flags (store.sensitive).
+    examples, digest = approved_snapshot(db, team=team)
+    withheld = "; ".join(f"#{ex.id} {why}" for ex, why in training_examples(db, team=team)[1])
     if not examples:
         raise StoreError("no approved examples: import some with `kbloop data import FILE` "
                          "or approve pending ones with `kbloop review`"
                          + (f" (left out as flagged: {withheld})" if withheld else ""))
     # Approved corrections always train; the held-out set is drawn from the rest (split_for_training).
     train, heldout = split_for_training(examples)
-    train = build_training_examples(db, train, k=k_passages)
-    heldout = build_training_examples(db, heldout, k=k_passages)
+    train = build_training_examples(db, train, k=k_passages, team=team)
+    heldout = build_training_examples(db, heldout, k=k_passages, team=team)
     return _EvalSet(heldout=heldout, train=train, dataset_hash=digest, dataset_size=len(examples),
-                    k_passages=k_passages, withheld=withheld)
+                    k_passages=k_passages, withheld=withheld, team=team)
 
 
 _eval_set = training_split  # the name older callers use
@@ -139,7 +144,7 @@ def _evaluate_registered(db, home: Path, adapter: adapter_rows.Adapter | None, b
     if problem:
         raise StoreError(problem)
     if passages_of(adapter) != eval_set.k_passages:  # each model is asked the way it was trained
-        eval_set = training_split(db, k_passages=passages_of(adapter))
+        eval_set = training_split(db, k_passages=passages_of(adapter), team=eval_set.team)
     base_path = resolve_base(adapter.base_model, home=home, db=db)
     general = _base_general_loss(base_path) if adapter.method == "full" else None
     return evaluate_model(base_path, adapter_dir=Path(adapter.path), eval_set=eval_set,
@@ -271,10 +276,13 @@ def train_candidate(
     db: sqlite_utils.Database, *, home: Path, config, job_id: int | None = None,
     on_step: Callable | None = None, should_stop: Callable[[], bool] | None = None,
     on_phase: Callable[[str], None] | None = None, eval_config: EvalConfig | None = None,
-    gate_config: GateConfig | None = None,
+    gate_config: GateConfig | None = None, team: str | None = None,
 ) -> CandidateResult:
     """Snapshot -> split -> train (temp folder) -> evaluate candidate and active -> metadata -> rename ->
-    register as candidate. Never promotes. `on_phase(text)` hears "training", "evaluating …", "saving"."""
+    register as candidate. Never promotes. `on_phase(text)` hears "training", "evaluating …", "saving".
+
+    `team` (store.teams): a candidate for that team, trained on the shared and the team's examples; it continues,
+    and is judged against, what answers the team's questions now: its active adapter, else the shared one."""
     from finetune.model.loading import is_tiny_base, resolve_base
     from finetune.training.config import prompt_passages
     from finetune.training.trainer import train_adapter
@@ -284,7 +292,8 @@ def train_candidate(
     clean_stale_temp(home)
     check_registrable(config)
     phase("preparing data")
-    active = adapter_rows.active_adapter(db)
+    team = require_team(db, team)
+    active = adapter_rows.serving_adapter(db, team)
     objective = getattr(config, "objective", "sft") or "sft"
     start = preference = None
     if objective != "sft":  # what it continues and what it learns from, checked before anything is loaded
@@ -293,11 +302,11 @@ def train_candidate(
         start = preference_start(db, config, active=active)
         if config.k_passages is None:
             config = replace(config, k_passages=passages_of(start))  # asked as the adapter it continues is asked
-        preference = preference_data(db, objective, k_passages=config.k_passages)
+        preference = preference_data(db, objective, k_passages=config.k_passages, team=team)
     base_path = resolve_base(config.base, home=home, db=db)
     tiny = is_tiny_base(base_path)
     config = replace(config, k_passages=prompt_passages(config, tiny=tiny))
-    eval_set = training_split(db, k_passages=config.k_passages)
+    eval_set = training_split(db, k_passages=config.k_passages, team=team)
     if eval_set.withheld:
         phase(f"preparing data: left out approved examples holding secrets or personal data that no curator "
               f"confirmed: {eval_set.withheld}")
@@ -380,7 +389,7 @@ def train_candidate(
             "n_train": len(eval_set.train), "n_heldout": len(eval_set.heldout),
             "heldout_questions": [ex.question for ex in eval_set.heldout],
             "metrics": metrics, "training": _jsonable({k: v for k, v in vars(outcome).items() if k not in ("config", "out_dir")}),
-            "job_id": job_id, "created": now(),
+            "job_id": job_id, "created": now(), "team": team,
             # What continued training compares with next time (finetune.training.continuation).
             "trained": trained, "reproduced_keys": reproduced, "objective": objective,
             "preference_data": preference.describe() if preference is not None else None,
@@ -396,6 +405,7 @@ def train_candidate(
         adapter = adapter_rows.register_adapter(
             db, version=version, path=str(final), base_model=config.base, method=method, params=params,
             dataset_hash=eval_set.dataset_hash, dataset_size=eval_set.dataset_size, metrics=metrics, job_id=job_id,
+            team=team,
         )
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)  # a folder no row points to would only confuse
@@ -419,8 +429,8 @@ def evaluate_version(db: sqlite_utils.Database, version: str, *, home: Path, eva
     problem = adapter_folder_problem(adapter)
     if problem:
         raise StoreError(problem)
-    eval_set = training_split(db, k_passages=passages_of(adapter))
-    active = adapter_rows.active_adapter(db)
+    eval_set = training_split(db, k_passages=passages_of(adapter), team=adapter.team)
+    active = adapter_rows.serving_adapter(db, adapter.team)  # what answers its team's questions now
     against = active if active is not None and active.version != version else None
     label = against.version if against else "base"
     voted = None
@@ -429,7 +439,7 @@ def evaluate_version(db: sqlite_utils.Database, version: str, *, home: Path, eva
         from finetune.training.preference import preference_data
 
         try:
-            data = preference_data(db, objective, k_passages=passages_of(adapter))
+            data = preference_data(db, objective, k_passages=passages_of(adapter), team=adapter.team)
             voted = (data.desirable, data.undesirable)
         except StoreError as exc:  # the votes it learnt from are gone: judged on the held-out set alone
             phase(f"not measuring the voted answers: {exc}")

@@ -17,8 +17,8 @@ from store.examples import approved_snapshot
 def stored_verdict(db: sqlite_utils.Database, adapter: adapter_rows.Adapter, *,
                    config: GateConfig | None = None) -> GateVerdict:
     """The gate, recomputed from the adapter's stored comparison; fails when that comparison is stale
-    (another adapter became active since it was made)."""
-    current = adapter_rows.active_adapter(db)
+    (another adapter became the one that answers its team's questions since it was made)."""
+    current = adapter_rows.serving_adapter(db, adapter.team)
     current_label = current.version if current else "base"
     comparison = adapter.metrics.get("gate")
     if not comparison:
@@ -37,7 +37,8 @@ def stored_verdict(db: sqlite_utils.Database, adapter: adapter_rows.Adapter, *,
 
 def promote(db: sqlite_utils.Database, version: str, *, actor: str, force: bool = False,
             gate_config: GateConfig | None = None) -> GateVerdict:
-    """Make `version` the active adapter if the gate passes (or `force`, for admins). Recorded in audit_log."""
+    """Make `version` the active adapter of its team (store.adapters; the shared one for a shared adapter) if the
+    gate passes (or `force`, for admins). Recorded in audit_log."""
     adapter = adapter_rows.get_adapter(db, version)
     if adapter.status == "active":
         raise StoreError(f"{version} is already the active adapter")
@@ -45,7 +46,7 @@ def promote(db: sqlite_utils.Database, version: str, *, actor: str, force: bool 
     if problem:
         record_audit(db, actor=actor, action="promote", allowed=False, target=version, detail={"reasons": [problem]})
         raise StoreError(f"cannot promote {version}: {problem}")
-    previous = adapter_rows.active_adapter(db)
+    previous = adapter_rows.active_adapter(db, adapter.team)
     verdict = stored_verdict(db, adapter, config=gate_config)
     if adapter.status == "retired" and not force:
         record_audit(db, actor=actor, action="promote", allowed=False, target=version,
@@ -60,27 +61,33 @@ def promote(db: sqlite_utils.Database, version: str, *, actor: str, force: bool 
     adapter_rows.activate_adapter(db, version)
     record_audit(db, actor=actor, action="promote", allowed=True, target=version,
                  detail={"forced": bool(force and not verdict.passed), "gate_passed": verdict.passed,
-                         "reasons": verdict.reasons, "previous": previous.version if previous else None})
+                         "reasons": verdict.reasons, "previous": previous.version if previous else None,
+                 **({"team": adapter.team} if adapter.team else {})})
     return verdict
 
 
-def rollback(db: sqlite_utils.Database, *, actor: str) -> tuple[adapter_rows.Adapter, adapter_rows.Adapter | None]:
-    """Retire the active adapter and go back to the previous one (None: the base). Recorded in audit_log."""
+def rollback(db: sqlite_utils.Database, *, actor: str,
+             team: str | None = None) -> tuple[adapter_rows.Adapter, adapter_rows.Adapter | None]:
+    """Retire the active adapter of `team` (None: the shared one) and go back to the team's previous one (None: none
+    of its own; a team then gets the shared adapter, shared questions the base). Recorded in audit_log."""
     try:
-        current, previous = adapter_rows.rollback_adapter(db)
+        current, previous = adapter_rows.rollback_adapter(db, team)
     except StoreError as exc:
-        record_audit(db, actor=actor, action="rollback", allowed=False, detail={"reason": str(exc)})
+        record_audit(db, actor=actor, action="rollback", allowed=False,
+                     detail={"reason": str(exc), **({"team": team} if team else {})})
         raise
-    record_audit(db, actor=actor, action="rollback", allowed=True, target=previous.version if previous else "base",
-                 detail={"from": current.version, "to": previous.version if previous else None})
+    fallback = "shared" if team else "base"
+    record_audit(db, actor=actor, action="rollback", allowed=True, target=previous.version if previous else fallback,
+                 detail={"from": current.version, "to": previous.version if previous else None,
+                         **({"team": team} if team else {})})
     return current, previous
 
 
-def dataset_unchanged(db: sqlite_utils.Database) -> bool:
-    """True when the approved examples are exactly those the active adapter was trained on."""
-    active = adapter_rows.active_adapter(db)
+def dataset_unchanged(db: sqlite_utils.Database, team: str | None = None) -> bool:
+    """True when the approved examples of `team`'s adapter are exactly those its active adapter was trained on."""
+    active = adapter_rows.active_adapter(db, team)
     if active is None:
         return False
-    _, digest = approved_snapshot(db)
+    _, digest = approved_snapshot(db, team=team)
     return digest == active.dataset_hash
 

@@ -23,6 +23,11 @@ generation thread (finetune.serving.streaming: the pieces put together are exact
 generated text streams; a verified, refused or starting-up answer arrives whole in the returned Answer.
 `on_text` must return quickly (it runs between decode steps of the whole batch).
 
+Teams (store.teams): a question of a team (`team=`, routed by the caller from its Slack channel) is answered from
+the shared and that team's passages and approved answers only, and by the team's active adapter, else the shared
+active one; a question with no team sees shared rows only and the shared adapter. The interaction records the team.
+Each batch runs one adapter (the scheduler drains between adapters), so teams with different adapters take turns.
+
 Hot-swap: which adapter is active is looked up in the store when a request is admitted to a batch, and the
 models are switched between batches (finetune.serving.models): a promote or rollback lands without a
 restart and without failing requests; an answer under way finishes on the adapter it started with.
@@ -66,7 +71,7 @@ from finetune.serving.scheduler import (
 from finetune.serving.verified import find_verified, related_examples
 from finetune.serving.vllm import VllmBackend, VllmClient, VllmError, VllmTarget
 from store import StoreError, local_db
-from store.adapters import active_adapter, get_adapter
+from store.adapters import get_adapter, serving_adapter
 from store.interactions import record_interaction, thread_interactions
 from store.text import CJK_CHAR as _CJK
 
@@ -74,6 +79,9 @@ log = logging.getLogger(__name__)
 
 BASE = "base"
 ACTIVE = "active"
+# The adapter key of a team's question ("active@eng"): its team's active adapter, else the shared one. Resolved when
+# the request is admitted to a batch, like "active" (team names cannot hold "@": store.teams.TEAM_NAME).
+TEAM_ACTIVE = ACTIVE + "@"
 
 # User-facing texts, together so the bot and the playground show the same words.
 STARTING_TEXT = "I'm starting up: the model is still loading. Please ask again in a minute."
@@ -128,6 +136,7 @@ class Answer:
     example_id: int | None = None  # the approved example it repeats
     approved_by: str | None = None  # the curator who approved it ("import" for imported data)
     approved_at: str | None = None
+    team: str | None = None  # the team whose question it was (store.teams); None: no team's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +159,20 @@ class _Request:
     adapter: str  # "active" | "base" | a version
     approved: list[ApprovedAnswer] = field(default_factory=list)  # answers to related questions
     history: list[Turn] = field(default_factory=list)  # the thread's earlier turns (follow-ups), oldest first
+
+
+def adapter_key(adapter: str, team: str | None) -> str:
+    """What a request asks the backend for: "active" of a team becomes TEAM_ACTIVE + team; anything else as is."""
+    return TEAM_ACTIVE + team if adapter == ACTIVE and team else adapter
+
+
+def check_adapter_for(db, version: str, team: str | None) -> None:
+    """StoreError unless adapter `version` may answer a question of `team`: a shared adapter answers anyone's, a
+    team's adapter (trained on the team's examples) only its team's questions."""
+    owner = get_adapter(db, version).team
+    if owner is not None and owner != team:
+        raise StoreError(f"{version} is team {owner!r}'s adapter: it answers only that team's questions "
+                         f"(ask from one of its channels{'' if team is None else f', not as team {team!r}'})")
 
 
 def _is_chinese(text: str) -> bool:
@@ -311,9 +334,10 @@ class Engine:
     def answer(self, question: str, *, source: str = "cli", user_id: str | None = None,
                channel_id: str | None = None, thread_ts: str | None = None, event_id: str | None = None,
                adapter: str = ACTIVE, record: bool = True, model_only: bool = False,
-               on_text: Callable[[str], None] | None = None) -> Answer:
+               on_text: Callable[[str], None] | None = None, team: str | None = None) -> Answer:
         """Answer one question: a verified answer when one matches (unless `model_only`, or a named adapter is
         asked), else generated. Returns at once with a "starting up" answer while the model loads.
+        `team`: the question's team (see the module's docstring, "Teams"); None: shared rows only.
         `on_text`: called from the generation thread with each new piece of a generated answer (see the
         module's docstring, "Streaming")."""
         started = time.monotonic()
@@ -329,7 +353,8 @@ class Engine:
         use_approved = adapter == ACTIVE and not model_only
         if use_approved:
             verified = self.verified_answer(question, source=source, user_id=user_id, channel_id=channel_id,
-                                            thread_ts=thread_ts, event_id=event_id, record=record, started=started)
+                                            thread_ts=thread_ts, event_id=event_id, record=record, started=started,
+                                            team=team)
             if verified is not None:
                 return verified
         if not self.ready:
@@ -341,14 +366,16 @@ class Engine:
 
 
         if adapter not in (ACTIVE, BASE):
-            get_adapter(db, adapter)  # an unknown version is the caller's error: StoreError names it
+            check_adapter_for(db, adapter, team)  # an unknown version, or another team's: StoreError says so
+        adapter = adapter_key(adapter, team)
         version = self._resolve_version(db, adapter)
         # Enough passages for the prompt of the adapter that will most likely answer, and for the sources.
         # A follow-up in a thread is searched together with the question it follows (standalone_question).
         history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
         query = standalone_question(question, history)
-        passages = retrieve_passages(db, query, k=max(self.config.k, self._models.passages_for(db, version)))
-        related = self._related(db, query) if use_approved else []
+        passages = retrieve_passages(db, query, k=max(self.config.k, self._models.passages_for(db, version)),
+                                     team=team)
+        related = self._related(db, query, team) if use_approved else []
         if not passages and not related and not model_only:
             text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
             generated = Generated(text, version, ("no_match",))
@@ -379,11 +406,12 @@ class Engine:
                 db, question=question, answer=generated.text, source=source,
                 sources=[asdict(s) for s in sources], adapter_version=generated.adapter_version,
                 latency_ms=latency, user_id=user_id, channel_id=channel_id, thread_ts=thread_ts, event_id=event_id,
+                team=team,
             )
-        return Answer(generated.text, sources, generated.adapter_version, latency, interaction_id, notice)
+        return Answer(generated.text, sources, generated.adapter_version, latency, interaction_id, notice, team=team)
 
     def prompt_ids(self, question: str, *, channel_id: str | None = None, thread_ts: str | None = None,
-                   use_approved: bool = True) -> list[int]:
+                   use_approved: bool = True, team: str | None = None) -> list[int]:
         """The prompt the base model gets for `question` asked now (in that thread, if given): the same
         retrieval, history and trimming as answer(), as token ids. Needs the tokenizer, not the model: it is
         how tests check that training builds the very same prompt."""
@@ -392,22 +420,22 @@ class Engine:
         question = question.strip()
         history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
         query = standalone_question(question, history)
-        related = self._related(db, query) if use_approved else []
-        req = _Request(question=question, passages=retrieve_passages(db, query, k=self.config.k), adapter=BASE,
+        related = self._related(db, query, team) if use_approved else []
+        req = _Request(question=question, passages=retrieve_passages(db, query, k=self.config.k, team=team), adapter=BASE,
                        approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
                        history=history)
         return self._prompt(req, self.config.k)[0]
 
     def verified_answer(self, question: str, *, source: str = "cli", record: bool = True,
-                        started: float | None = None, **slack) -> Answer | None:
-        """The approved answer when the question matches an approved example closely, recorded as an
-        interaction like any answer (so it can be voted on); None when none matches. Needs no model."""
+                        started: float | None = None, team: str | None = None, **slack) -> Answer | None:
+        """The approved answer when the question matches an approved example closely (a shared one or `team`'s),
+        recorded as an interaction like any answer (so it can be voted on); None when none matches. Needs no model."""
 
         started = time.monotonic() if started is None else started
         db = local_db(self.db_path)
         question = (question or "").strip()
         try:
-            match = find_verified(db, question)
+            match = find_verified(db, question, team=team)
         except Exception:  # a broken embedder must not stop the generated answers
             log.exception("engine: looking up verified answers failed")
             return None
@@ -419,24 +447,26 @@ class Engine:
         if record:
             interaction_id = record_interaction(
                 db, question=question, answer=ex.answer, source=source, sources=[], adapter_version=None,
-                latency_ms=latency, verified_example_id=ex.id, **slack)
+                latency_ms=latency, verified_example_id=ex.id, team=team, **slack)
         return Answer(ex.answer, [], None, latency, interaction_id, None, verified=True, example_id=ex.id,
-                      approved_by=ex.reviewer, approved_at=ex.reviewed_at)
+                      approved_by=ex.reviewer, approved_at=ex.reviewed_at, team=team)
 
     @staticmethod
-    def _related(db, question: str) -> list:
+    def _related(db, question: str, team: str | None = None) -> list:
         try:
-            return related_examples(db, question, k=RELATED_LOOKUP)
+            return related_examples(db, question, k=RELATED_LOOKUP, team=team)
         except Exception:
             log.exception("engine: looking up related approved answers failed")
             return []
 
     def _resolve_version(self, db, adapter: str) -> str | None:
-        """The adapter version a request asks for: "active" -> the store's active one (None = base)."""
+        """The adapter version a request asks for: "active" -> the store's shared active one, TEAM_ACTIVE + team ->
+        the team's active one, else the shared one (None = base)."""
         if adapter == BASE:
             return None
-        if adapter == ACTIVE:
-            active = active_adapter(db)
+        if adapter == ACTIVE or adapter.startswith(TEAM_ACTIVE):
+            team = adapter.removeprefix(TEAM_ACTIVE) if adapter != ACTIVE else None
+            active = serving_adapter(db, team)
             return active.version if active else None
         return adapter
 

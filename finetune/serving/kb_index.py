@@ -135,6 +135,16 @@ class Index:
     latent_ids: np.ndarray | None = None  # (N, K) int32, padded with 0 ...
     latent_weights: np.ndarray | None = None  # ... (N, K) float32 unit rows, padded with 0
     terms: dict[int, frozenset[str]] = field(default_factory=dict)  # passage id -> its index terms
+    teams: list[str | None] = field(default_factory=list)  # (N,) each passage's team; None: shared
+    _visible: dict[str | None, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def visible(self, team: str | None) -> np.ndarray:
+        """(N,) bool: the passages a question of `team` may see, the shared ones and the team's (store.teams)."""
+        mask = self._visible.get(team)
+        if mask is None:
+            mask = np.array([t is None or t == team for t in self.teams], dtype=bool)
+            self._visible[team] = mask  # a few teams per process: one mask each, rebuilt with the index
+        return mask
 
 
 _indexes: dict[tuple[str, str], Index] = {}
@@ -193,6 +203,7 @@ def _load(rows: list, state: tuple, *, latents: bool) -> Index:
             index.latent_ids[i, : len(ids)] = ids
             index.latent_weights[i, : len(ids)] = weights / max(float(np.linalg.norm(weights)), 1e-12)
     index.terms = {r[0]: frozenset(r[2].split()) for r in rows}
+    index.teams = [r[3].team for r in rows]
     return index
 
 

@@ -179,10 +179,12 @@ def lexical_query(question: str) -> str:
     return " ".join(topical_words(question))
 
 
-def bm25_ranking(db: sqlite_utils.Database, question: str, *, limit: int) -> list[tuple[Passage, float]]:
-    """FTS5 BM25 over the question's topical words (index terms: words and bigrams)."""
+def bm25_ranking(db: sqlite_utils.Database, question: str, *, limit: int,
+                 team: str | None = None) -> list[tuple[Passage, float]]:
+    """FTS5 BM25 over the question's topical words (index terms: words and bigrams), among the passages a question
+    of `team` may see."""
     query = lexical_query(question)
-    return search_passages(db, query, limit=limit) if query.strip() else []
+    return search_passages(db, query, limit=limit, team=team) if query.strip() else []
 
 
 def _word_weight(word: str) -> float:
@@ -281,9 +283,13 @@ def fuse(relevance: float | None, coverage: float, bm25_score: float | None, bes
 
 
 def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mode: str = "hybrid",
-                    config: RetrievalConfig | None = None) -> list[ScoredPassage]:
+                    config: RetrievalConfig | None = None, team: str | None = None) -> list[ScoredPassage]:
     """Ranked passages with the evidence behind each rank; empty when the KB does not cover the question.
     `config`: the embedder's tuned settings (config_for) unless given.
+
+    `team`: the question's team (store.teams). Only the shared passages and that team's are candidates, in every
+    ranking, so another team's passage can neither be returned nor decide that the KB covers the question;
+    None (a question from no team's channel): shared passages only.
 
     `mode`: hybrid (the engine's) | bm25 | dense (one signal alone, ranked without a coverage decision:
     the baselines of bench/retrieval_recall.py)."""
@@ -294,22 +300,24 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
     config = config or config_for(embedding_model_name())
     question = question[: config.question_chars]
     if mode == "bm25":
-        ranked = search_passages(db, question, limit=k)  # the raw question, as FTS5 alone would take it
+        ranked = search_passages(db, question, limit=k, team=team)  # the raw question, as FTS5 alone would take it
         return [ScoredPassage(passage=p, score=b, bm25_rank=i, bm25_score=b) for i, (p, b) in enumerate(ranked, 1)]
     ev = evidence(db, question, config)
     ids = ev.index.ids
+    hidden = ~ev.index.visible(team)  # (N,) another team's passages: never ranked
     if mode == "dense":
-        top = np.argsort(-ev.similarity, kind="stable")[:k]
+        top = np.argsort(-np.where(hidden, -np.inf, ev.similarity), kind="stable")[: min(k, int((~hidden).sum()))]
         passages = {p.id: p for p in get_passages(db, ids[top].tolist())}
         return [ScoredPassage(passage=passages[int(ids[i])], score=float(ev.similarity[i]), dense_rank=r,
                               similarity=float(ev.similarity[i]), relevance=float(ev.relevance[i]))
                 for r, i in enumerate(top.tolist(), 1) if int(ids[i]) in passages]
 
     depth = max(config.candidates, k)
-    bm25 = bm25_ranking(db, question, limit=depth)
+    bm25 = bm25_ranking(db, question, limit=depth, team=team)
     candidates: dict[int, dict] = {p.id: {"passage": p, "bm25_rank": r, "bm25_score": b} for r, (p, b) in enumerate(bm25, 1)}
     # The semantic ranking enters with the decisive evidence that does not need the passage's text.
-    dense_order = np.argsort(-(ev.relevance + config.latent_weight * ev.latent), kind="stable")[:depth]
+    dense = np.where(hidden, -np.inf, ev.relevance + config.latent_weight * ev.latent)
+    dense_order = np.argsort(-dense, kind="stable")[: min(depth, int((~hidden).sum()))]
     for rank, i in enumerate(dense_order.tolist(), 1):
         candidates.setdefault(int(ids[i]), {})["dense_rank"] = rank
     for p in get_passages(db, [pid for pid, info in candidates.items() if "passage" not in info]):
@@ -320,6 +328,8 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
     scored = []
     for pid, info in candidates.items():
         if "passage" not in info:  # deleted since the index was loaded
+            continue
+        if info["passage"].team not in (None, team):  # re-imported for another team since the index was loaded
             continue
         i = position.get(pid)
         rel, latent = (float(ev.relevance[i]), float(ev.latent[i])) if i is not None else (None, 0.0)
@@ -337,9 +347,10 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
     return scored[:k]
 
 
-def retrieve_passages(db: sqlite_utils.Database, question: str, *, k: int = 3) -> list[Passage]:
-    """The `k` passages most relevant to `question`, best first (empty when nothing in the KB matches)."""
-    return [s.passage for s in retrieve_scored(db, question, k=k)]
+def retrieve_passages(db: sqlite_utils.Database, question: str, *, k: int = 3, team: str | None = None) -> list[Passage]:
+    """The `k` passages most relevant to `question` of `team` (shared and that team's passages; None: shared only),
+    best first (empty when nothing in the KB matches)."""
+    return [s.passage for s in retrieve_scored(db, question, k=k, team=team)]
 
 
 def embedding_model() -> str:

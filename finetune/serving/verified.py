@@ -73,7 +73,24 @@ class _Index:
     examples: list[ApprovedExample] = field(default_factory=list)
     matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.float32))
     cjk: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per row: written in Chinese
-    by_text: dict[str, int] = field(default_factory=dict)  # normalised question -> row
+    by_text: dict[str, list[int]] = field(default_factory=dict)  # normalised question -> rows (one per team at most)
+    teams: list[str | None] = field(default_factory=list)  # per row: the example's team; None: shared
+    _masks: dict[tuple[str, str | None], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def visible(self, team: str | None) -> np.ndarray:
+        """(N,) bool: the examples a question of `team` may be answered with: shared ones and the team's."""
+        mask = self._masks.get(("visible", team))
+        if mask is None:
+            mask = self._masks[("visible", team)] = np.array([t is None or t == team for t in self.teams], dtype=bool)
+        return mask
+
+    def own(self, team: str | None) -> np.ndarray:
+        """(N,) bool: the team's own examples (none for no team)."""
+        mask = self._masks.get(("own", team))
+        if mask is None:
+            mask = self._masks[("own", team)] = np.array([team is not None and t == team for t in self.teams],
+                                                         dtype=bool)
+        return mask
 
 
 _indexes: dict[str, _Index] = {}
@@ -103,46 +120,58 @@ def _index(db: sqlite_utils.Database) -> _Index:
     index = _Index(state=state, model=model, examples=examples)
     if examples:
         index.matrix = np.stack([np.frombuffer(stored[ex.id][1], dtype="<f4") for ex in examples])
-        index.by_text = {normalise_question(ex.question): row for row, ex in enumerate(examples)}
+        for row, ex in enumerate(examples):
+            index.by_text.setdefault(normalise_question(ex.question), []).append(row)
         index.cjk = np.array([is_cjk(ex.question) for ex in examples])
+        index.teams = [ex.team for ex in examples]
     with _lock:
         _indexes[key] = index
     return index
 
 
 def search_examples(db: sqlite_utils.Database, question: str, *, k: int = 5,
-                    config: VerifiedConfig = DEFAULT_VERIFIED) -> list[ExampleMatch]:
-    """The `k` approved examples closest to `question`, closest first (an exact match always first)."""
+                    config: VerifiedConfig = DEFAULT_VERIFIED, team: str | None = None) -> list[ExampleMatch]:
+    """The `k` approved examples closest to `question`, closest first (an exact match always first), among those a
+    question of `team` may see: the shared ones and the team's (None: shared only). Another team's example is never
+    returned. When both the team and the shared set have the question, the team's own answer is the exact match."""
     from finetune.serving.embedding import embed_queries
 
     question = question.strip()
     index = _index(db)
     if not question or not index.examples or k <= 0:
         return []
+    visible = index.visible(team)
+    if not visible.any():
+        return []
     sims = index.matrix @ embed_queries([question])[0]  # (N, D) @ (D,) -> (N,)
     sims = sims + config.cross_script_bonus * (index.cjk != is_cjk(question))
-    exact_row = index.by_text.get(normalise_question(question))
-    order = [int(i) for i in np.argsort(-sims, kind="stable")[:k]]
+    rows = [r for r in index.by_text.get(normalise_question(question), []) if visible[r]]
+    exact_row = min(rows, key=lambda r: index.teams[r] is None) if rows else None  # the team's own first
+    k = min(k, int(visible.sum()))
+    # Among equally close examples the team's own comes first (a team may answer a shared question its own way).
+    order = [int(i) for i in np.argsort(-np.where(visible, sims + 1e-4 * index.own(team), -np.inf), kind="stable")[:k]]
     if exact_row is not None:
         order = [exact_row] + [i for i in order if i != exact_row][: k - 1]
     return [ExampleMatch(index.examples[i], float(sims[i]), exact=i == exact_row) for i in order]
 
 
-def find_verified(db: sqlite_utils.Database, question: str, *,
-                  config: VerifiedConfig = DEFAULT_VERIFIED) -> ExampleMatch | None:
-    """The approved example that answers this very question (a paraphrase or a translation of it), if any."""
-    best = search_examples(db, question, k=1, config=config)
+def find_verified(db: sqlite_utils.Database, question: str, *, config: VerifiedConfig = DEFAULT_VERIFIED,
+                  team: str | None = None) -> ExampleMatch | None:
+    """The approved example that answers this very question (a paraphrase or a translation of it) for a question
+    of `team` (search_examples), if any."""
+    best = search_examples(db, question, k=1, config=config, team=team)
     if best and (best[0].exact or best[0].similarity >= config.match_similarity):
         return best[0]
     return None
 
 
 def related_examples(db: sqlite_utils.Database, question: str, *, k: int,
-                     config: VerifiedConfig = DEFAULT_VERIFIED, exclude: frozenset[int] = frozenset()) -> list[ExampleMatch]:
-    """Up to `k` approved examples on the same subject (not matches): context for the prompt. `exclude`: ids
-    left out, e.g. an example's own when its training prompt is built."""
+                     config: VerifiedConfig = DEFAULT_VERIFIED, exclude: frozenset[int] = frozenset(),
+                     team: str | None = None) -> list[ExampleMatch]:
+    """Up to `k` approved examples on the same subject (not matches) that a question of `team` may see: context for
+    the prompt. `exclude`: ids left out, e.g. an example's own when its training prompt is built."""
     if k <= 0:
         return []
-    found = search_examples(db, question, k=k + len(exclude), config=config)
+    found = search_examples(db, question, k=k + len(exclude), config=config, team=team)
     return [m for m in found if m.example.id not in exclude and not m.exact
             and m.similarity >= config.related_similarity][:k]

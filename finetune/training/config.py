@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from finetune.registry.folders import VERSION_RE
+from finetune.training.recommend import recommend_for_profile
+from store import ConfigError, StoreError
+
 METHODS = ("qlora", "lora", "full")
 OBJECTIVES = ("sft", "kto", "dpo")
 # Qwen2 / Llama naming; "all-linear" finds whatever linear layers a model has (except the output head).
@@ -78,7 +82,7 @@ class TrainConfig:
     max_length: int | None = None  # tokens of prompt + answer; longer prompts are cut from the passages
     # True (whole layers) | "mlp" (feed-forward blocks only) | False | "auto": whole layers when one batch's
     # activations would take more than a quarter of the free memory, else "mlp" for QLoRA and off for the
-    # other methods (finetune.training.trainer.choose_checkpointing).
+    # other methods (finetune.training.memory.choose_checkpointing).
     gradient_checkpointing: bool | str | None = None
     seed: int = 42
     weight_decay: float = 0.0
@@ -125,8 +129,6 @@ def resolve_config(config: TrainConfig, *, tiny: bool, n_examples: int, profile=
     `profile` (finetune.training.recommend.DataProfile) is only needed for rank="auto"; it is computed by the caller
     from the training examples.
     """
-    from finetune.training.recommend import recommend_for_profile
-
     defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
     source = "tiny-base defaults" if tiny else "defaults (the LoRA guide's recipe)"
     notes: list[str] = []
@@ -178,8 +180,6 @@ def check_settings(c: TrainConfig) -> None:
     """The rules for training settings, wherever a run is asked for: `kbloop train`, /kb-retrain, a queued job.
     Fields left at None (the base's defaults, filled in by resolve_config) are not checked. Raises ConfigError
     naming the setting and what it must be."""
-    from store import ConfigError
-
     for name in _INT_FIELDS + _NUMBER_FIELDS:
         value = getattr(c, name)
         kinds = (int,) if name in _INT_FIELDS else (int, float)
@@ -219,8 +219,6 @@ def check_settings(c: TrainConfig) -> None:
     if c.gradient_checkpointing is not None and c.gradient_checkpointing not in (True, False, "auto", "mlp"):
         raise ConfigError(f"gradient checkpointing must be true, false, mlp or auto, not {c.gradient_checkpointing!r}")
     if c.version is not None or c.start_from is not None:
-        from finetune.registry.folders import VERSION_RE
-
         if c.version is not None and (c.version.lower() in RESERVED_VERSIONS or not VERSION_RE.match(c.version)):
             raise ConfigError(f"version {c.version!r}: use letters, digits, '.', '_' or '-' (at most 64), and not "
                              f"{', '.join(RESERVED_VERSIONS)}")
@@ -229,8 +227,6 @@ def check_settings(c: TrainConfig) -> None:
 
 
 def _validate(c: TrainConfig, *, n_examples: int) -> None:
-    from store import ConfigError, StoreError
-
     if c.method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {c.method!r}")
     if not isinstance(c.rank, int) or c.rank < 1:

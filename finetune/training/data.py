@@ -29,6 +29,10 @@ from finetune.model.prompting import (
     render_prompt,
     standalone_question,
 )
+from finetune.serving.retrieval import retrieve_passages
+from finetune.serving.verified import related_examples
+from store import StoreError
+from store.interactions import get_interaction, thread_interactions
 
 IGNORE_INDEX = -100
 
@@ -43,16 +47,14 @@ class TrainingExample:
     history: list[Turn] = field(default_factory=list)  # a follow-up's earlier turns in its Slack thread
 
 
-def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingExample]:
+def build_training_examples(db, examples: Sequence, *, k: int, team: str | None = None) -> list[TrainingExample]:
     """Store examples -> training examples carrying the passages retrieved for their question and the approved
-    answers to related questions (never their own).
+    answers to related questions (never their own), as a question of `team` gets them (store.teams: the shared
+    rows and the team's; None: shared only), so that an adapter never learns from another team's.
 
     Both lookups are the engine's own (finetune.serving.retrieval, finetune.serving.verified), so a prompt at training time
     has what the same question gets when it is asked.
     """
-    from finetune.serving.retrieval import retrieve_passages
-    from finetune.serving.verified import related_examples
-
     n_approved = approved_in_prompt(k)
     out = []
     for ex in examples:
@@ -60,8 +62,9 @@ def build_training_examples(db, examples: Sequence, *, k: int) -> list[TrainingE
         # retrieves for the standalone question, as the engine answered it (finetune.model.prompting).
         history = _thread_turns(db, getattr(ex, "interaction_id", None))
         query = standalone_question(ex.question, history)
-        passages = retrieve_passages(db, query, k=k) if k > 0 else []
-        related = related_examples(db, query, k=n_approved, exclude=frozenset({ex.id})) if n_approved else []
+        passages = retrieve_passages(db, query, k=k, team=team) if k > 0 else []
+        related = (related_examples(db, query, k=n_approved, exclude=frozenset({ex.id}), team=team)
+                   if n_approved else [])
         out.append(TrainingExample(
             question=ex.question, input=ex.input or "", answer=ex.answer,
             passages=[PromptPassage(title=p.title, content=p.content) for p in passages],
@@ -75,8 +78,6 @@ def _thread_turns(db, interaction_id: int | None) -> list[Turn]:
     """The turns before an interaction in its Slack thread (none outside a thread)."""
     if interaction_id is None:
         return []
-    from store import StoreError
-    from store.interactions import get_interaction, thread_interactions
 
     try:
         asked = get_interaction(db, interaction_id)

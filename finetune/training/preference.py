@@ -32,10 +32,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+from finetune.model import loading
+from finetune.model.loading import load_base_model
 from finetune.training.config import TrainConfig
 from finetune.training.data import IGNORE_INDEX, TrainingExample, build_training_examples, encode_example
 from finetune.training.trainer import StepInfo, TrainingCancelled, TrainOutcome
 from store import StoreError
+from store.interactions import correction_pairs, voted_answers
 
 PREFERENCE_OBJECTIVES = ("kto", "dpo")
 # TRL's default strength of the pull towards the reference model (both papers use 0.1).
@@ -85,13 +88,12 @@ class PreferenceData:
         return f"{len(self.desirable)} desirable answers (👍 and corrections), {len(self.undesirable)} 👎{left}"
 
 
-def preference_data(db, objective: str, *, k_passages: int) -> PreferenceData:
-    """The votes (kto) or correction pairs (dpo) that may train, built into prompts with `k_passages` passages.
+def preference_data(db, objective: str, *, k_passages: int, team: str | None = None) -> PreferenceData:
+    """The votes (kto) or correction pairs (dpo) that may train the adapter of `team` (shared and the team's; None:
+    the shared adapter, shared only), built into prompts with `k_passages` passages.
     StoreError (one line, saying what to do) when there is nothing to train on."""
-    from store.interactions import correction_pairs, voted_answers
-
     if objective == "kto":
-        votes, left_out = voted_answers(db, corrections=True)
+        votes, left_out = voted_answers(db, corrections=True, team=team)
         if len(votes) < MIN_VOTES or all(v.desirable for v in votes) or not any(v.desirable for v in votes):
             raise StoreError(
                 f"KTO needs at least {MIN_VOTES} votes with both 👍 and 👎 among them; there are "
@@ -99,15 +101,15 @@ def preference_data(db, objective: str, *, k_passages: int) -> PreferenceData:
                 + (f" ({left_out} left out: flagged by the secrets scan or rejected by a curator)" if left_out else ""))
         rows = [SimpleNamespace(id=v.example_id, question=v.question, input="", answer=v.answer,
                                 interaction_id=v.interaction_id) for v in votes]
-        built = build_training_examples(db, rows, k=k_passages)
+        built = build_training_examples(db, rows, k=k_passages, team=team)
         return PreferenceData("kto", labelled=[(ex, v.desirable) for ex, v in zip(built, votes)], left_out=left_out)
     if objective == "dpo":
-        pairs, left_out = correction_pairs(db)
+        pairs, left_out = correction_pairs(db, team=team)
         if not pairs:
             raise StoreError("no correction pairs to train DPO on: approve 👎 corrections in review first "
                              "(`kbloop review`, the playground), or train on the votes with --objective kto"
                              + (f" ({left_out} left out: flagged by the secrets scan)" if left_out else ""))
-        built = build_training_examples(db, pairs, k=k_passages)
+        built = build_training_examples(db, pairs, k=k_passages, team=team)
         return PreferenceData("dpo", pairs=[(ex, p.rejected_answer) for ex, p in zip(built, pairs)],
                               left_out=left_out)
     raise StoreError(f"objective must be kto or dpo for a preference run, not {objective!r}")
@@ -161,8 +163,6 @@ def dpo_rows(tokenizer, pairs: Sequence[tuple[TrainingExample, str]], *, max_len
 
 def _load_policy(base: str, init_from: Path, method: str):
     """The starting weights, trainable: a full fine-tune's folder, or the base with the adapter loaded trainable."""
-    from finetune.model.loading import load_base_model
-
     if method == "full":
         model = load_base_model(str(init_from))
         for p in model.parameters():
@@ -216,8 +216,6 @@ def train_preference(config: TrainConfig, data: PreferenceData, out_dir: Path, *
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
-
-    from finetune.model import loading
 
     started = time.monotonic()
     out_dir = Path(out_dir)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 # Importing a module registers its commands on `app`.
-from kbloop.cli import adapters, ask, bot, data, playground, runtime, training, worker  # noqa: F401
+from kbloop.cli import adapters, ask, bot, data, playground, runtime, teams, training, worker  # noqa: F401
 from kbloop.cli.app import app, run
 
 

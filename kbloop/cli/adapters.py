@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from kbloop.cli.app import app, ctx, fail
+from store.adapters import get_adapter
+from store.teams import require_team
 
 
 def _actor() -> str:
@@ -41,7 +43,8 @@ def eval_command(
 
 @app.command("adapters")
 def adapters_command() -> None:
-    """List adapter versions with their status and key held-out metrics (active one marked *)."""
+    """List adapter versions with their team, status and key held-out metrics (each team's active one, and the shared
+    active one, marked *). Team "-": the shared adapter, which answers teams without an active adapter of their own."""
     from finetune.evaluation.metrics import format_value, text_table
     from finetune.registry.folders import adapter_objective
     from store.adapters import list_adapters
@@ -50,13 +53,13 @@ def adapters_command() -> None:
     if not rows:
         typer.echo("No adapters yet. Train one with `kbloop train`.")
         return
-    table = [("", "version", "status", "method", "objective", "base", "examples", "loss", "exact", "F1", "stops", "gate",
+    table = [("", "version", "team", "status", "method", "objective", "base", "examples", "loss", "exact", "F1", "stops", "gate",
               "created")]
     for a in rows:
         m, g = a.metrics, a.metrics.get("gate") or {}
         gate_text = ("pass" if g.get("passed") else "fail") + f" vs {g['against']}" if g else "-"
         table.append((
-            "*" if a.status == "active" else "", a.version, a.status, a.method, adapter_objective(a), a.base_model,
+            "*" if a.status == "active" else "", a.version, a.team or "-", a.status, a.method, adapter_objective(a), a.base_model,
             str(a.dataset_size or 0), format_value("heldout_loss", m.get("heldout_loss")),
             format_value("heldout_exact_match", m.get("heldout_exact_match")),
             format_value("heldout_token_f1", m.get("heldout_token_f1")),
@@ -70,26 +73,35 @@ def promote_command(
     version: Annotated[str, typer.Argument(help="Adapter version to make active.")],
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (recorded in the audit log).")] = False,
 ) -> None:
-    """Make VERSION the active adapter if it is no worse than the current one on the held-out set."""
+    """Make VERSION the active adapter of its team (or the shared one, for a shared adapter) if it is no worse than
+    the adapter that answers that team now on the held-out set."""
     from finetune.registry.promotion import promote
 
-    verdict = promote(ctx().db, version, actor=_actor(), force=force)
+    db = ctx().db
+    verdict = promote(db, version, actor=_actor(), force=force)
+    team = get_adapter(db, version).team
+    whose = f"team {team}'s active adapter" if team else "the active adapter"
     if verdict.table:
         typer.echo(verdict.table)
     if verdict.passed:
-        typer.echo(f"{version} is now the active adapter.")
+        typer.echo(f"{version} is now {whose}.")
     else:
-        typer.echo(f"{version} is now the active adapter (forced; gate: {'; '.join(verdict.reasons)}).")
+        typer.echo(f"{version} is now {whose} (forced; gate: {'; '.join(verdict.reasons)}).")
 
 
 @app.command("rollback")
-def rollback_command() -> None:
-    """Retire the active adapter and go back to the one active before it (or the base model)."""
+def rollback_command(
+    team: Annotated[Optional[str], typer.Option(help="Roll back this team's active adapter (default: the shared one).")] = None,
+) -> None:
+    """Retire the active adapter and go back to the one active before it (or the base model). With --team, the team's:
+    back to its previous adapter, or to the shared one when it had none before."""
     from finetune.registry.promotion import rollback
 
-    current, previous = rollback(ctx().db, actor=_actor())
-    to = previous.version if previous else "the base model (no adapter)"
-    typer.echo(f"Rolled back from {current.version} to {to}.")
+    db = ctx().db
+    require_team(db, team)
+    current, previous = rollback(db, actor=_actor(), team=team)
+    to = previous.version if previous else ("the shared adapter" if team else "the base model (no adapter)")
+    typer.echo(f"Rolled back {f'team {team} ' if team else ''}from {current.version} to {to}.")
 
 
 @app.command("export")
@@ -100,7 +112,6 @@ def export_command(
 ) -> None:
     """Write base + adapter VERSION merged into one full model folder (safetensors + tokenizer)."""
     from finetune.registry.export import export_merged
-    from store.adapters import get_adapter
 
     if merged is None:
         fail("--merged OUT is required: the folder to write the merged model to")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from kbloop.cli.app import app, ctx, fail
+from store.teams import parse_channels, team_for_channel
 
 
 @app.command()
@@ -21,31 +22,39 @@ def ask(
     time_limit: Annotated[float, typer.Option(min=1.0, help="Stop generating after this many seconds.")] = 60.0,
     record: Annotated[bool, typer.Option(help="Record the question and answer in the store (for feedback and review).")] = True,
     load_timeout: Annotated[float, typer.Option(min=1.0, help="Give up if the model has not loaded after this many seconds.")] = 900.0,
+    channel: Annotated[Optional[str], typer.Option(
+        help="Ask as if in this Slack channel: a team's channel gets the team's documents, approved answers and "
+             "adapter (kbloop teams), any other only shared ones.")] = None,
 ) -> None:
     """Answer QUESTION from the knowledge base, with the base model and the active adapter (as the bot would).
 
     A question that matches an approved example (the same question, a paraphrase, the other language) gets
     the curator's approved answer at once, marked as such (`--model-only` asks the model instead).
     Prints the answer, its sources, the adapter that answered, the latency and the interaction id under
-    which it was recorded.
+    which it was recorded. Without --channel the question belongs to no team: shared documents and answers only.
     """
-    from finetune.serving.engine import ACTIVE, BASE, EngineConfig
+    from finetune.serving.engine import ACTIVE, BASE, EngineConfig, check_adapter_for
     from kbloop.answering import engine_for
-    from store.adapters import get_adapter
 
     if not question.strip():
         fail("the question is empty: pass it in quotes, e.g. kbloop ask \"How do I set up the VPN?\"")
     c = ctx()
     db = c.db  # one clear line when the workspace does not exist
+    if channel is not None:
+        found = parse_channels(channel)
+        if len(found) != 1:
+            fail(f"--channel takes one Slack channel id, not {channel!r}")
+        channel = found[0]
+    team = team_for_channel(db, channel)
     if adapter not in (ACTIVE, BASE):
-        get_adapter(db, adapter)  # unknown version: StoreError lists the known ones
+        check_adapter_for(db, adapter, team)  # unknown version (StoreError lists the known ones), or another team's
     config = EngineConfig(k=k, max_new_tokens=max_new_tokens, time_limit_s=time_limit)
     engine = engine_for(c.settings, config)
     try:
         # A verified answer needs no model: only load one when the question has none.
         result = None
         if adapter == ACTIVE and not model_only:
-            result = engine.verified_answer(question, source="cli", record=record)
+            result = engine.verified_answer(question, source="cli", record=record, team=team, channel_id=channel)
         if result is None:
             engine.start()
             from rich.console import Console
@@ -56,7 +65,8 @@ def ask(
                 fail(f"could not load the model {c.settings.base_model!r} (KBLOOP_BASE_MODEL): {engine.error}")
             if not engine.ready:
                 fail(f"the model {c.settings.base_model!r} did not load within {load_timeout:.0f}s (--load-timeout)")
-            result = engine.answer(question, source="cli", adapter=adapter, record=record, model_only=model_only)
+            result = engine.answer(question, source="cli", adapter=adapter, record=record, model_only=model_only,
+                                   channel_id=channel, team=team)
     finally:
         engine.close()
     if as_json:
@@ -68,6 +78,8 @@ def ask(
         for s in result.sources:
             typer.echo(f"  - {s.title} ({s.doc_path})")
     footer = [result.verified_line or f"adapter: {result.adapter_version or 'base'}", f"{result.latency_ms} ms"]
+    if team:
+        footer.insert(0, f"team: {team}")
     if result.interaction_id is not None:
         footer.append(f"interaction #{result.interaction_id}")
     typer.echo("\n" + " · ".join(footer))

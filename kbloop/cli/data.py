@@ -10,6 +10,7 @@ import typer
 
 from kbloop.cli.app import app, ctx, fail
 from kbloop.settings import ENV_EXAMPLE
+from store.teams import SHARED, require_team
 
 kb_app = typer.Typer(help="The knowledge base the bot answers from.", no_args_is_help=True)
 data_app = typer.Typer(help="Training examples: import, export, statistics.", no_args_is_help=True)
@@ -45,6 +46,8 @@ def kb_import(
     embed: Annotated[bool, typer.Option(help="Compute semantic-search embeddings now (else on first answer).")] = True,
     allow_sensitive: Annotated[bool, typer.Option(
         "--allow-sensitive", help="Import documents although they hold secrets or personal data.")] = False,
+    team: Annotated[Optional[str], typer.Option(
+        help="The documents belong to this team (kbloop teams): only its questions see them. Default: shared.")] = None,
 ) -> None:
     """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it.
 
@@ -55,14 +58,15 @@ def kb_import(
     from store.kb import kb_stats
 
     c = ctx()
-    result = import_documents(c.db, paths, allow_sensitive=allow_sensitive)
+    result = import_documents(c.db, paths, allow_sensitive=allow_sensitive, team=team)
     for line in result.skipped + result.notices:
         typer.echo(line, err=True)
     read, changed = result.read, result.changed
     if embed:
         _embed_passages(c)
     stats = kb_stats(c.db)
-    typer.echo(f"{read} documents read, {changed} new or changed, {read - changed} unchanged; "
+    typer.echo(f"{read} documents read{f' for team {team}' if team else ''}, {changed} new or changed, "
+               f"{read - changed} unchanged; "
                f"knowledge base: {stats['documents']} documents, {stats['passages']} passages.")
 
 
@@ -90,6 +94,8 @@ def kb_search(
     question: Annotated[str, typer.Argument(help="The question, in any language the KB is written in.")],
     k: Annotated[int, typer.Option("--k", min=1, help="How many passages to show.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list (empty when the KB does not cover it).")] = False,
+    team: Annotated[Optional[str], typer.Option(
+        help="Search as a question of this team would: the shared and the team's documents. Default: shared only.")] = None,
 ) -> None:
     """The passages the bot would retrieve for a question, best first, with the evidence behind each rank
     (BM25, similarity, relevance, word coverage, latent terms, fused score), or nothing when the KB does not cover it."""
@@ -98,8 +104,9 @@ def kb_search(
     if not question.strip():
         fail("the question is empty")
     c = ctx()
+    require_team(c.db, team)
     _embed_passages(c)  # a changed KBLOOP_EMBEDDING_MODEL re-embeds here, visibly, not inside the search
-    results = retrieve_scored(c.db, question, k=k)
+    results = retrieve_scored(c.db, question, k=k, team=team)
     if as_json:
         typer.echo(json.dumps([s.to_dict(rank) for rank, s in enumerate(results, 1)], ensure_ascii=False, indent=2))
         return
@@ -119,6 +126,9 @@ def data_import(
     status: Annotated[str, typer.Option(help="approved (default) or pending (send through review).")] = "approved",
     question_field: Annotated[Optional[str], typer.Option(help="Read the question from this field.")] = None,
     answer_field: Annotated[Optional[str], typer.Option(help="Read the answer from this field.")] = None,
+    team: Annotated[Optional[str], typer.Option(
+        help="The examples belong to this team (kbloop teams): they answer and train only its questions. "
+             "Default: shared.")] = None,
 ) -> None:
     """Import QA pairs as training examples and say how the file was read. A file with any bad line is refused whole.
 
@@ -134,8 +144,9 @@ def data_import(
         fail(f"--status must be approved or pending, not {status!r}")
     c = ctx()
     result = import_examples(c.db, file, status=status, reviewer="import", question_field=question_field,
-                             answer_field=answer_field)
-    typer.echo(f"{file}: {result.added} examples imported as {status}, {result.duplicates} duplicates skipped.")
+                             answer_field=answer_field, team=team)
+    typer.echo(f"{file}: {result.added} examples imported as {status}{f' for team {team}' if team else ''}, "
+               f"{result.duplicates} duplicates skipped.")
     typer.echo(f"Read as: {result.description}")
     if result.held:
         typer.echo(f"{len(result.held)} row(s) hold secrets or personal data; review them before approving:", err=True)
@@ -149,13 +160,16 @@ def data_import(
 def data_export(
     format: Annotated[str, typer.Option("--format", help="sft | messages | dpo | kto")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
+    team: Annotated[Optional[str], typer.Option(
+        help="What trains this team's adapter: the shared and the team's rows. Default: shared rows only.")] = None,
 ) -> None:
-    """Write training data as JSONL for TRL / LLaMA-Factory."""
+    """Write training data as JSONL for TRL / LLaMA-Factory: what `kbloop train` (with the same --team) trains on.
+    A team's rows are exported only with --team."""
     from store.formats import EXPORT_FORMATS, write_export
 
     if format not in EXPORT_FORMATS:
         fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-    n, left_out = write_export(ctx().db, format, out)
+    n, left_out = write_export(ctx().db, format, out, team=team)
     typer.echo(f"{n} {format} records written to {out}.")
     if left_out:
         typer.echo(f"{left_out} record(s) left out: they hold secrets or personal data that no curator confirmed "
@@ -186,6 +200,7 @@ def review_list(
     typer_ctx: typer.Context,
     status: Annotated[str, typer.Option(help="pending | approved | rejected")] = "pending",
     limit: Annotated[int, typer.Option(help="How many to show.")] = 50,
+    team: Annotated[Optional[str], typer.Option(help="Only this team's examples (`-`: the shared ones).")] = None,
 ) -> None:
     """List examples waiting for review (or with another status)."""
     if typer_ctx.invoked_subcommand is not None:
@@ -194,7 +209,9 @@ def review_list(
 
     if status not in ("pending", "approved", "rejected"):
         fail(f"--status must be pending, approved or rejected, not {status!r}")
-    items = list_examples(ctx().db, status=status, limit=limit)
+    if team not in (None, SHARED):
+        require_team(ctx().db, team)
+    items = list_examples(ctx().db, status=status, limit=limit, team=team)
     if not items:
         typer.echo(f"No {status} examples.")
         return
@@ -204,6 +221,7 @@ def review_list(
     db = ctx().db
     for ex in items:
         origin = f" (answer #{ex.interaction_id})" if ex.interaction_id else ""
+        origin += f", team {ex.team}" if ex.team else ""
         typer.echo(f"#{ex.id} [{ex.source}{origin}] Q: {_one_line(ex.question)}")
         disputed = disputed_example(db, ex)
         if disputed is not None:

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from kbloop.cli.app import app, ctx, fail
+from store.teams import require_team
 
 # Printed before training (the defaults) or while it ran (where it started): not repeated after it.
 _DEFAULT_NOTES = ("defaults (the LoRA guide's recipe)", "tiny-base default", "base is `tiny`", "rank auto", "continuing from",
@@ -123,6 +124,7 @@ def train(
     objective: Annotated[str, typer.Option(help="sft (default): the approved examples; kto: continue the active adapter on the 👍 / 👎 votes (a correction's answer counts as 👍); dpo: continue it on (approved correction, the answer it replaced) pairs. See docs/training.md.")] = "sft",
     data: Annotated[Optional[Path], typer.Option(help="Train on this file (JSONL/CSV as `kbloop data import` reads) instead of the store; writes to --out, registers nothing.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --data: the folder to write the adapter to (must not exist).")] = None,
+    team: Annotated[Optional[str], typer.Option(help="Train this team's adapter (kbloop teams): on the shared and the team's examples, continuing and judged against what answers the team now (its active adapter, else the shared one); registered for the team.")] = None,
 ) -> None:
     """Train an adapter on the approved examples, evaluate it against the active one, register it as a candidate.
 
@@ -138,6 +140,8 @@ def train(
                      epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, max_length=max_length, seed=seed,
                      version=version, passages=passages, start_from=start_from, objective=objective)
     if data is not None:
+        if team is not None:
+            fail("--team trains on the store's examples of the team; --data trains on a file (nothing registered)")
         if objective != "sft":
             fail("--objective kto and dpo train on the store's votes; --data trains on a file's examples (sft)")
         if start_from is not None:
@@ -149,12 +153,15 @@ def train(
     from finetune.registry.candidates import train_candidate
     from store.examples import approved_snapshot
 
-    examples, _ = approved_snapshot(c.db)
+    require_team(c.db, team)
+    examples, _ = approved_snapshot(c.db, team=team)
     if not examples:
         fail("no approved examples: import some with `kbloop data import FILE` or approve pending ones with "
              "`kbloop review`")
     run = _pick_version(c.db, c.settings.kbloop_home, config.version)
     config = replace(config, version=run)
+    if team is not None:
+        typer.echo(f"Team {team}: {len(examples)} approved examples (shared and the team's).")
     if objective == "sft":
         _echo_defaults(config, examples)
     else:
@@ -163,9 +170,9 @@ def train(
     started = time.monotonic()
     with _Progress(c.db, run=run, description=f"Training {run}") as progress:
         result = train_candidate(c.db, home=c.settings.kbloop_home, config=config, on_step=progress.on_step,
-                                 on_phase=progress.phase)
+                                 on_phase=progress.phase, team=team)
     a = result.adapter
-    typer.echo(f"Registered {a.version} as a candidate ({a.method}, {a.dataset_size} examples, "
+    typer.echo(f"Registered {a.version} as a candidate{f' for team {team}' if team else ''} ({a.method}, {a.dataset_size} examples, "
                f"{time.monotonic() - started:.0f} s): {a.path}")
     from finetune.registry.folders import read_metadata
 

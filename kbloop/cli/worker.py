@@ -189,6 +189,7 @@ def _actor() -> str:
 @jobs_app.command("retrain")
 def jobs_retrain(
     force: Annotated[bool, typer.Option("--force", help="Train even if the approved examples did not change.")] = False,
+    team: Annotated[Optional[str], typer.Option(help="Retrain this team's adapter (kbloop teams), as /kb-retrain team=NAME.")] = None,
 ) -> None:
     """Queue a retraining job (what /kb-retrain does); a running `kbloop worker` picks it up."""
     from finetune.jobs.queue import describe_job, request_retrain
@@ -197,7 +198,8 @@ def jobs_retrain(
 
     db = ctx().db
     try:
-        job = request_retrain(db, requester=_actor(), params={"force": True} if force else None)
+        params = {**({"force": True} if force else {}), **({"team": team} if team else {})}
+        job = request_retrain(db, requester=_actor(), params=params or None)
     except JobAlreadyActive as exc:
         fail(f"not queued: {describe_job(exc.job)}")
     record_audit(db, actor=_actor(), action="retrain", allowed=True, target=f"job {job.id}")

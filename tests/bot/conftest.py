@@ -43,10 +43,10 @@ class ScriptedEngine:
         self._lock = threading.Lock()
 
     def answer(self, question, *, source="cli", user_id=None, channel_id=None, thread_ts=None, event_id=None,
-               adapter="active", record=True, on_text=None):
+               adapter="active", record=True, on_text=None, team=None):
         with self._lock:
             self.calls.append({"question": question, "user_id": user_id, "event_id": event_id,
-                               "thread_ts": thread_ts})
+                               "thread_ts": thread_ts, "team": team})
         if self.delay_s:
             time.sleep(self.delay_s)
         text = self.reply(question)
@@ -60,8 +60,9 @@ class ScriptedEngine:
         sources = [Source(title="VPN guide", doc_path="kb/vpn.md")]
         iid = record_interaction(local_db(self.db_path), question=question, answer=text, source=source,
                                  sources=[asdict(s) for s in sources], adapter_version=None, latency_ms=5,
-                                 user_id=user_id, channel_id=channel_id, thread_ts=thread_ts, event_id=event_id)
-        return Answer(text, sources, None, 5, iid, None)
+                                 user_id=user_id, channel_id=channel_id, thread_ts=thread_ts, event_id=event_id,
+                                 team=team)
+        return Answer(text, sources, None, 5, iid, None, team=team)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import pytest
 from kbloop.cli import app
 from kbloop.cli.app import run
 from tests.bot.conftest import SECRET
+from tests.conftest import small_sample_kb
 from tests.fakes.slack_api import BOT_USER_ID, app_mention_event, event_body, post_signed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +63,8 @@ def test_kbloop_bot_http_serves_health_and_answers(fake_slack, kbloop_home, tmp_
     kbloop = [sys.executable, "-m", "kbloop.cli"] if (REPO / "kbloop" / "cli" / "__main__.py").exists() else \
         [sys.executable, "-c", "from kbloop.cli import main; main()"]
     subprocess.run(kbloop + ["init"], env=env, check=True, capture_output=True, cwd=tmp_path)
-    subprocess.run(kbloop + ["kb", "import", str(REPO / "samples" / "kb"), "--no-embed"], env=env, check=True,
+    kb = small_sample_kb(tmp_path / "kb")  # the bot embeds what it searches: a few documents, not the whole KB
+    subprocess.run(kbloop + ["kb", "import", str(kb), "--no-embed"], env=env, check=True,
                    capture_output=True, cwd=tmp_path)
     port = _free_port()
     proc = subprocess.Popen(kbloop + ["bot", "--http", "--port", str(port)], env=env, cwd=tmp_path,

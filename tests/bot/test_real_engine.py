@@ -4,7 +4,6 @@ out through the fake Slack, the interaction recorded, and a 👎 correction land
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,7 @@ from store.documents import import_documents
 from store.examples import list_examples
 from store.interactions import get_interaction, list_interactions
 from tests.bot.conftest import SECRET
+from tests.conftest import small_sample_kb
 from tests.fakes.slack_api import (
     BOT_USER_ID,
     app_mention_event,
@@ -24,13 +24,13 @@ from tests.fakes.slack_api import (
     view_submission_payload,
 )
 
-SAMPLES_KB = Path(__file__).resolve().parents[2] / "samples" / "kb"
-
 
 @pytest.fixture
-def engine(db_path, kbloop_home):
+def engine(db_path, kbloop_home, tmp_path):
     db = open_db(db_path)
-    import_documents(db, [SAMPLES_KB])
+    # A few sample documents, expenses among them: the first question embeds them, in seconds (the whole sample
+    # KB takes minutes on a busy 2-core machine, past the wait for the answer).
+    import_documents(db, [small_sample_kb(tmp_path / "kb")])
     eng = Engine(db_path=db_path, home=kbloop_home, base_model="tiny",
                  config=EngineConfig(max_new_tokens=24, time_limit_s=30)).start()
     assert eng.wait_ready(300), eng.error

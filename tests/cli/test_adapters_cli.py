@@ -21,7 +21,7 @@ def workspace(kbloop, db):
     return db
 
 
-def _register(db, home: Path, version: str, metrics: dict, *, against: str = "base") -> None:
+def _register(db, home: Path, version: str, metrics: dict, *, against: str = "base", team: str | None = None) -> None:
     from finetune.evaluation.gate import gate
 
     folder = home / "adapters" / version
@@ -32,7 +32,8 @@ def _register(db, home: Path, version: str, metrics: dict, *, against: str = "ba
     rows.register_adapter(db, version=version, path=str(folder), base_model="tiny", method="lora", params={},
                           dataset_hash="h", dataset_size=40,
                           metrics=metrics | {"gate": {"against": against, "against_metrics": GOOD,
-                                                      "passed": verdict.passed, "reasons": verdict.reasons}})
+                                                      "passed": verdict.passed, "reasons": verdict.reasons}},
+                          team=team)
 
 
 def test_adapters_show_what_each_version_learnt_from(kbloop, workspace, kbloop_home):
@@ -62,7 +63,7 @@ def test_adapters_lists_versions_with_status_and_metrics(kbloop, workspace, kblo
     _register(workspace, kbloop_home, "v2", GOOD | {"heldout_loss": 3.0})
     assert kbloop("promote", "v1").exit_code == 0
     lines = kbloop("adapters").stdout.splitlines()
-    assert lines[0].split()[:3] == ["version", "status", "method"]
+    assert lines[0].split()[:4] == ["version", "team", "status", "method"]
     v1 = next(line for line in lines if " v1 " in line)
     v2 = next(line for line in lines if " v2 " in line)
     assert v1.startswith("*") and "active" in v1 and "1.000" in v1 and "50.0%" in v1 and "pass vs base" in v1
@@ -128,3 +129,28 @@ def test_eval_and_export_on_the_tiny_base(kbloop, workspace, kbloop_home, tmp_pa
     r = kbloop("export", "v1", "--merged", str(tmp_path / "merged"))
     assert r.exit_code == 0, r.stderr
     assert "Merged model written to" in r.stdout and (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_each_team_promotes_and_rolls_back_its_own_adapter(kbloop, workspace, kbloop_home):
+    # Issue 20: `promote V` acts on V's team; the team's gate compares with what answers the team now.
+    assert kbloop("teams", "add", "eng", "--channels", "C0ENG").exit_code == 0
+    _register(workspace, kbloop_home, "v1", GOOD)
+    assert kbloop("promote", "v1").exit_code == 0
+    _register(workspace, kbloop_home, "v2", GOOD, against="v1", team="eng")  # judged against the shared v1
+    r = kbloop("promote", "v2")
+    assert r.exit_code == 0 and "v2 is now team eng's active adapter." in r.stdout, r.stderr
+    assert rows.active_adapter(workspace).version == "v1" and rows.active_adapter(workspace, "eng").version == "v2"
+    lines = kbloop("adapters").stdout.splitlines()
+    assert next(line for line in lines if " v1 " in line).split()[:4] == ["*", "v1", "-", "active"]
+    assert next(line for line in lines if " v2 " in line).split()[:4] == ["*", "v2", "eng", "active"]
+    _register(workspace, kbloop_home, "v3", GOOD, against="v1", team="eng")  # compared before v2 was promoted
+    r = kbloop("promote", "v3")
+    assert r.exit_code == 1 and "v3 was compared with v1, but v2 is active now" in r.stderr
+    assert "active adapter: v2" in kbloop("teams").stdout
+    r = kbloop("rollback", "--team", "eng")
+    assert r.exit_code == 0 and r.stdout.strip() == "Rolled back team eng from v2 to the shared adapter."
+    assert rows.active_adapter(workspace).version == "v1"  # the shared adapter was not touched
+    r = kbloop("rollback", "--team", "eng")
+    assert r.exit_code == 1 and "team 'eng' has no active adapter of its own: nothing to roll back" in r.stderr
+    r = kbloop("rollback", "--team", "ops")
+    assert r.exit_code == 1 and "no team 'ops'" in r.stderr

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_compute_dtype_is_the_faster_of_bf16_and_fp32_on_the_cpu():
     import torch
 
-    from finetune.training.trainer import qlora_compute_dtype
+    from finetune.training.qlora import qlora_compute_dtype
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU the GPU's dtype is used")
@@ -29,7 +29,7 @@ def _qlora(tiny_path):
     import torch
 
     from finetune.training.config import resolve_config
-    from finetune.training.trainer import _prepare_model
+    from finetune.training.model_setup import prepare_model as _prepare_model
 
     cfg, _ = resolve_config(TrainConfig(base=tiny_path, method="qlora", rank=4, alpha=8, dropout=0.0, epochs=1.0,
                                         batch_size=2, grad_accum=1, max_length=64, k_passages=0,
@@ -54,7 +54,7 @@ def _loss_and_grads(model, ids):
 def test_unpacked_weights_give_the_same_loss_and_gradients_as_bitsandbytes(tiny_path, dtype_name):
     import torch
 
-    from finetune.training.trainer import keep_dequantized_weights, set_qlora_compute_dtype
+    from finetune.training.qlora import keep_dequantized_weights, set_qlora_compute_dtype
 
     dtype = getattr(torch, dtype_name)
     ids = torch.randint(10, 300, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -74,7 +74,7 @@ def test_fp32_compute_changes_what_the_4bit_layers_compute_in(tiny_path):
     import bitsandbytes as bnb
     import torch
 
-    from finetune.training.trainer import set_qlora_compute_dtype
+    from finetune.training.qlora import set_qlora_compute_dtype
 
     model = _qlora(tiny_path)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -85,7 +85,7 @@ def test_gradient_checkpointing_auto_recomputes_when_activations_would_crowd_mem
     import psutil
     from transformers import AutoConfig
 
-    from finetune.training.trainer import MLP_CHECKPOINT_SHARE, activation_bytes, choose_checkpointing
+    from finetune.training.memory import MLP_CHECKPOINT_SHARE, activation_bytes, choose_checkpointing
 
     # Qwen2.5-0.5B (24 layers, hidden 896), batch 4 x 1024 tokens in fp32: ~5.6 GB of activations.
     qwen = activation_bytes(SimpleNamespace(hidden_size=896, num_hidden_layers=24), batch_size=4, max_length=1024,
@@ -124,7 +124,7 @@ def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_g
     import torch
 
     from finetune.training.config import resolve_config
-    from finetune.training.trainer import _prepare_model
+    from finetune.training.model_setup import prepare_model as _prepare_model
 
     ids = torch.randint(10, 300, (2, 48))
     results = {}
@@ -159,7 +159,8 @@ def test_qlora_quantises_the_base_with_bitsandbytes_on_this_machine(tiny_path, t
     import bitsandbytes as bnb
 
     from finetune.training.config import resolve_config
-    from finetune.training.trainer import _prepare_model, train_adapter
+    from finetune.training.model_setup import prepare_model as _prepare_model
+    from finetune.training.trainer import train_adapter
 
     cfg, _ = resolve_config(_config(tiny_path, method="qlora"), tiny=True, n_examples=8)
     model = _prepare_model(cfg)
@@ -224,7 +225,7 @@ def test_tiny_learns_answers_and_to_stop(tiny_path, tmp_path):
 
 def test_small_sets_train_at_least_the_step_floor_and_explicit_epochs_mean_what_they_say():
     from finetune.training.config import resolve_config
-    from finetune.training.trainer import run_budget
+    from finetune.training.sizing import run_budget
 
     tiny, _ = resolve_config(TrainConfig(base="tiny"), tiny=True, n_examples=23)
     budget = run_budget(tiny, 23, world=1)  # 3 steps an epoch: 20 epochs would be 60 steps

@@ -11,14 +11,15 @@ from store.migrations import MIGRATIONS
 SCHEMA = {
     "kb_docs": {
         "columns": {"id": int, "doc_path": str, "title": str, "chunk_index": int, "content": str, "search_text": str,
-                    "content_hash": str, "embedding": bytes, "embedding_model": str, "created_at": str},
-        "indexes": {(("content_hash",), False), (("doc_path", "chunk_index"), True)},
+                    "content_hash": str, "embedding": bytes, "embedding_model": str, "created_at": str, "team": str},
+        # A path is unique per team: the first column is the expression COALESCE(team, '') (store.migrations m120).
+        "indexes": {(("content_hash",), False), ((None, "doc_path", "chunk_index"), True)},
         "fks": set(),
     },
     "interactions": {
         "columns": {"id": int, "question": str, "answer": str, "source": str, "user_id": str, "channel_id": str,
                     "thread_ts": str, "message_ts": str, "event_id": str, "adapter_version": str, "sources": str,
-                    "latency_ms": int, "created_at": str, "verified_example_id": int},
+                    "latency_ms": int, "created_at": str, "verified_example_id": int, "team": str},
         "indexes": {(("channel_id", "message_ts"), False), (("created_at",), False)},
         "fks": {("verified_example_id", "examples", "id")},
     },
@@ -37,15 +38,15 @@ SCHEMA = {
         "columns": {"id": int, "question": str, "input": str, "answer": str, "status": str, "source": str,
                     "interaction_id": int, "rejected_answer": str, "content_hash": str, "reviewer": str,
                     "reviewed_at": str, "note": str, "created_at": str, "updated_at": str, "disputes_example_id": int,
-                    "sensitive_confirmed": str},
-        "indexes": {(("content_hash",), True), (("interaction_id",), False), (("status",), False)},
+                    "sensitive_confirmed": str, "team": str},
+        "indexes": {(("content_hash",), True), (("interaction_id",), False), (("status",), False), (("team",), False)},
         "fks": {("interaction_id", "interactions", "id"), ("disputes_example_id", "examples", "id")},
     },
     "adapters": {
         "columns": {"version": str, "path": str, "base_model": str, "method": str, "params": str, "dataset_hash": str,
                     "dataset_size": int, "metrics": str, "status": str, "job_id": int, "note": str,
-                    "created_at": str, "activated_at": str, "rolled_back_at": str},
-        "indexes": {(("status",), False), (("version",), True)},
+                    "created_at": str, "activated_at": str, "rolled_back_at": str, "team": str},
+        "indexes": {(("status",), False), (("version",), True), (("team", "status"), False)},
         "fks": set(),
     },
     "jobs": {
@@ -87,6 +88,11 @@ SCHEMA = {
     "slack_event_inbox": {
         "columns": {"id": int, "event_id": str, "body": str, "headers": str, "received_at": str},
         "indexes": {(("event_id",), True)},
+        "fks": set(),
+    },
+    "teams": {
+        "columns": {"name": str, "channels": str, "created_at": str},
+        "indexes": {(("name",), True)},
         "fks": set(),
     },
     "assistant_threads": {
