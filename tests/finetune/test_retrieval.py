@@ -313,6 +313,28 @@ def test_passage_vectors_are_reused_and_match_a_fresh_encoding():
     assert np.allclose(again[1], embedder.encode(["A sentence not seen before."], is_query=False)[0], atol=1e-6)
 
 
+def test_passage_latent_terms_are_reused_per_text_and_size():
+    from finetune.serving import embedding
+
+    if not embedding.has_latents():
+        pytest.skip("the embedder in use has no latent terms")
+    embedder = embedding._embedder()
+    texts = ["年假每年 15 天，需提前两周申请。", "Badges are picked up at the front desk."]
+    calls = []
+    original = embedder.latents
+    embedder.latents = lambda text, top_k, *, one_thread: (calls.append((text, top_k)),
+                                                            original(text, top_k, one_thread=one_thread))[1]
+    try:
+        first = embedding.embed_passage_latents(texts, 16)
+        again = embedding.embed_passage_latents([texts[1], texts[0]], 16)
+        wider = embedding.embed_passage_latents([texts[0]], 32)
+    finally:
+        embedder.latents = original
+    assert calls == [(texts[0], 16), (texts[1], 16), (texts[0], 32)]  # a text and size reach the model once
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(again, first[::-1]))
+    assert len(wider[0][0]) == 32 and np.array_equal(wider[0][0][:16], first[0][0])
+
+
 def test_a_chinese_question_needs_a_higher_score_to_count_as_covered():
     from finetune.serving.retrieval import fuse
 
