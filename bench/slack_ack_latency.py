@@ -124,7 +124,10 @@ def generate_load(plan: Path, port: int, concurrency: int) -> int:
             body, retry = todo.get_nowait()
             data = body.encode()
             t0 = time.perf_counter()
-            headers = sign_request(data, SECRET)
+            # Slack signs each delivery when it sends it, and its retries go out up to minutes after the
+            # original: a retry's timestamp, so its signature, differs (the same signature twice is a replay,
+            # which the bot refuses). Shuffled, a retry may be sent first; a minute apart they never collide.
+            headers = sign_request(data, SECRET, timestamp=int(time.time()) + 60 * (retry or 0))
             if retry is not None:
                 headers.update({"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"})
             head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())

@@ -88,22 +88,37 @@ def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Databa
 
     A deferred transaction that reads and then writes can fail at once with "database is locked" when
     another writer committed in between (the busy handler cannot help a lock upgrade); IMMEDIATE waits
-    in the busy handler instead.
+    in the busy handler instead. Writers of one process queue on a lock per database file first: the
+    busy handler sleeps in growing steps (up to 100 ms) before it retries, which put hundreds of
+    milliseconds into a Slack acknowledgement waiting behind the answer being recorded, while a thread
+    waiting on a lock runs the moment the lock is free. Other processes still meet in the busy handler.
     """
     conn = db.conn
     if conn.in_transaction:  # nested: the outer transaction already holds the lock
         with db.atomic():
             yield db
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    else:
-        conn.execute("COMMIT")
+    with _writer_lock(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+
+_writer_locks: dict[str, threading.RLock] = {}
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(conn: sqlite3.Connection) -> threading.RLock:
+    """The lock of the database file `conn` writes to (re-entrant: a thread with two connections to one file)."""
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    with _writer_locks_guard:
+        return _writer_locks.setdefault(path, threading.RLock())
 
 
 def backup_db(db: sqlite_utils.Database, out: Path | str) -> Path:

@@ -176,8 +176,9 @@ def test_a_mention_is_answered_by_a_stream_ending_with_sources_and_buttons_and_f
                                  message_ts=message["ts"], response_url=fake_slack.response_url("vote"))
     assert post_signed(bot.events_url, interactive_body(down), SECRET)[0] == 200
     fake_slack.wait_for("views.open", 1)
-    [vote] = votes_for(bot.db, interaction.id)  # one vote per user, the latest wins
-    assert vote.vote == -1
+    # The modal opens first (its trigger_id lives 3 s), the 👎 is recorded right after: one vote per user, the
+    # latest wins.
+    assert _eventually(lambda: [v.vote for v in votes_for(bot.db, interaction.id)] == [-1])
 
 
 def test_where_streaming_is_refused_answers_use_placeholder_and_update_and_stop_trying(start_bot, fake_slack):
