@@ -115,7 +115,8 @@ _writer_locks_guard = threading.Lock()
 
 
 def _writer_lock(conn: sqlite3.Connection) -> threading.RLock:
-    """The lock of the database file `conn` writes to (re-entrant: a thread with two connections to one file)."""
+    """The lock of the database file `conn` writes to; re-entrant, so that a thread writing through a second
+    connection to the same file meets SQLite's busy timeout (an error) rather than waiting on itself forever."""
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     with _writer_locks_guard:
         return _writer_locks.setdefault(path, threading.RLock())

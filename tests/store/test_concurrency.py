@@ -38,3 +38,46 @@ def test_four_processes_record_4000_votes(db_path):
     assert problems == []
     assert all(p.exitcode == 0 for p in procs)
     assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 4 * VOTES_PER_PROCESS
+
+
+def test_writers_of_one_process_queue_on_a_lock_not_in_sqlites_busy_handler(db_path):
+    """A second thread's write waits for the first to commit, even with no busy timeout at all: without the
+    process's writer lock its BEGIN IMMEDIATE would fail at once with "database is locked"."""
+    import threading
+
+    from store.db import write_transaction
+
+    open_db(db_path)
+    holding, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def first() -> None:
+        db = open_db(db_path)
+        with write_transaction(db):
+            db.execute("INSERT INTO audit_log (action, actor, allowed, created_at) VALUES ('first', 't', 1, 'now')")
+            holding.set()
+            release.wait(10)
+
+    def second() -> None:
+        db = open_db(db_path)
+        db.conn.execute("PRAGMA busy_timeout=0")
+        try:
+            with write_transaction(db):
+                db.execute("INSERT INTO audit_log (action, actor, allowed, created_at) VALUES ('second', 't', 1, 'now')")
+            outcome.append("written")
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            outcome.append(exc)
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert holding.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.3)
+    assert b.is_alive() and outcome == []  # waiting on the lock, not failed
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert outcome == ["written"]
+    actions = [r[0] for r in open_db(db_path).execute("SELECT action FROM audit_log WHERE actor = 't' ORDER BY id")]
+    assert actions == ["first", "second"]
