@@ -161,6 +161,18 @@ def engine_batching() -> Row:
                yes(ok))
 
 
+def team_batching() -> Row:
+    """mixed-adapter batches: 16 concurrent questions over 4 teams' adapters, throughput ≥ 0.8× the same 16 on one adapter, answers identical to one at a time"""
+    d = load("team_batching.json", "bench/team_batching.py")
+    ratios = sorted(s["tokens_per_s"] / o["tokens_per_s"] for s, o in zip(d["runs"]["spread"], d["runs"]["one_adapter"]))
+    median = statistics.median(ratios)
+    ok = median >= 0.8 and d["identical_answers"]
+    return Row(f"{median:.2f}× in generated tokens/s (median of {len(ratios)}, {ratios[0]:.2f}–"
+               f"{ratios[-1]:.2f}), {d['max_new_tokens']} new tokens a question, answers "
+               f"{'identical' if d['identical_answers'] else '**not** identical'} to one at a time, "
+               f"{load_note(d['load_average_before'], d['load_average_after'])} (`bench/team_batching.py`)", yes(ok))
+
+
 def engine_poisson() -> Row:
     """continuous batching: Poisson arrivals at 2, 8, 16 questions/s, p50/p95 latency and throughput against the previous engine"""
     d = load("engine_poisson_summary.json", "bench/engine_poisson.py")
@@ -305,7 +317,7 @@ def preference() -> Row:
 
 
 ROWS: list[Callable[[], Row]] = [
-    tiny_memorisation, tiny_sizes, continued_training, train_vs_seed, engine_batching, engine_poisson,
+    tiny_memorisation, tiny_sizes, continued_training, train_vs_seed, engine_batching, engine_poisson, team_batching,
     retrieval_hybrid, retrieval_same_language, retrieval_cross_language, retrieval_off_topic, retrieval_latency,
     hot_swap, slack_ack, slack_streaming, preference,
 ]

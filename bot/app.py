@@ -18,7 +18,10 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, R
 from bot.assistant import register_assistant_handlers
 from bot.commands import register_command_handlers
 from bot.config import BotConfig
-from bot.handlers import BotRuntime, register_feedback_handlers, register_question_handlers
+from bot.feedback import register_feedback_handlers
+from bot.questions import register_question_handlers
+from bot.runtime import BotRuntime
+from finetune.serving.protocol import AnswerEngine
 from store.db import ping
 
 log = logging.getLogger("kbloop.bot")
@@ -34,7 +37,7 @@ def make_web_client(config: BotConfig) -> WebClient:
     )
 
 
-def build_app(*, config: BotConfig, engine, db_path: Path) -> App:
+def build_app(*, config: BotConfig, engine: AnswerEngine, db_path: Path) -> App:
     """The Slack app with every listener registered. `app.kbloop` is its BotRuntime (engine, store,
     answer pool); `shutdown(app)` stops the answer pool."""
     app = App(
@@ -105,7 +108,7 @@ def health(app: App) -> tuple[bool, dict]:
 _last_health_problem: list[str] = [""]  # logged once per change, not at every probe
 
 
-def readiness(open_store, engine) -> tuple[bool, dict]:
+def readiness(open_store, engine: AnswerEngine) -> tuple[bool, dict]:
     """(ready, what /healthz shows). /healthz has no authentication, so it says only `ok`, `error`,
     `ready`, `loading` or `failed`; what failed, with the exception text, goes to the log (issue 16).
     `generation` appears when generation runs on a vLLM server (docs/scaling.md)."""

@@ -1,13 +1,13 @@
 """Slack's AI-app surface through slack-bolt's `Assistant` middleware (https://docs.slack.dev/ai/developing-agents).
 
 - `assistant_thread_started`: the thread gets a title and suggested prompts: the questions asked most and
-  👍'd most in the last `SUGGESTED_WEEKS` weeks (store.interactions.suggested_questions), or
+  👍'd most in the last `SUGGESTED_WEEKS` weeks (store.assistant_threads.suggested_questions), or
   messages.DEFAULT_PROMPTS while nothing was asked yet. The thread's context is kept.
 - `assistant_thread_context_changed`: the new context (the channel the user is looking at) is kept in the
   store's `assistant_threads` (StoreThreadContextStore): the thread's questions belong to that channel's team
-  (bot.handlers.question_team), and its suggested prompts are the shared and that team's questions.
+  (bot.questions.question_team), and its suggested prompts are the shared and that team's questions.
 - a user's message in an assistant thread: the same question pipeline as mentions and DMs
-  (bot.handlers.question_event: filtered, claimed once, rate-limited), with the status line
+  (bot.questions.question_event: filtered, claimed once, rate-limited), with the status line
   (assistant.threads.setStatus, rotating loading messages) set before the work starts, the thread titled
   by its first question, and the answer streamed into the thread (bot.streaming).
 
@@ -27,14 +27,11 @@ from slack_bolt import App, Assistant
 from slack_bolt.context.assistant.thread_context import AssistantThreadContext
 from slack_bolt.context.assistant.thread_context_store.store import AssistantThreadContextStore
 
-from bot import messages
-from bot.handlers import BotRuntime, question_event
-from store.interactions import (
-    assistant_thread_context,
-    save_assistant_thread_context,
-    suggested_questions,
-    thread_interactions,
-)
+import bot.messages as messages
+from bot.questions import question_event
+from bot.runtime import BotRuntime
+from store.assistant_threads import assistant_thread_context, save_assistant_thread_context, suggested_questions
+from store.interactions import thread_interactions
 from store.teams import team_for_channel
 
 log = logging.getLogger("kbloop.bot")

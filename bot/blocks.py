@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 
-from bot import messages
+import bot.messages as messages
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000

@@ -14,9 +14,10 @@ import logging
 
 from slack_bolt import App
 
-from bot import messages
+import bot.messages as messages
 from bot.blocks import escape_mrkdwn
-from bot.handlers import BotRuntime
+from bot.runtime import BotRuntime
+from finetune.serving.protocol import AnswerEngine
 from store import KbloopError, StoreError
 from store.adapters import active_adapter
 from store.audit import record_audit
@@ -94,7 +95,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def status_text(db, *, engine=None, admin: bool = False) -> str:
+def status_text(db, *, engine: AnswerEngine | None = None, admin: bool = False) -> str:
     """The /kb-status report in mrkdwn (outside values escaped). `admin`: with jobs' whole errors and progress
     details; everyone else sees a failed job's short reason (bot.messages.public_reason)."""
     lines = [messages.STATUS_TITLE]

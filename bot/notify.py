@@ -1,4 +1,4 @@
-"""SlackJobNotifier: tells Slack about a retraining job (implements finetune.jobs.worker.JobNotifier).
+"""SlackJobNotifier: tells Slack about a retraining job (implements finetune.jobs.notices.JobNotifier).
 
 Where: the channel the job was requested from (`job.reply_channel`, in `reply_thread_ts` if set) and
 KBLOOP_NOTIFY_CHANNEL. When the bot cannot post in the requester's channel (not a member, archived …)
@@ -17,7 +17,7 @@ import time
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot import messages
+import bot.messages as messages
 from bot.blocks import escape_mrkdwn, plain_message
 
 log = logging.getLogger("kbloop.bot.notify")

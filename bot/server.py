@@ -110,7 +110,7 @@ class EventDispatcher:
                     self.priority.wait_for_quiet()
                 self._dispatch(item)
                 # Removed once bolt has it: the listeners claim the event id in the store before answering
-                # (bot.handlers), so a delivery dispatched twice (two processes, a crash just here) answers once.
+                # (bot.questions), so a delivery dispatched twice (two processes, a crash just here) answers once.
                 remove_slack_event(db, item.id)
 
     def _wait_for_model(self) -> None:

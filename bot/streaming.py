@@ -32,7 +32,8 @@ import time
 
 from slack_sdk.errors import SlackApiError
 
-from bot import blocks, messages
+import bot.blocks as blocks
+import bot.messages as messages
 
 log = logging.getLogger("kbloop.bot")
 

@@ -16,7 +16,7 @@ this order and each before the next step's work:
    the door has seen. 401 rather than 200: Slack's own requests are not refused by it, and a copy is an
    attack worth seeing in the logs. The one exception is an Events API delivery marked as a retry
    (bot.server.SlackDoor): it passes, and retried events are deduplicated by `event_id` further in
-   (bot.handlers), persisted, so it never answers twice.
+   (bot.questions), persisted, so it never answers twice.
 
 Only then is the body parsed; a verified body that is not the JSON or form Slack sends is 400.
 """

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from finetune.serving.protocol import AnswerEngine
 from playground.auth import LoginGate, PlaygroundGuard
 from playground.chat_tab import build_chat_tab
 from playground.config import PlaygroundConfig, check_bind
@@ -44,7 +45,8 @@ footer { display: none !important; }
 GRADIO_CACHE_SWEEP = (900, 3600)
 
 
-def build_playground(*, config: PlaygroundConfig, engine, db_path: Path | str, home: Path | str | None = None) -> gr.Blocks:
+def build_playground(*, config: PlaygroundConfig, engine: AnswerEngine | None, db_path: Path | str,
+                     home: Path | str | None = None) -> gr.Blocks:
     """The playground as a gr.Blocks (not launched). `engine` may be None: the chat tab then says so."""
     ctx = TabContext(config=config, db_path=Path(db_path))
 

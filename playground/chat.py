@@ -1,7 +1,7 @@
 """Chat tab handlers: ask the engine, compare base / active / a candidate side by side, vote on answers.
 
-The engine is passed in (one loaded model per process, shared with the bot in `kbloop serve`); anything
-with `answer(question, *, source, user_id, adapter, record)` returning finetune.serving.engine.Answer works.
+The engine is passed in (one loaded model per process, shared with the bot in `kbloop serve`): any
+finetune.serving.protocol.AnswerEngine.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from finetune.registry.folders import adapter_objective
+from finetune.serving.protocol import AnswerEngine
 from playground.auth import Viewer
 from playground.review import Outcome
 from store import StoreError
@@ -50,7 +51,7 @@ def default_candidate(db: sqlite_utils.Database) -> str | None:
     return candidates[-1].version if candidates else None
 
 
-def ask(engine, viewer: Viewer, question: str, adapters: list[str], *, team: str | None = None) -> list[ChatAnswer]:
+def ask(engine: AnswerEngine | None, viewer: Viewer, question: str, adapters: list[str], *, team: str | None = None) -> list[ChatAnswer]:
     """Answer `question` with each adapter (concurrently: the engine batches them). Each answer is recorded
     as an interaction with source "playground", so it can be voted on and reviewed like a Slack answer.
     `team`: ask as that team's channels would (store.teams): the shared and the team's documents and approved

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from finetune.serving.protocol import AnswerEngine
 from playground import chat, teams
 from playground.context import TabContext
 from store import StoreError
@@ -21,7 +22,7 @@ class ChatTab:
     model_choices: Callable[[], list]
 
 
-def build_chat_tab(ctx: TabContext, engine) -> ChatTab:
+def build_chat_tab(ctx: TabContext, engine: AnswerEngine | None) -> ChatTab:
     """The Chat tab and its events, inside the caller's gr.Blocks. `engine` may be None: asking then says so."""
     db, who = ctx.db, ctx.who
 

@@ -21,7 +21,8 @@ from store.examples import (
     review_example,
     update_example,
 )
-from store.formats import EXPORT_FORMATS, ImportFileError, import_examples, write_export
+from store.export import EXPORT_FORMATS, write_export
+from store.formats import ImportFileError, import_examples
 from store.interactions import feedback_stats
 
 TABLE_COLUMNS = ["id", "question", "answer", "source", "reviewer", "reviewed_at", "team"]

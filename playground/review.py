@@ -36,7 +36,7 @@ from store.examples import (
     review_example,
     update_example,
 )
-from store.interactions import approve_interaction, record_interaction_review, review_counts, review_item, review_items
+from store.review import approve_interaction, record_interaction_review, review_counts, review_item, review_items
 
 TO_REVIEW = ("unreviewed", "pending")
 
@@ -49,6 +49,7 @@ class QueueFilter:
     since: str = ""  # YYYY-MM-DD
     until: str = ""
     text: str = ""
+    team: str = ""  # "": every team's; store.teams.SHARED: those of no team; else that team's
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class ReviewItem:
     user: str | None
     adapter_version: str | None
     created_at: str
+    team: str | None = None  # the team it belongs to (asked in its channel, or imported for it); None: shared
     flags: list[Finding] = field(default_factory=list)
     duplicates: list[Match] = field(default_factory=list)
     disputed: DisputedExample | None = None  # the approved answer this correction would replace
@@ -111,19 +113,20 @@ def queue(db: sqlite_utils.Database, flt: QueueFilter, *, limit: int = 200) -> l
     since, until = _date(flt.since, "from date"), _date(flt.until, "to date")
     rows = []
     for r in review_items(db, vote=flt.vote, status=flt.status, channel_id=flt.channel or None, since=since or None,
-                          until=until or None, search=flt.text.strip() or None, limit=limit):
+                          until=until or None, search=flt.text.strip() or None, limit=limit, team=flt.team or None):
         rows.append({"key": f"i:{r['id']}", "up": r["up"], "down": r["down"], "status": r["status"],
                      "question": r["question"], "corrected": bool(r["corrections"]), "channel": r["channel_id"] or "",
-                     "created_at": r["created_at"], "reviewer": r["reviewer"] or ""})
+                     "created_at": r["created_at"], "reviewer": r["reviewer"] or "", "team": r["team"] or ""})
     # Pending examples with no answer behind them: no votes or channel, so only without those filters.
     if flt.vote in ("", "all") and not flt.channel and flt.status in ("to_review", "pending", "all", ""):
-        for ex in list_examples(db, status="pending", search=flt.text.strip() or None):
+        for ex in list_examples(db, status="pending", search=flt.text.strip() or None, team=flt.team or None):
             if ex.interaction_id is not None:
                 continue
             if (since and ex.created_at[:10] < since) or (until and ex.created_at[:10] > until):
                 continue
             rows.append({"key": f"e:{ex.id}", "up": 0, "down": 0, "status": "pending", "question": ex.question,
-                         "corrected": False, "channel": "", "created_at": ex.created_at, "reviewer": ""})
+                         "corrected": False, "channel": "", "created_at": ex.created_at, "reviewer": "",
+                         "team": ex.team or ""})
     return rows[:limit]
 
 
@@ -150,13 +153,14 @@ def open_item(db: sqlite_utils.Database, key: str) -> ReviewItem:
         item = dict(key=key, interaction_id=num, example_id=r["example_id"], question=r["question"], answer=r["answer"],
                     proposed_answer=proposed, sources=r["sources"], up=r["up"], down=r["down"],
                     corrections=r["corrections"], status=r["status"], reviewer=r["reviewer"], channel=r["channel_id"],
-                    user=r["user_id"], adapter_version=r["adapter_version"], created_at=r["created_at"])
+                    user=r["user_id"], adapter_version=r["adapter_version"], created_at=r["created_at"],
+                    team=r["team"])
     else:
         ex = get_example(db, num)
         item = dict(key=key, interaction_id=ex.interaction_id, example_id=ex.id, question=ex.question,
                     answer=ex.rejected_answer or "", proposed_answer=ex.answer, sources=[], up=0, down=0,
                     corrections=[], status=ex.status, reviewer=ex.reviewer, channel=None, user=None,
-                    adapter_version=None, created_at=ex.created_at)
+                    adapter_version=None, created_at=ex.created_at, team=ex.team)
     flags = find_sensitive(item["proposed_answer"]) + [f for c in item["corrections"] for f in find_sensitive(c)]
     item["flags"] = list({(f.kind, f.text): f for f in flags}.values())
     if item["example_id"] is not None:
@@ -337,7 +341,8 @@ def item_markdown(item: ReviewItem) -> ItemMarkdown:
     by = f" · decided by {esc(item.reviewer)}" if item.reviewer and item.status not in TO_REVIEW else ""
     header = (f"### {item.key} · {item.status}{by}\n👍 {item.up} · 👎 {item.down}{who}{where} · "
               f"{item.created_at[:16].replace('T', ' ')}"
-              + (f" · adapter {esc(item.adapter_version)}" if item.adapter_version else ""))
+              + (f" · adapter {esc(item.adapter_version)}" if item.adapter_version else "")
+              + (f" · team {esc(item.team)}" if item.team else ""))
     bot_answer = "**The bot's answer:** " + (esc(item.answer) if item.answer else "_none (an imported example)_")
     if item.disputed is not None:
         d = item.disputed

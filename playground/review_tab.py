@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from playground import review
+from playground import review, teams
 from playground.context import TabContext
 from playground.review import QueueFilter
 from store.interactions import review_channels
@@ -19,13 +19,13 @@ from store.interactions import review_channels
 STATUS_CHOICES = [("to review", "to_review"), ("unreviewed", "unreviewed"), ("pending correction", "pending"),
                   ("approved", "approved"), ("rejected", "rejected"), ("merged", "merged"), ("all", "all")]
 VOTE_CHOICES = [("all", "all"), ("👎", "down"), ("👍 only", "up")]
-QUEUE_COLUMNS = ["key", "votes", "status", "question", "corrected", "channel", "created_at"]
+QUEUE_COLUMNS = ["key", "votes", "status", "question", "corrected", "channel", "team", "created_at"]
 
 
 def _queue_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{"key": r["key"], "votes": f"👍{r['up']} 👎{r['down']}", "status": r["status"],
                           "question": r["question"][:140], "corrected": "✎" if r["corrected"] else "",
-                          "channel": r["channel"], "created_at": r["created_at"][:16].replace("T", " ")}
+                          "channel": r["channel"], "team": r["team"], "created_at": r["created_at"][:16].replace("T", " ")}
                          for r in rows], columns=QUEUE_COLUMNS)
 
 
@@ -49,20 +49,20 @@ def _item_view(item: review.ReviewItem | None) -> list:
 @dataclass(frozen=True)
 class ReviewTab:
     outputs: list  # what `refresh` fills: the counts, the queue, the channel choices, the first item to review
-    refresh: Callable[..., list]  # (vote, status, channel, since, until, text) -> values for `outputs`
+    refresh: Callable[..., list]  # (vote, status, channel, since, until, text, team) -> values for `outputs`
 
 
 def build_review_tab(ctx: TabContext) -> ReviewTab:
     """The Review tab and its events, inside the caller's gr.Blocks."""
     config, db, who = ctx.config, ctx.db, ctx.who
 
-    def current_filter(vote, status, channel, since, until, text) -> QueueFilter:
+    def current_filter(vote, status, channel, since, until, text, team) -> QueueFilter:
         return QueueFilter(vote=vote or "all", status=status or "to_review", channel=channel or "",
-                           since=since or "", until=until or "", text=text or "")
+                           since=since or "", until=until or "", text=text or "", team=team or "")
 
-    def load_queue(vote, status, channel, since, until, text):
+    def load_queue(vote, status, channel, since, until, text, team):
         try:
-            rows = review.queue(db(), current_filter(vote, status, channel, since, until, text),
+            rows = review.queue(db(), current_filter(vote, status, channel, since, until, text, team),
                                 limit=config.queue_page_size)
             note = ""
         except review.StoreError as exc:
@@ -82,6 +82,8 @@ def build_review_tab(ctx: TabContext) -> ReviewTab:
             f_since = gr.Textbox(label="From (YYYY-MM-DD)", scale=1)
             f_until = gr.Textbox(label="To (YYYY-MM-DD)", scale=1)
             f_text = gr.Textbox(label="Text", placeholder="search questions, answers, corrections", scale=2)
+            f_team = gr.Dropdown(teams.filter_choices(db()), value=teams.NO_TEAM, label="Team", scale=1,
+                                 allow_custom_value=True, elem_id="review-team")
             refresh_btn = gr.Button("Refresh", scale=0)
         counts_md = gr.Markdown(elem_id="review-counts")
         queue_df = gr.Dataframe(headers=QUEUE_COLUMNS, interactive=False, wrap=True, max_height=280,
@@ -114,19 +116,20 @@ def build_review_tab(ctx: TabContext) -> ReviewTab:
                 merge_btn = gr.Button("Merge", elem_id="merge-btn")
         item_status = gr.State("")
 
-    filters = [f_vote, f_status, f_channel, f_since, f_until, f_text]
+    filters = [f_vote, f_status, f_channel, f_since, f_until, f_text, f_team]
     item_outputs = [item_key, item_status, item_header, item_question, bot_answer, item_sources, item_corrections,
                     item_flags, answer_tb, confirm_cb, dups_md, merge_dd]
 
-    def refresh(vote, status, channel, since, until, text):
-        rows, counts = load_queue(vote, status, channel, since, until, text)
+    def refresh(vote, status, channel, since, until, text, team=teams.NO_TEAM):
+        rows, counts = load_queue(vote, status, channel, since, until, text, team)
         first = next((r["key"] for r in rows if r["status"] in review.TO_REVIEW), rows[0]["key"] if rows else "")
         channels = [("any", "")] + [(c, c) for c in review_channels(db())]
-        return [counts, _queue_frame(rows), gr.update(choices=channels)] + open_key(first)
+        return ([counts, _queue_frame(rows), gr.update(choices=channels), gr.update(choices=teams.filter_choices(db()))]
+                + open_key(first))
 
-    refresh_outputs = [counts_md, queue_df, f_channel] + item_outputs
+    refresh_outputs = [counts_md, queue_df, f_channel, f_team] + item_outputs
     refresh_btn.click(refresh, filters, refresh_outputs, api_name="queue")
-    for comp in (f_vote, f_status, f_channel):
+    for comp in (f_vote, f_status, f_channel, f_team):
         comp.change(refresh, filters, refresh_outputs, api_name=False)
     for comp in (f_since, f_until, f_text):
         comp.submit(refresh, filters, refresh_outputs, api_name=False)
@@ -143,8 +146,8 @@ def build_review_tab(ctx: TabContext) -> ReviewTab:
     open_btn.click(open_item, item_key, item_outputs, api_name="open_item")
     item_key.submit(open_item, item_key, item_outputs, api_name=False)
 
-    def next_item(vote, status, channel, since, until, text):
-        rows, _ = load_queue(vote, status, channel, since, until, text)
+    def next_item(vote, status, channel, since, until, text, team=teams.NO_TEAM):
+        rows, _ = load_queue(vote, status, channel, since, until, text, team)
         return open_key(next((r["key"] for r in rows if r["status"] in review.TO_REVIEW), ""))
 
     next_btn.click(next_item, filters, item_outputs, api_name="next_item")
@@ -163,20 +166,21 @@ def build_review_tab(ctx: TabContext) -> ReviewTab:
     decision_outputs = [review_msg, counts_md, queue_df] + item_outputs
 
     def do_approve(key, seen_status, question, answer, confirm, vote, status, channel, since, until, text,
-                   request: gr.Request):
+                   team=teams.NO_TEAM, request: gr.Request = None):
         outcome = review.approve(db(), who(request), key, answer=answer, question=question, confirm=confirm,
                                  expected_status=seen_status or None)
-        return after(outcome, (vote, status, channel, since, until, text), key)
+        return after(outcome, (vote, status, channel, since, until, text, team), key)
 
-    def do_reject(key, seen_status, vote, status, channel, since, until, text, request: gr.Request):
+    def do_reject(key, seen_status, vote, status, channel, since, until, text, team=teams.NO_TEAM,
+                  request: gr.Request = None):
         outcome = review.reject(db(), who(request), key, expected_status=seen_status or None)
-        return after(outcome, (vote, status, channel, since, until, text), key)
+        return after(outcome, (vote, status, channel, since, until, text, team), key)
 
     def do_merge(key, seen_status, into, use_answer, answer, confirm, vote, status, channel, since, until, text,
-                 request: gr.Request):
+                 team=teams.NO_TEAM, request: gr.Request = None):
         outcome = review.merge(db(), who(request), key, into, answer=answer if use_answer else None,
                                confirm=confirm, expected_status=seen_status or None)
-        return after(outcome, (vote, status, channel, since, until, text), key)
+        return after(outcome, (vote, status, channel, since, until, text, team), key)
 
     approve_btn.click(do_approve, [item_key, item_status, item_question, answer_tb, confirm_cb] + filters,
                       decision_outputs, api_name="approve")

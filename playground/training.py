@@ -1,5 +1,9 @@
 """Training tab handlers (admins): retrain (on the approved examples, or on the votes: objective kto / dpo), follow a job's progress and loss, promote and roll back.
 
+Each team (store.teams) has its own adapter: retraining and rolling back act on the shared adapter, or on the
+team chosen (`team`), as Slack's `/kb-retrain team=NAME` and `/kb-rollback team=NAME` do; promoting a version
+acts on the version's own team.
+
 Every action checks `require_admin` here, server-side; the tab is only hidden from others as a courtesy.
 Jobs go through the same queue as Slack's /kb-retrain (finetune.jobs.queue.request_retrain); promotion goes
 through the registry's gate (finetune.registry.promotion.promote), so the verdict shown is the one that decided.
@@ -22,9 +26,10 @@ from store import KbloopError, StoreError
 from store.adapters import active_adapter, get_adapter, list_adapters
 from store.audit import record_audit
 from store.jobs import JobAlreadyActive, active_jobs, get_job, list_jobs, request_cancel, train_steps
+from store.teams import list_teams, require_team
 
 JOB_COLUMNS = ["id", "status", "requester", "phase", "step", "loss", "created_at", "finished_at", "error"]
-ADAPTER_COLUMNS = ["version", "status", "method", "objective", "rank", "examples", "held-out loss", "exact match", "token F1",
+ADAPTER_COLUMNS = ["version", "team", "status", "method", "objective", "rank", "examples", "held-out loss", "exact match", "token F1",
                    "stop rate", "created_at"]
 
 
@@ -32,13 +37,18 @@ def _actor(viewer: Viewer) -> str:
     return f"playground:{viewer.name}"
 
 
-def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = False, overrides: dict | None = None) -> Outcome:
-    """Queue a retraining job (refused while one is queued or running: it says which)."""
+def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = False, overrides: dict | None = None,
+                  team: str | None = None) -> Outcome:
+    """Queue a retraining job for the shared adapter, or `team`'s (refused while one is queued or running: it
+    says which; refused for a team that does not exist)."""
     try:
         require_admin(db, viewer, "start_retraining")
         params: dict = {"force": True} if force else {}
-        if overrides:
-            params["train"] = {k: v for k, v in overrides.items() if v not in (None, "")}
+        if team:
+            params["team"] = team
+        train = {k: v for k, v in (overrides or {}).items() if v not in (None, "")}
+        if train:
+            params["train"] = train
         job = request_retrain(db, requester=_actor(viewer), params=params)
     except JobAlreadyActive as exc:
         return Outcome(False, f"Not queued: {describe_job(exc.job)}.")
@@ -46,7 +56,7 @@ def start_retrain(db: sqlite_utils.Database, viewer: Viewer, *, force: bool = Fa
         return Outcome(False, f"Not queued: {exc}")
 
     record_audit(db, actor=_actor(viewer), action="retrain", allowed=True, target=str(job.id), detail=params)
-    return Outcome(True, f"Job {job.id} queued; a worker (`kbloop worker` or `kbloop serve`) will run it.")
+    return Outcome(True, f"Job {job.id} queued{f' for team {team}' if team else ''}; a worker (`kbloop worker` or `kbloop serve`) will run it.")
 
 
 def cancel_job(db: sqlite_utils.Database, viewer: Viewer, job_id: int | str | None = None) -> Outcome:
@@ -119,7 +129,7 @@ def adapters_frame(db: sqlite_utils.Database) -> pd.DataFrame:
     rows = []
     for a in reversed(list_adapters(db)):
         m = a.metrics
-        rows.append({"version": a.version, "status": a.status, "method": a.method, "objective": adapter_objective(a),
+        rows.append({"version": a.version, "team": a.team or "", "status": a.status, "method": a.method, "objective": adapter_objective(a),
                      "rank": a.params.get("rank", a.params.get("r", "")), "examples": a.dataset_size,
                      "held-out loss": round(m["heldout_loss"], 4) if isinstance(m.get("heldout_loss"), (int, float)) else None,
                      "exact match": pct(m.get("heldout_exact_match")), "token F1": pct(m.get("heldout_token_f1")),
@@ -128,10 +138,17 @@ def adapters_frame(db: sqlite_utils.Database) -> pd.DataFrame:
 
 
 def verdict_markdown(db: sqlite_utils.Database, version: str | None) -> str:
-    """The gate's verdict for `version` against what is active now, with its metric table."""
+    """The gate's verdict for `version` against what is active now for its team, with its metric table; without a
+    version, what answers: the shared adapter and each team's own."""
     if not version:
         active = active_adapter(db)
-        return f"Active adapter: **{active.version}**." if active else "No adapter is active: the bot answers with the base model."
+        lines = [f"Active adapter: **{active.version}**." if active
+                 else "No adapter is active: the bot answers with the base model."]
+        for team in list_teams(db):
+            own = active_adapter(db, team.name)
+            lines.append(f"- team {team.name}: **{own.version}**" if own
+                         else f"- team {team.name}: the shared adapter (none of its own)")
+        return "\n".join(lines)
 
     try:
         adapter = get_adapter(db, version)
@@ -159,10 +176,14 @@ def promote(db: sqlite_utils.Database, viewer: Viewer, version: str | None, *, f
     return Outcome(True, f"{version} is now active ({how}).")
 
 
-def rollback(db: sqlite_utils.Database, viewer: Viewer) -> Outcome:
+def rollback(db: sqlite_utils.Database, viewer: Viewer, *, team: str | None = None) -> Outcome:
+    """Retire the shared active adapter, or `team`'s, and go back to the one active before it."""
     try:
         require_admin(db, viewer, "roll_back")
-        current, previous = registry_rollback(db, actor=_actor(viewer))
+        require_team(db, team)
+        current, previous = registry_rollback(db, actor=_actor(viewer), team=team)
     except (AdminRequired, StoreError) as exc:
         return Outcome(False, f"Not rolled back: {exc}")
-    return Outcome(True, f"Rolled back from {current.version} to {previous.version if previous else 'the base model'}.")
+    fallback = "the shared adapter" if team else "the base model"
+    whose = f"team {team}: " if team else ""
+    return Outcome(True, f"Rolled back {whose}from {current.version} to {previous.version if previous else fallback}.")

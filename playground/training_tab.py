@@ -1,5 +1,6 @@
 """Training tab (admins): start or cancel a retraining job, follow its progress and loss, and promote or roll back
-adapters past the gate. The decisions are playground.training's; this module lays them out and wires them up
+adapters past the gate, for the shared adapter or a team's (the "Team" dropdown; promoting acts on the version's own
+team). The decisions are playground.training's; this module lays them out and wires them up
 (api names: retrain, cancel_job, verdict, promote, rollback).
 """
 
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from playground import training
+from playground import teams, training
 from playground.context import TabContext
+from store.teams import SHARED
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class TrainingTab:
     tab: gr.Tab  # hidden until an admin loads the page
     timer: gr.Timer  # polls the current job, active for admins
     version: gr.Dropdown  # the adapter versions to promote
+    team: gr.Dropdown  # the team whose adapter retraining and rollback act on
     poll_outputs: list  # what `poll` fills: progress, loss plot, jobs, adapters
     poll: Callable[[gr.Request], list | tuple]
     version_choices: Callable[[], list]
@@ -40,6 +43,10 @@ def build_training_tab(ctx: TabContext) -> TrainingTab:
                  ("dpo: correction pairs", "dpo")], value="", label="Objective",
                 info="kto and dpo continue the active adapter (docs/training.md)")
         with gr.Row():
+            tr_team = gr.Dropdown(teams.move_choices(db()), value=SHARED, label="Team", scale=1,
+                                  allow_custom_value=True, elem_id="training-team",
+                                  info="Retrain and roll back the shared adapter, or a team's (trained on the shared "
+                                       "and the team's examples)")
             tr_start = gr.Button("Start retraining", variant="primary")
             tr_cancel = gr.Button("Cancel the current job", variant="stop")
         tr_msg = gr.Markdown()
@@ -70,14 +77,19 @@ def build_training_tab(ctx: TabContext) -> TrainingTab:
     poll_outputs = [tr_progress, tr_loss, tr_jobs, ad_table]
     timer.tick(train_poll, None, poll_outputs, api_name=False, show_progress="hidden")
 
-    def do_start(method, rank, epochs, force, objective, request: gr.Request):
+    def team_of(value) -> str | None:
+        return None if value in (None, "", SHARED) else value
+
+    tr_team.focus(lambda: gr.update(choices=teams.move_choices(db())), None, tr_team, api_name=False)
+
+    def do_start(method, rank, epochs, force, objective, team, request: gr.Request):
         overrides = {"method": method or None, "epochs": epochs or None, "objective": objective or None}
         if rank:
             overrides["rank"] = int(rank) if str(rank).strip().isdigit() else str(rank).strip()
-        outcome = training.start_retrain(db(), who(request), force=bool(force), overrides=overrides)
+        outcome = training.start_retrain(db(), who(request), force=bool(force), overrides=overrides, team=team_of(team))
         return [("✅ " if outcome.ok else "⛔ ") + outcome.message] + list(train_poll(request))
 
-    tr_start.click(do_start, [tr_method, tr_rank, tr_epochs, tr_force, tr_objective], [tr_msg] + poll_outputs,
+    tr_start.click(do_start, [tr_method, tr_rank, tr_epochs, tr_force, tr_objective, tr_team], [tr_msg] + poll_outputs,
                    api_name="retrain")
 
     def do_cancel(request: gr.Request):
@@ -103,12 +115,12 @@ def build_training_tab(ctx: TabContext) -> TrainingTab:
 
     ad_promote.click(do_promote, [ad_version, ad_force], [ad_msg, ad_table, ad_verdict], api_name="promote")
 
-    def do_rollback(version, request: gr.Request):
-        outcome = training.rollback(db(), who(request))
+    def do_rollback(version, team, request: gr.Request):
+        outcome = training.rollback(db(), who(request), team=team_of(team))
         return (("✅ " if outcome.ok else "⛔ ") + outcome.message, training.adapters_frame(db()),
                 show_verdict(version, request))
 
-    ad_rollback.click(do_rollback, ad_version, [ad_msg, ad_table, ad_verdict], api_name="rollback")
+    ad_rollback.click(do_rollback, [ad_version, tr_team], [ad_msg, ad_table, ad_verdict], api_name="rollback")
 
-    return TrainingTab(tab=training_tab, timer=timer, version=ad_version, poll_outputs=poll_outputs, poll=train_poll,
+    return TrainingTab(tab=training_tab, timer=timer, version=ad_version, team=tr_team, poll_outputs=poll_outputs, poll=train_poll,
                        version_choices=version_choices)

@@ -10,12 +10,16 @@ The folders themselves are written by `finetune`; this module only records them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import sqlite_utils
 
 from store.db import StoreError, write_transaction
 from store.text import now
+
+# What an adapter version may be called: it names a folder ($KBLOOP_HOME/adapters/<version>/) and a vLLM LoRA.
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ def _adapter(row: dict) -> Adapter:
     data["params"] = json.loads(row["params"] or "{}")
     data["metrics"] = json.loads(row["metrics"] or "{}")
     return Adapter(**data)
+
+
+def passages_of(adapter: Adapter) -> int:
+    """Retrieved passages per prompt the adapter was trained with (3 for adapters that predate the record)."""
+    k = adapter.params.get("k_passages")
+    return 3 if k is None else int(k)
 
 
 def next_version(db: sqlite_utils.Database) -> str:

@@ -1,4 +1,4 @@
-"""Training-data files: validated import (JSONL / CSV) and export in TRL / LLaMA-Factory formats.
+"""Training-data files: validated import (JSONL / CSV). Export is store.export.
 
 Import accepts, per line or row: `instruction`/`input`/`output`, `question`/`answer`, or `messages`
 ([{role, content}…], one user turn and one assistant answer; a system turn is allowed), or any two columns named
@@ -32,26 +32,13 @@ from store.examples import (
     NewExample,
     add_examples,
     example_problems,
-    training_examples,
 )
-from store.files import atomic_path
-from store.interactions import labelled_answers, preference_pairs
 from store.sensitive import describe, find_sensitive_in
 from store.teams import require_team
 
 # The longest CSV field read at all: the largest text an example may hold, with room for quoting. Python's csv
 # stops at 128 KiB by default with an exception that names no line.
 _MAX_CSV_FIELD = max(MAX_QUESTION_CHARS, MAX_INPUT_CHARS, MAX_ANSWER_CHARS) * 2
-
-EXPORT_FORMATS = ("sft", "messages", "dpo", "kto")
-# Column sets the TRL trainers read (SFT "prompt-completion"/conversational, DPO, KTO); LLaMA-Factory's
-# alpaca format is the sft one.
-EXPORT_COLUMNS = {
-    "sft": ["instruction", "input", "output"],
-    "messages": ["messages"],
-    "dpo": ["prompt", "chosen", "rejected"],
-    "kto": ["prompt", "completion", "label"],
-}
 
 # How each kind of row is read, as `kbloop data import` reports it.
 READ_AS = {
@@ -378,31 +365,3 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise StoreError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
-
-
-def export_records(db: sqlite_utils.Database, fmt: str, *, team: str | None = None) -> tuple[list[dict], int]:
-    """(records, how many were left out because the scan flagged them and nobody confirmed them). `team`: what
-    trains that team's adapter, the shared and the team's rows (store.teams); None: the shared adapter's."""
-    if fmt not in EXPORT_FORMATS:
-        raise StoreError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
-    if fmt == "dpo":
-        return preference_pairs(db, team=team)
-    if fmt == "kto":
-        return labelled_answers(db, team=team)
-    examples, withheld = training_examples(db, team=team)
-    if fmt == "sft":
-        return [{"instruction": e.question, "input": e.input, "output": e.answer} for e in examples], len(withheld)
-    return [{"messages": [
-        {"role": "user", "content": e.question + (f"\n\n{e.input}" if e.input else "")},
-        {"role": "assistant", "content": e.answer},
-    ]} for e in examples], len(withheld)
-
-
-def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str, *, team: str | None = None) -> tuple[int, int]:
-    """Write `fmt` records as JSONL to `out` (`team`: export_records); returns (written, left out as flagged)."""
-    require_team(db, team)
-    records, left_out = export_records(db, fmt, team=team)
-    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return len(records), left_out

@@ -1,2 +1,3 @@
-"""Evaluation: the metrics an adapter is measured by (metrics), whether it reproduces training answers
-(reproduction), and the promotion gate that compares two (gate)."""
+"""Evaluation: the metrics an adapter is measured by (metrics) and the promotion gate that compares two (gate).
+Whether a model reproduces its training answers is finetune.training.reproduction, shared with the trainer's
+early stop."""

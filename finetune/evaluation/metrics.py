@@ -11,7 +11,7 @@ What is measured, all greedy and reproducible:
   (which are written without spaces, so word-level F1 would be all-or-nothing there).
 - `train_reproduced`: the share of (a deterministic sample of) training examples reproduced exactly.
 - `train_reproduced_exact`: the share of *all* training examples greedy decoding would reproduce exactly,
-  decided by one teacher-forced pass (finetune.evaluation.reproduction.reproduced_examples); `reproduced_keys` lists their
+  decided by one teacher-forced pass (finetune.training.reproduction.reproduced_examples); `reproduced_keys` lists their
   content hashes (finetune.training.continuation.example_key), to compare one model with another (retention).
 - `stop_rate`: the share of all generations that ended with the end-of-turn token within their budget.
 - `forgetting_base_loss` / `forgetting_adapter_loss` / `forgetting_delta`: language-model loss on general
@@ -23,7 +23,7 @@ Assumptions: the tokenizer has a chat template, and its end-of-turn token is the
 
 This module starts without torch: the gate (finetune.evaluation.gate) reads its labels and tables, and the bot,
 the command line and the playground import the gate. The two modules here that load torch when imported
-(finetune.serving.kv_cache, finetune.evaluation.reproduction) are imported in the functions that use them.
+(finetune.serving.kv_cache, finetune.training.reproduction) are imported in the functions that use them.
 """
 
 from __future__ import annotations
@@ -35,20 +35,18 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.model.loading import end_of_turn_id, serving_stop_ids
 from finetune.model.prompting import build_messages, render_prompt
 from finetune.training.continuation import example_key
 from finetune.training.data import encode_examples
+from finetune.training.general_text import PROBE_TOKENS, load_general_text
 from store.text import CJK_CHAR as _CJK_CHAR
 
 if TYPE_CHECKING:
     from finetune.training.data import TrainingExample
 
-# A copy of samples/general.txt inside the package, so that an installed kbloop has it.
-GENERAL_TEXT_PATH = Path(__file__).resolve().parents[1] / "assets" / "general.txt"
 
 METRIC_KEYS = (
     "heldout_loss", "heldout_exact_match", "heldout_token_f1", "train_reproduced", "stop_rate",
@@ -61,11 +59,25 @@ METRIC_KEYS = (
 class EvalConfig:
     max_new_tokens: int = 256  # upper bound; each batch gets its longest reference answer + `new_token_margin`
     new_token_margin: int = 24
-    generation_batch_size: int = 8
+    # Answers generated together. None: 8, or 64 for a model under SMALL_MODEL_PARAMS (the `tiny` base): its
+    # decode steps cost little beyond Python's overhead per step, so on 60 answers 64 at once take 4 s of CPU
+    # where 8 at a time take 11 (2 cores). Candidate and active are measured on the same base, so alike.
+    generation_batch_size: int | None = None
     loss_batch_size: int = 4  # logits are (batch, length, vocabulary): keep small for 150k-token vocabularies
     train_sample: int = 32  # training examples checked for reproduction
-    forgetting_tokens: int = 2048  # how much of the general text the probe reads
+    forgetting_tokens: int = PROBE_TOKENS  # how much of the general text the probe reads
     forgetting_window: int = 256
+
+
+# Below this many parameters a model is tiny-sized (finetune.model.tiny: ~4M); no pretrained chat base is.
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def generation_batch(model, config: EvalConfig) -> int:
+    """Answers generated together: the config's, else the default for the model's size (EvalConfig)."""
+    if config.generation_batch_size is not None:
+        return config.generation_batch_size
+    return 64 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,8 +218,9 @@ def generate_answers(model, tokenizer, examples: Sequence[TrainingExample], *, c
     stop_ids = serving_stop_ids(model, tokenizer)  # the engine's set: the stop rate measures what it serves
     pad_id = _pad_id(tokenizer)
     out: list[Generation] = []
-    for i in range(0, len(examples), config.generation_batch_size):
-        batch = examples[i : i + config.generation_batch_size]
+    size = generation_batch(model, config)
+    for i in range(0, len(examples), size):
+        batch = examples[i : i + size]
         prompts = [prompt_ids(tokenizer, ex) for ex in batch]
         # Enough room to say the longest reference answer and stop; no more (generation is the slow part).
         budget = min(config.max_new_tokens,
@@ -231,21 +244,13 @@ def sample_for_reproduction(train: Sequence[TrainingExample], n: int) -> list[Tr
 
 def reproduced_training(model, tokenizer, train: Sequence[TrainingExample], *, batch_size: int = 4) -> list[str]:
     """Content hashes of the training examples the model reproduces exactly under greedy decoding."""
-    from finetune.evaluation.reproduction import reproduced_examples  # loads torch (module docstring)
+    from finetune.training.reproduction import reproduced_examples  # loads torch (module docstring)
 
     if not train:
         return []
     encoded, _ = encode_examples(tokenizer, train, max_length=4096, eot_id=end_of_turn_id(tokenizer))
     hits = reproduced_examples(model, encoded, pad_id=_pad_id(tokenizer), batch_size=batch_size)
     return [example_key(ex) for ex, hit in zip(train, hits) if hit]
-
-
-def load_general_text(path: Path | None = None) -> str:
-    path = path or GENERAL_TEXT_PATH
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: general text for the forgetting probe is missing ({exc.strerror})") from None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,2 +1,3 @@
 """Retraining jobs: the queue's front door (queue), the worker that runs them (worker), the child process that
-trains (child), what the two say to each other (protocol) and process checks (processes)."""
+trains (child) and how it is launched (launch), what the two say to each other (protocol), the notices people get
+(notices) and worker ids (worker_ids)."""

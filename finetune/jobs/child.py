@@ -186,7 +186,8 @@ def _train_as_helper_rank(db, config, *, home: Path, examples, should_stop, team
     from dataclasses import replace
 
     from finetune.model.loading import is_tiny_base, resolve_base
-    from finetune.registry.candidates import plan_continuation, train_continued, training_split
+    from finetune.registry.continuing import plan_continuation, train_continued
+    from finetune.registry.split import training_split
     from finetune.training.config import prompt_passages
     from finetune.training.trainer import train_adapter
     from store.adapters import serving_adapter

@@ -7,7 +7,7 @@ child). Three messages, each a dataclass whose `to_dict()` is the JSON that is s
   epoch, eta_s, updated_at, dataset_hash, n_examples); `total` is the number of optimizer steps.
 - `ChildResult`: what the child leaves in `$KBLOOP_HOME/jobs/<id>/outcome.json` (`job_dir`) for the worker.
 - `JobOutcome`: what the worker concludes, in the store's `jobs.result` (less `error`, which has its own
-  column) and what notifiers (finetune.jobs.worker.JobNotifier) are told.
+  column) and what notifiers (finetune.jobs.notices.JobNotifier) are told.
 
 One vocabulary of statuses, the store's job statuses: a finished job, and the child that ran it,
 `succeeded`, `failed` or `cancelled`. What became of a retraining (`JobOutcome.outcome`) is one of

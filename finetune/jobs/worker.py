@@ -2,16 +2,17 @@
 
 A job is a row in the store's `jobs` table. A `Worker` claims one atomically, heartbeats while it runs,
 and runs the training in a CHILD PROCESS (`python -m finetune.jobs.child JOB_ID …`, or the same module under
-`accelerate launch` / `torchrun` with N processes), so that a crash or an out-of-memory kill ends the job,
+`accelerate launch` / `torchrun` with N processes: finetune.jobs.launch), so that a crash or an out-of-memory kill ends the job,
 not the worker, the bot or the playground that share its process.
 
 Who writes what:
 - the worker (parent) owns the job's status and heartbeat: it claims, heartbeats, cancels, promotes and
   finishes; a worker that dies stops heartbeating, and the next worker marks its job failed. On the same
-  host the next worker asks the process instead (pid and start time, from the worker id): a live worker's
-  job is never failed, however late its heartbeat, and a dead one's is failed at once;
+  host the next worker asks the process instead (pid and start time, from the worker id:
+  finetune.jobs.worker_ids): a live worker's job is never failed, however late its heartbeat, and a dead one's is
+  failed at once;
 - notices (JobNotifier: Slack) go out from a thread of their own through a bounded queue, so a slow or
-  hung Slack never delays the heartbeat;
+  hung Slack never delays the heartbeat (finetune.jobs.notices);
 - the child writes progress (`progress` JSON: phase, step, total, loss, eta_s) and the training log
   (`train_steps`), trains and registers a *candidate* (finetune.registry.candidates.train_candidate), and leaves its
   result in `$KBLOOP_HOME/jobs/<id>/outcome.json`;
@@ -33,16 +34,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from finetune.jobs.processes import pid_alive, process_start_ticks
+from finetune.jobs.launch import LAUNCHERS, child_command, child_failure, signal_group
+from finetune.jobs.notices import JobNotifier, NoticeSender
 from finetune.jobs.protocol import (
     CANCELLED,
     CANDIDATE,
@@ -57,6 +55,7 @@ from finetune.jobs.protocol import (
     read_child_result,
 )
 from finetune.jobs.queue import RETRAIN
+from finetune.jobs.worker_ids import default_worker_id, owner_alive_here
 from store import ConfigError, StoreError, open_db
 from store.jobs import (
     Job,
@@ -71,52 +70,6 @@ from store.jobs import (
 )
 
 log = logging.getLogger("kbloop.jobs")
-
-LAUNCHERS = ("python", "accelerate", "torchrun")
-
-
-
-class JobNotifier(Protocol):
-    """Told about a job's life; implemented by bot.SlackJobNotifier (thread or DM of the requester)."""
-
-    def job_started(self, job: Job) -> None: ...
-
-    def job_progress(self, job: Job, progress: dict) -> None:
-        """`progress`: a finetune.jobs.protocol.JobProgress as stored (`JobProgress.to_dict()`)."""
-        ...
-
-    def job_finished(self, job: Job, outcome: dict) -> None:
-        """`outcome`: a finetune.jobs.protocol.JobOutcome as JSON (`JobOutcome.to_dict()`): status
-        (succeeded|failed|cancelled), outcome (promoted|candidate|unchanged|failed|cancelled), version,
-        promoted, reasons (list of str), table (the metric table as text), message (one line for people),
-        metrics, active_version, dataset_hash, n_examples, error."""
-        ...
-
-
-def default_worker_id() -> str:
-    """`host:pid@start:token`: the host and process (pid and start time, so that a later process given the
-    same pid is not mistaken for this one) a job's owner can be checked against; `host:pid:token` where
-    the start time cannot be read."""
-    pid = os.getpid()
-    ticks = process_start_ticks(pid)
-    return f"{socket.gethostname()}:{pid}{'' if ticks is None else f'@{ticks}'}:{uuid.uuid4().hex[:6]}"
-
-
-def owner_alive_here(worker_id: str | None, *, host: str | None = None) -> bool | None:
-    """Whether the worker named `worker_id` still runs: True or False when it is on this host (its pid, and
-    its start time where the id records one), None when that cannot be known (another host, a custom id)."""
-    w_host, _, rest = (worker_id or "").partition(":")
-    pid_s, at, ticks_s = rest.partition(":")[0].partition("@")
-    if w_host != (host or socket.gethostname()) or not pid_s.isdigit():
-        return None
-    pid = int(pid_s)
-    if not pid_alive(pid):
-        return False
-    if at and ticks_s.isdigit():
-        started = process_start_ticks(pid)
-        if started is not None and started != int(ticks_s):
-            return False  # the pid now belongs to a process that started later: the worker is gone
-    return True
 
 
 @dataclass(frozen=True)
@@ -175,7 +128,7 @@ class Worker:
         self.home = Path(home)
         self.config = config or WorkerConfig()
         self.notifier = notifier
-        self._notices = (_NoticeSender(notifier, max_pending=self.config.max_pending_notices)
+        self._notices = (NoticeSender(notifier, max_pending=self.config.max_pending_notices)
                          if notifier is not None else None)
         self._db = None
         self._db_thread: int | None = None
@@ -307,25 +260,7 @@ class Worker:
         return None
 
     def child_command(self, job: Job) -> list[str]:
-        args = [str(job.id), "--db", str(self.db_path), "--home", str(self.home),
-                "--base", self.config.base_model, "--worker-id", self.config.worker_id]
-        if self.config.child_command:
-            return [*self.config.child_command, *args]
-        if self.config.launcher == "python":
-            return [sys.executable, "-m", "finetune.jobs.child", *args]
-        # Launchers start behind `finetune.jobs.child --exec`, which gives them the death signal before exec'ing them.
-        wrap = [sys.executable, "-m", "finetune.jobs.child", "--exec"]
-        if self.config.launcher == "torchrun":
-            return [*wrap, sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={self.config.nproc}", "-m", "finetune.jobs.child", *args]
-        # accelerate: `--cpu` lets the same command run N processes on gloo where there is no GPU.
-        launch = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={self.config.nproc}",
-                  "--num_machines=1"]
-        if not _has_gpu():
-            launch.append("--cpu")
-        elif self.config.nproc > 1:
-            launch.append("--multi_gpu")
-        return [*wrap, *launch, "-m", "finetune.jobs.child", *args]
+        return child_command(job.id, db_path=self.db_path, home=self.home, config=self.config)
 
     def _supervise(self, job: Job, workdir: Path, stop_event: threading.Event) -> tuple[int, str]:
         """Run the child to its end: heartbeat, pass progress on, cancel (TERM, then KILL) when asked."""
@@ -342,7 +277,7 @@ class Worker:
             set_job_pid(self.db, job.id, proc.pid)
             return self._watch(job, proc, stop_event)
         except BaseException:  # the worker itself failed (or was interrupted): never leave the child behind
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             proc.wait()
             raise
 
@@ -363,16 +298,16 @@ class Worker:
                 if heartbeat(self.db, job.id) and term_at is None:
                     how, term_at = "cancelled", t
                     log.info("job %s: cancellation requested, stopping the child", job.id)
-                    _signal_group(proc, signal.SIGTERM)
+                    signal_group(proc, signal.SIGTERM)
                 progress = get_job(self.db, job.id).progress
                 if progress and progress != last_progress and t - last_notice >= cfg.progress_notify_interval_s:
                     last_progress, last_notice = progress, t
                     self._notify("job_progress", job, progress)
             if stop_event.is_set() and term_at is None:
                 how, term_at = "stopped", t
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
             if term_at is not None and t - term_at > cfg.cancel_grace_s:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 term_at = float("inf")  # killed once; wait for the exit
             time.sleep(min(0.2, cfg.heartbeat_interval_s))
 
@@ -388,7 +323,7 @@ class Worker:
         if how == "stopped":
             return JobOutcome.failed("the worker was stopped while the job ran; nothing was promoted")
         if rc != EXIT_OK or child is None or child.status != SUCCEEDED:
-            return JobOutcome.failed(_child_failure(rc, child, workdir))
+            return JobOutcome.failed(child_failure(rc, child, workdir))
         if job.kind != RETRAIN:
             return JobOutcome.from_child(child, status=SUCCEEDED, outcome=DONE)
         return self._conclude_retrain(job, child)
@@ -443,110 +378,3 @@ class Worker:
             self._notices.send(method, job, *args)
 
 
-class _NoticeSender:
-    """Calls a JobNotifier from a thread of its own, in the order the notices were queued.
-
-    At most `max_pending` notices wait. A newer progress notice replaces a waiting one of the same job
-    (it says more); when the queue is full a waiting progress notice gives way, and failing that the new
-    notice is dropped with a warning: a notice is never worth blocking the worker for.
-    """
-
-    IDLE_EXIT_S = 5.0  # the thread ends after this long with nothing to send; the next notice starts another
-
-    def __init__(self, notifier: JobNotifier, *, max_pending: int):
-        self._notifier = notifier
-        self._max = max_pending
-        self._pending: deque[tuple[str, Job, tuple]] = deque()
-        self._cond = threading.Condition()
-        self._busy = False
-        self._thread: threading.Thread | None = None
-
-    def send(self, method: str, job: Job, *args) -> None:
-        with self._cond:
-            if method == "job_progress":
-                for i, (m, j, _) in enumerate(self._pending):
-                    if m == "job_progress" and j.id == job.id:
-                        self._pending[i] = (method, job, args)
-                        return
-            if len(self._pending) >= self._max:
-                progress = next((n for n in self._pending if n[0] == "job_progress"), None)
-                if progress is not None:
-                    self._pending.remove(progress)
-                elif method == "job_progress":
-                    log.warning("job %s: progress notice dropped: %d notices wait for the notifier", job.id,
-                                len(self._pending))
-                    return
-                else:
-                    m, j, _ = self._pending.popleft()
-                    log.warning("job %s: %s notice dropped: %d notices wait for the notifier", j.id, m, self._max)
-            self._pending.append((method, job, args))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._deliver, name="kbloop-job-notices", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending) + (1 if self._busy else 0)
-
-    def flush(self, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def _deliver(self) -> None:
-        while True:
-            with self._cond:
-                if not self._cond.wait_for(lambda: self._pending, self.IDLE_EXIT_S):
-                    self._thread = None
-                    return
-                method, job, args = self._pending.popleft()
-                self._busy = True
-            try:
-                getattr(self._notifier, method)(job, *args)
-            except Exception:  # Slack being down must not fail the job
-                log.exception("notifier %s failed for job %s", method, job.id)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------------
-
-def _child_failure(rc: int, child: ChildResult | None, workdir: Path) -> str:
-    if child is not None and child.error:
-        return child.error
-    if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-        hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
-        return f"the training process was killed by {name}{hint}; see {workdir / 'child.log'}"
-    tail = _log_tail(workdir / "child.log")
-    return f"the training process exited with status {rc}" + (f": {tail}" if tail else "") + \
-        f"; see {workdir / 'child.log'}"
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    # The child leads its own process group: launchers' rank processes get the signal too.
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False

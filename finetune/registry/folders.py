@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
 
 import sqlite_utils
 
-from finetune.jobs.processes import pid_alive
 from store import ConfigError, StoreError
 from store import adapters as adapter_rows
+from store.adapters import VERSION_RE
+from store.processes import pid_alive
 
 META_FILE = "kbloop_adapter.json"
 TMP_PREFIX = ".tmp-"
 # vLLM serves LoRA on these projections (Qwen2 / Llama naming) and nothing else without extra flags.
 VLLM_TARGETS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 MAX_RANK = 64
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 

@@ -18,6 +18,8 @@ alone (`model_only`), which answers anyway with an "unbacked" notice. Verified a
 active adapter only: asking a named version or the base shows that model. The caller's thread then
 records the interaction.
 
+The answer and its texts are in finetune.serving.answers, the prompt and its trimming in finetune.serving.prompts.
+
 Streaming: a caller that passes `on_text` gets the answer's text as it is generated, in pieces, from the
 generation thread (finetune.serving.streaming: the pieces put together are exactly `Answer.text`). Only
 generated text streams; a verified, refused or starting-up answer arrives whole in the returned Answer.
@@ -25,12 +27,14 @@ generated text streams; a verified, refused or starting-up answer arrives whole 
 
 Teams (store.teams): a question of a team (`team=`, routed by the caller from its Slack channel) is answered from
 the shared and that team's passages and approved answers only, and by the team's active adapter, else the shared
-active one; a question with no team sees shared rows only and the shared adapter. The interaction records the team.
-Each batch runs one adapter (the scheduler drains between adapters), so teams with different adapters take turns.
+active one; a question with no team sees shared rows only and the shared adapter (finetune.serving.routing). The
+interaction records the team. Questions of different teams generate together: one loaded base, and each row of the
+running batch on its own LoRA adapter or the base (finetune.serving.models; only a full fine-tune runs in batches
+of its own).
 
-Hot-swap: which adapter is active is looked up in the store when a request is admitted to a batch, and the
-models are switched between batches (finetune.serving.models): a promote or rollback lands without a
-restart and without failing requests; an answer under way finishes on the adapter it started with.
+Hot-swap: which adapter is active is looked up in the store when a request is admitted to the running batch, and
+the row keeps that adapter until it leaves: a promote or rollback lands without a restart and without failing
+requests; an answer under way finishes on the adapter it started with, beside newer rows on the new one.
 
 On vLLM (`EngineConfig.vllm`, finetune.serving.vllm): the engine loads only the base's tokenizer, and the
 backend sends each prompt's token ids to the vLLM server, loading adapters into it by version name. Everything
@@ -45,22 +49,29 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from finetune.model.loading import load_model_for_inference, load_tokenizer, resolve_base, serving_stop_ids
-from finetune.model.prompting import (
-    ApprovedAnswer,
-    PromptPassage,
-    Turn,
-    approved_in_prompt,
-    build_messages,
-    history_within,
-    render_prompt,
-    standalone_question,
+from finetune.model.prompting import ApprovedAnswer, standalone_question
+from finetune.serving.answers import (
+    APPROVED_SOURCE_TITLE,
+    CLOSED_TEXT,
+    EMPTY_TEXT,
+    NO_MATCH_TEXT,
+    NO_MATCH_TEXT_ZH,
+    STARTING_TEXT,
+    TIMEOUT_TEXT,
+    UNAVAILABLE_TEXT,
+    Answer,
+    Source,
+    no_match_text,
+    sources_of,
 )
 from finetune.serving.models import ServedModels
+from finetune.serving.prompts import PromptRequest, fit_prompt, thread_history
 from finetune.serving.retrieval import embed_missing_passages, embedding_model, retrieve_passages
+from finetune.serving.routing import ACTIVE, BASE, adapter_key, check_adapter_for, resolve_version
 from finetune.serving.scheduler import (
     BackendClosed,
     BatchScheduler,
@@ -71,30 +82,16 @@ from finetune.serving.scheduler import (
 from finetune.serving.verified import find_verified, related_examples
 from finetune.serving.vllm import VllmBackend, VllmClient, VllmError, VllmTarget
 from store import StoreError, local_db
-from store.adapters import get_adapter, serving_adapter
-from store.interactions import record_interaction, thread_interactions
-from store.text import CJK_CHAR as _CJK
+from store.adapters import get_adapter
+from store.interactions import record_interaction
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
-ACTIVE = "active"
-# The adapter key of a team's question ("active@eng"): its team's active adapter, else the shared one. Resolved when
-# the request is admitted to a batch, like "active" (team names cannot hold "@": store.teams.TEAM_NAME).
-TEAM_ACTIVE = ACTIVE + "@"
+# The engine's face: callers import these from here (the texts and results live in answers, the routing in routing).
+__all__ = ["ACTIVE", "APPROVED_SOURCE_TITLE", "BASE", "CLOSED_TEXT", "EMPTY_TEXT", "NO_MATCH_TEXT", "NO_MATCH_TEXT_ZH",
+           "STARTING_TEXT", "TIMEOUT_TEXT", "UNAVAILABLE_TEXT", "Answer", "Engine", "EngineConfig", "Source",
+           "adapter_key", "check_adapter_for", "thread_history"]
 
-# User-facing texts, together so the bot and the playground show the same words.
-STARTING_TEXT = "I'm starting up: the model is still loading. Please ask again in a minute."
-EMPTY_TEXT = "Please ask a question: the message was empty."
-NO_MATCH_TEXT = "I could not find anything about this in the knowledge base, so I can't answer it reliably."
-NO_MATCH_TEXT_ZH = "我在知识库中没有找到相关内容，无法可靠地回答这个问题。"
-UNAVAILABLE_TEXT = "The answer engine is not available: {error}"
-CLOSED_TEXT = "The answer engine is shutting down; please ask again in a moment."
-TIMEOUT_TEXT = "Sorry, answering took too long. Please try again."
-VERIFIED_BY_TEXT = "Approved answer: reviewed by {reviewer} on {date}"
-VERIFIED_IMPORTED_TEXT = "Approved answer: from the curated training data (imported {date})"
-# An approved example that backs an answer as context appears among its sources under this name.
-APPROVED_SOURCE_TITLE = "Approved answer: {question}"
 # Approved answers to related questions looked up per question (at most approved_in_prompt() enter a prompt).
 RELATED_LOOKUP = 2
 
@@ -111,92 +108,14 @@ class EngineConfig:
     # Prompt tokens prefilled between two decode steps (at least one prompt): newcomers join in turns, so the
     # rows already decoding are not held up by a whole burst of prefills (docs/benchmarks.md, "Batching").
     prefill_tokens_per_step: int = 2048
-    adapter_cache_size: int = 3  # LoRA adapters kept loaded (the active one, the previous, one compared)
+    # LoRA adapters kept loaded when no answer uses them: each team's active one, the previous, one compared (a LoRA
+    # of r=8 on all projections of Qwen2.5-0.5B is ~18 MB in fp32). Those that running answers use stay loaded
+    # beyond it until the answers finish.
+    adapter_cache_size: int = 8
     max_context_tokens: int = 4096  # cap on the prompt + answer, below the model's own limit
     request_timeout_s: float = 600.0  # how long answer() waits for the worker before giving up
     device: str | None = None  # None: cuda when available, else cpu
     vllm: VllmTarget | None = None  # generate on this vLLM server instead of in this process
-
-
-@dataclass(frozen=True)
-class Source:
-    title: str
-    doc_path: str
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    sources: list[Source]
-    adapter_version: str | None  # the adapter that generated it; None = the base model
-    latency_ms: int
-    interaction_id: int | None  # the row in `interactions`; None when not recorded
-    notice: str | None = None  # starting | empty | no_match | unbacked | trimmed: … | adapter errors | timeout
-    verified: bool = False  # a curator's approved answer, repeated as it is (no model generated it)
-    example_id: int | None = None  # the approved example it repeats
-    approved_by: str | None = None  # the curator who approved it ("import" for imported data)
-    approved_at: str | None = None
-    team: str | None = None  # the team whose question it was (store.teams); None: no team's
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def verified_line(self) -> str | None:
-        """How a verified answer is marked, for every surface alike; None for a generated answer."""
-        if not self.verified:
-            return None
-        date = (self.approved_at or "")[:10] or "an unknown date"
-        if self.approved_by in (None, "import"):
-            return VERIFIED_IMPORTED_TEXT.format(date=date)
-        return VERIFIED_BY_TEXT.format(reviewer=self.approved_by, date=date)
-
-
-@dataclass
-class _Request:
-    question: str
-    passages: list  # store.kb.Passage
-    adapter: str  # "active" | "base" | a version
-    approved: list[ApprovedAnswer] = field(default_factory=list)  # answers to related questions
-    history: list[Turn] = field(default_factory=list)  # the thread's earlier turns (follow-ups), oldest first
-
-
-def adapter_key(adapter: str, team: str | None) -> str:
-    """What a request asks the backend for: "active" of a team becomes TEAM_ACTIVE + team; anything else as is."""
-    return TEAM_ACTIVE + team if adapter == ACTIVE and team else adapter
-
-
-def check_adapter_for(db, version: str, team: str | None) -> None:
-    """StoreError unless adapter `version` may answer a question of `team`: a shared adapter answers anyone's, a
-    team's adapter (trained on the team's examples) only its team's questions."""
-    owner = get_adapter(db, version).team
-    if owner is not None and owner != team:
-        raise StoreError(f"{version} is team {owner!r}'s adapter: it answers only that team's questions "
-                         f"(ask from one of its channels{'' if team is None else f', not as team {team!r}'})")
-
-
-def _is_chinese(text: str) -> bool:
-    return bool(_CJK.search(text))
-
-
-def thread_history(db, *, channel_id: str | None, thread_ts: str | None) -> list[Turn]:
-    """kbloop's earlier answers in a Slack thread (store.interactions), oldest first: what a follow-up is
-    asked after. None outside a thread."""
-    if not channel_id or not thread_ts:
-        return []
-
-    return [Turn(i.question, i.answer) for i in thread_interactions(db, channel_id=channel_id, thread_ts=thread_ts)]
-
-
-def sources_of(passages, related=()) -> list[Source]:
-    """Each document once, in retrieval order, then the approved examples that backed the answer."""
-    seen: dict[str, Source] = {}
-    for p in passages:
-        seen.setdefault(p.doc_path, Source(title=p.title, doc_path=p.doc_path))
-    for m in related:
-        path = f"examples/{m.example.id}"
-        seen.setdefault(path, Source(title=APPROVED_SOURCE_TITLE.format(question=m.example.question), doc_path=path))
-    return list(seen.values())
 
 
 class Engine:
@@ -264,7 +183,8 @@ class Engine:
             c = self.config
             self._backend = BatchScheduler(
                 select_model=lambda version: self._models.choose(local_db(self.db_path), version),
-                resolve=lambda adapter: self._resolve_version(local_db(self.db_path), adapter),
+                batch_key=lambda version: self._models.batch_key(local_db(self.db_path), version),
+                resolve=lambda adapter: resolve_version(local_db(self.db_path), adapter),
                 tokenizer=tokenizer, stop_ids=serving_stop_ids(model, tokenizer),  # what the gate's stop rate uses
                 max_new_tokens=c.max_new_tokens, time_limit_s=c.time_limit_s, max_batch_size=c.max_batch_size,
                 do_sample=c.do_sample, temperature=c.temperature, prefill_tokens_per_step=c.prefill_tokens_per_step)
@@ -300,7 +220,7 @@ class Engine:
         c = self.config
         self._backend = VllmBackend(
             VllmClient(c.vllm, adapters_dir=self.home / "adapters"),
-            resolve=lambda adapter: self._resolve_version(local_db(self.db_path), adapter),
+            resolve=lambda adapter: resolve_version(local_db(self.db_path), adapter),
             adapter_folder=lambda version: Path(get_adapter(local_db(self.db_path), version).path),
             stop_ids=serving_stop_ids(generation, tokenizer), max_new_tokens=c.max_new_tokens,
             time_limit_s=c.time_limit_s, do_sample=c.do_sample, temperature=c.temperature,
@@ -368,7 +288,7 @@ class Engine:
         if adapter not in (ACTIVE, BASE):
             check_adapter_for(db, adapter, team)  # an unknown version, or another team's: StoreError says so
         adapter = adapter_key(adapter, team)
-        version = self._resolve_version(db, adapter)
+        version = resolve_version(db, adapter)
         # Enough passages for the prompt of the adapter that will most likely answer, and for the sources.
         # A follow-up in a thread is searched together with the question it follows (standalone_question).
         history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
@@ -377,10 +297,9 @@ class Engine:
                                      team=team)
         related = self._related(db, query, team) if use_approved else []
         if not passages and not related and not model_only:
-            text = NO_MATCH_TEXT_ZH if _is_chinese(question) else NO_MATCH_TEXT
-            generated = Generated(text, version, ("no_match",))
+            generated = Generated(no_match_text(question), version, ("no_match",))
         else:
-            req = _Request(question=question, passages=passages, adapter=adapter,
+            req = PromptRequest(question=question, passages=passages,
                            approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
                            history=history)
             request = GenerationRequest(adapter, functools.partial(self._prompt_for, req), on_text=on_text)
@@ -421,7 +340,7 @@ class Engine:
         history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
         query = standalone_question(question, history)
         related = self._related(db, query, team) if use_approved else []
-        req = _Request(question=question, passages=retrieve_passages(db, query, k=self.config.k, team=team), adapter=BASE,
+        req = PromptRequest(question=question, passages=retrieve_passages(db, query, k=self.config.k, team=team),
                        approved=[ApprovedAnswer(m.example.question, m.example.answer) for m in related],
                        history=history)
         return self._prompt(req, self.config.k)[0]
@@ -459,17 +378,6 @@ class Engine:
             log.exception("engine: looking up related approved answers failed")
             return []
 
-    def _resolve_version(self, db, adapter: str) -> str | None:
-        """The adapter version a request asks for: "active" -> the store's shared active one, TEAM_ACTIVE + team ->
-        the team's active one, else the shared one (None = base)."""
-        if adapter == BASE:
-            return None
-        if adapter == ACTIVE or adapter.startswith(TEAM_ACTIVE):
-            team = adapter.removeprefix(TEAM_ACTIVE) if adapter != ACTIVE else None
-            active = serving_adapter(db, team)
-            return active.version if active else None
-        return adapter
-
     @property
     def loaded_adapters(self) -> list[str]:
         if isinstance(self._backend, VllmBackend):  # loaded into vLLM
@@ -481,43 +389,18 @@ class Engine:
         """Running batches started so far (for tests and benchmarks): questions that shared one count once."""
         return getattr(self._backend, "batches_run", 0)
 
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens generated in this process so far, every answer's (for benchmarks); 0 on vLLM."""
+        return getattr(self._backend, "tokens_generated", 0)
+
     # --- prompts ---------------------------------------------------------------------
 
-    def _prompt_for(self, req: _Request, version: str | None) -> tuple[list[int], str | None]:
+    def _prompt_for(self, req: PromptRequest, version: str | None) -> tuple[list[int], str | None]:
         """The prompt for the version that answers, with the passages it was trained with (generation thread)."""
         return self._prompt(req, self._models.passages_for(local_db(self.db_path), version))
 
-    def _prompt(self, req: _Request, k: int) -> tuple[list[int], str | None]:
-        """The token ids of the prompt with the best `k` passages, trimmed to the context window; and a
-        notice when something was cut."""
-        tok = self.tokenizer
-        budget = self._context_tokens - self.config.max_new_tokens
-        passages = [PromptPassage(p.title, p.content) for p in req.passages[:k]]
-        approved = req.approved[:approved_in_prompt(k)]
-        question = req.question
-        history = history_within(req.history, tok)
-
-        def ids_of(q: str, ps) -> list[int]:
-            messages = build_messages(q, passages=ps, approved=approved, history=history)
-            return tok(render_prompt(tok, messages), add_special_tokens=False).input_ids
-
-        ids = ids_of(question, passages)
-        while len(ids) > budget and history:  # the oldest earlier turn goes first
-            history = history[1:]
-            ids = ids_of(question, passages)
-        if len(ids) <= budget:
-            return ids, None
-        q_ids = tok(question, add_special_tokens=False).input_ids
-        # Keep the passages if the question can still be told in a useful length; else drop them from the end.
-        while True:
-            room = budget - len(ids_of("", passages))
-            if room >= min(64, len(q_ids)) or not passages:
-                break
-            passages = passages[:-1]
-        room = max(1, room)
-        trimmed = tok.decode(q_ids[:room], skip_special_tokens=True) if len(q_ids) > room else question
-        notice = (f"trimmed: the question was cut to {min(room, len(q_ids))} of {len(q_ids)} tokens "
-                  "to fit the model's context")
-        if len(passages) < len(req.passages[:k]):
-            notice += f"; {len(req.passages[:k]) - len(passages)} passage(s) left out"
-        return ids_of(trimmed, passages), notice
+    def _prompt(self, req: PromptRequest, k: int) -> tuple[list[int], str | None]:
+        """The prompt's token ids with the best `k` passages, trimmed to the context window; and a notice when
+        something was cut (finetune.serving.prompts)."""
+        return fit_prompt(self.tokenizer, req, k, self._context_tokens - self.config.max_new_tokens)

@@ -8,7 +8,7 @@ which copies the whole cache, in every layer, at every step: a fifth of a batche
 
 Two users:
 - `RunningBatch`, the answer engine's continuous batch (finetune.serving.scheduler): rows join and leave
-  between decode steps; see its docstring.
+  between decode steps, each on its own LoRA adapter or the base; see its docstring.
 - `generate_batch`, for a fixed batch through generate() (evaluation: finetune.evaluation.metrics):
 
     new_tokens = generate_batch(model, prompts, max_new_tokens=256, pad_token_id=pad, eos_token_id=eos, ...)
@@ -26,6 +26,9 @@ import inspect
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+# A row without an adapter in PEFT's `adapter_names` (peft.tuners.lora.layer.LoraLayer._mixed_batch_forward).
+PEFT_BASE = "__base__"
 
 
 class BufferedLayer(DynamicLayer):
@@ -140,10 +143,16 @@ class RunningBatch:
     more columns or slots, or to drop leading columns that became padding in every row (when they are at
     least a quarter of the width). A row feeds its prompt's last token at its first step.
 
+    Adapters per row: on a PEFT model with several LoRA adapters loaded, `prefill` and `step` take each row's
+    adapter name (PEFT_BASE: the base), passed on as PEFT's `adapter_names` (its mixed-adapter batches), so rows
+    of different adapters decode in one forward pass. Without names (or all None) the model runs as it is.
+    `model` may be replaced between steps by a wrapper of the same weights (PEFT wraps the base in a PeftModel
+    when its first adapter loads, and a row on the base keeps PEFT_BASE); the cache stays valid.
+
         batch = RunningBatch(model, reserve=256, slots=16)
-        batch.add([batch.prefill(a), batch.prefill(b)], [len(a) - 1, len(b) - 1])
-        logits = batch.step([a[-1], b[-1]])          # (2, vocab): each row's next token
-        order = batch.remove([0])                     # the rows left, as indices of the rows before
+        batch.add([batch.prefill(a, "v1"), batch.prefill(b, PEFT_BASE)], [len(a) - 1, len(b) - 1])
+        logits = batch.step([a[-1], b[-1]], ["v1", PEFT_BASE])  # (2, vocab): each row's next token, on its adapter
+        order = batch.remove([0])                           # the rows left, as indices of the rows before
     """
 
     def __init__(self, model, *, reserve: int, slots: int = 1):
@@ -161,14 +170,15 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def prefill(self, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values, (heads, tokens, dim) per layer, of all but the prompt's last token, run alone."""
+    def prefill(self, prompt: list[int], adapter: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values, (heads, tokens, dim) per layer, of all but the prompt's last token, run alone (on
+        `adapter`; None: the model as it is)."""
         if len(prompt) < 2:
             raise ValueError("prefill needs a prompt of two tokens or more")
         one = DynamicCache()
         with torch.inference_mode():
             self.model(input_ids=torch.tensor([prompt[:-1]], device=self.device), use_cache=True,
-                       **{self._cache_name: one}, **_logits_of_last(self.model))
+                       **{self._cache_name: one}, **_logits_of_last(self.model), **self._adapters([adapter]))
         return [(layer.keys[0], layer.values[0]) for layer in one.layers]
 
     def add(self, prefilled: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
@@ -209,10 +219,14 @@ class RunningBatch:
             self._views()
         return order
 
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per row; the logits of each row's next token, (rows, vocab)."""
+    def step(self, tokens: list[int], adapters: list[str | None] | None = None) -> torch.Tensor:
+        """Feed one token per row (on the row's adapter; no list: the model as it is); the logits of each row's
+        next token, (rows, vocab)."""
         if len(tokens) != len(self):
             raise ValueError(f"{len(tokens)} tokens for {len(self)} rows")
+        adapters = [None] * len(tokens) if adapters is None else adapters
+        if len(adapters) != len(tokens):
+            raise ValueError(f"{len(adapters)} adapters for {len(tokens)} rows")
         if self.width >= self._keys[0].shape[2]:  # no free column left: rebuild with room
             self._rebuild(list(range(len(self))), [], [])
         width = self.width
@@ -221,10 +235,25 @@ class RunningBatch:
         mask = torch.arange(width + 1, device=self.device)[None, :] >= (width - lengths)[:, None]  # (B, width+1)
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=mask,
-                             position_ids=lengths[:, None], use_cache=True, **{self._cache_name: self.cache})
+                             position_ids=lengths[:, None], use_cache=True, **{self._cache_name: self.cache},
+                             **self._adapters(adapters))
         self.lengths = [n + 1 for n in self.lengths]
         self.width += 1
         return out.logits[:, -1, :]
+
+    def _adapters(self, names: list[str | None]) -> dict:
+        """PEFT's `adapter_names` for rows on these adapters. None for every row: the model as it is. Otherwise
+        every row names its adapter (PEFT_BASE: none), as PEFT needs on a model with adapters (its active
+        adapter would apply to every row); on a model without adapters (yet) every row must be PEFT_BASE."""
+        if all(name is None for name in names):
+            return {}
+        if not hasattr(self.model, "peft_config"):
+            if any(name != PEFT_BASE for name in names):
+                raise ValueError(f"adapters {sorted(set(map(str, names)))} asked of a model without adapters")
+            return {}
+        if None in names:
+            raise ValueError("on a model with adapters every row names its adapter (PEFT_BASE: the base)")
+        return {"adapter_names": list(names)}
 
     def _views(self) -> None:
         rows = len(self)

@@ -1,28 +1,35 @@
 """The models the answer engine generates with: one loaded base, the adapters loaded onto it, full fine-tunes.
 
-Adapters are PEFT LoRA folders loaded once each under their version name and switched with set_adapter;
-"base" runs with adapters disabled. The most recently used `adapter_cache_size` stay loaded. A full fine-tune
-(method "full") is loaded as a second model beside the base (one at a time: it is as large as the base).
-An adapter that fails to load is remembered with its error; the base answers in its place, with a notice.
+Adapters are PEFT LoRA folders loaded once each under their version name onto the one base (a PeftModel
+holding them all). Nothing is switched: each row of a running batch names its own adapter, or none for the
+base (finetune.serving.scheduler, kv_cache.RunningBatch), so the base and every loaded adapter share one batch
+(`batch_key`). A row keeps its adapter loaded while it runs (`ModelChoice.scope`); of the adapters no row uses,
+the least recently chosen are unloaded beyond `adapter_cache_size` (so the cache holds more while more are in
+use). A full fine-tune (method "full") is loaded as a second model beside the base (one at a time: it is as
+large as the base) and runs in batches of its own. An adapter that fails to load is remembered with its
+error; the base answers in its place, with a notice.
 
-Only the generation thread calls `choose` (it changes the model); `passages_for` may be called from any.
-Assumption: adapters in the registry were trained on this engine's base model.
+Only the generation thread calls `choose`, `batch_key` and the scopes (they change the model); `passages_for`
+and `loaded_adapters` may be called from any. Assumption: adapters in the registry were trained on this
+engine's base model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from finetune.model.loading import load_base_model
-from finetune.registry.candidates import passages_of
 from finetune.serving.scheduler import ModelChoice
 from store import StoreError
-from store.adapters import get_adapter
+from store.adapters import get_adapter, passages_of
 
 log = logging.getLogger(__name__)
+
+# The batch key of the base and every adapter on it: their rows share one running batch.
+SHARED_BASE = "base and adapters"
 
 
 class ServedModels:
@@ -34,6 +41,7 @@ class ServedModels:
         self._loaded_adapters: OrderedDict[str, str] = OrderedDict()  # version -> path, LRU order
         self._failed_adapters: dict[str, str] = {}  # version -> error
         self._full_models: OrderedDict[str, object] = OrderedDict()  # version -> model (method "full")
+        self._rows: Counter[str] = Counter()  # version -> running rows on that adapter
         self._passages: dict[str, int] = {}  # version -> passages per prompt it was trained with
 
     @property
@@ -51,10 +59,27 @@ class ServedModels:
                 return self.k
         return self._passages[version]
 
+    def batch_key(self, db, version: str | None):
+        """Rows of versions with one key may share a running batch: SHARED_BASE for the base and every LoRA
+        adapter (also one that will fail to load: the base answers for it), the version for a full fine-tune.
+        Loads nothing."""
+        if version is None or version in self._loaded_adapters or version in self._failed_adapters:
+            return SHARED_BASE
+        if version in self._full_models:
+            return version
+        try:
+            path = Path(get_adapter(db, version).path)
+        except StoreError:  # choose() reports it
+            return SHARED_BASE
+        return version if _is_full_model(path) else SHARED_BASE
+
     def choose(self, db, version: str | None) -> ModelChoice:
-        """The model that answers for `version` (None: the base), loading it first if needed."""
+        """The model that answers for `version` (None: the base) and the row's adapter on it, loading it first if
+        needed. The choice's scope keeps the adapter loaded while the row runs."""
+        from finetune.serving.kv_cache import PEFT_BASE  # imports torch: loaded with the model
+
         if version is None:
-            return ModelChoice(self.model, None, (), self._adapters_off())
+            return ModelChoice(self.model, None, adapter=PEFT_BASE)
         if version in self._full_models:
             self._full_models.move_to_end(version)
             return ModelChoice(self._full_models[version], version)
@@ -62,13 +87,24 @@ class ServedModels:
             error = self._load_adapter(db, version)
             if error:
                 notice = f"adapter {version} could not be loaded ({error}); answered with the base model"
-                return ModelChoice(self.model, None, (notice,), self._adapters_off())
+                return ModelChoice(self.model, None, (notice,), adapter=PEFT_BASE)
             if version in self._full_models:
                 return ModelChoice(self._full_models[version], version)
         self._loaded_adapters.move_to_end(version)
-        self.model.set_adapter(version)
         self._evict_adapters(keep=version)
-        return ModelChoice(self.model, version)
+        return ModelChoice(self.model, version, adapter=version, scope=self._in_use(version))
+
+    @contextlib.contextmanager
+    def _in_use(self, version: str):
+        """Held by each running row on adapter `version`: it is not unloaded meanwhile."""
+        self._rows[version] += 1
+        try:
+            yield
+        finally:
+            self._rows[version] -= 1
+            if not self._rows[version]:
+                del self._rows[version]
+            self._evict_adapters()
 
     def _load_adapter(self, db, version: str) -> str | None:
         """Load a registered version once: a PEFT adapter onto the shared base, or a full fine-tune
@@ -81,7 +117,7 @@ class ServedModels:
             record = get_adapter(db, version)
             path = Path(record.path)
             if not (path / "adapter_config.json").exists():
-                if not (path / "config.json").exists():
+                if not _is_full_model(path):
                     raise ValueError(f"{path} is neither a PEFT adapter nor a model folder")
 
                 self._full_models[version] = load_base_model(str(path)).to(self._base_device()).eval()
@@ -111,15 +147,17 @@ class ServedModels:
     def _base_device(self):
         return next(self.model.parameters()).device
 
-    def _adapters_off(self):
-        """The base model's behaviour: PEFT's disable_adapter context once adapters are loaded."""
-        if self._loaded_adapters:
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
-
-    def _evict_adapters(self, *, keep: str) -> None:
+    def _evict_adapters(self, *, keep: str | None = None) -> None:
+        """Unload the least recently chosen adapters that no running row uses (nor `keep`) beyond the cache's size."""
         while len(self._loaded_adapters) > max(1, self.adapter_cache_size):
-            oldest = next(v for v in self._loaded_adapters if v != keep)
-            self.model.delete_adapter(oldest)
-            del self._loaded_adapters[oldest]
-            log.info("engine: unloaded adapter %s", oldest)
+            idle = [v for v in self._loaded_adapters if v != keep and not self._rows[v]]
+            if not idle:  # every adapter loaded is answering: they stay until their rows leave
+                return
+            self.model.delete_adapter(idle[0])
+            del self._loaded_adapters[idle[0]]
+            log.info("engine: unloaded adapter %s", idle[0])
+
+
+def _is_full_model(folder: Path) -> bool:
+    """A registered version that is a model of its own (method "full"), not a PEFT adapter."""
+    return not (folder / "adapter_config.json").exists() and (folder / "config.json").exists()

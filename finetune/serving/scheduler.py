@@ -11,26 +11,27 @@ process; another (a vLLM client) resolves the adapter and builds the prompt thro
   each prefilled alone (at most `prefill_tokens_per_step` prompt tokens a step, at least one request, so
   that rows already decoding are not stalled for a whole burst of prefills).
 - **Leaving**: a row leaves at the step it generates a stop token, reaches `max_new_tokens`, or passes
-  its time limit (`time_limit_s` from its admission); its answer is delivered at once and the cache is
-  rebuilt without it (columns that became padding in every row go with it).
-- **Adapters**: every row of a running batch uses one model/adapter version. A request's adapter ("active",
-  "base" or a version) is resolved when it reaches the head of the line, so a promote or rollback applies
-  to every request admitted after it, and never to an answer under way. A request whose version differs
-  from the running batch's waits, and so does everyone behind it (first come, first served), until the
-  batch drains; then the scheduler switches the model (`select_model`, which may load an adapter) and
-  starts a batch for it. Draining rather than mixing adapters in one batch: PEFT applies one active adapter
-  to a whole forward pass; per-row adapters are a later change. The cost is that a switch waits for the
-  longest answer in flight (bounded by the time limit). Head-of-line order keeps a steady stream of
-  requests for one version from starving another.
+  its time limit (`time_limit_s` from its admission); its answer is delivered at once and the cache drops
+  its row (and the columns that became padding in every row, kv_cache.RunningBatch).
+- **Adapters, per row**: a request's adapter ("active", "base" or a version) is resolved when it reaches the
+  head of the line, and `select_model` gives the row its model and its adapter (loading the adapter if
+  needed). The row keeps them until it leaves: a promote or rollback applies to every request admitted after
+  it, never to an answer under way. Rows of different LoRA adapters and of the base decode together in one
+  batch on the one loaded base (each step passes every row's adapter: PEFT's mixed-adapter batches, see
+  kv_cache.RunningBatch). Only versions that are models of their own (full fine-tunes) cannot mix: rows run
+  together when `batch_key` gives their versions one key (by default each version has its own), and a request
+  whose key differs from the running batch's waits, with everyone behind it (first come, first served), until
+  the batch drains. A row holds its choice's `scope` while it runs (the served models keep its adapter loaded
+  until it leaves).
 - **Decoding**: greedy by default, sampling with `temperature` when `do_sample`; the model's own generation
   config contributes what generate() would apply too: its repetition penalty, and its top-k / top-p when
   sampling. A streaming consumer gets each row's text as it grows (finetune.serving.streaming.TextStream).
-- **Failures**: a request whose prompt or prefill fails gets the exception; a decode step that fails fails
-  every row of the running batch, and the scheduler goes on with the next requests. No caller is left
-  waiting.
+- **Failures**: a request whose model cannot be chosen, or whose prompt or prefill fails, gets the exception;
+  a decode step that fails fails every row of the running batch, and the scheduler goes on with the next
+  requests. No caller is left waiting.
 
-Assumptions: one thread decodes, so `select_model` and `on_text` run on it and must be quick (an adapter
-load pauses every answer, as it did between batches before). Prompts have at least two tokens.
+Assumptions: one thread decodes, so `select_model`, `batch_key` and `on_text` run on it and must be quick (an
+adapter load pauses every row for its duration). Prompts have at least two tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,32 +90,34 @@ class GenerationBackend(Protocol):
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """The model a batch generates with, as `select_model(version)` returns it."""
+    """The model a row generates with, as `select_model(version)` returns it."""
 
-    model: object
+    model: object  # the one loaded base (with its adapters), or a full fine-tune
     version: str | None  # the version that answers (None: the base, also when the one asked could not load)
     notices: tuple[str, ...] = ()  # e.g. why the asked version could not load
-    scope: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)  # held while it runs
+    # The row's adapter among those loaded on `model` (kv_cache.PEFT_BASE: none of them); None: the model as it is.
+    adapter: str | None = None
+    scope: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)  # held while the row runs
 
 
 @dataclass
 class _Row:
     request: GenerationRequest
+    choice: ModelChoice
     prompt: list[int]
     notices: tuple[str, ...]
     deadline: float
     stream: TextStream | None
     next_token: int
+    scope: contextlib.ExitStack  # the choice's scope, closed when the row leaves
     tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
 class _Batch:
-    asked: str | None  # the resolved version its requests asked for
-    choice: ModelChoice
+    key: Hashable  # batch_key of its rows' versions
     cache: object  # kv_cache.RunningBatch
     sampler: Callable
-    exit: contextlib.ExitStack
     rows: list[_Row] = field(default_factory=list)
 
 
@@ -123,9 +126,11 @@ class BatchScheduler:
 
     def __init__(self, *, select_model: Callable[[str | None], ModelChoice], resolve: Callable[[str], str | None],
                  tokenizer, stop_ids: list[int], max_new_tokens: int, time_limit_s: float, max_batch_size: int,
-                 do_sample: bool = False, temperature: float = 0.7, prefill_tokens_per_step: int = 2048):
+                 do_sample: bool = False, temperature: float = 0.7, prefill_tokens_per_step: int = 2048,
+                 batch_key: Callable[[str | None], Hashable] = lambda version: version):
         self.select_model = select_model
         self.resolve = resolve
+        self.batch_key = batch_key  # rows whose versions have one key may share a batch (default: one version)
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         self.max_new_tokens = max_new_tokens
@@ -137,6 +142,7 @@ class BatchScheduler:
         self.batches_run = 0  # running batches started (from empty to drained)
         self.largest_batch = 0  # the most rows decoded together
         self.joined_running = 0  # requests that joined a batch that was already decoding
+        self.tokens_generated = 0  # tokens decoded, every row's, stop tokens included
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
         self._stop = threading.Event()
@@ -180,33 +186,29 @@ class BatchScheduler:
             self._take(block=batch is None)
             if self._stop.is_set() and batch is None:
                 return
-            versions: dict[str, str | None] = {}  # adapters resolved this step: one store query each
-            if batch is None and self._waiting and not self._stop.is_set():
-                try:
-                    batch = self._start_batch(self._version_of(self._waiting[0], versions))
-                except BaseException as exc:  # no model for the head of the line: that request fails
-                    log.exception("engine: no model could be chosen for a request")
-                    self._fail([self._waiting.popleft()], exc)
-                    continue
-            if batch is None:
-                continue
             try:
-                self._admit(batch, versions)
-                if batch.rows:
+                batch = self._admit(batch)
+                if batch is not None and batch.rows:
                     self._step(batch)
             except BaseException as exc:  # never leave a caller waiting
                 log.exception("engine: a generation batch failed")
-                self._fail([row.request for row in batch.rows], exc)
-                batch.rows.clear()
-            if not batch.rows:
-                batch.exit.close()
+                for row in batch.rows if batch is not None else []:
+                    self._leave(row, exc)
+                batch = None
+            if batch is not None and not batch.rows:
                 batch = None
 
     @staticmethod
-    def _fail(requests: list[GenerationRequest], exc: BaseException) -> None:
-        for request in requests:
-            if not request.future.done():
-                request.future.set_exception(exc)
+    def _leave(row: _Row, outcome: Generated | BaseException) -> None:
+        """The row's answer (or its failure) to its caller; its scope closes (its adapter may unload)."""
+        try:
+            if not row.request.future.done():
+                if isinstance(outcome, BaseException):
+                    row.request.future.set_exception(outcome)
+                else:
+                    row.request.future.set_result(outcome)
+        finally:
+            row.scope.close()
 
     def _take(self, *, block: bool) -> None:
         """Move submitted requests into the line; wait a little for one when nothing else is to be done."""
@@ -226,58 +228,71 @@ class BatchScheduler:
             versions[request.adapter] = self.resolve(request.adapter)
         return versions[request.adapter]
 
-    def _start_batch(self, asked: str | None) -> _Batch:
+    def _start_batch(self, key: Hashable, model) -> _Batch:
         from finetune.serving.kv_cache import RunningBatch  # imports torch: loaded with the model
 
-        choice = self.select_model(asked)
-        with contextlib.ExitStack() as exit:
-            exit.enter_context(choice.scope)
-            batch = _Batch(asked, choice, RunningBatch(choice.model, reserve=self.max_new_tokens,
-                                                       slots=self.max_batch_size),
-                           _sampler(choice.model, do_sample=self.do_sample, temperature=self.temperature),
-                           exit.pop_all())  # held until the batch drains
         self.batches_run += 1
-        return batch
+        return _Batch(key, RunningBatch(model, reserve=self.max_new_tokens, slots=self.max_batch_size),
+                      _sampler(model, do_sample=self.do_sample, temperature=self.temperature))
 
-    def _admit(self, batch: _Batch, versions: dict[str, str | None]) -> None:
-        """Prefill requests from the head of the line that ask for the batch's version, within this step's budget."""
+    def _admit(self, batch: _Batch | None) -> _Batch | None:
+        """Prefill requests from the head of the line whose versions may join the batch (starting one when there
+        is none), within this step's budget; the batch, or None when there is none."""
+        versions: dict[str, str | None] = {}  # adapters resolved this step: one store query each
         admitted: list[_Row] = []
         prefilled: list = []
         budget = self.prefill_tokens_per_step
-        decoding = bool(batch.rows)
+        decoding = batch is not None and bool(batch.rows)
         while (self._waiting and not self._stop.is_set() and budget > 0
-               and len(batch.rows) + len(admitted) < self.max_batch_size):
+               and len(batch.rows if batch else ()) + len(admitted) < self.max_batch_size):
             request = self._waiting[0]
             try:
-                if self._version_of(request, versions) != batch.asked:
-                    break  # it waits for the batch to drain, and everyone behind it too
+                version = self._version_of(request, versions)
+                key = self.batch_key(version)
             except Exception as exc:  # e.g. the store could not be read: this request fails, not the batch
                 self._waiting.popleft().future.set_exception(exc)
                 continue
+            if batch is not None and key != batch.key:
+                break  # it waits for the batch to drain, and everyone behind it too
             self._waiting.popleft()
             if not request.future.set_running_or_notify_cancel():
                 continue  # the caller gave up waiting
+            scope = contextlib.ExitStack()
             try:
-                ids, trimmed = request.prompt(batch.choice.version)
-                prefilled.append(batch.cache.prefill(ids))
+                choice = self.select_model(version)
+                scope.enter_context(choice.scope)
+                if batch is None:
+                    batch = self._start_batch(key, choice.model)
+                batch.cache.model = choice.model  # the base, wrapped by PEFT once its first adapter loaded
+                ids, trimmed = request.prompt(choice.version)
+                prefilled.append(batch.cache.prefill(ids, choice.adapter))
             except Exception as exc:
-                log.exception("engine: a prompt could not be prefilled")
+                log.exception("engine: a request could not be given a model or prefilled")
+                scope.close()
                 request.future.set_exception(exc)
                 continue
             stream = TextStream(self._decode, request.on_text) if request.on_text is not None else None
-            notices = batch.choice.notices + ((trimmed,) if trimmed else ())
-            admitted.append(_Row(request, ids, notices, time.monotonic() + self.time_limit_s, stream, ids[-1]))
+            notices = choice.notices + ((trimmed,) if trimmed else ())
+            admitted.append(_Row(request, choice, ids, notices, time.monotonic() + self.time_limit_s, stream,
+                                 ids[-1], scope))
             budget -= len(ids)
         if admitted:
-            batch.cache.add(prefilled, [len(row.prompt) - 1 for row in admitted])
+            try:
+                batch.cache.add(prefilled, [len(row.prompt) - 1 for row in admitted])
+            except BaseException as exc:
+                for row in admitted:
+                    self._leave(row, exc)
+                raise
             batch.rows += admitted
             self.joined_running += len(admitted) if decoding else 0
             self.largest_batch = max(self.largest_batch, len(batch.rows))
+        return batch
 
     def _step(self, batch: _Batch) -> None:
         """One decode step for every row; rows that stop leave the batch with their answers."""
-        logits = batch.cache.step([row.next_token for row in batch.rows])
+        logits = batch.cache.step([row.next_token for row in batch.rows], [row.choice.adapter for row in batch.rows])
         tokens = batch.sampler(logits, batch.rows)
+        self.tokens_generated += len(tokens)
         now = time.monotonic()
         finished = []
         for i, (row, token) in enumerate(zip(batch.rows, tokens)):
@@ -289,14 +304,14 @@ class BatchScheduler:
                 row.stream.update(row.tokens)
         if finished:
             for i in finished:
-                self._deliver(batch, batch.rows[i])
+                self._deliver(batch.rows[i])
             batch.rows = [batch.rows[i] for i in batch.cache.remove(finished)]
 
-    def _deliver(self, batch: _Batch, row: _Row) -> None:
+    def _deliver(self, row: _Row) -> None:
         text = clean_answer(self._decode(row.tokens))
         if row.stream is not None:
             row.stream.finish(text)
-        row.request.future.set_result(Generated(text, batch.choice.version, row.notices, tuple(row.tokens)))
+        self._leave(row, Generated(text, row.choice.version, row.notices, tuple(row.tokens)))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from finetune.registry.folders import VERSION_RE
 from finetune.training.recommend import recommend_for_profile
 from store import ConfigError, StoreError
+from store.adapters import VERSION_RE
 
 METHODS = ("qlora", "lora", "full")
 OBJECTIVES = ("sft", "kto", "dpo")
@@ -55,7 +55,7 @@ SEED_DEFAULTS = dict(
 #   min 400 steps - 20 epochs of a small set are too few steps: 25 examples got 60 steps (loss 2.2, 0 of 24
 #                  reproduced). Small sets train for at least this many optimiser steps instead (more epochs);
 #   stop when reproduced - training stops at the first epoch end where every training answer is reproduced
-#                  (checked exactly, finetune.evaluation.reproduction.reproduced_examples), so a budget that is more than
+#                  (checked exactly, finetune.training.reproduction.reproduced_examples), so a budget that is more than
 #                  enough costs nothing once the answers are learnt.
 TINY_DEFAULTS = dict(
     method="full", rank=8, alpha=32, dropout=0.0, targets=ALL_LINEAR, epochs=20.0, learning_rate=1e-3,

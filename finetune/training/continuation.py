@@ -6,7 +6,7 @@
         data, round_size = replay_rounds(plan.new, plan.old, sizing=sizing_for(tiny=True, learning_rate=1e-3),
                                          seed=42)
 
-(finetune.registry.candidates.plan_continuation and train_continued do this for a registered run.)
+(finetune.registry.continuing.plan_continuation and train_continued do this for a registered run.)
 
 A retrain after one new approved answer should not start over: it starts from the previous adapter's
 weights (LoRA / QLoRA: the adapter, trainable, with its rank and targets; full: the previous model folder)
@@ -14,7 +14,7 @@ and trains the examples that are new or changed since that adapter, plus a repla
 ones, drawn afresh each round, so that the earlier answers are rehearsed without reading them all again
 (on real bases, a few windows of general text too, against forgetting what the base knew). It stops at the
 first round where every new answer and (nearly) every answer the previous adapter reproduced are reproduced
-exactly (finetune.evaluation.reproduction.reproduced_examples).
+exactly (finetune.training.reproduction.reproduced_examples).
 
 What changed is decided by content: each adapter's metadata lists the hashes (`example_key`) of the
 examples it was trained on. A continued run is refused, and the run starts from the base with the reason

@@ -6,10 +6,10 @@
 The losses are TRL's (`KTOTrainer`, `DPOTrainer`, imported from `trl` itself, pinned `trl>=1.16,<2`), not
 written here. What is ours:
 
-- **the data**: `store.interactions.voted_answers` chooses the votes (the selection `kbloop data export --format
+- **the data**: `store.preferences.voted_answers` chooses the votes (the selection `kbloop data export --format
   kto` writes): latest vote per user, none on an answer a curator rejected, none whose text the secrets scan
   flags; a 👎's correction is a desirable answer too. DPO reads approved corrections with the answer they
-  replaced (`store.interactions.correction_pairs`, the selection of `--format dpo`).
+  replaced (`store.preferences.correction_pairs`, the selection of `--format dpo`).
 - **the prompts**: every vote becomes a `TrainingExample` through `finetune.training.data.build_training_examples`
   (the passages retrieved for its question, a follow-up's thread turns) and is encoded by `encode_example`
   (the tokenizer's chat template through `finetune.model.prompting`, passages dropped first when too long,
@@ -38,7 +38,7 @@ from finetune.training.config import TrainConfig
 from finetune.training.data import IGNORE_INDEX, TrainingExample, build_training_examples, encode_example
 from finetune.training.trainer import StepInfo, TrainingCancelled, TrainOutcome
 from store import StoreError
-from store.interactions import correction_pairs, voted_answers
+from store.preferences import correction_pairs, voted_answers
 
 PREFERENCE_OBJECTIVES = ("kto", "dpo")
 # TRL's default strength of the pull towards the reference model (both papers use 0.1).

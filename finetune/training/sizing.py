@@ -1,8 +1,8 @@
-"""Sizing a training run: its step budget, the general text mixed in against forgetting, and the early stop.
+"""Sizing a training run: its step budget, how extra items are spread through it, and the early stop.
 
 A run lasts `epochs`, but at least `min_steps` optimiser steps (`run_budget`), and stops early at the first check
 where `stop_reproduced` of the answers are reproduced exactly (`ReproductionStop`: one teacher-forced forward pass,
-finetune.evaluation.reproduction, no generation). Checks run at epoch ends (or every `check_every_steps`) once the
+finetune.training.reproduction, no generation). Checks run at epoch ends (or every `check_every_steps`) once the
 loss is low. finetune.training.trainer.train_adapter wires these into a run.
 """
 
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from finetune.evaluation.metrics import EvalConfig, load_general_text
-from finetune.evaluation.reproduction import reproduced_examples
 from finetune.training.config import TrainConfig
-from finetune.training.data import IGNORE_INDEX, TrainingExample
+from finetune.training.data import TrainingExample
+from finetune.training.reproduction import reproduced_examples
 
 
 @dataclass(frozen=True)
@@ -40,19 +38,6 @@ def run_budget(config: TrainConfig, n_encoded: int, *, world: int | None = None)
                 f"{config.epochs:g} epochs would be {math.ceil(per_epoch * config.epochs)} steps, fewer than the "
                 f"minimum {config.min_steps}; training up to {epochs:g} epochs ({per_epoch * epochs} steps)")
     return RunBudget(epochs=float(epochs), steps=max(1, math.ceil(per_epoch * epochs)), note=note)
-
-
-def general_text_items(tokenizer, n: int, *, window: int = 128, seed: int = 42) -> list[dict]:
-    """n training items of plain general text (every token but the first learnt), drawn with replacement from
-    the windows of finetune/assets/general.txt that come after the part the forgetting probe reads, so that
-    the probe still measures text the model was not trained on."""
-    ids = tokenizer(load_general_text(), add_special_tokens=False)["input_ids"][EvalConfig().forgetting_tokens:]
-    windows = [ids[i : i + window] for i in range(0, len(ids) - window // 2, window)]
-    if not windows:
-        return []
-    rng = random.Random(seed)
-    picked = [rng.choice(windows) for _ in range(n)]
-    return [{"input_ids": list(w), "labels": [IGNORE_INDEX] + list(w[1:])} for w in picked]
 
 
 def spread(items: list, extra: list) -> list:

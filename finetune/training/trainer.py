@@ -44,12 +44,13 @@ from finetune.training.checkpoints import CHECKPOINTS, checkpoint_step, disk_ful
 from finetune.training.config import TrainConfig, resolve_config
 from finetune.training.data import TrainingExample, TruncationReport, encode_examples, load_training_examples
 from finetune.training.fused import fuse_output_head, unfuse_output_head
+from finetune.training.general_text import general_text_items
 from finetune.training.loop import StepInfo, build_trainer
 from finetune.training.memory import choose_checkpointing
 from finetune.training.model_setup import prepare_model
 from finetune.training.qlora import keep_dequantized_when_it_fits, qlora_compute_dtype, set_qlora_compute_dtype
 from finetune.training.recommend import profile_examples
-from finetune.training.sizing import ReproductionStop, general_text_items, run_budget, spread, unique_examples
+from finetune.training.sizing import ReproductionStop, run_budget, spread, unique_examples
 
 
 class TrainingCancelled(Exception):

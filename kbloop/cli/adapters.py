@@ -29,7 +29,7 @@ def eval_command(
 ) -> None:
     """Re-run the evaluation of adapter VERSION and of the active adapter on the held-out split; print the table."""
     from finetune.evaluation.metrics import EvalConfig, metrics_table
-    from finetune.registry.candidates import evaluate_version
+    from finetune.registry.evaluating import evaluate_version
 
     c = ctx()
     metrics, verdict = evaluate_version(c.db, version, home=c.settings.kbloop_home, on_phase=_phase,

@@ -165,7 +165,7 @@ def data_export(
 ) -> None:
     """Write training data as JSONL for TRL / LLaMA-Factory: what `kbloop train` (with the same --team) trains on.
     A team's rows are exported only with --team."""
-    from store.formats import EXPORT_FORMATS, write_export
+    from store.export import EXPORT_FORMATS, write_export
 
     if format not in EXPORT_FORMATS:
         fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")

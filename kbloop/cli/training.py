@@ -39,7 +39,7 @@ def _start_from(value: str | None) -> str | None:
     value = value.strip()
     if value.lower() in ("active", "base"):
         return value.lower()
-    from finetune.registry.folders import VERSION_RE
+    from store.adapters import VERSION_RE
 
     if not VERSION_RE.match(value):
         fail(f"--from: expected `active`, `base` or an adapter version such as v3, not {value!r}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from bot import messages
 from bot.assistant import suggested_prompts
-from bot.handlers import BotRuntime
+from bot.runtime import BotRuntime
 from store import open_db
-from store.interactions import assistant_thread_context, list_interactions, record_interaction, record_vote
-from tests.bot.conftest import SECRET, ScriptedEngine, bot_config
+from store.assistant_threads import assistant_thread_context
+from store.interactions import list_interactions, record_interaction, record_vote
+from tests.bot.conftest import SECRET, bot_config
+from tests.fakes.engine import ScriptedEngine
 from tests.fakes.slack_api import assistant_message_event, assistant_thread_event, event_body, post_signed
 
 THREAD = "1729999327.187299"

@@ -72,7 +72,7 @@ def test_answer_message_shape():
 
 def test_a_verified_answer_names_who_approved_it_escaped_with_buttons_and_no_unreliable_note():
     from bot import messages
-    from bot.handlers import render_answer
+    from bot.questions import render_answer
     from finetune.serving.engine import Answer
 
     answer = Answer("Next to <!here> reception.", [], None, 12, 7, None, verified=True, example_id=3,

@@ -15,9 +15,11 @@ import pytest
 
 from store.audit import list_audit
 from store.examples import list_examples
-from store.interactions import count_slack_answers, list_bot_errors, list_interactions, votes_for
+from store.interactions import list_interactions, votes_for
 from store.jobs import active_jobs, list_jobs
-from tests.bot.conftest import ADMIN, SECRET, ScriptedEngine
+from store.slack_events import count_slack_answers, list_bot_errors
+from tests.bot.conftest import ADMIN, SECRET
+from tests.fakes.engine import ScriptedEngine
 from tests.fakes.slack_api import (
     BOT_ID,
     BOT_USER_ID,

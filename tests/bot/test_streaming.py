@@ -15,7 +15,8 @@ from slack_sdk import WebClient
 from bot.blocks import answer_tail, escape_markdown, settled_markdown_length
 from bot.streaming import AnswerStream
 from store.interactions import get_interaction, list_interactions, votes_for
-from tests.bot.conftest import SECRET, ScriptedEngine
+from tests.bot.conftest import SECRET
+from tests.fakes.engine import ScriptedEngine
 from tests.fakes.slack_api import (
     BOT_USER_ID,
     TEAM_ID,

@@ -9,12 +9,13 @@ import json
 
 import pytest
 
-from bot.handlers import question_team
+from bot.questions import question_team
 from finetune.serving.engine import STARTING_TEXT, Engine
 from store import open_db
 from store.adapters import activate_adapter, active_adapter, register_adapter
+from store.assistant_threads import save_assistant_thread_context
 from store.examples import NewExample, add_examples
-from store.interactions import list_interactions, record_interaction, save_assistant_thread_context
+from store.interactions import list_interactions, record_interaction
 from store.jobs import active_jobs, list_jobs
 from store.teams import add_team
 from tests.bot.conftest import ADMIN, SECRET

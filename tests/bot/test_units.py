@@ -6,7 +6,7 @@ import pytest
 
 from bot import BotConfig, BotConfigError
 from bot.commands import parse_retrain_args
-from bot.handlers import ignored_event, question_text
+from bot.questions import ignored_event, question_text
 from bot.ratelimit import QuestionRateLimiter
 from kbloop.settings import load_settings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from finetune.evaluation.metrics import EvalConfig
 from finetune.model.prompting import PromptPassage, build_messages, render_prompt
 from finetune.training.data import (
     IGNORE_INDEX,
@@ -16,6 +17,7 @@ from finetune.training.data import (
     split_for_training,
     split_heldout,
 )
+from finetune.training.general_text import PROBE_TOKENS, general_text_items, load_general_text
 
 
 def _example(question="How many vacation days do I get?", answer="30 days a year, plus public holidays.",
@@ -147,3 +149,15 @@ def test_training_examples_round_trip_through_jsonl(tmp_path):
     save_training_examples(path, exs)
     assert load_training_examples(path) == exs
     assert json.loads(path.read_text(encoding="utf-8").splitlines()[0])["passages"][0]["title"] == "Annual leave"
+
+
+def test_the_general_text_training_mixes_in_is_never_what_the_forgetting_probe_reads(tokenizer):
+    ids = tokenizer(load_general_text(), add_special_tokens=False)["input_ids"]
+    after_probe = ids[PROBE_TOKENS:]
+    items = general_text_items(tokenizer, 12, window=64, seed=1)
+    assert len(items) == 12 and items == general_text_items(tokenizer, 12, window=64, seed=1)
+    for item in items:
+        window = item["input_ids"]
+        assert any(after_probe[i : i + len(window)] == window for i in range(0, len(after_probe), 64))
+        assert item["labels"] == [IGNORE_INDEX] + window[1:]  # every token but the first learnt
+    assert PROBE_TOKENS == EvalConfig().forgetting_tokens  # the probe reads exactly the part training skips

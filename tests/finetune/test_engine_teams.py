@@ -1,6 +1,6 @@
 """The engine with teams (issue 20) on the tiny base: a team's question is answered by the team's active adapter,
 else the shared one, and cites the shared and the team's passages only; concurrent questions of several teams each
-get their own adapter (one running batch per adapter) and the answer they get alone."""
+get their own adapter (rows of different adapters share the running batch) and the answer they get alone."""
 
 from __future__ import annotations
 

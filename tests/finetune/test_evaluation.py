@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from finetune.evaluation.metrics import (
-    GENERAL_TEXT_PATH,
     METRIC_KEYS,
     answer_ids,
     answer_loss,
@@ -16,12 +15,12 @@ from finetune.evaluation.metrics import (
     evaluate,
     exact_match,
     generate_answers,
-    load_general_text,
     metrics_table,
     prompt_ids,
     sample_for_reproduction,
     token_f1,
 )
+from finetune.training.general_text import GENERAL_TEXT_PATH, load_general_text
 
 # --- text metrics ---------------------------------------------------------------------------------
 
@@ -115,7 +114,8 @@ def test_the_stop_rate_counts_the_stop_tokens_the_engine_serves_with(tokenizer, 
     from finetune.model.loading import serving_stop_ids, stop_token_ids
 
     extra = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eot, extra]))
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eot, extra]),
+                            parameters=lambda: iter([torch.zeros(8)]))
     stops = serving_stop_ids(model, tokenizer)
     assert stops[:len(stop_token_ids(tokenizer))] == stop_token_ids(tokenizer) and stops[0] == eot
     assert extra in stops and len(stops) == len(set(stops))
@@ -137,6 +137,24 @@ def test_the_stop_rate_counts_the_stop_tokens_the_engine_serves_with(tokenizer, 
     engine = ast.parse((REPO / "finetune" / "serving" / "engine.py").read_text(encoding="utf-8"))
     called = {n.func.id for n in ast.walk(engine) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert "serving_stop_ids" in called and "stop_token_ids" not in called
+
+
+def test_answers_are_generated_in_larger_batches_on_a_tiny_sized_model():
+    """EvalConfig's generation batch: the one asked for, else 64 on a model under SMALL_MODEL_PARAMS (the `tiny`
+    base, whose decode steps are mostly per-step overhead), else 8 (a real base's memory)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from finetune.evaluation.metrics import SMALL_MODEL_PARAMS, EvalConfig, generation_batch
+
+    def model(n: int):  # parameters on the meta device: counted, never allocated
+        return SimpleNamespace(parameters=lambda: iter([torch.empty(n, device="meta"), torch.empty(1, device="meta")]))
+
+    assert generation_batch(model(4_000_000), EvalConfig()) == 64
+    assert generation_batch(model(SMALL_MODEL_PARAMS), EvalConfig()) == 8
+    assert generation_batch(model(494_000_000), EvalConfig()) == 8
+    assert generation_batch(model(4_000_000), EvalConfig(generation_batch_size=3)) == 3
 
 
 # --- on a model (tiny base, random weights) --------------------------------------------------------

@@ -260,7 +260,11 @@ def test_rank_0_and_a_helper_rank_train_on_the_same_list_once_a_correction_exist
         lists[os.environ["RANK"]] = list(examples)
         raise Captured
 
+    # Rank 0 trains through the registry, which binds the name when it is imported; helper ranks look it up.
+    import finetune.registry.candidates
+
     monkeypatch.setattr(finetune.training.trainer, "train_adapter", capture)
+    monkeypatch.setattr(finetune.registry.candidates, "train_adapter", capture, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
@@ -273,9 +277,9 @@ def test_rank_0_and_a_helper_rank_train_on_the_same_list_once_a_correction_exist
 
 
 def test_launchers_run_the_same_module_with_n_processes(db_path, kbloop_home, monkeypatch):
-    import finetune.jobs.worker
+    import finetune.jobs.launch
 
-    monkeypatch.setattr(finetune.jobs.worker, "_has_gpu", lambda: False)
+    monkeypatch.setattr(finetune.jobs.launch, "has_gpu", lambda: False)
     job = enqueue_job(open_db(db_path), kind="retrain", requester="U")
     args = [str(job.id), "--db", str(db_path), "--home", str(kbloop_home), "--base", "tiny"]
 
@@ -291,7 +295,7 @@ def test_launchers_run_the_same_module_with_n_processes(db_path, kbloop_home, mo
     accel = cmd(launcher="accelerate", nproc=2)
     assert accel[:7] == wrap + [sys.executable, "-m", "accelerate.commands.launch"] and "--num_processes=2" in accel
     assert accel[accel.index("-m", 6):][:2] == ["-m", "finetune.jobs.child"] and "--cpu" in accel
-    monkeypatch.setattr(finetune.jobs.worker, "_has_gpu", lambda: True)
+    monkeypatch.setattr(finetune.jobs.launch, "has_gpu", lambda: True)
     gpu = cmd(launcher="accelerate", nproc=2)
     assert "--multi_gpu" in gpu and "--cpu" not in gpu
 
@@ -374,7 +378,7 @@ def test_a_stale_job_of_a_live_local_worker_is_left_running(db, db_path, kbloop_
 
 def test_a_job_whose_worker_pid_now_belongs_to_another_process_is_failed_at_once(db, db_path, kbloop_home):
     """The pid is alive but started at another time than the worker that claimed the job: pid reuse."""
-    from finetune.jobs.processes import process_start_ticks
+    from store.processes import process_start_ticks
 
     ticks = process_start_ticks(os.getpid())
     assert ticks is not None  # Linux: /proc tells when a process started

@@ -61,8 +61,8 @@ def seed_votes(db) -> dict:
 
 
 def test_votes_that_train_exclude_flagged_and_rejected(db):
-    from store.formats import export_records
-    from store.interactions import voted_answers
+    from store.export import export_records
+    from store.preferences import voted_answers
 
     seed_store(db, n_examples=12)
     ids = seed_votes(db)

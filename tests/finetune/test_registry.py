@@ -277,7 +277,7 @@ def test_next_candidate_is_compared_with_the_active_adapter(workspace):
 
 def test_approved_corrections_always_train_never_held_out(db):
     """A curator-approved correction must be learned: the held-out split is drawn from the other examples."""
-    from finetune.registry.candidates import _eval_set
+    from finetune.registry.split import training_split
     from finetune.training.data import split_heldout
     from store.examples import NewExample, add_examples, list_examples, review_example
     from store.interactions import record_interaction, record_vote
@@ -290,7 +290,7 @@ def test_approved_corrections_always_train_never_held_out(db):
     record_vote(db, interaction_id=iid, user_id="U1", vote=-1, correction="The right answer.")
     review_example(db, list_examples(db, status="pending")[0].id, decision="approved", reviewer="t")
 
-    eval_set = _eval_set(db, k_passages=0)
+    eval_set = training_split(db, k_passages=0)
     assert question in [ex.question for ex in eval_set.train]
     assert question not in [ex.question for ex in eval_set.heldout]
     assert eval_set.heldout and all(ex.question.startswith("Imported") for ex in eval_set.heldout)
@@ -375,10 +375,11 @@ def test_from_base_trains_from_scratch(continued):
 def test_a_different_method_falls_back_to_the_base_with_the_reason(continued):
     from dataclasses import replace
 
-    from finetune.registry.candidates import _eval_set, plan_continuation
+    from finetune.registry.continuing import plan_continuation
+    from finetune.registry.split import training_split
 
     db = continued["db"]
-    eval_set = _eval_set(db, k_passages=0)
+    eval_set = training_split(db, k_passages=0)
     config = replace(continued["config"], k_passages=0)
     active = rows.active_adapter(db)
     plan = plan_continuation(db, replace(config, method="lora"), tiny=True, active=active, train=eval_set.train)
@@ -396,16 +397,17 @@ def test_a_continued_run_that_ends_its_budget_unlearnt_trains_from_the_base_and_
     gate's retention check, so the same run trains from the base instead and records the attempt."""
     from dataclasses import replace
 
-    from finetune.registry import candidates as registry
+    from finetune.registry import continuing
+    from finetune.registry.candidates import train_candidate
     from finetune.training.continuation import Sizing
 
     # One round (2 steps at a twentieth of the rate) cannot learn the new answer: the budget ends first.
-    monkeypatch.setattr(registry, "sizing_for", lambda *, tiny, learning_rate: Sizing(
+    monkeypatch.setattr(continuing, "sizing_for", lambda *, tiny, learning_rate: Sizing(
         new_repeats=4, replay_per_round=12, max_rounds=1, learning_rate=0.05 * learning_rate))
     home, db = continued["home"], continued["db"]
     phases = []
-    result = registry.train_candidate(db, home=home, config=replace(continued["config"], epochs=1.0),
-                                      eval_config=continued["eval_config"], on_phase=phases.append)
+    result = train_candidate(db, home=home, config=replace(continued["config"], epochs=1.0),
+                             eval_config=continued["eval_config"], on_phase=phases.append)
     meta = json.loads((Path(result.adapter.path) / META_FILE).read_text())
     assert meta["continued_from"] is None
     assert meta["start"].startswith("training from the base: continuing v1 did not keep its answers within the budget")

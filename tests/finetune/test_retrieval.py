@@ -281,6 +281,11 @@ def test_bench_questions_are_well_formed():
     rows = [json.loads(line) for line in (root / "questions.jsonl").read_text(encoding="utf-8").splitlines() if line]
     assert {r["split"] for r in rows} == {"tune", "test"} and {r["lang"] for r in rows} == {"en", "zh"}
     assert all(r["source"] is None or (root / "kb" / r["source"]).is_file() for r in rows)
+    # The tuning questions added for both KBs: tuning split only, sources that exist.
+    more = [json.loads(line) for line in (root / "tune_questions.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    assert {r["split"] for r in more} == {"tune"} and {r["kb"] for r in more} == {"sample", "bilingual"}
+    kb_root = {"sample": REPO / "samples" / "kb", "bilingual": root / "kb"}
+    assert all(r["source"] is None or (kb_root[r["kb"]] / r["source"]).is_file() for r in more)
 
 
 def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
@@ -338,12 +343,52 @@ def test_passage_latent_terms_are_reused_per_text_and_size():
 def test_a_chinese_question_needs_a_higher_score_to_count_as_covered():
     from finetune.serving.retrieval import fuse
 
-    config = dataclasses.replace(DEFAULT_CONFIG, min_score=0.7, chinese_offset=0.2, coverage_weight=0.0)
+    config = dataclasses.replace(DEFAULT_CONFIG, min_score=0.7, chinese_offset=0.2, coverage_weight=0.0,
+                                 zh_question_en_passage_offset=0.0, en_question_zh_passage_offset=0.0,
+                                 zh_question_zh_passage_offset=0.0)
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=0.0) == (pytest.approx(0.8), True)  # English
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=1.0) == (pytest.approx(0.8), False)  # Chinese: 0.9
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=0.5)[1]  # half and half: 0.8
     # The offset moves the decision, never the order: the fused score is the same for every question.
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=1.0)[0] == fuse(0.8, 0.0, None, 0.0, config)[0]
+
+
+def test_the_language_pair_offsets_apply_by_the_pair_of_question_and_passage():
+    from finetune.serving.retrieval import fuse, language_pair_offset
+
+    config = dataclasses.replace(DEFAULT_CONFIG, min_score=1.0, chinese_offset=0.0, coverage_weight=0.0,
+                                 latent_weight=0.0, zh_question_en_passage_offset=0.1,
+                                 en_question_zh_passage_offset=-0.2, zh_question_zh_passage_offset=0.3)
+
+    def decide(relevance, question_share, passage_share):
+        return fuse(relevance, 0.0, None, 0.0, config, question_share=question_share, passage_share=passage_share)
+
+    assert decide(1.05, 0.0, 0.0) == (pytest.approx(1.05), True)  # English question, English passage: no offset
+    assert decide(1.05, 1.0, 0.0) == (pytest.approx(0.95), False)  # Chinese question, English passage: +0.1
+    assert decide(0.85, 0.0, 1.0) == (pytest.approx(1.05), True)  # English question, Chinese passage: -0.2
+    assert decide(0.85, 0.0, 0.0)[1] is False  # ... the same score about an English passage does not count
+    assert decide(1.25, 1.0, 1.0) == (pytest.approx(0.95), False)  # both Chinese: +0.3
+    assert decide(1.3, 1.0, 1.0)[1] is True
+    # In proportion to the shares: a Chinese question about a half-Chinese passage gets half of zh->en and
+    # half of zh->zh; the offsets are per passage, so they order passages of one question too.
+    assert language_pair_offset(config, 1.0, 0.5) == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
+    assert np.allclose(language_pair_offset(config, 1.0, np.array([0.0, 1.0])), [0.1, 0.3])
+    # With the three offsets at 0 the decision is the one chinese_offset alone makes.
+    plain = dataclasses.replace(config, zh_question_en_passage_offset=0.0, en_question_zh_passage_offset=0.0,
+                                zh_question_zh_passage_offset=0.0)
+    assert fuse(0.85, 0.0, None, 0.0, plain, passage_share=1.0) == (pytest.approx(0.85), False)
+
+
+def test_retrieval_applies_the_language_pair_offsets_to_each_passage(kb_db):
+    # A Chinese question about a Chinese passage: a large zh->zh offset lowers that passage (and only the
+    # Chinese-Chinese pairs: the English passages keep their scores) until nothing covers the question.
+    question, wide = "食堂晚饭几点开始？", dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf"))
+    base = {h.passage.doc_path: h.score for h in retrieve_scored(kb_db, question, k=10, config=wide)}
+    raised = dataclasses.replace(wide, zh_question_zh_passage_offset=wide.zh_question_zh_passage_offset + 10.0)
+    moved = {h.passage.doc_path: h.score for h in retrieve_scored(kb_db, question, k=10, config=raised)}
+    assert moved["zh/canteen.md"] < base["zh/canteen.md"] - 5.0
+    assert moved["en/forklift.md"] == pytest.approx(base["en/forklift.md"], abs=1e-6)
+    assert retrieve_scored(kb_db, question, k=3, config=dataclasses.replace(raised, min_score=DEFAULT_CONFIG.min_score)) == []
 
 
 def test_the_row_products_match_numpys_matmul():

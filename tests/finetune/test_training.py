@@ -191,10 +191,10 @@ def test_tiny_learns_answers_and_to_stop(tiny_path, tmp_path):
     exact check it stops on agrees with real greedy generation, answer by answer."""
     import torch
 
-    from finetune.evaluation.reproduction import reproduced_examples
     from finetune.model.loading import end_of_turn_id, load_model_for_inference
     from finetune.model.prompting import build_messages, render_prompt
     from finetune.training.data import encode_examples
+    from finetune.training.reproduction import reproduced_examples
     from finetune.training.trainer import train_adapter
 
     examples = _qa(10)

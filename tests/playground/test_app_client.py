@@ -90,7 +90,7 @@ def test_export_and_redact_endpoints(server):
     reject = bob.predict(f"i:{server['ids']['leave']}", *FILTERS, api_name="/reject")
     assert reject[0].startswith("✅ Rejected")
     db = open_db(server["db_path"])
-    from store.interactions import review_item
+    from store.review import review_item
 
     assert review_item(db, server["ids"]["leave"])["reviewer"] == "bob"
 

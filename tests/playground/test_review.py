@@ -5,7 +5,8 @@ import pytest
 from playground import review
 from playground.review import QueueFilter
 from store.examples import get_example, list_examples
-from store.interactions import record_interaction, record_vote, review_item
+from store.interactions import record_interaction, record_vote
+from store.review import review_item
 
 
 def keys(rows):
@@ -185,3 +186,30 @@ def test_safe_markdown_neutralises_images_and_html():
     assert review.safe_markdown("![x](https://t.example/p.gif)") == "\\![x](https://t.example/p.gif)"
     assert review.safe_markdown("<img src=x> & co") == "&lt;img src=x&gt; &amp; co"
     assert review.safe_markdown(None) == ""
+
+
+def test_the_queue_filters_by_team_and_the_item_says_whose_it_is(db, alice):
+    from store.examples import NewExample, add_examples
+    from store.teams import SHARED, add_team
+
+    add_team(db, "eng", ("C0ENG",))
+    eng = record_interaction(db, question="When are deploys frozen?", answer="Fridays.", source="slack",
+                             channel_id="C0ENG", user_id="U1", team="eng")
+    record_vote(db, interaction_id=eng, user_id="U1", vote=-1, correction="Fridays after noon.")
+    shared = record_interaction(db, question="Where is the office?", answer="Berlin.", source="slack",
+                                channel_id="C_GEN", user_id="U2")
+    record_vote(db, interaction_id=shared, user_id="U2", vote=1)
+    add_examples(db, [NewExample("Who approves eng hires?", "The eng lead.")], status="pending", team="eng")
+    [pending] = [e for e in list_examples(db, status="pending") if e.interaction_id is None]
+
+    assert keys(review.queue(db, QueueFilter(team="eng"))) == [f"i:{eng}", f"e:{pending.id}"]
+    assert keys(review.queue(db, QueueFilter(team=SHARED))) == [f"i:{shared}"]
+    assert len(review.queue(db, QueueFilter())) == 3  # every team's
+    assert [r["team"] for r in review.queue(db, QueueFilter(team="eng"))] == ["eng", "eng"]
+    header = review.item_markdown(review.open_item(db, f"i:{eng}")).header
+    assert "team eng" in header
+    assert "team" not in review.item_markdown(review.open_item(db, f"i:{shared}")).header
+    # Approving keeps the answer in its team: it answers and trains only eng.
+    assert review.approve(db, alice, f"i:{eng}", answer="Fridays after noon.", expected_status="pending").ok
+    (ex,) = [e for e in list_examples(db, status="approved") if e.interaction_id == eng]
+    assert ex.team == "eng"

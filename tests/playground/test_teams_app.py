@@ -9,10 +9,14 @@ import json
 import pytest
 from gradio_client import Client
 
+from finetune.jobs.queue import describe_job
 from finetune.serving.engine import Engine
 from playground import PlaygroundConfig, build_playground, launch
+from playground.review_tab import QUEUE_COLUMNS
 from store import open_db
 from store.examples import NewExample, add_examples, get_example, list_examples
+from store.interactions import record_interaction, record_vote
+from store.jobs import list_jobs
 from store.kb import NewPassage, replace_document
 from store.teams import SHARED, add_team
 from tests.playground.test_app_client import free_port
@@ -84,3 +88,32 @@ def test_the_dataset_filters_by_team_and_moves_an_example(server, alice):
     assert get_example(db, eng.id).team is None and [row[2] for row in table["data"]] == [ENG]
     message, _ = alice.predict(str(eng.id), "sales", "", "approved", "", api_name="/assign_team")
     assert message.startswith("⛔") and "already has an example asking" in message  # sales has the question
+
+
+def test_the_training_tab_retrains_and_rolls_back_the_chosen_team(server, alice):
+    out = alice.predict("", "", None, False, "", "eng", api_name="/retrain")
+    assert out[0].startswith("✅ Job") and "for team eng" in out[0]
+    db = open_db(server["db_path"])
+    (job,) = list_jobs(db)
+    assert job.params == {"team": "eng"} and "team eng" in describe_job(job)
+    assert alice.predict(api_name="/cancel_job")[0].startswith("✅")
+    message = alice.predict(None, "sales", api_name="/rollback")[0]
+    assert message.startswith("⛔") and "team 'sales' has no active adapter of its own" in message
+    message = alice.predict(None, "ops", api_name="/rollback")[0]
+    assert message.startswith("⛔") and "no team 'ops'" in message
+
+
+def test_the_review_queue_filters_by_team(server, alice):
+    db = open_db(server["db_path"])
+    asked = record_interaction(db, question="Who approves eng hires?", answer="HR.", source="slack",
+                               channel_id="C0ENG", user_id="U1", team="eng")
+    record_vote(db, interaction_id=asked, user_id="U1", vote=-1)
+    out = alice.predict("all", "to_review", "", "", "", "", "eng", api_name="/queue")
+    queue = out[1]["data"]
+    assert [row[0] for row in queue] == [f"i:{asked}"] and queue[0][queue_column("team")] == "eng"
+    out = alice.predict("all", "to_review", "", "", "", "", "sales", api_name="/queue")
+    assert f"i:{asked}" not in json.dumps(out[1]["data"]) and "Who approves eng hires" not in json.dumps(out)
+
+
+def queue_column(name: str) -> int:
+    return QUEUE_COLUMNS.index(name)

@@ -95,3 +95,31 @@ def test_admin_retrains_on_the_votes_and_the_adapter_list_says_so(db, alice, bob
                      params={"objective": "kto"}, dataset_hash="h", dataset_size=10, metrics=GOOD)
     frame = training.adapters_frame(db)
     assert dict(zip(frame["version"], frame["objective"])) == {"v1": "sft", "v2": "kto"}
+
+
+def test_admin_retrains_and_rolls_back_a_teams_adapter_only(db, alice, tmp_path):
+    from store.teams import add_team
+
+    add_team(db, "eng", ("C0ENG",))
+    missing = training.start_retrain(db, alice, team="ops")
+    assert not missing.ok and "no team 'ops'" in missing.message and training.current_job_id(db) is None
+    out = training.start_retrain(db, alice, team="eng")
+    assert out.ok and "for team eng" in out.message, out.message
+    assert get_job(db, training.current_job_id(db)).params == {"team": "eng"}
+    assert training.cancel_job(db, alice).ok
+
+    _register(db, tmp_path, "v1", GOOD)
+    assert training.promote(db, alice, "v1", force=True).ok  # the shared adapter
+    register_adapter(db, version="v2", path=str(tmp_path / "v1"), base_model="tiny", method="full", params={},
+                     dataset_hash="h", dataset_size=10, metrics=GOOD, team="eng")
+    assert training.promote(db, alice, "v2", force=True).ok
+    assert "team eng: **v2**" in training.verdict_markdown(db, None)
+    assert dict(zip(training.adapters_frame(db)["version"], training.adapters_frame(db)["team"])) == {
+        "v1": "", "v2": "eng"}
+    back = training.rollback(db, alice, team="eng")
+    assert back.ok and back.message == "Rolled back team eng: from v2 to the shared adapter.", back.message
+    assert active_adapter(db, "eng") is None and active_adapter(db).version == "v1"  # the shared one untouched
+    assert "team eng: the shared adapter" in training.verdict_markdown(db, None)
+    again = training.rollback(db, alice, team="eng")
+    assert not again.ok and "team 'eng' has no active adapter of its own" in again.message
+    assert not training.rollback(db, alice, team="ops").ok and active_adapter(db).version == "v1"

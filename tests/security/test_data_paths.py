@@ -158,7 +158,7 @@ def test_exports_of_votes_leave_out_flagged_rows(kbloop, tmp_path, db_path):
 
 
 def test_training_start_leaves_out_flagged_approved_rows_and_says_which(db):
-    from finetune.registry.candidates import _eval_set
+    from finetune.registry.split import training_split
 
     add_examples(db, [NewExample(f"Q{i}?", f"Answer {i}.") for i in range(5)], reviewer="alice")
     # A row approved before the scan existed (written as the old code wrote it, without a confirmation).
@@ -168,7 +168,7 @@ def test_training_start_leaves_out_flagged_approved_rows_and_says_which(db):
     leaked = db.execute("SELECT id FROM examples WHERE content_hash = 'legacy'").fetchone()[0]
     examples, _ = approved_snapshot(db)
     assert leaked not in [e.id for e in examples] and len(examples) == 5
-    eval_set = _eval_set(db, k_passages=0)
+    eval_set = training_split(db, k_passages=0)
     assert f"#{leaked} contains secret" in eval_set.withheld
     assert all(AWS_LINE not in ex.answer for ex in eval_set.train + eval_set.heldout)
 

@@ -23,7 +23,8 @@ from store.audit import list_audit
 from store.interactions import list_interactions
 from store.jobs import claim_next_job, enqueue_job, finish_job, list_jobs, set_job_progress
 from store.slack_inbox import count_pending_slack_events
-from tests.bot.conftest import ADMIN, SECRET, ScriptedEngine, fake_slack, start_bot  # noqa: F401 - fixtures
+from tests.bot.conftest import ADMIN, SECRET, fake_slack, start_bot  # noqa: F401 - fixtures
+from tests.fakes.engine import ScriptedEngine
 from tests.fakes.slack_api import (
     BOT_USER_ID,
     app_mention_event,

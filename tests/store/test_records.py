@@ -5,7 +5,7 @@ import pytest
 from store import StoreError
 from store.adapters import activate_adapter, active_adapter, next_version, register_adapter, rollback_adapter
 from store.examples import NewExample, add_examples, approved_snapshot, list_examples, review_example
-from store.interactions import claim_slack_event, record_interaction, record_vote, review_items, votes_for
+from store.interactions import record_interaction, record_vote, votes_for
 from store.jobs import (
     JobAlreadyActive,
     claim_next_job,
@@ -16,6 +16,8 @@ from store.jobs import (
     request_cancel,
 )
 from store.kb import NewPassage, replace_document, search_passages
+from store.review import review_items
+from store.slack_events import claim_slack_event
 from store.text import search_terms
 
 

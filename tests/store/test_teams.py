@@ -15,16 +15,10 @@ from store.examples import (
     set_example_team,
     training_examples,
 )
-from store.interactions import (
-    approve_interaction,
-    correction_pairs,
-    get_interaction,
-    record_interaction,
-    record_vote,
-    review_items,
-    voted_answers,
-)
+from store.interactions import get_interaction, record_interaction, record_vote
 from store.kb import NewPassage, replace_document, search_passages
+from store.preferences import correction_pairs, voted_answers
+from store.review import approve_interaction, review_items
 from store.teams import SHARED, add_team, get_team, list_teams, parse_channels, remove_team, team_for_channel
 
 

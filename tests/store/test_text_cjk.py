@@ -25,11 +25,11 @@ def test_the_cjk_ranges_are_defined_once():
 
 def test_every_module_uses_the_store_definition():
     from finetune.evaluation import metrics as evaluation
-    from finetune.serving import engine, retrieval
+    from finetune.serving import answers, retrieval
     from finetune.training import recommend
 
     assert evaluation._CJK_CHAR is text.CJK_CHAR
-    assert engine._CJK is text.CJK_CHAR
+    assert answers.CJK_CHAR is text.CJK_CHAR
     assert recommend._CJK is text.CJK_CHAR
     assert retrieval._CJK_CHAR is text.CJK_CHAR
     assert retrieval._CJK_RUN is text.CJK_RUN

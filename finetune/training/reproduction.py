@@ -1,6 +1,7 @@
 """Whether a model reproduces training answers exactly, decided by one teacher-forced pass: the check the
 trainer stops on (finetune.training.sizing) and the `train_reproduced_exact` metric (finetune.evaluation.metrics)
-share it.
+share it. It reads examples as training encodes them (finetune.training.data) and applies a fused head as
+training does (finetune.training.fused), so it lives with training, and evaluation imports it from here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Whether a process is still alive: used to tell an abandoned job or temp folder from one in use."""
+"""Whether a process is still alive, and when it started: how a job whose worker died (finetune.jobs.worker_ids)
+or a temporary adapter folder whose writer died (finetune.registry.folders) is told from one in use."""
 
 from __future__ import annotations
 

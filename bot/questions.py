@@ -1,5 +1,5 @@
-"""Slack listeners: questions (mentions, DMs, /kb) and feedback (buttons, the correction modal).
-Admin commands are in bot.commands.
+"""Slack listeners for questions: mentions, DMs and /kb. Feedback (the buttons, the correction modal) is
+bot.feedback, admin commands bot.commands, what the listeners share bot.runtime.
 
 Every listener acknowledges first and then works: Slack wants a 200 within 3 seconds, and bolt runs
 listeners in a thread pool (`process_before_response=False`), so the HTTP response leaves as soon as
@@ -21,32 +21,19 @@ from the shared and that team's rows only (`question_team`).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from slack_bolt import App
-from slack_sdk.webhook import WebhookClient
 
-from bot import blocks, messages
-from bot.config import BotConfig
-from bot.priority import AckPriority
-from bot.ratelimit import QuestionRateLimiter
-from bot.streaming import AnswerStream, StreamingSupport
-from store import StoreError, local_db
-from store.interactions import (
-    assistant_thread_context,
-    claim_slack_events,
-    get_interaction,
-    record_bot_error,
-    record_vote,
-    set_interaction_message,
-)
+import bot.blocks as blocks
+import bot.messages as messages
+from bot.runtime import BotRuntime
+from bot.streaming import AnswerStream
+from store.assistant_threads import assistant_thread_context
+from store.interactions import set_interaction_message
+from store.slack_events import claim_slack_events
 from store.teams import team_for_channel
 
 log = logging.getLogger("kbloop.bot")
@@ -54,51 +41,6 @@ log = logging.getLogger("kbloop.bot")
 # Engine notices that mean "no real answer was generated": no buttons, a note instead of sources.
 NOT_ANSWERED = ("starting", "unavailable", "closed", "empty")
 
-
-@dataclass(kw_only=True)
-class BotRuntime:
-    """What the listeners share: config, the engine, the store, the answer pool and the rate limiter."""
-
-    config: BotConfig
-    engine: object  # finetune.serving.engine.Engine, or anything with its answer() signature
-    db_path: Path
-    answers: ThreadPoolExecutor = field(init=False)
-    limiter: QuestionRateLimiter = field(init=False)
-    priority: AckPriority = field(default_factory=AckPriority)
-    # bot.server.EventDispatcher threads feeding the event inbox to bolt; stopped first on shutdown.
-    dispatchers: list = field(default_factory=list)
-    streaming: StreamingSupport = field(default_factory=StreamingSupport)
-
-    def __post_init__(self) -> None:
-        self.answers = ThreadPoolExecutor(max_workers=self.config.answer_workers, thread_name_prefix="kbloop-answer")
-        self.limiter = QuestionRateLimiter(max_questions=self.config.rate_limit_questions,
-                                           window_s=self.config.rate_limit_window_s)
-
-    def db(self):
-        return local_db(self.db_path)  # one connection per thread
-
-    def record_error(self, kind: str, exc: BaseException, *, event_id: str | None = None,
-                     user_id: str | None = None, channel_id: str | None = None) -> int | None:
-        """Log and keep a handler failure; returns its id to show people as a reference (None if the
-        store itself failed)."""
-        log.error("slack %s handler failed: %s", kind, exc, exc_info=exc)
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
-        try:
-            return record_bot_error(self.db(), kind=kind, error=f"{type(exc).__name__}: {exc}", event_id=event_id,
-                                    user_id=user_id, channel_id=channel_id, detail={"traceback": tb})
-        except Exception:  # noqa: BLE001 - the log line above already has it
-            log.exception("could not record the error in the store")
-            return None
-
-    def shutdown(self, wait: bool = True) -> None:
-        for dispatcher in self.dispatchers:
-            dispatcher.stop()  # deliveries not yet dispatched stay in the inbox for the next start
-        self.answers.shutdown(wait=wait)
-
-
-# ------------------------------------------------------------------------------------------------
-# Questions
-# ------------------------------------------------------------------------------------------------
 
 def ignored_event(event: dict, *, bot_user_id: str | None) -> str | None:
     """Why an event is not a question for us (None: it is). Own messages, other bots, edits, deletions,
@@ -331,87 +273,3 @@ def register_question_handlers(app: App, rt: BotRuntime) -> None:
             return
         ack(text=messages.SLASH_WORKING, response_type="ephemeral")
         rt.answers.submit(_answer_slash, rt, respond, question=question, user=user, channel=channel)
-
-
-# ------------------------------------------------------------------------------------------------
-# Feedback
-# ------------------------------------------------------------------------------------------------
-
-def _interaction_id(value: str | None) -> int | None:
-    try:
-        return int(str(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def _tell(text: str, *, response_url: str | None, client, channel: str | None, user: str) -> None:
-    """An ephemeral note to one person: through the response_url when there is one (works in DMs and in
-    channels the bot is not a member of), else chat.postEphemeral, else a DM."""
-    if response_url:
-        WebhookClient(response_url).send(text=text, response_type="ephemeral", replace_original=False)
-    elif channel:
-        client.chat_postEphemeral(channel=channel, user=user, text=text)
-    else:
-        client.chat_postMessage(channel=user, text=text)
-
-
-def register_feedback_handlers(app: App, rt: BotRuntime) -> None:
-    @app.action(blocks.ACTION_UP)
-    def on_feedback_up(ack, body, action, client):
-        ack()
-        user = body["user"]["id"]
-        channel = (body.get("channel") or {}).get("id")
-        iid = _interaction_id(action.get("value"))
-        try:
-            if iid is None:
-                raise StoreError(f"bad interaction id {action.get('value')!r}")
-            record_vote(rt.db(), interaction_id=iid, user_id=user, vote=1)
-            text = messages.THANKS_UP
-        except StoreError:
-            text = messages.UNKNOWN_INTERACTION
-        _tell(text, response_url=body.get("response_url"), client=client, channel=channel, user=user)
-
-    @app.action(blocks.ACTION_DOWN)
-    def on_feedback_down(ack, body, action, client):
-        ack()
-        user = body["user"]["id"]
-        channel = (body.get("channel") or {}).get("id")
-        iid = _interaction_id(action.get("value"))
-        try:
-            interaction = get_interaction(rt.db(), iid) if iid is not None else None
-        except StoreError:
-            interaction = None
-        if interaction is None:
-            _tell(messages.UNKNOWN_INTERACTION, response_url=body.get("response_url"), client=client,
-                  channel=channel, user=user)
-            return
-        # trigger_id lives 3 seconds: open the modal before anything else.
-        view = blocks.correction_modal(interaction_id=interaction.id, question=interaction.question,
-                                       metadata={"channel": channel, "response_url": body.get("response_url")})
-        client.views_open(trigger_id=body["trigger_id"], view=view)
-        # The 👎 counts even if the modal is closed without a correction.
-        record_vote(rt.db(), interaction_id=interaction.id, user_id=user, vote=-1)
-
-    @app.view(blocks.CORRECTION_CALLBACK)
-    def on_correction_submitted(ack, body, view, client):
-        user = body["user"]["id"]
-        state = (view.get("state") or {}).get("values") or {}
-        correction = ((state.get(blocks.CORRECTION_BLOCK) or {}).get(blocks.CORRECTION_ACTION) or {}).get("value")
-        correction = (correction or "").strip()
-        if len(correction) > messages.CORRECTION_MAX:
-            ack(response_action="errors", errors={blocks.CORRECTION_BLOCK: messages.CORRECTION_TOO_LONG})
-            return
-        ack()
-        try:
-            meta = json.loads(view.get("private_metadata") or "{}")
-        except ValueError:
-            meta = {}
-        iid = _interaction_id(meta.get("interaction_id"))
-        try:
-            if iid is None:
-                raise StoreError("no interaction id in the modal")
-            record_vote(rt.db(), interaction_id=iid, user_id=user, vote=-1, correction=correction or None)
-            text = messages.THANKS_CORRECTION if correction else messages.THANKS_DOWN
-        except StoreError:
-            text = messages.UNKNOWN_INTERACTION
-        _tell(text, response_url=meta.get("response_url"), client=client, channel=meta.get("channel"), user=user)
