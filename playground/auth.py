@@ -27,7 +27,7 @@ LOCAL_USER = "local"
 
 # The address of the request being served, set by PlaygroundGuard: Gradio's `auth` callable is given only
 # the user name and the password, and the login wait is per address too.
-_client_address: contextvars.ContextVar[str] = contextvars.ContextVar("kbloop_playground_client", default="unknown")
+client_address: contextvars.ContextVar[str] = contextvars.ContextVar("kbloop_playground_client", default="unknown")
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,11 @@ class PlaygroundGuard:
                 await _refuse(scope, receive, send, *refusal)
                 return
         client = scope.get("client")
-        token = _client_address.set(client[0] if client else "unknown")
+        token = client_address.set(client[0] if client else "unknown")
         try:
             await self.app(scope, receive, send)
         finally:
-            _client_address.reset(token)
+            client_address.reset(token)
 
 
 async def _refuse(scope, receive, send, status: int, text: str) -> None:
@@ -151,7 +151,7 @@ class LoginGate:
         return len(self._failures)
 
     def __call__(self, username: str, password: str) -> bool:
-        address = _client_address.get()
+        address = client_address.get()
         keys = [("address", address)] + ([("user", username)] if username in self._accounts else [])
         with self._lock:
             now = self._clock()

@@ -42,7 +42,7 @@ from finetune.model.prompting import build_messages, render_prompt
 from finetune.training.continuation import example_key
 from finetune.training.data import encode_examples
 from finetune.training.general_text import PROBE_TOKENS, load_general_text
-from store.text import CJK_CHAR as _CJK_CHAR
+from store.text import CJK_CHAR
 
 if TYPE_CHECKING:
     from finetune.training.data import TrainingExample
@@ -91,7 +91,7 @@ def answer_tokens(text: str) -> list[str]:
     """
     text = unicodedata.normalize("NFKC", text or "").lower()
     text = "".join(" " if unicodedata.category(ch)[0] in "PSC" else ch for ch in text)
-    text = _CJK_CHAR.sub(lambda m: f" {m.group()} ", text)
+    text = CJK_CHAR.sub(lambda m: f" {m.group()} ", text)
     return text.split()
 
 

@@ -223,7 +223,7 @@ def background_for(model_name: str) -> Background:
     text = resources.files("finetune").joinpath("assets/retrieval_background.txt").read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     cjk = np.array([cjk_share(line) >= 0.5 for line in lines])
-    as_passages, as_queries = _background_vectors(model_name, lines)
+    as_passages, as_queries = background_vectors(model_name, lines)
     passage_means = (as_passages[~cjk].mean(axis=0), as_passages[cjk].mean(axis=0))
     query_means = (as_queries[~cjk].mean(axis=0), as_queries[cjk].mean(axis=0))
     centred = centre(as_passages, cjk.astype(np.float32), passage_means)
@@ -231,7 +231,7 @@ def background_for(model_name: str) -> Background:
     return Background(passage_means, query_means, centred, centred_queries)
 
 
-def _background_vectors(model_name: str, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def background_vectors(model_name: str, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The background sentences embedded as passages and as questions: 192 texts, 5-10 s on a busy 2-core
     machine, so kept in $KBLOOP_HOME/models/ per embedder and text (`kbloop kb search` would pay it each run)."""
     import hashlib

@@ -58,9 +58,7 @@ from finetune.serving.kb_index import (  # noqa: F401  (embed_missing_passages, 
     warm_retrieval,
 )
 from store.kb import Passage, get_passages, search_passages
-from store.text import CJK_CHAR as _CJK_CHAR
-from store.text import CJK_RUN as _CJK_RUN
-from store.text import cjk_words, index_terms
+from store.text import CJK_CHAR, CJK_RUN, cjk_words, index_terms
 
 # Words that carry no topic. FTS5 has no stop list, so "what is the … of an …" would match every
 # passage a little; dropping them keeps BM25 and coverage about the question's topic.
@@ -182,7 +180,7 @@ def topical_words(question: str) -> list[str]:
     text = question.lower()
     words: list[str] = []
     pos = 0
-    for run in _CJK_RUN.finditer(text):
+    for run in CJK_RUN.finditer(text):
         words += re.findall(r"[^\W_]+", text[pos : run.start()])
         words += cjk_words(run.group())
         pos = run.end()
@@ -206,7 +204,7 @@ def bm25_ranking(db: sqlite_utils.Database, question: str, *, limit: int,
 
 def _word_weight(word: str) -> float:
     # A lone Chinese character ("开", "证") is a weaker clue than a word; an English word counts fully.
-    return 0.5 if len(word) == 1 and _CJK_CHAR.match(word) else 1.0
+    return 0.5 if len(word) == 1 and CJK_CHAR.match(word) else 1.0
 
 
 def coverage(words: list[str], terms: frozenset[str]) -> float:
@@ -218,12 +216,12 @@ def coverage(words: list[str], terms: frozenset[str]) -> float:
     for w in words:
         weight = _word_weight(w)
         total += weight
-        if w in terms or (len(w) > 2 and _CJK_CHAR.match(w) and all(w[i : i + 2] in terms for i in range(len(w) - 1))):
+        if w in terms or (len(w) > 2 and CJK_CHAR.match(w) and all(w[i : i + 2] in terms for i in range(len(w) - 1))):
             found += weight
     return found / total
 
 
-def _row_dots(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+def row_dots(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """matrix @ vector, (N, D) @ (D,) -> (N,), on the calling thread. numpy's `@` hands it to OpenBLAS, which
     splits it over its worker threads; waking them cost 16 ms for 8,000 x 384 on 2 cores shared with other
     work, against 1.3 ms for einsum's single-threaded loop (a question's products are memory-bound anyway)."""
@@ -255,7 +253,7 @@ def evidence(db: sqlite_utils.Database, question: str, config: RetrievalConfig) 
     latent = np.zeros(n, np.float32)
     if not n:
         return Evidence(index, latent, latent, latent)
-    sims = _row_dots(index.matrix, q)  # (N, D) @ (D,) -> (N,)
+    sims = row_dots(index.matrix, q)  # (N, D) @ (D,) -> (N,)
     if latents is not None and index.latent_ids is not None and len(latents[0]):
         dense = np.zeros(int(max(index.latent_ids.max(), latents[0].max())) + 1, np.float32)
         dense[latents[0]] = latents[1] / max(float(np.linalg.norm(latents[1])), 1e-12)
@@ -265,10 +263,10 @@ def evidence(db: sqlite_utils.Database, question: str, config: RetrievalConfig) 
     background = background_for(embedding_model_name())
     share = cjk_share(question)
     qc = centre(q[None, :], np.array([share], dtype=np.float32), background.query_means)[0]
-    base = float(_row_dots(background.centred, qc).mean())
-    rel = 2.0 * _row_dots(index.centred, qc) - base - index.hub  # (N,)
+    base = float(row_dots(background.centred, qc).mean())
+    rel = 2.0 * row_dots(index.centred, qc) - base - index.hub  # (N,)
     if len(index.owner):
-        sentence_rel = 2.0 * _row_dots(index.sentences, qc) - base - index.sentence_hub  # (S,)
+        sentence_rel = 2.0 * row_dots(index.sentences, qc) - base - index.sentence_hub  # (S,)
         best = rel.copy()
         rows = index.with_sentences
         best[rows] = np.maximum(rel[rows], np.maximum.reduceat(sentence_rel, index.first_sentence))

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from store.text import CJK_CHAR as _CJK
+from store.text import CJK_CHAR
 
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
@@ -63,11 +63,11 @@ class Recommendation:
 
 def _words(text: str) -> int:
     # CJK text has no spaces: count each CJK character as a word, like tokenizers roughly do.
-    return len(_CJK.findall(text)) + len(_CJK.sub(" ", text).split())
+    return len(CJK_CHAR.findall(text)) + len(CJK_CHAR.sub(" ", text).split())
 
 
 def language_of(text: str) -> str:
-    cjk, cyr, lat = len(_CJK.findall(text)), len(_CYRILLIC.findall(text)), len(_LATIN.findall(text))
+    cjk, cyr, lat = len(CJK_CHAR.findall(text)), len(_CYRILLIC.findall(text)), len(_LATIN.findall(text))
     if cjk and cjk >= 0.2 * (cjk + lat + cyr):
         return "zh/ja/ko"
     if cyr > lat:

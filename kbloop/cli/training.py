@@ -46,7 +46,7 @@ def _start_from(value: str | None) -> str | None:
     return value
 
 
-def _config(*, base, method, rank, alpha, dropout, targets, epochs, lr, batch, grad_accum, max_length, seed,
+def config_from_options(*, base, method, rank, alpha, dropout, targets, epochs, lr, batch, grad_accum, max_length, seed,
             version, passages, start_from=None, objective="sft"):
     from finetune.training.config import METHODS, OBJECTIVES, TrainConfig, parse_targets
 
@@ -95,15 +95,6 @@ class _Progress:
         self.progress.console.print(f"… {text}", soft_wrap=True, markup=False, highlight=False)
 
 
-def _pick_version(db, home: Path, requested: str | None) -> str:
-    """The version the run will register as, known up front so that its steps are logged under it."""
-    if requested:
-        return requested
-    from finetune.registry.folders import next_free_version
-
-    return next_free_version(db, home)
-
-
 @app.command()
 def train(
     base: Annotated[Optional[str], typer.Option(help="HF model id, local model folder, or `tiny` (default: KBLOOP_BASE_MODEL).")] = None,
@@ -136,7 +127,7 @@ def train(
     """
     c = ctx()
     base = base or c.settings.base_model
-    config = _config(base=base, method=method, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
+    config = config_from_options(base=base, method=method, rank=rank, alpha=alpha, dropout=dropout, targets=targets,
                      epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, max_length=max_length, seed=seed,
                      version=version, passages=passages, start_from=start_from, objective=objective)
     if data is not None:
@@ -151,6 +142,7 @@ def train(
     if out is not None:
         fail("--out goes with --data; adapters trained on the store's examples go to KBLOOP_HOME/adapters/")
     from finetune.registry.candidates import train_candidate
+    from finetune.registry.folders import next_free_version
     from store.examples import approved_snapshot
 
     require_team(c.db, team)
@@ -158,7 +150,8 @@ def train(
     if not examples:
         fail("no approved examples: import some with `kbloop data import FILE` or approve pending ones with "
              "`kbloop review`")
-    run = _pick_version(c.db, c.settings.kbloop_home, config.version)
+    # The version the run registers as, known up front so that its steps are logged under it.
+    run = config.version or next_free_version(c.db, c.settings.kbloop_home)
     config = replace(config, version=run)
     if team is not None:
         typer.echo(f"Team {team}: {len(examples)} approved examples (shared and the team's).")
@@ -307,6 +300,7 @@ def sweep(
     """
     from finetune.model.loading import TINY, is_tiny_base
     from finetune.registry.candidates import train_candidate
+    from finetune.registry.folders import next_free_version
     from finetune.training.config import SEED_DEFAULTS, TINY_DEFAULTS
 
     try:
@@ -328,10 +322,10 @@ def sweep(
     rows = []
     for rank in grid:
         # From the base every time: a run that continued the active adapter would not compare with the others.
-        config = _config(base=base, method=method, rank=str(rank), alpha=max(1, round(ratio * rank)), dropout=None,
+        config = config_from_options(base=base, method=method, rank=str(rank), alpha=max(1, round(ratio * rank)), dropout=None,
                          targets=None, epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum,
                          max_length=max_length, seed=seed, version=None, passages=None, start_from="base")
-        run = _pick_version(c.db, c.settings.kbloop_home, None)
+        run = next_free_version(c.db, c.settings.kbloop_home)
         config = replace(config, version=run)
         typer.echo(f"— rank {rank} (alpha {config.alpha}) as {run}")
         started = time.monotonic()

@@ -13,7 +13,7 @@ from bot.blocks import (
     split_for_sections,
     unescape_slack,
 )
-from tests.fakes.slack_api import _block_errors
+from tests.fakes.slack_api import block_errors
 
 
 @pytest.mark.parametrize("evil", [
@@ -67,7 +67,7 @@ def test_answer_message_shape():
     assert sources.count("VPN guide") == 1 and "IT &lt;FAQ&gt;" in sources
     actions = blocks[-1]
     assert [(e["action_id"], e["value"]) for e in actions["elements"]] == [("feedback_up", "42"), ("feedback_down", "42")]
-    assert _block_errors(blocks) == []
+    assert block_errors(blocks) == []
 
 
 def test_a_verified_answer_names_who_approved_it_escaped_with_buttons_and_no_unreliable_note():
@@ -82,12 +82,12 @@ def test_a_verified_answer_names_who_approved_it_escaped_with_buttons_and_no_unr
     assert context_text.startswith(messages.VERIFIED_MARK) and "2026-11-30" in context_text
     assert "<@U999>" not in context_text and "&lt;@U999&gt;" in context_text  # a reviewer's name cannot ping
     assert messages.NO_SOURCES not in str(blocks) and "<!here>" not in str(blocks)
-    assert blocks[-1]["type"] == "actions" and _block_errors(blocks) == []
+    assert blocks[-1]["type"] == "actions" and block_errors(blocks) == []
 
 
 def test_huge_answer_is_truncated_to_fifty_blocks():
     blocks, text = answer_message(text="word " * 60_000, source_titles=[], interaction_id=1)
-    assert len(blocks) == MAX_BLOCKS and _block_errors(blocks) == []
+    assert len(blocks) == MAX_BLOCKS and block_errors(blocks) == []
     assert "shortened" in [b for b in blocks if b["type"] == "section"][-1]["text"]["text"]
     assert blocks[-1]["type"] == "actions" and len(text) <= 3000
 
@@ -100,4 +100,4 @@ def test_no_buttons_without_an_interaction():
 def test_correction_modal_within_limits():
     view = correction_modal(interaction_id=7, question="<!channel> " + "q" * 5000)
     assert view["callback_id"] == "feedback_correction" and len(view["private_metadata"]) <= 3000
-    assert "<!channel>" not in str(view["blocks"]) and _block_errors(view["blocks"]) == []
+    assert "<!channel>" not in str(view["blocks"]) and block_errors(view["blocks"]) == []

@@ -13,7 +13,7 @@ from store import open_db
 from store.adapters import list_adapters, register_adapter
 from store.interactions import get_interaction
 from store.jobs import active_jobs
-from tests.cli.test_train_cli import _small_qa
+from tests.cli.test_train_cli import small_qa
 
 
 def _write(path, rows):
@@ -190,7 +190,7 @@ def test_ask_channel_generates_from_the_teams_passages_only(private_kb, db_path)
 
 @pytest.mark.slow
 def test_train_team_trains_on_shared_and_team_examples_and_registers_for_the_team(teams, tmp_path, db_path):
-    assert teams("data", "import", _small_qa(tmp_path, 8)).exit_code == 0  # shared
+    assert teams("data", "import", small_qa(tmp_path, 8)).exit_code == 0  # shared
     eng = _write(tmp_path / "eng.jsonl", [{"question": f"What is eng runbook step {n}?",
                                            "answer": f"Eng runbook step {n} is to page the on-call."} for n in range(6)])
     assert teams("data", "import", eng, "--team", "eng").exit_code == 0

@@ -12,7 +12,7 @@ from tests.conftest import SAMPLES
 SAMPLE_QA = SAMPLES / "qa.jsonl"
 
 
-def _small_qa(tmp_path: Path, n: int) -> Path:
+def small_qa(tmp_path: Path, n: int) -> Path:
     lines = [line for line in SAMPLE_QA.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
     path = tmp_path / f"qa{n}.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -31,7 +31,7 @@ def test_recommend_prints_the_rank_and_why(kbloop, tmp_path):
 
 def test_recommend_on_a_file(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
-    r = kbloop("recommend", "--data", _small_qa(tmp_path, 20))
+    r = kbloop("recommend", "--data", small_qa(tmp_path, 20))
     assert r.exit_code == 0 and "20 examples" in r.stdout
 
 
@@ -72,7 +72,7 @@ def _register_active(db, home: Path) -> None:
 
 def test_preference_objectives_say_what_is_missing_in_one_line(kbloop, db, kbloop_home, tmp_path):
     assert kbloop("init").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 20)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 20)).exit_code == 0
     r = kbloop("train", "--objective", "kto")
     assert r.exit_code == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "continues the active adapter and none is active" in r.stderr
@@ -83,7 +83,7 @@ def test_preference_objectives_say_what_is_missing_in_one_line(kbloop, db, kbloo
     r = kbloop("train", "--objective", "kto")
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "KTO needs at least 4 votes with both 👍 and 👎" in r.stderr
-    r = kbloop("train", "--objective", "kto", "--data", _small_qa(tmp_path, 20), "--out", tmp_path / "o")
+    r = kbloop("train", "--objective", "kto", "--data", small_qa(tmp_path, 20), "--out", tmp_path / "o")
     assert r.exit_code == 1 and "--objective kto and dpo train on the store's votes" in r.stderr
 
 
@@ -95,7 +95,7 @@ def test_train_with_no_examples_says_what_to_do(kbloop):
 
 def test_train_on_a_file_with_a_secret_is_refused_before_training(kbloop, tmp_path):
     """--data trains without registering, but it is still a way into a model: the same scan as import."""
-    qa = _small_qa(tmp_path, 12)
+    qa = small_qa(tmp_path, 12)
     leaky = json.dumps({"instruction": "How do I reach the billing bucket?",
                         "output": "Put this in .env: AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"})
     qa.write_text(qa.read_text(encoding="utf-8") + leaky + "\n", encoding="utf-8")
@@ -108,7 +108,7 @@ def test_train_on_a_file_with_a_secret_is_refused_before_training(kbloop, tmp_pa
 
 def test_train_with_too_few_examples_gives_the_number(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 4)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 4)).exit_code == 0
     r = kbloop("train")
     assert r.exit_code == 1 and "only 4 training examples; at least 8" in r.stderr
 
@@ -126,7 +126,7 @@ def test_sweep_on_tiny_refuses_the_full_fine_tuning_it_would_otherwise_repeat(kb
     from store.adapters import list_adapters
 
     assert kbloop("init").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 14)).exit_code == 0
     for args in ((), ("--method", "full")):
         r = kbloop("sweep", "--ranks", "4,8", *args)
         assert r.exit_code == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -156,7 +156,7 @@ def test_sweep_trains_one_lora_run_per_rank_each_from_the_base(kbloop, tmp_path,
 
     monkeypatch.setattr(finetune.registry.candidates, "train_candidate", fake_train_candidate)
     assert kbloop("init").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 14)).exit_code == 0
     r = kbloop("sweep", "--ranks", "8,2,4", "--method", "lora")
     assert r.exit_code == 0, r.stderr
     assert [(res.method, res.rank, res.alpha) for _, res in asked] == [("lora", 2, 8), ("lora", 4, 16), ("lora", 8, 32)]
@@ -175,7 +175,7 @@ def test_sweep_on_tiny_with_lora_trains_and_registers_each_rank(kbloop, tmp_path
     from store.adapters import list_adapters
 
     assert kbloop("init").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 14)).exit_code == 0
     r = kbloop("sweep", "--ranks", "2,4", "--method", "lora", "--epochs", "1", "--batch", "4", "--max-length", "256")
     assert r.exit_code == 0, r.stderr
     adapters = sorted(list_adapters(open_db(tmp_path / "kbloop-home" / "kbloop.db")), key=lambda a: a.version)
@@ -191,7 +191,7 @@ def test_train_registers_a_candidate_and_logs_steps(kbloop, tmp_path):
 
     assert kbloop("init").exit_code == 0
     assert kbloop("kb", "import", SAMPLES / "kb", "--no-embed").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 14)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 14)).exit_code == 0
     r = kbloop("train", "--method", "lora", "--epochs", "1", "--rank", "4", "--batch", "4", "--max-length", "256",
                "--passages", "1")
     assert r.exit_code == 0, r.stderr
@@ -212,7 +212,7 @@ def test_train_registers_a_candidate_and_logs_steps(kbloop, tmp_path):
 def test_train_on_a_file_writes_to_out_and_registers_nothing(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
     out = tmp_path / "file-adapter"
-    r = kbloop("train", "--method", "lora", "--data", _small_qa(tmp_path, 12), "--out", out, "--epochs", "1", "--rank", "2",
+    r = kbloop("train", "--method", "lora", "--data", small_qa(tmp_path, 12), "--out", out, "--epochs", "1", "--rank", "2",
                "--max-length", "192", "--passages", "0")
     assert r.exit_code == 0, r.stderr
     assert (out / "adapter_config.json").exists() and "not registered" in r.stdout
@@ -232,20 +232,20 @@ def test_train_from_is_checked_before_training(kbloop, args, message):
 
 
 def test_train_from_reaches_the_config(monkeypatch):
-    from kbloop.cli.training import _config
+    from kbloop.cli.training import config_from_options
 
     common = dict(base="tiny", method=None, rank=None, alpha=None, dropout=None, targets=None, epochs=None, lr=None,
                   batch=None, grad_accum=None, max_length=None, seed=42, version=None, passages=None)
-    assert _config(**common).start_from is None  # the default: continue from the active adapter
-    assert _config(**common, start_from="BASE").start_from == "base"
-    assert _config(**common, start_from="active").start_from == "active"
-    assert _config(**common, start_from="v3").start_from == "v3"
+    assert config_from_options(**common).start_from is None  # the default: continue from the active adapter
+    assert config_from_options(**common, start_from="BASE").start_from == "base"
+    assert config_from_options(**common, start_from="active").start_from == "active"
+    assert config_from_options(**common, start_from="v3").start_from == "v3"
 
 
 @pytest.mark.slow
 def test_train_says_where_it_starts(kbloop, tmp_path):
     assert kbloop("init").exit_code == 0
-    assert kbloop("data", "import", _small_qa(tmp_path, 10)).exit_code == 0
+    assert kbloop("data", "import", small_qa(tmp_path, 10)).exit_code == 0
     # One epoch of tiny's default method (full): where a run starts is decided before it trains, so the
     # defaults' memorisation run (hundreds of steps) would only add minutes.
     r = kbloop("train", "--epochs", "1", "--max-length", "256")

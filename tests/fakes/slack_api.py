@@ -85,7 +85,7 @@ def _norm(path: str) -> str:
     return path.removeprefix("api/")
 
 
-def _block_errors(blocks: Any) -> list[str]:
+def block_errors(blocks: Any) -> list[str]:
     if blocks is None:
         return []
     if not isinstance(blocks, list):
@@ -279,7 +279,7 @@ class FakeSlackAPI:
             return {"ok": True, "url": "https://fake.slack.com/", "team": "Fake", "user": "kbloop",
                     "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id}
         if method in ("chat.postMessage", "chat.update", "chat.postEphemeral"):
-            errors = _block_errors(p.get("blocks"))
+            errors = block_errors(p.get("blocks"))
             if len(str(p.get("text") or "")) > MAX_MESSAGE_TEXT:
                 errors.append("text too long")
             if errors:
@@ -356,7 +356,7 @@ class FakeSlackAPI:
         if not message.get("streaming"):
             return {"ok": False, "error": "message_not_in_streaming_state"}
         if method == "chat.stopStream":
-            errors = _block_errors(p.get("blocks"))
+            errors = block_errors(p.get("blocks"))
             if errors:
                 return {"ok": False, "error": "invalid_blocks", "errors": errors}
             message.update({"blocks": p.get("blocks"), "streaming": False})

@@ -419,13 +419,14 @@ def test_a_continued_run_that_ends_its_budget_unlearnt_trains_from_the_base_and_
     assert not list(Path(home).glob("adapters/.tmp*")) and Path(result.adapter.path).is_dir()
 
 
-def test_the_next_version_skips_a_folder_a_crash_left_and_the_cli_asks_the_registry(db, kbloop_home):
-    from finetune.registry.folders import next_free_version
-    from kbloop.cli.training import _pick_version
+def test_the_next_version_skips_a_folder_a_crash_left(db, kbloop_home):
+    from finetune.registry.folders import next_free_version, pick_version
 
     rows.register_adapter(db, version="v1", path="/x/v1", base_model="tiny", method="lora", params={},
                           dataset_hash=None, dataset_size=3, metrics={})
     assert next_free_version(db, kbloop_home) == "v2"
     (kbloop_home / "adapters" / "v2").mkdir(parents=True)  # renamed into place, never registered
-    assert next_free_version(db, kbloop_home) == "v3" == _pick_version(db, kbloop_home, None)
-    assert _pick_version(db, kbloop_home, "mine") == "mine"
+    assert next_free_version(db, kbloop_home) == "v3" == pick_version(db, kbloop_home, None)
+    assert pick_version(db, kbloop_home, "mine") == "mine"
+    with pytest.raises(StoreError, match="already exists"):
+        pick_version(db, kbloop_home, "v2")  # the crash's folder

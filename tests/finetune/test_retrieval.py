@@ -289,14 +289,14 @@ def test_bench_questions_are_well_formed():
 
 
 def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
-    from finetune.serving.kb_index import _background_vectors
+    from finetune.serving.kb_index import background_vectors
 
     lines = ["The river floods the valley every spring.", "面包要烤四十分钟。"]
-    passages, queries = _background_vectors(embedding_model_name(), lines)
+    passages, queries = background_vectors(embedding_model_name(), lines)
     [cached] = (kbloop_home / "models" / "retrieval-background").glob("*.npz")
-    again = _background_vectors(embedding_model_name(), lines)
+    again = background_vectors(embedding_model_name(), lines)
     assert np.array_equal(again[0], passages) and np.array_equal(again[1], queries)
-    _background_vectors("another-embedder", lines)  # another name, another file: never mixed
+    background_vectors("another-embedder", lines)  # another name, another file: never mixed
     assert len(list(cached.parent.glob("*.npz"))) == 2
 
 
@@ -392,11 +392,11 @@ def test_retrieval_applies_the_language_pair_offsets_to_each_passage(kb_db):
 
 
 def test_the_row_products_match_numpys_matmul():
-    from finetune.serving.retrieval import _row_dots
+    from finetune.serving.retrieval import row_dots
 
     rng = np.random.default_rng(0)
     matrix, vector = rng.standard_normal((300, 384)).astype(np.float32), rng.standard_normal(384).astype(np.float32)
-    assert np.allclose(_row_dots(matrix, vector), matrix @ vector, atol=1e-4)
+    assert np.allclose(row_dots(matrix, vector), matrix @ vector, atol=1e-4)
 
 
 def test_a_question_embedded_alone_equals_the_same_question_in_a_batch():

@@ -152,7 +152,7 @@ def test_login_gate_makes_repeated_failures_wait_longer_each_time():
 def test_login_gate_waits_are_capped_and_its_memory_is_bounded():
     from fastapi import HTTPException
 
-    from playground.auth import _client_address
+    from playground.auth import client_address
 
     gate, clock = _gate(backoff_max_s=10.0, max_tracked=100)
     waits = []
@@ -164,9 +164,9 @@ def test_login_gate_waits_are_capped_and_its_memory_is_bounded():
             clock.t += waits[-1] + 0.01
     assert max(waits) == 10 and waits[-1] == 10  # doubled up to the cap, and no further
     for i in range(1000):  # a spray from many addresses, at unknown and known names
-        token = _client_address.set(f"10.0.{i // 256}.{i % 256}")
+        token = client_address.set(f"10.0.{i // 256}.{i % 256}")
         try:
             gate(f"user{i}", "nope")
         finally:
-            _client_address.reset(token)
+            client_address.reset(token)
     assert gate.tracked() <= 100 and bool(gate)

@@ -28,11 +28,11 @@ def test_every_module_uses_the_store_definition():
     from finetune.serving import answers, retrieval
     from finetune.training import recommend
 
-    assert evaluation._CJK_CHAR is text.CJK_CHAR
+    assert evaluation.CJK_CHAR is text.CJK_CHAR
     assert answers.CJK_CHAR is text.CJK_CHAR
-    assert recommend._CJK is text.CJK_CHAR
-    assert retrieval._CJK_CHAR is text.CJK_CHAR
-    assert retrieval._CJK_RUN is text.CJK_RUN
+    assert recommend.CJK_CHAR is text.CJK_CHAR
+    assert retrieval.CJK_CHAR is text.CJK_CHAR
+    assert retrieval.CJK_RUN is text.CJK_RUN
 
 
 @pytest.mark.parametrize(
@@ -63,9 +63,9 @@ def test_latin_is_neither(char):
 
 
 def test_recommend_counts_a_compatibility_ideograph_as_cjk():
-    from finetune.training.recommend import _CJK
+    from finetune.training.recommend import CJK_CHAR
 
-    assert _CJK.findall("豈更車") == list("豈更車")  # U+F900-U+F902
+    assert CJK_CHAR.findall("豈更車") == list("豈更車")  # U+F900-U+F902
 
 
 def test_a_chinese_sentence_is_joined_to_the_next_without_a_space():
