@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from engine_batching import engine_db, eval_questions, prepare_workspace  # noqa: E402
+from engine_batching import engine_db, eval_questions, prepare_workspace, spread  # noqa: E402
 from hot_swap import make_lora_adapter  # noqa: E402
 
 from finetune.model.loading import resolve_base  # noqa: E402
@@ -138,10 +138,8 @@ def main() -> None:
         "cpu": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "distinct_answers_alone": {way: len({a.text for a in answers}) for way, answers in alone.items()},
         "runs": runs,
-        "throughput_ratio": {"median": round(statistics.median(ratios), 3), "min": round(ratios[0], 3),
-                             "max": round(ratios[-1], 3)},
-        "cpu_throughput_ratio": {"median": round(statistics.median(cpu_ratios), 3), "min": round(cpu_ratios[0], 3),
-                                 "max": round(cpu_ratios[-1], 3)},
+        "throughput_ratio": spread(ratios),
+        "cpu_throughput_ratio": spread(cpu_ratios),
         "identical_answers": same,
     }, indent=2) + "\n")
     if not same:

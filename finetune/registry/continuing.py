@@ -23,6 +23,10 @@ from store import adapters as adapter_rows
 # A continued run stops once it has learnt every new answer and keeps this share of the answers its
 # starting adapter reproduced (the gate requires 95%; on 9 earlier answers this means all of them).
 CONTINUE_RETAIN = 0.98
+# On `tiny` the defaults memorise every answer, and a continued run is sized to keep what its adapter
+# reproduces: an adapter that reproduces under half of its answers (an --epochs budget too short) is not
+# continued. Real bases are not held to it: exact reproduction is not what they are trained for.
+CONTINUE_MIN_REPRODUCED_TINY = 0.5
 
 
 def plan_continuation(db: sqlite_utils.Database, config, *, tiny: bool, active: adapter_rows.Adapter | None,
@@ -40,7 +44,8 @@ def plan_continuation(db: sqlite_utils.Database, config, *, tiny: bool, active: 
     method = config.method or (TINY_DEFAULTS if tiny else SEED_DEFAULTS)["method"]
     return plan_start(requested=requested, config=config, method=method, k_passages=config.k_passages,
                       active=active, previous=previous, trained=trained, train=train,
-                      folder_problem=adapter_folder_problem(previous) if previous is not None else None)
+                      folder_problem=adapter_folder_problem(previous) if previous is not None else None,
+                      min_reproduced=CONTINUE_MIN_REPRODUCED_TINY if tiny else None)
 
 
 def preference_start(db: sqlite_utils.Database, config, *, active: adapter_rows.Adapter | None) -> adapter_rows.Adapter:

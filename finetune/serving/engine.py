@@ -109,7 +109,7 @@ class EngineConfig:
     # rows already decoding are not held up by a whole burst of prefills (docs/benchmarks.md, "Batching").
     prefill_tokens_per_step: int = 2048
     # LoRA adapters kept loaded when no answer uses them: each team's active one, the previous, one compared (a LoRA
-    # of r=8 on all projections of Qwen2.5-0.5B is ~18 MB in fp32). Those that running answers use stay loaded
+    # of r=8 on all projections of Qwen2.5-0.5B is 4.4M parameters, ~18 MB in fp32). Those that running answers use stay loaded
     # beyond it until the answers finish.
     adapter_cache_size: int = 8
     max_context_tokens: int = 4096  # cap on the prompt + answer, below the model's own limit

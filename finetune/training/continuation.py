@@ -119,12 +119,13 @@ def _mismatch(previous, config, *, method: str, k_passages: int) -> str | None:
 
 def plan_start(*, requested: str | None, config, method: str, k_passages: int, active, previous,
                trained: Sequence[Sequence[str]] | None, train: Sequence[TrainingExample],
-               folder_problem: str | None = None) -> StartPlan:
+               folder_problem: str | None = None, min_reproduced: float | None = None) -> StartPlan:
     """Decide where the run starts.
 
     `requested` is "active" (None means that), "base" or a version, whose row the caller looked up as
     `previous` (the active adapter for "active"); `trained` is its metadata's `trained_record` (None when it
-    has none); `train` the training split of the current approved examples.
+    has none); `train` the training split of the current approved examples. `min_reproduced`: the share of its
+    training answers `previous` must reproduce (its `train_reproduced_exact`) to be continued; None: any.
     """
     if (requested or "active") == "base":
         return StartPlan(None, "training from the base (--from base)")
@@ -135,6 +136,11 @@ def plan_start(*, requested: str | None, config, method: str, k_passages: int, a
     why = _mismatch(previous, config, method=method, k_passages=k_passages) or folder_problem
     if why is None and trained is None:
         why = f"{previous.version} does not record which examples it was trained on (it predates continued training)"
+    reproduced = (getattr(previous, "metrics", None) or {}).get("train_reproduced_exact")
+    if why is None and min_reproduced is not None and reproduced is not None and reproduced < min_reproduced:
+        # A continued run keeps what the adapter knows; this one knows too little to be worth keeping, and the
+        # attempt would spend its whole budget before the registry trains from the base anyway.
+        why = f"{previous.version} reproduces {reproduced:.0%} of its training answers, too few to continue from"
     if why is None:
         known = {key for key, _ in trained}
         new = [ex for ex in train if example_key(ex) not in known]

@@ -160,16 +160,10 @@ def demo(
             review_example(db, pending.id, decision="approved", reviewer="demo-curator")
             typer.echo(f'\nA curator approved the correction to "{DEMO_CORRECTED}". Asked again, before any retraining:')
             _show(engine.answer(DEMO_CORRECTED, source="playground", user_id="demo-user-5"))
-            start, why = _retrain_start(active)
-            if why is None:
-                typer.echo("\nRetraining continues from the active adapter with the new answer and a replay of the "
-                           "earlier ones…")
-            else:
-                typer.echo("\nRetraining from the base with the new answer…")
-            params = {**budget, "train": {**budget.get("train", {}), **start}} if start else budget
-            outcome = _run_demo_job(db, worker, params=params)
-            if why or outcome.get("start"):
-                typer.echo(f"Started from: {why or outcome['start']}")
+            typer.echo("\nRetraining with the new answer, continuing the active adapter where it can…")
+            outcome = _run_demo_job(db, worker, params=budget)
+            if outcome.get("start"):
+                typer.echo(f"Started from: {outcome['start']}")
             typer.echo("The model alone (`kbloop ask --model-only`) now says:")
             _show(engine.answer(DEMO_CORRECTED, record=False, model_only=True))
         finally:
@@ -181,23 +175,6 @@ def demo(
 
 DEMO_CORRECTED = "Where is the Berlin office?"
 DEMO_CORRECTION = "Ask the office team in #berlin-office; the address is in the Berlin office guide."
-
-
-# A continued run (finetune.training.continuation) keeps what its adapter reproduces and teaches the new answer at a
-# twentieth of the learning rate; an adapter that reproduces less than this share of its training answers (an
-# --epochs budget too short to memorise them) has little to keep, and its continued attempt would spend its whole
-# budget of rounds before the registry trains from the base anyway (over a minute of the demo on two cores).
-CONTINUE_MIN_REPRODUCED = 0.5
-
-
-def _retrain_start(active) -> tuple[dict, str | None]:
-    """Where the demo's retrain starts: the default (continue the active adapter), or the base, and why, when the
-    active adapter reproduces too few of its training answers to be worth continuing."""
-    share = (active.metrics or {}).get("train_reproduced_exact") if active is not None else None
-    if share is None or share >= CONTINUE_MIN_REPRODUCED:
-        return {}, None
-    return {"start_from": "base"}, (f"training from the base: {active.version} reproduces {share:.0%} of its training "
-                                    "answers, too few to continue from (a continued run keeps what an adapter knows)")
 
 
 def _run_demo_job(db, worker, *, params: dict) -> dict:

@@ -18,6 +18,7 @@ class _Adapter:
     method: str = "full"
     params: dict = field(default_factory=lambda: {"base": "tiny", "k_passages": 0, "rank": 8, "alpha": 32,
                                                   "targets": "all-linear"})
+    metrics: dict = field(default_factory=dict)
 
 
 def _ex(i: int, answer: str | None = None) -> TrainingExample:
@@ -69,6 +70,17 @@ def test_an_adapter_without_a_record_of_its_examples_cannot_be_continued():
     plan = plan_start(requested=None, config=CONFIG, method="full", k_passages=0, active=_Adapter(),
                       previous=_Adapter(), trained=None, train=OLD)
     assert plan.previous is None and "does not record which examples" in plan.reason
+
+
+def test_an_adapter_that_reproduces_too_little_is_not_continued_where_a_minimum_is_asked():
+    weak = _Adapter(metrics={"train_reproduced_exact": 0.3})
+    plan = plan_start(requested=None, config=CONFIG, method="full", k_passages=0, active=weak, previous=weak,
+                      trained=trained_record(OLD), train=OLD + [_ex(99)], min_reproduced=0.5)
+    assert plan.previous is None and "v1 reproduces 30% of its training answers, too few" in plan.reason
+    strong = _Adapter(metrics={"train_reproduced_exact": 0.5})
+    assert plan_start(requested=None, config=CONFIG, method="full", k_passages=0, active=strong, previous=strong,
+                      trained=trained_record(OLD), train=OLD + [_ex(99)], min_reproduced=0.5).previous is strong
+    assert _plan(OLD + [_ex(99)], previous=weak).previous is weak  # no minimum asked (a real base)
 
 
 def test_no_active_adapter_trains_from_the_base():

@@ -119,6 +119,16 @@ def request(prompt: list[int], adapter: str, at_admission=None) -> GenerationReq
     return GenerationRequest(adapter, build)
 
 
+def results(s: BatchScheduler, first: list, later: list = ()) -> list:
+    """Start `s`, then the results of `first` and of `later` (filled in while `first` runs), in order."""
+    s.start()
+    try:
+        got = [f.result(timeout=300) for f in first]
+        return got + [f.result(timeout=300) for f in later]
+    finally:
+        s.close(timeout=60)
+
+
 def test_rows_of_the_base_and_different_adapters_in_one_batch_answer_as_each_alone(
         served, workspace, references, prompts, tokenizer, eot):
     asks = [(prompts[0], "v1"), (prompts[0], "base"), (prompts[0], "v2"), (prompts[1], "v2"), (prompts[2], "base"),
@@ -127,11 +137,7 @@ def test_rows_of_the_base_and_different_adapters_in_one_batch_answer_as_each_alo
     assert len({tuple(e) for e in expected[:3]}) == 3  # the same prompt: each adapter really changes the answer
     s = scheduler(served(), workspace, tokenizer, eot)
     futures = [s.submit(request(p, a)) for p, a in asks]  # all waiting before the scheduler starts
-    s.start()
-    try:
-        got = [f.result(timeout=300) for f in futures]
-    finally:
-        s.close(timeout=60)
+    got = results(s, futures)
     assert [list(g.tokens) for g in got] == expected
     assert [g.adapter_version for g in got] == [None if a == "base" else a for _, a in asks]
     assert all(g.notices == () for g in got)
@@ -158,12 +164,9 @@ def test_a_promotion_during_a_mixed_batch_applies_to_newcomers_only(
 
     early = [s.submit(request(prompts[0], adapter_key("active", "eng"), at_admission=promote_and_ask_again)),
              s.submit(request(prompts[1], adapter_key("active", None))), s.submit(request(prompts[2], "base"))]
-    s.start()
     try:
-        got = [f.result(timeout=300) for f in early]
-        got += [f.result(timeout=300) for f in late]  # submitted when the first was admitted
+        got = results(s, early, late)  # `late`: submitted when the first was admitted
     finally:
-        s.close(timeout=60)
         activate_adapter(db, "v2")
     assert [g.adapter_version for g in got] == [v for v, _ in asked]
     assert [list(g.tokens) for g in got] == expected
@@ -186,12 +189,7 @@ def test_an_adapter_a_running_row_uses_is_never_unloaded(served, workspace, refe
             models.loaded_adapters))), s.submit(request(prompts[1], "base"))])
 
     early = [s.submit(request(prompts[0], "v1", at_admission=ask_more)), s.submit(request(prompts[3], "v2"))]
-    s.start()
-    try:
-        got = [f.result(timeout=300) for f in early]
-        got += [f.result(timeout=300) for f in late]  # submitted when the first was admitted
-    finally:
-        s.close(timeout=60)
+    got = results(s, early, late)  # `late`: submitted when the first was admitted
     assert [list(g.tokens) for g in got] == expected
     assert [g.adapter_version for g in got] == [v for v, _ in asked] and all(g.notices == () for g in got)
     assert s.batches_run == 1 and s.joined_running == 2
@@ -205,11 +203,7 @@ def test_a_full_fine_tune_runs_in_a_batch_of_its_own(served, workspace, referenc
     s = scheduler(served(), workspace, tokenizer, eot)
     futures = [s.submit(request(prompts[0], "v1")), s.submit(request(prompts[1], "base")),
                s.submit(request(prompts[1], "full1")), s.submit(request(prompts[3], "v2"))]
-    s.start()
-    try:
-        got = [f.result(timeout=300) for f in futures]
-    finally:
-        s.close(timeout=60)
+    got = results(s, futures)
     assert [g.adapter_version for g in got] == ["v1", None, "full1", "v2"]
     asked = [("v1", prompts[0]), (None, prompts[1]), (None, prompts[1]), ("v2", prompts[3])]  # full1: base weights
     assert [list(g.tokens) for g in got] == [alone(references, v, p, eot) for v, p in asked]
