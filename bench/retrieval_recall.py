@@ -17,7 +17,8 @@ Knowledge bases and questions (each question has a `split`, tune or test; only t
   test split only, reported as their own group.
 --tune tunes two decisions on the same tuning halves, per question (chinese_offset) and per language pair of
 question and passage (the three language-pair offsets), and keeps the per-pair one only if it does better
-there; the JSON holds both (`tuning`), with their tuning and test figures. The objective (--objective) is
+there; the JSON holds both (`tuning`), with their tuning and test figures. The per-pair one has an order of its
+own, chosen first for recall@3 alone (tune_ranking: RetrievalConfig.ranking_*), then the decision given it. The objective (--objective) is
 recall-first by default: refuse at most 5% of the covered questions ranking alone finds, then find nothing
 for as many off-topic questions as possible (OBJECTIVES below).
 Recall@3 is document recall: is the question's source among the first 3 distinct documents retrieved?
@@ -316,6 +317,7 @@ PAIR_OFFSETS = {  # zh question / en passage, en question / zh passage, both zh
     "zh_question_zh_passage_offset": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25),
 }
 _NO_PAIRS = dict.fromkeys(PAIR_OFFSETS, 0.0)
+_DECISIONS_ORDER = {"ranking_latent_weight": None, "ranking_pair_offsets": None}  # the order weighs as the decision
 LANGUAGE_DECISION_BONUS = 0.1  # cross_language_bonus of the per-question decision, as it was tuned with it
 
 
@@ -338,6 +340,7 @@ class Tuned:
     configs_at_best: int  # every (fusion, offsets, threshold) of the grid that reaches the best objective
     top: list  # the 10 best (worst, mean, config)
     figures: dict = dataclasses.field(default_factory=dict)  # recall-first: per KB, at the chosen setting
+    ranking: dict | None = None  # decision "pairs": how the order was chosen (tune_ranking)
 
     def to_dict(self) -> dict:
         if self.objective == "recall-first":
@@ -346,7 +349,7 @@ class Tuned:
                     "refusal_budget": REFUSAL_BUDGET, "per_kb": self.figures,
                     "thresholds_at_best": self.thresholds_at_best, "plateau": list(self.plateau),
                     "thresholds_in_grid": len(THRESHOLDS), "configs_at_best": self.configs_at_best,
-                    "config": dataclasses.asdict(self.config),
+                    "config": dataclasses.asdict(self.config), "ranking": self.ranking,
                     "top": [{"min_offtopic_nothing_found": w, "mean_covered_recall@3": m, **dataclasses.asdict(c)}
                             for w, m, c in self.top]}
         return {"objective": self.objective, "worst": self.worst, "mean": self.mean, "smoothed_worst": self.smoothed,
@@ -399,19 +402,26 @@ def tune(rows: dict[str, list[dict]], dbs: dict, *, decision: str = "language", 
     for xb, cw, bw in fusions:
         by_bonus.setdefault(xb, []).append((cw, bw))
     grid = []  # (fusion config with min_score -inf, chinese_offset, worst (T,), mean (T,))
+    ranking: dict | None = None
     for xb, weights in by_bonus.items():
-        with_bonus = dataclasses.replace(current, cross_language_bonus=xb, chinese_offset=0.0, **_NO_PAIRS)
+        with_bonus = dataclasses.replace(current, cross_language_bonus=xb, chinese_offset=0.0, **_NO_PAIRS,
+                                         **({} if decision == "pairs" else _DECISIONS_ORDER))
         arrays = {kb: [_as_arrays(candidates(dbs[kb], r["question"], with_bonus)) for r in kb_rows]
                   for kb, kb_rows in tune_rows.items()}
+        order = dict(_DECISIONS_ORDER)  # "language": the order weighs as the decision does
+        if decision == "pairs":  # the order first, for recall@3 alone; then the decision, given that order
+            ranking = tune_ranking(tune_rows, arrays, with_bonus, current)
+            order = {"ranking_latent_weight": ranking["ranking_latent_weight"],
+                     "ranking_pair_offsets": tuple(ranking["ranking_pair_offsets"])}
         for (cw, bw), lw, pairs in itertools.product(weights, latent_weights, offsets):
             fusion = dataclasses.replace(with_bonus, coverage_weight=cw, bm25_weight=bw, latent_weight=lw,
-                                         min_score=float("-inf"), **pairs)
+                                         min_score=float("-inf"), **pairs, **order)
             ranked = {kb: _ranked_table(tune_rows[kb], arrays[kb], fusion) for kb in tune_rows}
             for co in chinese_offsets:
                 grid.append((fusion, co, *(_objective(ranked, co) if objective == "worst-ratio"
                                            else _recall_first(ranked, co))))
     if objective == "recall-first":
-        return _choose_recall_first(grid)
+        return dataclasses.replace(_choose_recall_first(grid), ranking=ranking)
     # The score of a setting: its worst metric / target averaged over the thresholds within ±SMOOTHING of its
     # own, then its own worst and mean. A threshold whose neighbours do as well is chosen over a lone peak.
     keys = [np.stack([_smoothed(w), w, m]) for _, _, w, m in grid]  # (3, T) each
@@ -533,16 +543,65 @@ def _ranked_table(rows: list[dict], arrays: list[tuple], fusion: RetrievalConfig
     for row, (rel, cov, lat, pshare, bm25, docs, share) in zip(rows, arrays):
         d = (rel + fusion.coverage_weight * cov + fusion.latent_weight * lat
              - retrieval.language_pair_offset(fusion, share, pshare))
-        if len(d):
-            order = np.argsort(-(d + fusion.bm25_weight * bm25), kind="stable")
-            top = list(dict.fromkeys(docs[i] for i in order))[:K]
-        else:
-            top = []
+        top = _top_documents(fusion, (rel, cov, lat, pshare, bm25, docs, share)) if len(d) else []
         decisive.append(float(d.max()) if len(d) else float("-inf"))
         shares.append(share)
         hits.append(bool(row["source"]) and row["source"] in top)
     groups = {g: np.array([g in groups_of(r) for r in rows], bool) for g in (*TARGETS, "covered")}
     return {"decisive": np.array(decisive), "share": np.array(shares), "hit": np.array(hits), "groups": groups}
+
+
+def _order_score(fusion: RetrievalConfig, arrays: tuple) -> np.ndarray:
+    """fuse()'s first value, the order, for every candidate of one question at once."""
+    rel, cov, lat, pshare, bm25, _, share = arrays
+    return (rel + fusion.coverage_weight * cov + retrieval.ranking_latent_weight(fusion) * lat
+            - retrieval.language_pair_offset(fusion, share, pshare, ranking=True) + fusion.bm25_weight * bm25)
+
+
+def _top_documents(fusion: RetrievalConfig, arrays: tuple, k: int = K) -> list[str]:
+    order = np.argsort(-_order_score(fusion, arrays), kind="stable")
+    return list(dict.fromkeys(arrays[5][i] for i in order))[:k]
+
+
+RANKED_GROUPS = ("same-language", "cross-language", "mixed doc")
+
+
+def tune_ranking(rows: dict[str, list[dict]], arrays: dict[str, list], base: RetrievalConfig,
+                 reference: RetrievalConfig) -> dict:
+    """The order's latent weight and language-pair offsets (RetrievalConfig.ranking_*), chosen on the tuning
+    halves for recall@3 alone, with no threshold: the lowest recall@3 over the KBs' same-language,
+    cross-language and mixed-document groups is maximised, then their mean, then the mean reciprocal rank of
+    the source document; among settings that tie on all three, the middle one in grid order. `reference`:
+    the settings whose decision's weight and offsets are also reported as an order (one set for both)."""
+    scored = []
+    for lw, offsets in itertools.product(LATENT_WEIGHTS if embedding.has_latents() else (0.0,),
+                                         itertools.product(*PAIR_OFFSETS.values())):
+        fusion = dataclasses.replace(base, ranking_latent_weight=lw, ranking_pair_offsets=offsets)
+        recalls, reciprocal = {}, []
+        for kb, kb_rows in rows.items():
+            for row, arr in zip(kb_rows, arrays[kb]):
+                if not row["source"] or not len(arr[0]):
+                    continue
+                docs = _top_documents(fusion, arr, k=len(arr[5]))
+                rank = docs.index(row["source"]) + 1 if row["source"] in docs else None
+                reciprocal.append(1.0 / rank if rank else 0.0)
+                for g in RANKED_GROUPS:
+                    if g in groups_of(row):
+                        recalls.setdefault(f"{kb} {g}", []).append(bool(rank and rank <= K))
+        by_group = {g: round(float(np.mean(h)), 3) for g, h in recalls.items()}
+        key = (min(by_group.values()), round(float(np.mean(list(by_group.values()))), 4),
+               round(float(np.mean(reciprocal)), 4))
+        scored.append((key, lw, offsets, by_group))
+    best = max(k for k, *_ in scored)
+    ties = [entry for entry in scored if entry[0] == best]
+    key, lw, offsets, by_group = ties[(len(ties) - 1) // 2]
+    previous = [entry for entry in scored if entry[1] == reference.latent_weight and entry[2] == (
+        reference.zh_question_en_passage_offset, reference.en_question_zh_passage_offset,
+        reference.zh_question_zh_passage_offset)]
+    return {"ranking_latent_weight": lw, "ranking_pair_offsets": list(offsets), "key": list(key),
+            "recall@3": by_group, "settings_at_best": len(ties), "settings_in_grid": len(scored),
+            "ordered as the reference decides": ({"latent_weight": reference.latent_weight, "key": list(previous[0][0]),
+                                                  "recall@3": previous[0][3]} if previous else None)}
 
 
 def _objective(ranked_by_kb: dict, chinese_offset: float) -> tuple[np.ndarray, np.ndarray]:
@@ -579,7 +638,8 @@ def latency(folder: Path, questions: list[str], rounds: int = 1) -> dict:
     retrieve_scored(db, "warm up", k=K)
     load_before = os.getloadavg()[0]
     engine = config_for(embedding.embedding_model_name())
-    settings = {"engine": engine, "without latent terms": dataclasses.replace(engine, latent_weight=0.0)}
+    settings = {"engine": engine,
+                "without latent terms": dataclasses.replace(engine, latent_weight=0.0, ranking_latent_weight=0.0)}
     wall: dict[str, list] = {name: [] for name in settings}
     cpu: dict[str, list] = {name: [] for name in settings}
     for _ in range(rounds):

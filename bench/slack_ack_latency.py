@@ -181,6 +181,7 @@ def main() -> int:
         return serve_bot(args)
     if args.load:
         return generate_load(args.load, args.port, args.concurrency)
+    load_start = os.getloadavg()
     home = Path(tempfile.mkdtemp(prefix="kbloop-bench-"))
     os.environ["KBLOOP_HOME"] = str(home)
     import subprocess
@@ -267,7 +268,7 @@ def main() -> int:
         "send_s": round(send_s, 2), "all_answered_s": round(all_done_s, 2),
         "answered_events": len(per_event), "duplicate_answers": sum(n - 1 for n in per_event.values()),
         "interactions": sum(n for _, n in rows), "duplicate_interactions": sum(n - 1 for _, n in rows),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -269,7 +269,7 @@ def hot_swap() -> Row:
 
 def slack_ack() -> Row:
     """Slack ack p99 < 100 ms for 200 events at concurrency 20 while generating; zero duplicates"""
-    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(OUT.glob("slack_ack_latency*.json"))]
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(OUT.glob("slack_ack_latency_[0-9].json"))]
     runs = [r for r in runs if r.get("engine") == "real"]
     if not runs:
         raise Missing("slack_ack_latency_<n>.json", "bench/slack_ack_latency.py --json bench/out/slack_ack_latency_1.json")
@@ -279,9 +279,10 @@ def slack_ack() -> Row:
     unanswered = sum(r["events"] - r["answered_events"] for r in runs)
     below = sum(x < 100 for x in p99)
     p50 = ", ".join(f"{r['ack_ms']['p50']:.0f}" for r in runs)
+    loads = [x for r in runs for x in (r["load_avg_start"][0], r["load_avg_end"][0])]
     exactly_once = dup == 0 and refused == 0 and unanswered == 0
     return Row(f"p99 {', '.join(f'{x:.0f}' for x in p99)} ms in {len(runs)} runs with the real engine (p50 "
-               f"{p50} ms); {dup} duplicates, {refused} deliveries "
+               f"{p50} ms), load {min(loads):.1f}–{max(loads):.1f}; {dup} duplicates, {refused} deliveries "
                f"not answered 200, {unanswered} events unanswered (`bench/slack_ack_latency.py`)",
                f"each event answered once: {'yes' if exactly_once else '**no**'}; p99 "
                + ("yes" if below == len(runs) else f"**under 100 ms in {below} of {len(runs)} runs**"))
@@ -309,7 +310,10 @@ def preference() -> Row:
         down = d["loglik_down_after"] < d["loglik_down_before"]
         up = d["loglik_up_after"] >= d["loglik_up_before"]
         gate = d["kto"]["gate_passed"]
-        parts.append(f"{label}: 👎 {d['loglik_down_before']:.3f} → {d['loglik_down_after']:.3f}, 👍 "
+        given = d.get("kto_settings") or {}  # what the bench passed instead of the product's preference defaults
+        shown = [f"lr {v:.0e}".replace("e-0", "e-") if k == "learning_rate" else f"{k} {v:g}" for k, v in given.items()]
+        passed = f" (KTO {', '.join(shown)})" if given else ""
+        parts.append(f"{label}{passed}: 👎 {d['loglik_down_before']:.3f} → {d['loglik_down_after']:.3f}, 👍 "
                      f"{d['loglik_up_before']:.3f} → {d['loglik_up_after']:.3f} per token, gate "
                      f"{'passed' if gate else 'refused'}")
         verdicts.append(f"{label} " + ("yes" if down and up and gate else "**no**"))

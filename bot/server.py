@@ -38,7 +38,7 @@ from bot.app import health
 from bot.config import BotConfigError
 from bot.verification import RecentSignatures, Refused, SlackBody, check_signature, read_body, request_timestamp
 from store import local_db
-from store.slack_inbox import InboxEvent, pending_slack_events, put_slack_event, remove_slack_event
+from store.slack_inbox import Delivery, GroupCommit, InboxEvent, pending_slack_events, remove_slack_event
 from store.text import now
 
 log = logging.getLogger("kbloop.bot")
@@ -68,6 +68,7 @@ class EventDispatcher:
         self.poll_s = poll_s
         self.model_wait_s = model_wait_s
         self._started_at = now()
+        self._inbox = GroupCommit(lambda: local_db(self.db_path))
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kbloop-event-dispatch", daemon=True)
@@ -76,7 +77,7 @@ class EventDispatcher:
 
     def accept(self, *, event_id: str, body: str, headers: dict[str, str]) -> None:
         """Keep a verified delivery (a retry of one still waiting adds nothing) and wake the thread."""
-        put_slack_event(local_db(self.db_path), event_id=event_id, body=body, headers=headers)
+        self._inbox.put(Delivery(event_id, body, headers))
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -10,6 +10,7 @@ which a backlog older than Slack's 5-minute window would fail.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 
 import sqlite_utils
@@ -27,15 +28,66 @@ class InboxEvent:
     received_at: str
 
 
-def put_slack_event(db: sqlite_utils.Database, *, event_id: str, body: str, headers: dict[str, str]) -> bool:
-    """Keep one verified delivery; False when a delivery of the same event already waits (a retry)."""
+@dataclass(frozen=True)
+class Delivery:
+    event_id: str
+    body: str
+    headers: dict[str, str]
+
+
+def put_slack_events(db: sqlite_utils.Database, deliveries: list[Delivery]) -> list[bool]:
+    """Keep several verified deliveries in one transaction; for each, False when it was already waiting."""
+    stamp = now()
     with write_transaction(db):
-        cur = db.execute(
-            "INSERT INTO slack_event_inbox (event_id, body, headers, received_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (event_id) DO NOTHING",
-            [event_id, body, json.dumps(headers), now()],
-        )
-        return cur.rowcount == 1
+        return [db.execute("INSERT INTO slack_event_inbox (event_id, body, headers, received_at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (event_id) DO NOTHING",
+                           [d.event_id, d.body, json.dumps(d.headers), stamp]).rowcount == 1
+                for d in deliveries]
+
+
+class GroupCommit:
+    """Deliveries that arrive together are stored in one transaction (group commit).
+
+    Every request thread calls `put()` and returns once its delivery is committed. While one thread commits
+    (or waits for the database's write lock, held by an answer being recorded), the deliveries that arrive
+    queue up, and the next thread to get the turn commits all of them: under a burst, one transaction and one
+    wait for the write lock instead of one each (docs/benchmarks.md, "Acknowledgement latency").
+    """
+
+    def __init__(self, db_for_thread):
+        self._db_for_thread = db_for_thread  # the calling thread's connection (store.db.local_db)
+        self._queue: list[_Waiting] = []
+        self._queue_guard = threading.Lock()
+        self._turn = threading.Lock()
+
+    def put(self, delivery: Delivery) -> bool:
+        """Store one delivery (raises what the commit raised); False when it was already waiting."""
+        waiting = _Waiting(delivery)
+        with self._queue_guard:
+            self._queue.append(waiting)
+        with self._turn:
+            if not waiting.done:
+                with self._queue_guard:
+                    group, self._queue = self._queue, []
+                try:
+                    stored = put_slack_events(self._db_for_thread(), [w.delivery for w in group])
+                except Exception as exc:  # noqa: BLE001 - every delivery of the group is refused alike
+                    for w in group:
+                        w.error, w.done = exc, True
+                else:
+                    for w, fresh in zip(group, stored):
+                        w.stored, w.done = fresh, True
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.stored
+
+
+@dataclass
+class _Waiting:
+    delivery: Delivery
+    done: bool = False
+    stored: bool = False
+    error: Exception | None = None
 
 
 def pending_slack_events(db: sqlite_utils.Database, *, limit: int = 50) -> list[InboxEvent]:

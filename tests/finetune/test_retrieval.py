@@ -171,6 +171,8 @@ def test_a_chinese_keyword_in_a_mixed_document_is_found_in_a_five_document_kb(kb
     "What is the airspeed velocity of an unladen swallow?",
     "红烧肉怎么做才好吃？",
     "xyzzy plugh",
+    "工牌丢了怎么补办？",  # workplace questions, in a workplace KB's words, that it does not answer
+    "会议室怎么预订？",
 ])
 def test_a_question_the_kb_does_not_cover_retrieves_nothing(kb_db, question):
     assert retrieve_scored(kb_db, question, k=3) == []
@@ -345,7 +347,7 @@ def test_a_chinese_question_needs_a_higher_score_to_count_as_covered():
 
     config = dataclasses.replace(DEFAULT_CONFIG, min_score=0.7, chinese_offset=0.2, coverage_weight=0.0,
                                  zh_question_en_passage_offset=0.0, en_question_zh_passage_offset=0.0,
-                                 zh_question_zh_passage_offset=0.0)
+                                 zh_question_zh_passage_offset=0.0, ranking_pair_offsets=None)
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=0.0) == (pytest.approx(0.8), True)  # English
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=1.0) == (pytest.approx(0.8), False)  # Chinese: 0.9
     assert fuse(0.8, 0.0, None, 0.0, config, question_share=0.5)[1]  # half and half: 0.8
@@ -358,7 +360,8 @@ def test_the_language_pair_offsets_apply_by_the_pair_of_question_and_passage():
 
     config = dataclasses.replace(DEFAULT_CONFIG, min_score=1.0, chinese_offset=0.0, coverage_weight=0.0,
                                  latent_weight=0.0, zh_question_en_passage_offset=0.1,
-                                 en_question_zh_passage_offset=-0.2, zh_question_zh_passage_offset=0.3)
+                                 en_question_zh_passage_offset=-0.2, zh_question_zh_passage_offset=0.3,
+                                 ranking_latent_weight=None, ranking_pair_offsets=None)  # the order weighs alike
 
     def decide(relevance, question_share, passage_share):
         return fuse(relevance, 0.0, None, 0.0, config, question_share=question_share, passage_share=passage_share)
@@ -370,7 +373,7 @@ def test_the_language_pair_offsets_apply_by_the_pair_of_question_and_passage():
     assert decide(1.25, 1.0, 1.0) == (pytest.approx(0.95), False)  # both Chinese: +0.3
     assert decide(1.3, 1.0, 1.0)[1] is True
     # In proportion to the shares: a Chinese question about a half-Chinese passage gets half of zh->en and
-    # half of zh->zh; the offsets are per passage, so they order passages of one question too.
+    # half of zh->zh; the offsets are per passage.
     assert language_pair_offset(config, 1.0, 0.5) == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
     assert np.allclose(language_pair_offset(config, 1.0, np.array([0.0, 1.0])), [0.1, 0.3])
     # With the three offsets at 0 the decision is the one chinese_offset alone makes.
@@ -380,15 +383,48 @@ def test_the_language_pair_offsets_apply_by_the_pair_of_question_and_passage():
 
 
 def test_retrieval_applies_the_language_pair_offsets_to_each_passage(kb_db):
-    # A Chinese question about a Chinese passage: a large zh->zh offset lowers that passage (and only the
-    # Chinese-Chinese pairs: the English passages keep their scores) until nothing covers the question.
-    question, wide = "食堂晚饭几点开始？", dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf"))
-    base = {h.passage.doc_path: h.score for h in retrieve_scored(kb_db, question, k=10, config=wide)}
-    raised = dataclasses.replace(wide, zh_question_zh_passage_offset=wide.zh_question_zh_passage_offset + 10.0)
-    moved = {h.passage.doc_path: h.score for h in retrieve_scored(kb_db, question, k=10, config=raised)}
-    assert moved["zh/canteen.md"] < base["zh/canteen.md"] - 5.0
-    assert moved["en/forklift.md"] == pytest.approx(base["en/forklift.md"], abs=1e-6)
-    assert retrieve_scored(kb_db, question, k=3, config=dataclasses.replace(raised, min_score=DEFAULT_CONFIG.min_score)) == []
+    # A Chinese question about a Chinese passage. The decision's zh->zh offset, raised far, leaves no passage
+    # that covers the question and moves no score; the order's, raised as far, lowers that passage (and only
+    # the Chinese-Chinese pairs: the English passages keep their scores) and decides nothing.
+    question = "食堂晚饭几点开始？"
+    base = {h.passage.doc_path: h for h in retrieve_scored(kb_db, question, k=10)}
+    assert base["zh/canteen.md"].matches
+    decision = dataclasses.replace(DEFAULT_CONFIG, zh_question_zh_passage_offset=DEFAULT_CONFIG.zh_question_zh_passage_offset + 10.0)
+    assert retrieve_scored(kb_db, question, k=3, config=decision) == []
+    unchanged = {h.passage.doc_path: h.score for h in retrieve_scored(
+        kb_db, question, k=10, config=dataclasses.replace(decision, min_score=float("-inf")))}
+    assert unchanged["zh/canteen.md"] == pytest.approx(base["zh/canteen.md"].score, abs=1e-6)
+    zh_en, en_zh, zh_zh = DEFAULT_CONFIG.ranking_pair_offsets
+    order = dataclasses.replace(DEFAULT_CONFIG, ranking_pair_offsets=(zh_en, en_zh, zh_zh + 10.0))
+    moved = {h.passage.doc_path: h for h in retrieve_scored(kb_db, question, k=10, config=order)}
+    assert moved["zh/canteen.md"].score < base["zh/canteen.md"].score - 5.0 and moved["zh/canteen.md"].matches
+    assert moved["en/forklift.md"].score == pytest.approx(base["en/forklift.md"].score, abs=1e-6)
+
+
+def test_the_passage_the_decision_puts_first_is_a_candidate_whatever_the_order(kb_db):
+    # An English question about a Chinese page, with an order that puts every Chinese passage last and one
+    # candidate from each ranking: the page still decides that the KB covers the question.
+    question = "How much is the daily meal subsidy in the canteen?"
+    order = dataclasses.replace(DEFAULT_CONFIG, candidates=1, ranking_pair_offsets=(0.0, 10.0, 0.0))
+    hits = retrieve_scored(kb_db, question, k=1, config=order)
+    assert hits and hits[0].passage.doc_path != "zh/canteen.md"  # covered, and the order put another page first
+
+
+def test_the_order_and_the_decision_weigh_the_evidence_apart():
+    from finetune.serving.retrieval import fuse
+
+    config = dataclasses.replace(DEFAULT_CONFIG, min_score=1.0, coverage_weight=0.0, latent_weight=1.0,
+                                 zh_question_en_passage_offset=0.1, en_question_zh_passage_offset=0.0,
+                                 zh_question_zh_passage_offset=0.0, ranking_latent_weight=3.0,
+                                 ranking_pair_offsets=(-0.2, 0.0, 0.0))
+    # Chinese question, English passage: the decision reads 0.9 + 1.0 * 0.2 - 0.1 = 1.0 (covers), the order
+    # 0.9 + 3.0 * 0.2 + 0.2 = 1.7.
+    assert fuse(0.9, 0.0, None, 0.0, config, question_share=1.0, latent=0.2) == (pytest.approx(1.7), True)
+    # The same evidence about an English question: the pair offsets are 0 for it.
+    assert fuse(0.9, 0.0, None, 0.0, config, latent=0.05) == (pytest.approx(1.05), False)
+    # None: the order weighs as the decision does.
+    same = dataclasses.replace(config, ranking_latent_weight=None, ranking_pair_offsets=None)
+    assert fuse(0.9, 0.0, None, 0.0, same, question_share=1.0, latent=0.2) == (pytest.approx(1.0), True)
 
 
 def test_the_row_products_match_numpys_matmul():
@@ -428,11 +464,11 @@ def test_latent_terms_are_evidence_and_count_in_the_decision(kb_db):
     hits = retrieve_scored(kb_db, "How long is the forklift certificate valid?", k=5,
                            config=dataclasses.replace(DEFAULT_CONFIG, min_score=float("-inf")))
     assert hits[0].passage.doc_path == "en/forklift.md" and hits[0].latent > max(h.latent for h in hits[1:])
-    without = dataclasses.replace(DEFAULT_CONFIG, latent_weight=0.0, min_score=float("-inf"))
+    without = dataclasses.replace(DEFAULT_CONFIG, latent_weight=0.0, ranking_latent_weight=0.0, min_score=float("-inf"))
     plain = {h.passage.id: h.score for h in retrieve_scored(kb_db, "How long is the forklift certificate valid?", k=5,
                                                             config=without)}
-    for h in hits:  # fused = the rest + latent_weight * latent
-        assert h.score == pytest.approx(plain[h.passage.id] + DEFAULT_CONFIG.latent_weight * h.latent, abs=1e-4)
+    for h in hits:  # the order's fused score = the rest + ranking_latent_weight * latent
+        assert h.score == pytest.approx(plain[h.passage.id] + DEFAULT_CONFIG.ranking_latent_weight * h.latent, abs=1e-4)
 
 
 def test_questions_embedded_from_many_threads_get_their_own_vectors_and_latent_terms():

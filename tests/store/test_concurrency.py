@@ -81,3 +81,54 @@ def test_writers_of_one_process_queue_on_a_lock_not_in_sqlites_busy_handler(db_p
     assert outcome == ["written"]
     actions = [r[0] for r in open_db(db_path).execute("SELECT action FROM audit_log WHERE actor = 't' ORDER BY id")]
     assert actions == ["first", "second"]
+
+
+def test_deliveries_that_arrive_together_are_stored_in_one_transaction(db_path, monkeypatch):
+    """While an answer being recorded holds the write lock, 20 acknowledgements queue up; once it commits they
+    are stored in two or three transactions (the first thread's and everyone else's), none lost, and a retry of
+    a waiting delivery is recognised. Without the group commit it takes 20."""
+    import threading
+    import time
+
+    import store.slack_inbox as inbox
+    from store.db import local_db, write_transaction
+
+    db = open_db(db_path)
+    commits: list[int] = []
+    real_put = inbox.put_slack_events
+    monkeypatch.setattr(inbox, "put_slack_events", lambda d, group: commits.append(len(group)) or real_put(d, group))
+    group_commit = inbox.GroupCommit(lambda: local_db(db_path))
+    outcomes: dict[str, bool] = {}
+
+    def deliver(event_id: str) -> None:
+        outcomes[event_id + ("/retry" if event_id in outcomes else "")] = group_commit.put(
+            inbox.Delivery(event_id, '{"event_id": "%s"}' % event_id, {"content-type": "application/json"}))
+
+    ready = threading.Barrier(21)
+    with write_transaction(db):  # an answer being recorded
+        threads = [threading.Thread(target=lambda i=i: (ready.wait(10), deliver(f"Ev{i}"))) for i in range(20)]
+        for t in threads:
+            t.start()
+        ready.wait(10)
+        time.sleep(0.5)  # every thread has queued its delivery behind the lock
+    for t in threads:
+        t.join(10)
+    assert sorted(outcomes) == sorted(f"Ev{i}" for i in range(20)) and all(outcomes.values())
+    assert sum(commits) == 20 and len(commits) <= 3, commits
+    assert inbox.count_pending_slack_events(db) == 20
+    deliver("Ev3")  # Slack's retry of a delivery still waiting
+    assert outcomes["Ev3/retry"] is False and inbox.count_pending_slack_events(db) == 20
+
+
+def test_a_failed_group_commit_refuses_every_delivery_of_the_group(db_path):
+    """Each request of a group that could not be stored hears so (and answers 503, so Slack retries it)."""
+    import sqlite3
+
+    import store.slack_inbox as inbox
+    from store.db import local_db
+
+    db = open_db(db_path)
+    db.execute("DROP TABLE slack_event_inbox")
+    group_commit = inbox.GroupCommit(lambda: local_db(db_path))
+    with pytest.raises(sqlite3.OperationalError, match="slack_event_inbox"):
+        group_commit.put(inbox.Delivery("Ev1", "{}", {}))
