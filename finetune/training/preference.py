@@ -46,6 +46,14 @@ BETA = 0.1
 # A KTO batch needs at least two rows (its KL estimate pairs each prompt with another row's answer).
 MIN_VOTES = 4
 
+
+def kto_batch_size(rows: int, wanted: int) -> int:
+    """The batch for KTO: `wanted` (at most `rows`, at least 2), made smaller, or else larger, where it would
+    leave one row alone in an epoch's last batch: TRL builds the KL estimate's mismatched pairs by giving each
+    row the next row's answer within the batch, so a row alone is paired with its own answer."""
+    batch = max(2, min(wanted, rows))
+    return next(b for b in [*range(batch, 1, -1), *range(batch + 1, rows + 1)] if rows % b != 1)
+
 # The run's defaults. `tiny` (random weights, full fine-tuning) needs larger steps than a pretrained base;
 # a real base continues a LoRA adapter with a rate between SFT's 2e-4 and TRL's full-model 1e-6.
 # Measured in docs/benchmarks.md ("Votes that train"); `--epochs`, `--lr`, `--batch` override.
@@ -237,7 +245,10 @@ def train_preference(config: TrainConfig, data: PreferenceData, out_dir: Path, *
     model = _load_policy(config.base, Path(init_from), method)
     on_cuda = torch.cuda.is_available()
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
-    batch = max(2, min(config.batch_size, len(rows)))
+    batch = (kto_batch_size(len(rows), config.batch_size) if data.objective == "kto"
+             else max(2, min(config.batch_size, len(rows))))
+    if batch != config.batch_size and len(rows) > config.batch_size:
+        notes.append(f"batch {batch}, not {config.batch_size}: {len(rows)} rows would leave one alone in the last batch")
     common = dict(
         output_dir=str(out_dir / "trl"), num_train_epochs=config.epochs, per_device_train_batch_size=batch,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,

@@ -29,6 +29,18 @@ def test_trl_trainers_are_the_stable_top_level_imports():
     assert KTOConfig and DPOConfig
 
 
+def test_no_kto_batch_leaves_a_row_alone():
+    """TRL pairs each KTO row with the next row's answer within the batch: a row alone would be paired with itself."""
+    from finetune.training.preference import kto_batch_size
+
+    assert kto_batch_size(17, 4) == 3 and kto_batch_size(25, 8) == 7 and kto_batch_size(16, 4) == 4
+    assert kto_batch_size(5, 8) == 5 and kto_batch_size(7, 2) == 4
+    for rows in range(4, 200):
+        for wanted in (2, 4, 8, 16):
+            batch = kto_batch_size(rows, wanted)
+            assert 2 <= batch <= max(2, rows) and rows % batch != 1, (rows, wanted, batch)
+
+
 def _vote(db, question: str, answer: str, vote: int, *, user: str = "U1", correction: str | None = None) -> int:
     from store.interactions import record_interaction, record_vote
 
