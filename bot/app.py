@@ -68,14 +68,9 @@ def build_app(*, config: BotConfig, engine: AnswerEngine, db_path: Path) -> App:
 
     @app.error
     def on_error(error, body, logger):
-        # Reached when a listener raised. The HTTP response (200 once ack() was called) is bolt's;
-        # here the failure is kept so it is not lost.
-        body = body or {}
-        event = body.get("event") or {}
-        user = (body.get("user") or {}).get("id") if isinstance(body.get("user"), dict) else body.get("user_id")
-        runtime.record_error(body.get("type") or body.get("command") or "request", error,
-                             event_id=body.get("event_id"), user_id=user or event.get("user"),
-                             channel_id=event.get("channel") or body.get("channel_id"))
+        # Reached when a listener raised (before its ack, for those wrapped in BotRuntime.after_ack): the HTTP
+        # response is bolt's; here the failure is kept so it is not lost.
+        runtime.record_listener_error(error, body)
 
     return app
 

@@ -190,6 +190,7 @@ def _refuse(rt: BotRuntime, respond, command: dict, name: str) -> bool:
 
 def register_command_handlers(app: App, rt: BotRuntime) -> None:
     @app.command("/kb-retrain")
+    @rt.after_ack
     def on_retrain(ack, command, respond):
         ack()
         if _refuse(rt, respond, command, "/kb-retrain"):
@@ -226,6 +227,7 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
         respond(text=messages.retrain_queued(job.id, rt.config.notify_channel), response_type="ephemeral")
 
     @app.command("/kb-rollback")
+    @rt.after_ack
     def on_rollback(ack, command, respond):
         ack()
         if _refuse(rt, respond, command, "/kb-rollback"):
@@ -247,6 +249,7 @@ def register_command_handlers(app: App, rt: BotRuntime) -> None:
                 response_type="ephemeral")
 
     @app.command("/kb-status")
+    @rt.after_ack
     def on_status(ack, command, respond):
         ack()
         admin = rt.config.is_admin(command.get("user_id"))

@@ -36,6 +36,7 @@ def _tell(text: str, *, response_url: str | None, client, channel: str | None, u
 
 def register_feedback_handlers(app: App, rt: BotRuntime) -> None:
     @app.action(blocks.ACTION_UP)
+    @rt.after_ack
     def on_feedback_up(ack, body, action, client):
         ack()
         user = body["user"]["id"]
@@ -51,6 +52,7 @@ def register_feedback_handlers(app: App, rt: BotRuntime) -> None:
         _tell(text, response_url=body.get("response_url"), client=client, channel=channel, user=user)
 
     @app.action(blocks.ACTION_DOWN)
+    @rt.after_ack
     def on_feedback_down(ack, body, action, client):
         ack()
         user = body["user"]["id"]
@@ -72,6 +74,7 @@ def register_feedback_handlers(app: App, rt: BotRuntime) -> None:
         record_vote(rt.db(), interaction_id=interaction.id, user_id=user, vote=-1)
 
     @app.view(blocks.CORRECTION_CALLBACK)
+    @rt.after_ack
     def on_correction_submitted(ack, body, view, client):
         user = body["user"]["id"]
         state = (view.get("state") or {}).get("values") or {}

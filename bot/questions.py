@@ -261,6 +261,7 @@ def register_question_handlers(app: App, rt: BotRuntime) -> None:
         _question_event(rt, body=body, event=event, context=context, client=client, in_thread=False)
 
     @app.command("/kb")
+    @rt.after_ack
     def on_kb(ack, command, respond):
         question = blocks.unescape_slack(command.get("text") or "").strip()
         user, channel = command.get("user_id"), command.get("channel_id")

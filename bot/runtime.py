@@ -4,6 +4,7 @@ engine, the rate limiter, and where handler failures are kept.
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,32 @@ class BotRuntime:
         except Exception:  # noqa: BLE001 - the log line above already has it
             log.exception("could not record the error in the store")
             return None
+
+    def record_listener_error(self, error: BaseException, body: dict | None) -> int | None:
+        """Keep a listener's failure with what the request's body says of who and where."""
+        body = body or {}
+        event = body.get("event") or {}
+        user = (body.get("user") or {}).get("id") if isinstance(body.get("user"), dict) else body.get("user_id")
+        return self.record_error(body.get("type") or body.get("command") or "request", error,
+                                 event_id=body.get("event_id"), user_id=user or event.get("user"),
+                                 channel_id=event.get("channel") or body.get("channel_id"))
+
+    def after_ack(self, listener):
+        """Wrap a listener that acknowledges and then works: a failure after its ack() is kept here, not raised
+        to bolt. bolt's thread runner (slack_bolt 1.2x), given an exception after the ack, sets the ack's response
+        to None before the request thread may have read it, and the request is then answered 404 ("unhandled")
+        instead of 200. A failure before the ack still goes to bolt, which answers 500."""
+
+        @functools.wraps(listener)  # bolt reads the wrapped listener's parameters (inspect.unwrap)
+        def guarded(**kwargs):
+            try:
+                return listener(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - kept for operators; Slack already has its 200
+                if getattr(kwargs.get("ack"), "response", None) is None:
+                    raise
+                self.record_listener_error(exc, kwargs.get("body"))
+
+        return guarded
 
     def shutdown(self, wait: bool = True) -> None:
         for dispatcher in self.dispatchers:
