@@ -68,7 +68,7 @@ class BotRuntime:
 
     def after_ack(self, listener):
         """Wrap a listener that acknowledges and then works: a failure after its ack() is kept here, not raised
-        to bolt. bolt's thread runner (slack_bolt 1.2x), given an exception after the ack, sets the ack's response
+        to bolt. bolt's thread runner (slack_bolt 1.30), given an exception after the ack, sets the ack's response
         to None before the request thread may have read it, and the request is then answered 404 ("unhandled")
         instead of 200. A failure before the ack still goes to bolt, which answers 500."""
 
