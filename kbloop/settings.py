@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # The embedder for semantic search (finetune.serving.embedding): multilingual-e5-small (bundled, the default),
     # all-MiniLM-L6-v2 (bundled, English), or a sentence-transformers model id or folder.
     embedding_model: str = Field(default="multilingual-e5-small", alias="KBLOOP_EMBEDDING_MODEL")
+    # Where embedded texts are kept across processes (finetune.serving.embedding): a file path, or `off`.
+    embedding_cache: str = Field(default="", alias="KBLOOP_EMBEDDING_CACHE")
     # Generation on a vLLM server instead of in-process (finetune.serving.vllm, docs/scaling.md).
     vllm_url: str | None = Field(default=None, alias="KBLOOP_VLLM_URL")
     vllm_model: str | None = Field(default=None, alias="KBLOOP_VLLM_MODEL")
@@ -144,6 +146,13 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.kbloop_home / "models"
+
+    @property
+    def embedding_cache_path(self) -> Path | None:
+        value = self.embedding_cache.strip()
+        if value.lower() == "off":
+            return None
+        return Path(value).expanduser() if value else self.models_dir / "embedding-cache.sqlite"
 
     @property
     def admins(self) -> list[str]:

@@ -132,6 +132,21 @@ def tiny_built_once(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embeddings_kept_for_the_run(tmp_path_factory):
+    """One embedding cache (KBLOOP_EMBEDDING_CACHE) for every workspace of the run, shared by its xdist workers
+    and the processes its tests start: the sample KB (about 2 minutes of one core) is embedded once per run,
+    not once per process that imports it. Tests of the cache itself set their own."""
+    path = shared_folder(tmp_path_factory, "embeddings") / "embedding-cache.sqlite"
+    saved = os.environ.get("KBLOOP_EMBEDDING_CACHE")
+    os.environ["KBLOOP_EMBEDDING_CACHE"] = str(path)  # not monkeypatch: per test, and children inherit os.environ
+    yield
+    if saved is None:
+        os.environ.pop("KBLOOP_EMBEDDING_CACHE", None)
+    else:
+        os.environ["KBLOOP_EMBEDDING_CACHE"] = saved
+
+
 def shared_folder(tmp_path_factory, name: str) -> Path:
     """A folder under this run's temporary root: shared by every xdist worker of the run (each worker's own
     base is a sub-folder of it, `popen-gw0`, …), this session's own without xdist. Guard writes with a FileLock."""

@@ -33,9 +33,12 @@ Usage:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,31 +222,67 @@ def embed_queries(texts: list[str]) -> np.ndarray:
     """Questions (or anything matched against passages or other questions): (N, D) float32, unit rows."""
     if len(texts) == 1:
         return _cached_query(embedding_model_name(), texts[0])[None, :].copy()
-    return _embedder().encode(list(texts), is_query=True)
+    embedder = _embedder()
+    vectors = _cache.get_or_compute(
+        texts, lambda text: (embedder.name, "query", text),
+        lambda todo: list(embedder.encode(todo, is_query=True)), _VECTOR)
+    return _stack(vectors, embedder.dim)
 
 
 def embed_passages(texts: list[str]) -> np.ndarray:
     """What is searched (KB passages): (N, D) float32, unit rows.
 
-    Vectors of texts seen before in this process are reused: re-importing a KB (the playground's import,
-    `kbloop kb import` of an edited folder in a long-running process) embeds only the text that changed."""
+    Vectors of texts seen before are reused (`_cache`): re-importing an edited KB embeds only the text that
+    changed, and a text another process of the workspace embedded is read back, not embedded again."""
     embedder = _embedder()
-    vectors = _passage_cache.get_or_compute(
-        texts, lambda text: (embedder.name, text), lambda todo: list(embedder.encode(todo, is_query=False)))
-    return np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, embedder.dim), np.float32)
+    vectors = _cache.get_or_compute(
+        texts, lambda text: (embedder.name, text), lambda todo: list(embedder.encode(todo, is_query=False)), _VECTOR)
+    return _stack(vectors, embedder.dim)
 
 
-class _PassageCache:
-    """What the embedder made of each passage text, kept per process (least recently used first out): the same
-    text is not run through the model twice, whichever database it is imported into."""
+def _stack(vectors: list, dim: int) -> np.ndarray:
+    return np.stack(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, dim), np.float32)
 
-    ENTRIES = 20_000  # a vector of 384 floats or 256 latent terms: ~1.5–2 KB each, at most ~40 MB in all
+
+@dataclass(frozen=True)
+class _Codec:
+    """How one kind of cached value is written to the cache file and read back (read-only arrays, as the
+    values kept in memory are)."""
+
+    pack: Callable[[object], bytes]
+    unpack: Callable[[bytes], object]
+
+
+def _unpack_terms(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    half = len(blob) // 2  # int32 ids, then as many float32 weights
+    return np.frombuffer(blob[:half], dtype=np.int32), np.frombuffer(blob[half:], dtype=np.float32)
+
+
+_VECTOR = _Codec(lambda v: np.asarray(v, dtype=np.float32).tobytes(), lambda b: np.frombuffer(b, dtype=np.float32))
+_TERMS = _Codec(lambda t: np.asarray(t[0], np.int32).tobytes() + np.asarray(t[1], np.float32).tobytes(),
+                _unpack_terms)
+
+
+class _EmbeddingCache:
+    """What the embedder made of each text, kept in two places: this process's memory (least recently used
+    first out) and a SQLite file shared by every process of the workspace (`embedding_cache_path`), so the same
+    text is not run through the model twice: not by the CLI's import and then the server, not by each job
+    child, not after a switch of KBLOOP_EMBEDDING_MODEL and back. The sample KB's 99 passages are 1,072 texts
+    and 99 latent-term passes, about 2 minutes of one core; read back from the file, well under a second.
+
+    Entries are keyed by a hash of the embedder's stored name, the kind of value and the text, so vectors of
+    two embedders (or two versions of one) are never mixed. The file is a cache: one that cannot be opened,
+    read or written (a read-only home, a damaged file) is passed by, and the texts are embedded as before."""
+
+    ENTRIES = 20_000  # in memory: a vector of 384 floats or 256 latent terms, ~1.5–2 KB each, ~40 MB in all
+    FILE_ENTRIES = 200_000  # in the file, oldest written first out: ~350 MB at most
 
     def __init__(self) -> None:
         self._items: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
+        self._files: dict[Path, sqlite3.Connection | None] = {}  # None: that file cannot be used
 
-    def get_or_compute(self, texts, key, compute) -> list:
+    def get_or_compute(self, texts, key, compute, codec: _Codec) -> list:
         texts = list(texts)
         out: list = [None] * len(texts)
         todo: dict[str, list[int]] = {}
@@ -255,19 +294,99 @@ class _PassageCache:
                     out[i] = self._items[k]
                 else:
                     todo.setdefault(text, []).append(i)
-        if todo:
-            fresh = compute(list(todo))
-            with self._lock:
-                for (text, rows), value in zip(todo.items(), fresh):
-                    for i in rows:
-                        out[i] = value
-                    self._items[key(text)] = value
-                while len(self._items) > self.ENTRIES:
-                    self._items.popitem(last=False)
+        if not todo:
+            return out
+        digests = {text: _digest(key(text)) for text in todo}
+        stored = self._read(list(digests.values()), codec)
+        missing = [text for text in todo if digests[text] not in stored]
+        fresh = dict(zip(missing, compute(missing))) if missing else {}
+        if fresh:
+            self._write({digests[text]: codec.pack(value) for text, value in fresh.items()})
+        with self._lock:
+            for text, rows in todo.items():
+                value = fresh[text] if text in fresh else stored[digests[text]]
+                for i in rows:
+                    out[i] = value
+                self._items[key(text)] = value
+            while len(self._items) > self.ENTRIES:
+                self._items.popitem(last=False)
         return out
 
+    def forget_in_memory(self) -> None:
+        """Drop what this process holds (tests: what another process would see)."""
+        with self._lock:
+            self._items.clear()
 
-_passage_cache = _PassageCache()
+    def _file(self) -> sqlite3.Connection | None:
+        path = embedding_cache_path()
+        if path is None:
+            return None
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = _open_cache_file(path)
+            return self._files[path]
+
+    def _read(self, digests: list[bytes], codec: _Codec) -> dict[bytes, object]:
+        conn = self._file()
+        if conn is None:
+            return {}
+        found: dict[bytes, object] = {}
+        try:
+            with self._lock:
+                for start in range(0, len(digests), 500):  # SQLite's limit on bound parameters
+                    chunk = digests[start : start + 500]
+                    rows = conn.execute(f"SELECT key, value FROM embeddings WHERE key IN ({','.join('?' * len(chunk))})",
+                                        chunk).fetchall()
+                    found.update((bytes(k), codec.unpack(bytes(v))) for k, v in rows)
+        except (sqlite3.Error, ValueError):
+            return {}  # a damaged file: embed again
+        return found
+
+    def _write(self, blobs: dict[bytes, bytes]) -> None:
+        conn = self._file()
+        if conn is None:
+            return
+        try:
+            with self._lock, conn:
+                conn.executemany("INSERT OR IGNORE INTO embeddings (key, value) VALUES (?, ?)", blobs.items())
+                (last,) = conn.execute("SELECT max(rowid) FROM embeddings").fetchone()
+                if last and last > self.FILE_ENTRIES:
+                    conn.execute("DELETE FROM embeddings WHERE rowid <= ?", (last - self.FILE_ENTRIES,))
+        except sqlite3.Error:
+            pass  # a read-only or full disk: the vectors are still returned, only not kept
+
+
+def embedding_cache_path() -> Path | None:
+    """The file `_EmbeddingCache` keeps vectors in: KBLOOP_EMBEDDING_CACHE, by default
+    $KBLOOP_HOME/models/embedding-cache.sqlite; None when that setting is `off` (or the settings do not load:
+    the caller reports those)."""
+    from kbloop.settings import load_settings
+
+    try:
+        return load_settings().embedding_cache_path
+    except Exception:
+        return None
+
+
+def _open_cache_file(path: Path) -> sqlite3.Connection | None:
+    conn = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")  # job children, the server and the CLI read and write it at once
+        conn.execute("CREATE TABLE IF NOT EXISTS embeddings (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+        return conn
+    except (OSError, sqlite3.Error):
+        if conn is not None:
+            conn.close()
+        return None
+
+
+def _digest(key: tuple) -> bytes:
+    return hashlib.sha256(repr(key).encode("utf-8")).digest()[:16]
+
+
+_cache = _EmbeddingCache()
 
 
 @functools.lru_cache(maxsize=2048)
@@ -287,11 +406,11 @@ def has_latents() -> bool:
 
 def embed_passage_latents(texts: list[str], top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each text's `top_k` strongest latent terms: (ids int32, weights float32), strongest first; reused for
-    texts seen before in this process, as embed_passages does."""
+    texts seen before, as embed_passages does."""
     embedder = _embedder()
-    return _passage_cache.get_or_compute(
+    return _cache.get_or_compute(
         texts, lambda text: (embedder.name, "latents", top_k, text),
-        lambda todo: [_read_only(embedder.latents(t, top_k, one_thread=False)) for t in todo])
+        lambda todo: [_read_only(embedder.latents(t, top_k, one_thread=False)) for t in todo], _TERMS)
 
 
 def _read_only(terms: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

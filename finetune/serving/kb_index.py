@@ -10,7 +10,7 @@ A different embedder, or a change of this layout, changes the name, so the KB is
 wrongly. Each process keeps a matrix per database and reloads it only when the passages change.
 
 Background: fixed sentences about things no company KB is about (finetune/assets/retrieval_background.txt),
-embedded once per embedder and cached in $KBLOOP_HOME/models/. Their per-language mean vectors centre every
+embedded once per embedder (then read from the embedding cache, finetune.serving.embedding). Their per-language mean vectors centre every
 question and passage, and their similarities discount hubs (finetune.serving.retrieval.evidence).
 """
 
@@ -223,43 +223,13 @@ def background_for(model_name: str) -> Background:
     text = resources.files("finetune").joinpath("assets/retrieval_background.txt").read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     cjk = np.array([cjk_share(line) >= 0.5 for line in lines])
-    as_passages, as_queries = background_vectors(model_name, lines)
+    # 192 texts, 5-10 s on a busy 2-core machine: once per workspace, then read from the embedding cache
+    as_passages, as_queries = embed_passages(lines), embed_queries(lines)
     passage_means = (as_passages[~cjk].mean(axis=0), as_passages[cjk].mean(axis=0))
     query_means = (as_queries[~cjk].mean(axis=0), as_queries[cjk].mean(axis=0))
     centred = centre(as_passages, cjk.astype(np.float32), passage_means)
     centred_queries = centre(as_queries, cjk.astype(np.float32), query_means)
     return Background(passage_means, query_means, centred, centred_queries)
-
-
-def background_vectors(model_name: str, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The background sentences embedded as passages and as questions: 192 texts, 5-10 s on a busy 2-core
-    machine, so kept in $KBLOOP_HOME/models/ per embedder and text (`kbloop kb search` would pay it each run)."""
-    import hashlib
-    import os
-
-    from kbloop.settings import load_settings
-
-    digest = hashlib.sha1("\x1f".join([model_name, *lines]).encode()).hexdigest()[:16]
-    try:
-        path = load_settings().models_dir / "retrieval-background" / f"{digest}.npz"
-    except Exception:  # settings that do not load: compute, do not cache (the caller reports bad settings)
-        path = None
-    if path is not None and path.exists():
-        try:
-            with np.load(path) as cached:
-                return cached["passages"], cached["queries"]
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is recomputed
-    as_passages, as_queries = embed_passages(lines), embed_queries(lines)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-            np.savez(tmp, passages=as_passages, queries=as_queries)
-            os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-        except OSError:
-            pass  # a read-only home still works, only slower
-    return as_passages, as_queries
 
 
 def centre(vectors: np.ndarray, share: np.ndarray, means: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

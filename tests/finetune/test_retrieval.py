@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -290,21 +293,64 @@ def test_bench_questions_are_well_formed():
     assert all(r["source"] is None or (kb_root[r["kb"]] / r["source"]).is_file() for r in more)
 
 
-def test_background_vectors_are_cached_in_the_home_per_embedder(kbloop_home):
-    from finetune.serving.kb_index import background_vectors
-
-    lines = ["The river floods the valley every spring.", "面包要烤四十分钟。"]
-    passages, queries = background_vectors(embedding_model_name(), lines)
-    [cached] = (kbloop_home / "models" / "retrieval-background").glob("*.npz")
-    again = background_vectors(embedding_model_name(), lines)
-    assert np.array_equal(again[0], passages) and np.array_equal(again[1], queries)
-    background_vectors("another-embedder", lines)  # another name, another file: never mixed
-    assert len(list(cached.parent.glob("*.npz"))) == 2
-
-
-def test_passage_vectors_are_reused_and_match_a_fresh_encoding():
+def test_embedded_texts_are_kept_in_the_workspace_and_read_back_by_another_process(kbloop_home, monkeypatch):
     from finetune.serving import embedding
 
+    monkeypatch.delenv("KBLOOP_EMBEDDING_CACHE", raising=False)  # the default: a file in the workspace
+    texts = ["The Oslo office closes at 16:00 on Fridays.", "奥斯陆办公室周五 16 点关门。"]
+    vectors, queries = embed_passages(texts), embed_queries(texts)
+    terms = embedding.embed_passage_latents(texts, 16) if embedding.has_latents() else None
+    assert (kbloop_home / "models" / "embedding-cache.sqlite").is_file()
+    # Another process of the workspace, whose embedder cannot run, gets the same values from the file.
+    script = f"""
+import json, sys
+import numpy as np
+from finetune.serving import embedding
+embedder = embedding._embedder()
+def refuse(*args, **kwargs):
+    raise AssertionError("embedded again")
+embedder._encode = embedder._latents = refuse
+texts = {texts!r}
+out = {{"passages": embedding.embed_passages(texts).tolist(), "queries": embedding.embed_queries(texts).tolist()}}
+if {terms is not None}:
+    out["terms"] = [[ids.tolist(), weights.tolist()] for ids, weights in embedding.embed_passage_latents(texts, 16)]
+print(json.dumps(out))
+"""
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, KBLOOP_HOME=str(kbloop_home)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    read = json.loads(done.stdout)
+    assert np.array_equal(np.array(read["passages"], np.float32), vectors)
+    assert np.array_equal(np.array(read["queries"], np.float32), queries)
+    if terms is not None:
+        assert all(np.array_equal(ids, a) and np.array_equal(weights, b)
+                   for (ids, weights), (a, b) in zip(terms, read["terms"]))
+    # Passage and question vectors of one text are kept apart: e5 embeds them with different prefixes.
+    assert not np.allclose(vectors, queries)
+
+
+def test_a_cache_file_that_cannot_be_used_is_passed_by(kbloop_home, monkeypatch):
+    from finetune.serving import embedding
+
+    damaged = kbloop_home / "damaged.sqlite"
+    damaged.parent.mkdir(parents=True, exist_ok=True)
+    damaged.write_bytes(b"not a database" * 100)
+    text = ["The Lima office has a rooftop garden."]
+    fresh = embedding._embedder().encode(text, is_query=False)
+    for setting in (str(damaged), "off"):
+        monkeypatch.setenv("KBLOOP_EMBEDDING_CACHE", setting)
+        embedding._cache.forget_in_memory()
+        assert np.allclose(embed_passages(text), fresh, atol=1e-6)
+    assert damaged.read_bytes() == b"not a database" * 100  # left as it was, not overwritten
+    assert not (kbloop_home / "models" / "embedding-cache.sqlite").exists()
+
+
+def test_passage_vectors_are_reused_and_match_a_fresh_encoding(monkeypatch):
+    from finetune.serving import embedding
+
+    monkeypatch.setenv("KBLOOP_EMBEDDING_CACHE", "off")  # this process's own reuse, not the file's
     embedder = embedding._embedder()
     texts = ["报销需要在 30 天内提交。", "The Lisbon office opens at 8:30."]
     calls = []
@@ -320,9 +366,10 @@ def test_passage_vectors_are_reused_and_match_a_fresh_encoding():
     assert np.allclose(again[1], embedder.encode(["A sentence not seen before."], is_query=False)[0], atol=1e-6)
 
 
-def test_passage_latent_terms_are_reused_per_text_and_size():
+def test_passage_latent_terms_are_reused_per_text_and_size(monkeypatch):
     from finetune.serving import embedding
 
+    monkeypatch.setenv("KBLOOP_EMBEDDING_CACHE", "off")
     if not embedding.has_latents():
         pytest.skip("the embedder in use has no latent terms")
     embedder = embedding._embedder()
