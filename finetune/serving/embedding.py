@@ -280,6 +280,8 @@ class _EmbeddingCache:
     def __init__(self) -> None:
         self._items: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
+        # The file's own lock: a write may wait on another process, and lookups in memory must not wait with it.
+        self._file_lock = threading.Lock()
         self._files: dict[Path, sqlite3.Connection | None] = {}  # None: that file cannot be used
 
     def get_or_compute(self, texts, key, compute, codec: _Codec) -> list:
@@ -321,7 +323,7 @@ class _EmbeddingCache:
         path = embedding_cache_path()
         if path is None:
             return None
-        with self._lock:
+        with self._file_lock:
             if path not in self._files:
                 self._files[path] = _open_cache_file(path)
             return self._files[path]
@@ -332,7 +334,7 @@ class _EmbeddingCache:
             return {}
         found: dict[bytes, object] = {}
         try:
-            with self._lock:
+            with self._file_lock:
                 for start in range(0, len(digests), 500):  # SQLite's limit on bound parameters
                     chunk = digests[start : start + 500]
                     rows = conn.execute(f"SELECT key, value FROM embeddings WHERE key IN ({','.join('?' * len(chunk))})",
@@ -347,7 +349,7 @@ class _EmbeddingCache:
         if conn is None:
             return
         try:
-            with self._lock, conn:
+            with self._file_lock, conn:
                 conn.executemany("INSERT OR IGNORE INTO embeddings (key, value) VALUES (?, ?)", blobs.items())
                 (last,) = conn.execute("SELECT max(rowid) FROM embeddings").fetchone()
                 if last and last > self.FILE_ENTRIES:

@@ -331,6 +331,29 @@ print(json.dumps(out))
     assert not np.allclose(vectors, queries)
 
 
+def test_the_cache_file_keeps_its_newest_entries_up_to_its_size(kbloop_home, monkeypatch):
+    import sqlite3
+
+    from finetune.serving import embedding
+
+    path = kbloop_home / "cache.sqlite"
+    monkeypatch.setenv("KBLOOP_EMBEDDING_CACHE", str(path))
+    monkeypatch.setattr(embedding._EmbeddingCache, "FILE_ENTRIES", 3)
+    embedding._cache.forget_in_memory()
+    texts = [f"Desk {n} is by the window." for n in range(5)]
+    for text in texts:
+        embed_passages([text])
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 3
+    embedding._cache.forget_in_memory()
+    embedder = embedding._embedder()
+    calls = []
+    original = embedder._encode
+    monkeypatch.setattr(embedder, "_encode", lambda batch, is_query: (calls.append(list(batch)), original(batch, is_query))[1])
+    embed_passages(texts)
+    assert calls == [texts[:2]]  # the two written first were let go; the newest three are read back
+
+
 def test_a_cache_file_that_cannot_be_used_is_passed_by(kbloop_home, monkeypatch):
     from finetune.serving import embedding
 
