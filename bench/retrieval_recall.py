@@ -5,6 +5,7 @@
     .venv/bin/python bench/retrieval_recall.py --tune --objective worst-ratio  # ... by the previous objective
     .venv/bin/python bench/retrieval_recall.py --tune --tune-fusion  # ... and the fusion weights too
     KBLOOP_EMBEDDING_MODEL=minilm .venv/bin/python bench/retrieval_recall.py --tune   # the other embedder
+    .venv/bin/python bench/retrieval_recall.py --caution           # the weak-match band -> retrieval_caution.json
 
 Knowledge bases and questions (each question has a `split`, tune or test; only test is reported):
 - `sample`: samples/kb (English and Chinese documents) with samples/retrieval_eval.jsonl (split here,
@@ -28,14 +29,14 @@ found) and off-topic ones (correct).
 Transfer: the same questions against a 5-document KB (5 documents of `bilingual`) and a ~500-document KB
 (`bilingual` plus 490 generated documents about other things); the decisions must agree. Latency: a 1,000-passage KB, query
 embedding included (the query-vector cache is cleared before every question).
-Passage embeddings are cached on disk (by model and text) so re-runs and the grid do not re-embed.
+Passage embeddings are cached on disk (KBLOOP_EMBEDDING_CACHE, by default under KBLOOP_BENCH_CACHE) so
+re-runs and the grid do not re-embed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -55,14 +56,16 @@ import numpy as np  # noqa: E402
 
 import store.text  # noqa: E402
 from finetune.serving import embedding, kb_index, retrieval  # noqa: E402
-from finetune.serving.retrieval import RetrievalConfig, config_for, fuse, retrieve_scored  # noqa: E402
+from finetune.serving.retrieval import RetrievalConfig, config_for, decision_margin, fuse, retrieve_scored  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
-from store.kb import NewPassage, passages_missing_embedding, replace_document, set_embeddings  # noqa: E402
+from store.kb import NewPassage, replace_document, set_embeddings  # noqa: E402
 
 DATA = REPO / "bench" / "data" / "retrieval"
 OUT = REPO / "bench" / "out"
 CACHE = Path(os.environ.get("KBLOOP_BENCH_CACHE", Path(tempfile.gettempdir()) / "kbloop-bench-embeddings"))
+# Every KB this bench builds lives in a temporary home; the embeddings outlive it here.
+os.environ.setdefault("KBLOOP_EMBEDDING_CACHE", str(CACHE / "embedding-cache.sqlite"))
 K = 3
 SMALL_KB = ["en/forklift-certification.md", "en/returns-policy.md", "zh/canteen.md", "zh/customs-declaration.md",
             "mixed/shipping-cutoff.md"]
@@ -126,51 +129,11 @@ def groups_of(row: dict) -> list[str]:
 
 # --- a store with cached embeddings ------------------------------------------------------------------
 
-def _cache_file(kind: str = "") -> Path:
-    name = embedding.embedding_model_name() + kind
-    return CACHE / (hashlib.sha1(name.encode()).hexdigest()[:16] + ".npz")
-
-
-_cache: dict[str, np.ndarray] | None = None
-_latent_cache: dict[str, np.ndarray] | None = None  # text hash -> (2, K): latent ids and weights
-
-
 def embed_cached(db) -> int:
-    """embed_missing_passages, through a disk cache keyed by the text: the grid and re-runs never re-embed."""
-    global _cache, _latent_cache
-    if _cache is None:
-        f, lf = _cache_file(), _cache_file("+latents")
-        _cache = dict(np.load(f)) if f.exists() else {}
-        _latent_cache = dict(np.load(lf)) if lf.exists() else {}
-    name, latents = kb_index.index_model_name(), embedding.has_latents()
-    missing = passages_missing_embedding(db, name)
-    texts = {p.id: [kb_index.passage_text(p)] + kb_index.passage_sentences(p) for p in missing}
-    key = {t: hashlib.sha1(t.encode()).hexdigest() for group in texts.values() for t in group}
-    todo = sorted({t for t, h in key.items() if h not in _cache})
-    for start in range(0, len(todo), 32):
-        chunk = todo[start : start + 32]
-        _cache.update({key[t]: v for t, v in zip(chunk, embedding.embed_passages(chunk))})
-        print(f"  embedded {start + len(chunk)}/{len(todo)} texts", file=sys.stderr, flush=True)
-    latent_todo = sorted({group[0] for group in texts.values() if key[group[0]] not in _latent_cache}) if latents else []
-    for start in range(0, len(latent_todo), 32):
-        chunk = latent_todo[start : start + 32]
-        found = embedding.embed_passage_latents(chunk, kb_index.PASSAGE_LATENTS)
-        _latent_cache.update({key[t]: np.stack([ids.astype(np.float32), w]) for t, (ids, w) in zip(chunk, found)})
-        print(f"  latent terms of {start + len(chunk)}/{len(latent_todo)} passages", file=sys.stderr, flush=True)
-    if todo or latent_todo:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        np.savez(_cache_file(), **_cache)
-        np.savez(_cache_file("+latents"), **_latent_cache)
-
-    def terms(text: str):
-        if not latents:
-            return None
-        ids, weights = _latent_cache[key[text]]
-        return ids.astype(np.int32), weights
-
-    set_embeddings(db, name, {pid: kb_index.pack_embedding(np.stack([_cache[key[t]] for t in group]), terms(group[0]))
-                              for pid, group in texts.items()})
-    return len(missing)
+    """embed_missing_passages, through the embedding cache (KBLOOP_EMBEDDING_CACHE, kept in CACHE for this
+    bench unless set): the grid and re-runs never re-embed."""
+    return kb_index.embed_missing_passages(db, batch_size=32, progress=lambda done, total: print(
+        f"  embedded {done}/{total} passages", file=sys.stderr, flush=True))
 
 
 def build_kb(folder: Path, roots: list[tuple[Path, list[str] | None]], distractors: int = 0, max_chars: int = 700):
@@ -256,6 +219,65 @@ def decide(cands: list[Candidate], best_bm25: float, share: float, config: Retri
         return []
     scored.sort(key=lambda x: -x[0][0])
     return list(dict.fromkeys(doc for _, doc in scored))[:K]
+
+
+def best_margin(cands: tuple, config: RetrievalConfig) -> float | None:
+    """What the engine's weak-match check reads (retrieval.weakly_covered): the best decision margin among the K
+    passages the order puts first; None when nothing is found."""
+    cand_list, best_bm25, share = cands
+    scored = [(fuse(c.relevance, c.coverage, c.bm25, best_bm25, config, question_share=share, latent=c.latent,
+                    passage_share=c.share)[0],
+               decision_margin(c.relevance, c.coverage, config, question_share=share, latent=c.latent,
+                               passage_share=c.share))
+              for c in cand_list]
+    if not any(margin >= 0 for _, margin in scored):
+        return None
+    scored.sort(key=lambda x: -x[0])
+    return max(margin for _, margin in scored[:K])
+
+
+CAUTION_BUDGET = 0.10  # at most this share of the covered questions found may carry the weak-match notice
+CAUTION_MARGINS = tuple(round(0.01 * i, 2) for i in range(0, 21))
+
+
+def caution(rows: dict, cands: dict, config: RetrievalConfig) -> dict:
+    """The weak-match band (RetrievalConfig.confident_margin), chosen on the tuning halves: the widest that flags at
+    most CAUTION_BUDGET of the covered questions found on each KB; then the test halves at that band. An
+    off-topic question is "caught" when it finds nothing or is flagged."""
+    def figures(split_rows: list[dict], margins: dict, band: float) -> dict:
+        out = {}
+        for group in ("covered", "same-language", "cross-language", "off-topic", "near-miss"):
+            mine = [r for r in split_rows if group in groups_of(r)]
+            if not mine:
+                continue
+            found = [margins[r["question"]] for r in mine if margins[r["question"]] is not None]
+            flagged = sum(m < band for m in found)
+            entry = {"n": len(mine), "found": len(found), "flagged": flagged,
+                     "flagged_share_of_found": round(flagged / len(found), 3) if found else None}
+            if group in ("off-topic", "near-miss"):
+                entry["nothing_found"] = round((len(mine) - len(found)) / len(mine), 3)
+                entry["caught"] = round((len(mine) - len(found) + flagged) / len(mine), 3)
+            out[group] = entry
+        return out
+
+    margins = {kb: {r["question"]: best_margin(cands[kb][r["question"]], config) for r in rows[kb]} for kb in rows}
+    split = {kb: {name: [r for r in rows[kb] if r["split"] == name] for name in ("tune", "test")} for kb in rows}
+    grid = []
+    for band in CAUTION_MARGINS:
+        grid.append({"confident_margin": band,
+                     "tune": {kb: figures(split[kb]["tune"], margins[kb], band) for kb in rows}})
+    within = [g["confident_margin"] for g in grid
+              if all((g["tune"][kb]["covered"]["flagged_share_of_found"] or 0.0) <= CAUTION_BUDGET for kb in rows)]
+    chosen = max(within)
+    return {"budget": CAUTION_BUDGET, "min_score": config.min_score, "chosen": chosen, "grid": grid,
+            "test": {kb: figures(split[kb]["test"], margins[kb], chosen) for kb in rows},
+            "test_without_band": {kb: figures(split[kb]["test"], margins[kb], 0.0) for kb in rows},
+            "test_flagged_covered": {kb: [r["question"] for r in split[kb]["test"] if r["source"]
+                                          and margins[kb][r["question"]] is not None
+                                          and margins[kb][r["question"]] < chosen] for kb in rows},
+            "test_caught_off_topic": {kb: [r["question"] for r in split[kb]["test"] if r["source"] is None
+                                           and (margins[kb][r["question"]] is None
+                                                or margins[kb][r["question"]] < chosen)] for kb in rows}}
 
 
 def _tally(rows: list[dict], docs_for) -> dict:
@@ -770,6 +792,8 @@ def main() -> None:
     parser.add_argument("--no-transfer", action="store_true", help="skip the 5- vs 500-document comparison")
     parser.add_argument("--chunking", action="store_true", help="also compare passage sizes (tuning halves)")
     parser.add_argument("--latency-only", action="store_true", help="only the 1,000-passage latency (prints it)")
+    parser.add_argument("--caution", action="store_true",
+                        help="only the weak-match band, chosen on the tuning halves -> bench/out/retrieval_caution.json")
     parser.add_argument("--latency-threads", action="store_true",
                         help="thread settings compared on the 1,000-passage KB -> bench/out/retrieval_latency_threads.json")
     args = parser.parse_args()
@@ -801,6 +825,14 @@ def main() -> None:
             dbs[kb] = build_kb(tmp / kb, roots[kb])
             cands[kb] = {r["question"]: candidates(dbs[kb], r["question"]) for r in rows[kb]}
         config, decision = config_for(model), "language"
+        if args.caution:
+            report["caution"] = caution(rows, cands, config)
+            report["seconds"] = round(time.perf_counter() - started_all)
+            OUT.mkdir(exist_ok=True)
+            (OUT / "retrieval_caution.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
+                                                         encoding="utf-8")
+            print(json.dumps({k: report["caution"][k] for k in ("chosen", "test")}, indent=1, ensure_ascii=False))
+            return
         if args.tune:
             # Both decisions tuned on the same tuning halves and objective; the per-pair offsets are adopted only
             # if they reach a better objective there. The test halves of both are reported, the adopted one's in full.

@@ -143,13 +143,13 @@ def sources_line(titles: Iterable[str]) -> str:
 
 def answer_message(*, text: str, source_titles: Sequence[str], interaction_id: int | None,
                    footer: str | None = None, starting: bool = False,
-                   verified_line: str | None = None) -> tuple[list[dict], str]:
+                   verified_line: str | None = None, weak_match: bool = False) -> tuple[list[dict], str]:
     """(blocks, fallback text) for an answer: the escaped answer in section blocks, its sources (or, for a
     verified answer, who approved it), a small footer, and the 👍/👎 buttons carrying the interaction id.
     Within Slack's limits whatever `text` is."""
     body = escape_mrkdwn(text.strip()) or "…"
     tail = answer_tail(source_titles=source_titles, interaction_id=interaction_id, footer=footer,
-                       starting=starting, verified_line=verified_line)
+                       starting=starting, verified_line=verified_line, weak_match=weak_match)
     chunks = split_for_sections(body)
     room = MAX_BLOCKS - len(tail)
     if len(chunks) > room:
@@ -164,8 +164,9 @@ def answer_message(*, text: str, source_titles: Sequence[str], interaction_id: i
 
 
 def answer_tail(*, source_titles: Sequence[str], interaction_id: int | None, footer: str | None = None,
-                starting: bool = False, verified_line: str | None = None) -> list[dict]:
-    """The blocks under an answer's text: its sources (or who approved it), a footer, the 👍/👎 buttons.
+                starting: bool = False, verified_line: str | None = None, weak_match: bool = False) -> list[dict]:
+    """The blocks under an answer's text: its sources (or who approved it; with `weak_match`, a caution that
+    they barely cover the question), a footer, the 👍/👎 buttons.
     A streamed answer gets these at chat.stopStream, under the text it streamed."""
     tail: list[dict] = []
     if starting:
@@ -174,6 +175,8 @@ def answer_tail(*, source_titles: Sequence[str], interaction_id: int | None, foo
         tail.append(context(messages.VERIFIED_MARK + " " + escape_mrkdwn(verified_line)))
     else:
         tail.append(context(sources_line(source_titles)))
+        if weak_match and source_titles:
+            tail.append(context(messages.WEAK_MATCH_NOTE))
     if footer and not verified_line:
         tail.append(context(escape_mrkdwn(footer)))
     if interaction_id is not None:

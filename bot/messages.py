@@ -13,6 +13,8 @@ EMPTY_QUESTION = ("Ask me a question about our knowledge base, e.g. `@kbloop how
                   "or `/kb how do I request VPN access?`.")
 SOURCES_LABEL = "*Sources:*"
 NO_SOURCES = "_No knowledge-base passage matched; this answer may be unreliable._"
+# Under the sources of an answer whose passages only barely cover the question (the engine's "weak_match").
+WEAK_MATCH_NOTE = ":warning: _These passages match the question only weakly: the knowledge base may not cover it._"
 VERIFIED_MARK = ":white_check_mark:"
 FEEDBACK_PROMPT = "Was this helpful?"
 BUTTON_UP = "👍 Helpful"

@@ -72,7 +72,7 @@ def _render_args(answer) -> dict:
     footer = None if starting else f"{who} · {answer.latency_ms / 1000:.1f} s"
     return dict(source_titles=[s.title for s in answer.sources],
                 interaction_id=None if starting else answer.interaction_id, footer=footer, starting=starting,
-                verified_line=answer.verified_line)
+                verified_line=answer.verified_line, weak_match="weak_match" in (answer.notice or "").split("; "))
 
 
 def render_answer(answer) -> tuple[list[dict], str]:

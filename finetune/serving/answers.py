@@ -35,7 +35,7 @@ class Answer:
     adapter_version: str | None  # the adapter that generated it; None = the base model
     latency_ms: int
     interaction_id: int | None  # the row in `interactions`; None when not recorded
-    notice: str | None = None  # starting | empty | no_match | unbacked | trimmed: … | adapter errors | timeout
+    notice: str | None = None  # starting | empty | no_match | unbacked | weak_match | trimmed: … | adapter errors | timeout
     verified: bool = False  # a curator's approved answer, repeated as it is (no model generated it)
     example_id: int | None = None  # the approved example it repeats
     approved_by: str | None = None  # the curator who approved it ("import" for imported data)

@@ -14,7 +14,8 @@ the generation backend (finetune.serving.scheduler): in-process, a continuous ba
 question joins the running batch at the next decode step and leaves it at its own stop token, greedy by
 default, bounded by max new tokens and a time limit per answer. With neither passages nor approved
 answers, the question is refused ("nothing in the knowledge base") unless the caller asked for the model
-alone (`model_only`), which answers anyway with an "unbacked" notice. Verified answers apply to the
+alone (`model_only`), which answers anyway with an "unbacked" notice. An answer backed only by passages that
+barely cover the question (retrieval.weakly_covered) carries the "weak_match" notice. Verified answers apply to the
 active adapter only: asking a named version or the base shows that model. The caller's thread then
 records the interaction.
 
@@ -70,7 +71,13 @@ from finetune.serving.answers import (
 )
 from finetune.serving.models import ServedModels
 from finetune.serving.prompts import PromptRequest, fit_prompt, thread_history
-from finetune.serving.retrieval import embed_missing_passages, embedding_model, retrieve_passages
+from finetune.serving.retrieval import (
+    embed_missing_passages,
+    embedding_model,
+    retrieve_passages,
+    retrieve_scored,
+    weakly_covered,
+)
 from finetune.serving.routing import ACTIVE, BASE, adapter_key, check_adapter_for, resolve_version
 from finetune.serving.scheduler import (
     BackendClosed,
@@ -293,8 +300,8 @@ class Engine:
         # A follow-up in a thread is searched together with the question it follows (standalone_question).
         history = thread_history(db, channel_id=channel_id, thread_ts=thread_ts)
         query = standalone_question(question, history)
-        passages = retrieve_passages(db, query, k=max(self.config.k, self._models.passages_for(db, version)),
-                                     team=team)
+        scored = retrieve_scored(db, query, k=max(self.config.k, self._models.passages_for(db, version)), team=team)
+        passages = [s.passage for s in scored]
         related = self._related(db, query, team) if use_approved else []
         if not passages and not related and not model_only:
             generated = Generated(no_match_text(question), version, ("no_match",))
@@ -315,6 +322,10 @@ class Engine:
                 generated = Generated(UNAVAILABLE_TEXT.format(error=exc), None, ("unavailable",))
             if not passages and not related:  # model_only: nothing backs what the model said
                 generated = replace(generated, notices=("unbacked",) + generated.notices)
+            elif not related and weakly_covered(scored) and not ({"closed", "timeout", "unavailable"}
+                                                                  & set(generated.notices)):
+                # answered from passages that barely cleared the bar
+                generated = replace(generated, notices=("weak_match",) + generated.notices)
         backed = (passages or related) and not ({"closed", "no_match", "unavailable"} & set(generated.notices))
         sources = sources_of(passages, related) if backed else []
         notice = "; ".join(generated.notices) or None

@@ -136,6 +136,11 @@ class RetrievalConfig:
     # "Retrieval"). They move the order only, never whether the KB covers the question.
     ranking_latent_weight: float | None = 3.0
     ranking_pair_offsets: tuple[float, float, float] | None = (-0.1, -0.2, 0.2)
+    # The KB covers a question only weakly when its best passage clears the threshold by less than this: the
+    # answer is given, with the "weak_match" notice (Slack shows a caution line). Tuned after the threshold, on
+    # the tuning halves: the widest band that flags at most 10% of the covered questions there
+    # (bench/retrieval_recall.py --caution; docs/benchmarks.md, "Retrieval").
+    confident_margin: float = 0.08
     centre: bool = True  # centre question and passages on their language (False: raw cosines, for the bench)
 
 
@@ -146,7 +151,8 @@ TUNED_CONFIGS = {
     "all-MiniLM-L6-v2": RetrievalConfig(coverage_weight=0.05, bm25_weight=0.05, min_score=0.56, cross_language_bonus=0.2,
                                         chinese_offset=0.0, latent_weight=0.0, zh_question_en_passage_offset=0.0,
                                         en_question_zh_passage_offset=0.0, zh_question_zh_passage_offset=0.0,
-                                        ranking_latent_weight=None, ranking_pair_offsets=None),
+                                        ranking_latent_weight=None, ranking_pair_offsets=None,
+                                        confident_margin=0.0),  # no weak-match band tuned for MiniLM
 }
 
 
@@ -160,6 +166,7 @@ class ScoredPassage:
     passage: Passage
     score: float  # the order's fused score, higher is better; comparable across questions and KBs
     matches: bool = False  # the passage alone would make the KB cover the question (reaches the threshold)
+    margin: float | None = None  # by how much it clears that threshold (negative: misses it); decision_margin
     relevance: float | None = None  # CSLS of the centred vectors against the background (evidence())
     coverage: float | None = None  # share of the question's topical words in the passage
     latent: float | None = None  # cosine of the question's and the passage's latent terms
@@ -181,8 +188,8 @@ class ScoredPassage:
         return {
             "rank": rank, "doc_path": self.passage.doc_path, "title": self.passage.title,
             "chunk_index": self.passage.chunk_index, "passage_id": self.passage.id,
-            "score": _rounded(self.score, 4), "matches": self.matches, "evidence": self.evidence(),
-            "content": self.passage.content,
+            "score": _rounded(self.score, 4), "matches": self.matches, "margin": _rounded(self.margin, 4),
+            "evidence": self.evidence(), "content": self.passage.content,
         }
 
 
@@ -340,11 +347,21 @@ def fuse(relevance: float | None, coverage: float, bm25_score: float | None, bes
     `question_share`, `passage_share`: the CJK shares of question and passage, which set the threshold
     (match_score) and the language pair's offsets (language_pair_offset)."""
     base = (relevance or 0.0) + config.coverage_weight * coverage
-    decisive = base + config.latent_weight * latent - language_pair_offset(config, question_share, passage_share)
     lexical = config.bm25_weight * (bm25_score or 0.0) / best_bm25 if best_bm25 > 0 else 0.0
     order = (base + ranking_latent_weight(config) * latent
              - language_pair_offset(config, question_share, passage_share, ranking=True))
-    return order + lexical, decisive >= match_score(config, question_share)
+    margin = decision_margin(relevance, coverage, config, question_share=question_share, latent=latent,
+                             passage_share=passage_share)
+    return order + lexical, margin >= 0
+
+
+def decision_margin(relevance: float | None, coverage: float, config: RetrievalConfig, *, question_share: float = 0.0,
+                    latent: float = 0.0, passage_share: float = 0.0) -> float:
+    """How far the passage's decision score is above (or below: negative) the score that makes the KB cover the
+    question (fuse's second value is `margin >= 0`)."""
+    decisive = ((relevance or 0.0) + config.coverage_weight * coverage + config.latent_weight * latent
+                - language_pair_offset(config, question_share, passage_share))
+    return decisive - match_score(config, question_share)
 
 
 def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mode: str = "hybrid",
@@ -408,7 +425,8 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
         cov = coverage(words, ev.index.terms.get(pid) or frozenset(index_terms(passage_text(info["passage"]))))
         score, matches = fuse(rel, cov, info.get("bm25_score"), best_bm25, config, question_share=share,
                               latent=latent, passage_share=passage_share)
-        scored.append(ScoredPassage(score=score, matches=matches, relevance=rel, coverage=cov,
+        margin = decision_margin(rel, cov, config, question_share=share, latent=latent, passage_share=passage_share)
+        scored.append(ScoredPassage(score=score, matches=matches, margin=margin, relevance=rel, coverage=cov,
                                     latent=latent if i is not None else None,
                                     similarity=float(ev.similarity[i]) if i is not None else None, **info))
     if config.min_score > float("-inf") and not any(s.matches for s in scored):
@@ -417,6 +435,14 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
         return []
     scored.sort(key=lambda s: (-s.score, s.passage.id))  # ties fall back to passage id: deterministic
     return scored[:k]
+
+
+def weakly_covered(scored: list[ScoredPassage], config: RetrievalConfig | None = None) -> bool:
+    """Whether the passages retrieve_scored returned cover the question only weakly: found, but the best of them
+    clears the threshold by less than `confident_margin` (the engine answers with the "weak_match" notice)."""
+    config = config or config_for(embedding_model_name())
+    margins = [s.margin for s in scored if s.margin is not None]
+    return bool(margins) and max(margins) < config.confident_margin
 
 
 def retrieve_passages(db: sqlite_utils.Database, question: str, *, k: int = 3, team: str | None = None) -> list[Passage]:

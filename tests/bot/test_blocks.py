@@ -85,6 +85,23 @@ def test_a_verified_answer_names_who_approved_it_escaped_with_buttons_and_no_unr
     assert blocks[-1]["type"] == "actions" and block_errors(blocks) == []
 
 
+def test_an_answer_from_weakly_matching_passages_says_so_under_its_sources():
+    from bot import messages
+    from bot.questions import render_answer, render_tail
+    from finetune.serving.engine import Answer, Source
+
+    sources = [Source("Company seal", "legal/seal.md")]
+    weak = Answer("The seal is kept by legal.", sources, "v3", 800, 9, "weak_match; trimmed: passages")
+    blocks, _ = render_answer(weak)
+    contexts = [b["elements"][0]["text"] for b in blocks if b["type"] == "context"]
+    assert contexts[0].startswith(messages.SOURCES_LABEL) and contexts[1] == messages.WEAK_MATCH_NOTE
+    assert blocks[-1]["type"] == "actions" and block_errors(blocks) == []
+    assert messages.WEAK_MATCH_NOTE in str(render_tail(weak))  # a streamed answer ends the same way
+    for other in (Answer("The seal is kept by legal.", sources, "v3", 800, 9, None),
+                  Answer("The seal is kept by legal.", sources, "v3", 800, 9, "unbacked")):
+        assert messages.WEAK_MATCH_NOTE not in str(render_answer(other)[0])
+
+
 def test_huge_answer_is_truncated_to_fifty_blocks():
     blocks, text = answer_message(text="word " * 60_000, source_titles=[], interaction_id=1)
     assert len(blocks) == MAX_BLOCKS and block_errors(blocks) == []
