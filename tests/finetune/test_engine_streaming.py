@@ -103,7 +103,7 @@ def test_each_row_of_a_batch_streams_to_its_own_consumer_and_loses_nothing(engin
     for t in threads:
         t.join(timeout=300)
     assert engine.batches_run - batches_before < len(QUESTIONS)  # they shared batches
-    generated = [i for i, a in enumerate(answers) if a.notice is None]
+    generated = [i for i, a in enumerate(answers) if a.notice in (None, "weak_match")]  # weak: generated all the same
     assert len(generated) >= len(QUESTIONS) // 2
     for i, answer in enumerate(answers):
         assert answer.text == plain[i]  # streaming changes nothing in the answer
