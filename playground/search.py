@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sqlite_utils
 
-from finetune.serving.retrieval import not_covered_line, retrieve_scored
+from finetune.serving.retrieval import not_covered_line, retrieve_scored, weak_match_line
 
 HEADERS = ["#", "title", "document", "score", "covers", "BM25", "similarity", "latent", "passage"]
 PASSAGE_CHARS = 200
@@ -29,5 +29,7 @@ def search(db: sqlite_utils.Database, question: str, *, k: int = 5, team: str | 
                      round(hit.score, 3), "yes" if hit.matches else "no", evidence["bm25"], evidence["similarity"],
                      evidence["latent"], text[:PASSAGE_CHARS] + ("…" if len(text) > PASSAGE_CHARS else "")])
     covering = sum(hit.matches for hit in results)
-    return rows, (f"{len(rows)} passage(s), best first; {covering} alone make the knowledge base cover the question "
-                  "(covers: yes). The bot answers from the first ones.")
+    line = (f"{len(rows)} passage(s), best first; {covering} alone make the knowledge base cover the question "
+            "(covers: yes). The bot answers from the first ones.")
+    weak = weak_match_line(results)
+    return rows, f"{line} {weak}" if weak else line

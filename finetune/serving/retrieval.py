@@ -337,6 +337,17 @@ def not_covered_line(question: str) -> str:
             f"{match_score(config, cjk_share(question)):.2f} of {name}{per_pair}).")
 
 
+def weak_match_line(scored: list[ScoredPassage]) -> str | None:
+    """For people, when the passages found cover the question only weakly (weakly_covered): by how much the best
+    clears the match score, against the band; None otherwise."""
+    config = config_for(embedding_model_name())
+    if not weakly_covered(scored, config):
+        return None
+    best = max(s.margin for s in scored if s.margin is not None)
+    return (f"Weak match: the best passage clears the match score by {best:.3f}, less than {config.confident_margin:.2f}; "
+            "the bot answers with a caution that the knowledge base may not cover the question.")
+
+
 def fuse(relevance: float | None, coverage: float, bm25_score: float | None, best_bm25: float,
          config: RetrievalConfig, *, question_share: float = 0.0, latent: float = 0.0,
          passage_share: float = 0.0) -> tuple[float, bool]:

@@ -99,7 +99,7 @@ def kb_search(
 ) -> None:
     """The passages the bot would retrieve for a question, best first, with the evidence behind each rank
     (BM25, similarity, relevance, word coverage, latent terms, fused score), or nothing when the KB does not cover it."""
-    from finetune.serving.retrieval import not_covered_line, retrieve_scored
+    from finetune.serving.retrieval import not_covered_line, retrieve_scored, weak_match_line
 
     if not question.strip():
         fail("the question is empty")
@@ -118,6 +118,8 @@ def kb_search(
                    f"score {s.score:.3f}{'' if s.matches else ' (below the match score)'}")
         typer.echo("   " + ", ".join(f"{name} {value}" for name, value in s.evidence().items() if value is not None))
         typer.echo(f"   {_one_line(s.passage.content, 100)}")
+    if weak := weak_match_line(results):
+        typer.echo(weak)
 
 
 @data_app.command("import")

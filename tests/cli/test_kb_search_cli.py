@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from finetune.serving.retrieval import DEFAULT_CONFIG
+
 
 @pytest.fixture
 def kb(kbloop, tmp_path):
@@ -53,3 +55,14 @@ def test_human_output_shows_rank_path_and_evidence(kb):
 def test_empty_question_is_refused_in_one_line(kb):
     r = kb("kb", "search", "  ")
     assert r.exit_code == 1 and r.stderr.strip() == "kbloop: the question is empty"
+
+
+def test_a_weak_match_is_said_with_its_margin(kb):
+    # The forklift page only just clears the match score for a question about the company car.
+    r = kb("kb", "search", "Do I need a licence to drive the company car?")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("1. Forklift certification") and "Weak match: the best passage" in r.stdout
+    hits = json.loads(kb("kb", "search", "Do I need a licence to drive the company car?", "--json").stdout)
+    assert 0 <= hits[0]["margin"] < DEFAULT_CONFIG.confident_margin
+    strong = kb("kb", "search", "How long is the forklift certificate valid?")
+    assert strong.exit_code == 0 and "Weak match" not in strong.stdout

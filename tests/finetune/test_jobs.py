@@ -760,6 +760,24 @@ def test_a_candidate_worse_than_the_active_adapter_is_kept_and_the_requester_tol
 
 
 @pytest.mark.slow
+def test_torchrun_launcher_trains_the_same_job_with_two_cpu_processes(workspace):
+    from store.adapters import get_adapter
+
+    db = workspace.db
+    job = request_retrain(db, requester="U_ADMIN", params={"force": True, "train": {**TRAIN, "epochs": 2}})
+    done = workspace.worker(launcher="torchrun", nproc=2).run_once()
+    log = (job_dir(workspace.home, job.id) / "child.log").read_text(errors="replace")
+    assert done.id == job.id and done.status == "succeeded", (done.error, log[-2000:])
+    assert "rank 0" in log and "rank 1" in log  # two training processes ran the job
+    steps = train_steps(db, f"job-{job.id}")
+    # 16 examples minus the held-out ones, batch 4 per process x 2 processes: half the single-process steps.
+    n_train = done.result["n_examples"] - get_adapter(db, done.result["version"]).metrics["n_heldout"]
+    assert steps[-1]["step"] == done.progress["total"] == 2 * -(-n_train // 8)
+
+
+# Last in the module: its engine reads the sample KB's embeddings from the run's embedding cache, which
+# tests/cli/test_demo.py (started beside this module under xdist) fills in its first two minutes.
+@pytest.mark.slow
 def test_kill_9_during_training_fails_the_job_keeps_the_active_adapter_and_the_next_job_succeeds(workspace):
     from finetune.serving.engine import Engine, EngineConfig
     from store.adapters import active_adapter, list_adapters
@@ -797,19 +815,3 @@ def test_kill_9_during_training_fails_the_job_keeps_the_active_adapter_and_the_n
     done = workspace.worker().run_once()
     assert done.id == again.id and done.status == "succeeded", done.error
     assert len(list_adapters(db)) == n_adapters + 1
-
-
-@pytest.mark.slow
-def test_torchrun_launcher_trains_the_same_job_with_two_cpu_processes(workspace):
-    from store.adapters import get_adapter
-
-    db = workspace.db
-    job = request_retrain(db, requester="U_ADMIN", params={"force": True, "train": {**TRAIN, "epochs": 2}})
-    done = workspace.worker(launcher="torchrun", nproc=2).run_once()
-    log = (job_dir(workspace.home, job.id) / "child.log").read_text(errors="replace")
-    assert done.id == job.id and done.status == "succeeded", (done.error, log[-2000:])
-    assert "rank 0" in log and "rank 1" in log  # two training processes ran the job
-    steps = train_steps(db, f"job-{job.id}")
-    # 16 examples minus the held-out ones, batch 4 per process x 2 processes: half the single-process steps.
-    n_train = done.result["n_examples"] - get_adapter(db, done.result["version"]).metrics["n_heldout"]
-    assert steps[-1]["step"] == done.progress["total"] == 2 * -(-n_train // 8)
