@@ -139,7 +139,7 @@ def embeddings_kept_for_the_run(tmp_path_factory):
     not once per process that imports it. Tests of the cache itself set their own."""
     path = shared_folder(tmp_path_factory, "embeddings") / "embedding-cache.sqlite"
     saved = os.environ.get("KBLOOP_EMBEDDING_CACHE")
-    os.environ["KBLOOP_EMBEDDING_CACHE"] = str(path)  # not monkeypatch: per test, and children inherit os.environ
+    os.environ["KBLOOP_EMBEDDING_CACHE"] = str(path)  # for the whole run (monkeypatch is per test); children inherit it
     yield
     if saved is None:
         os.environ.pop("KBLOOP_EMBEDDING_CACHE", None)

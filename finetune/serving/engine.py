@@ -14,9 +14,9 @@ the generation backend (finetune.serving.scheduler): in-process, a continuous ba
 question joins the running batch at the next decode step and leaves it at its own stop token, greedy by
 default, bounded by max new tokens and a time limit per answer. With neither passages nor approved
 answers, the question is refused ("nothing in the knowledge base") unless the caller asked for the model
-alone (`model_only`), which answers anyway with an "unbacked" notice. An answer backed only by passages that
-barely cover the question (retrieval.weakly_covered) carries the "weak_match" notice. Verified answers apply to the
-active adapter only: asking a named version or the base shows that model. The caller's thread then
+alone (`model_only`), which answers anyway with an "unbacked" notice; an answer backed only by passages that
+barely cover the question (retrieval.weakly_covered) carries the "weak_match" notice. Verified answers apply
+to the active adapter only: asking a named version or the base shows that model. The caller's thread then
 records the interaction.
 
 The answer and its texts are in finetune.serving.answers, the prompt and its trimming in finetune.serving.prompts.
@@ -101,6 +101,8 @@ __all__ = ["ACTIVE", "APPROVED_SOURCE_TITLE", "BASE", "CLOSED_TEXT", "EMPTY_TEXT
 
 # Approved answers to related questions looked up per question (at most approved_in_prompt() enter a prompt).
 RELATED_LOOKUP = 2
+# Notices of an answer that no model finished: not recorded, and no other notice is added to them.
+FAILED = frozenset({"closed", "timeout", "unavailable"})
 
 
 @dataclass(frozen=True)
@@ -322,16 +324,15 @@ class Engine:
                 generated = Generated(UNAVAILABLE_TEXT.format(error=exc), None, ("unavailable",))
             if not passages and not related:  # model_only: nothing backs what the model said
                 generated = replace(generated, notices=("unbacked",) + generated.notices)
-            elif not related and weakly_covered(scored) and not ({"closed", "timeout", "unavailable"}
-                                                                  & set(generated.notices)):
-                # answered from passages that barely cleared the bar
+            elif not related and weakly_covered(scored) and not FAILED & set(generated.notices):
+                # generated from passages that barely cleared the bar: say so
                 generated = replace(generated, notices=("weak_match",) + generated.notices)
         backed = (passages or related) and not ({"closed", "no_match", "unavailable"} & set(generated.notices))
         sources = sources_of(passages, related) if backed else []
         notice = "; ".join(generated.notices) or None
         latency = elapsed_ms()
         interaction_id = None
-        if record and not ({"closed", "timeout", "unavailable"} & set(generated.notices)):
+        if record and not FAILED & set(generated.notices):
             interaction_id = record_interaction(
                 db, question=question, answer=generated.text, source=source,
                 sources=[asdict(s) for s in sources], adapter_version=generated.adapter_version,

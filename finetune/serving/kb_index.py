@@ -10,8 +10,9 @@ A different embedder, or a change of this layout, changes the name, so the KB is
 wrongly. Each process keeps a matrix per database and reloads it only when the passages change.
 
 Background: fixed sentences about things no company KB is about (finetune/assets/retrieval_background.txt),
-embedded once per embedder (then read from the embedding cache, finetune.serving.embedding). Their per-language mean vectors centre every
-question and passage, and their similarities discount hubs (finetune.serving.retrieval.evidence).
+embedded once per embedder (then read from the embedding cache, finetune.serving.embedding). Their
+per-language mean vectors centre every question and passage, and their similarities discount hubs
+(finetune.serving.retrieval.evidence).
 """
 
 from __future__ import annotations
