@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 import store.text  # noqa: E402
 from finetune.serving import embedding, kb_index, retrieval  # noqa: E402
-from finetune.serving.retrieval import RetrievalConfig, config_for, decision_margin, fuse, retrieve_scored  # noqa: E402
+from finetune.serving.retrieval import RetrievalConfig, config_for, fuse, retrieve_scored  # noqa: E402
 from store import open_db  # noqa: E402
 from store.documents import import_documents  # noqa: E402
 from store.kb import NewPassage, replace_document, set_embeddings  # noqa: E402
@@ -224,16 +224,13 @@ def decide(cands: list[Candidate], best_bm25: float, share: float, config: Retri
 def best_margin(cands: tuple, config: RetrievalConfig) -> float | None:
     """What the engine's weak-match check reads (retrieval.weakly_covered): the best decision margin among the K
     passages the order puts first; None when nothing is found."""
-    cand_list, best_bm25, share = cands
-    scored = [(fuse(c.relevance, c.coverage, c.bm25, best_bm25, config, question_share=share, latent=c.latent,
-                    passage_share=c.share)[0],
-               decision_margin(c.relevance, c.coverage, config, question_share=share, latent=c.latent,
-                               passage_share=c.share))
-              for c in cand_list]
-    if not any(margin >= 0 for _, margin in scored):
+    arrays = _as_arrays(cands)
+    rel, cov, lat, pshare, _, _, share = arrays
+    margins = retrieval.decision_margin(rel, cov, config, question_share=share, latent=lat, passage_share=pshare)
+    if not (margins >= 0).any():
         return None
-    scored.sort(key=lambda x: -x[0])
-    return max(margin for _, margin in scored[:K])
+    first = np.argsort(-_order_score(config, arrays), kind="stable")[:K]
+    return float(margins[first].max())
 
 
 CAUTION_BUDGET = 0.10  # at most this share of the covered questions found may carry the weak-match notice
@@ -563,8 +560,7 @@ def _ranked_table(rows: list[dict], arrays: list[tuple], fusion: RetrievalConfig
     is among the first K documents (what fuse() and decide() give, for every candidate at once)."""
     decisive, shares, hits = [], [], []
     for row, (rel, cov, lat, pshare, bm25, docs, share) in zip(rows, arrays):
-        d = (rel + fusion.coverage_weight * cov + fusion.latent_weight * lat
-             - retrieval.language_pair_offset(fusion, share, pshare))
+        d = retrieval.decision_score(rel, cov, fusion, question_share=share, latent=lat, passage_share=pshare)
         top = _top_documents(fusion, (rel, cov, lat, pshare, bm25, docs, share)) if len(d) else []
         decisive.append(float(d.max()) if len(d) else float("-inf"))
         shares.append(share)
@@ -576,8 +572,7 @@ def _ranked_table(rows: list[dict], arrays: list[tuple], fusion: RetrievalConfig
 def _order_score(fusion: RetrievalConfig, arrays: tuple) -> np.ndarray:
     """fuse()'s first value, the order, for every candidate of one question at once."""
     rel, cov, lat, pshare, bm25, _, share = arrays
-    return (rel + fusion.coverage_weight * cov + retrieval.ranking_latent_weight(fusion) * lat
-            - retrieval.language_pair_offset(fusion, share, pshare, ranking=True) + fusion.bm25_weight * bm25)
+    return retrieval.order_score(rel, cov, fusion, question_share=share, latent=lat, passage_share=pshare, lexical=bm25)
 
 
 def _top_documents(fusion: RetrievalConfig, arrays: tuple, k: int = K) -> list[str]:

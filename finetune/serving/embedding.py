@@ -298,7 +298,8 @@ class _EmbeddingCache:
                     todo.setdefault(text, []).append(i)
         if not todo:
             return out
-        digests = {text: _digest(key(text)) for text in todo}
+        keys = {text: key(text) for text in todo}
+        digests = {text: _digest(k) for text, k in keys.items()}
         stored = self._read(list(digests.values()), codec)
         missing = [text for text in todo if digests[text] not in stored]
         fresh = dict(zip(missing, compute(missing))) if missing else {}
@@ -309,7 +310,7 @@ class _EmbeddingCache:
                 value = fresh[text] if text in fresh else stored[digests[text]]
                 for i in rows:
                     out[i] = value
-                self._items[key(text)] = value
+                self._items[keys[text]] = value
             while len(self._items) > self.ENTRIES:
                 self._items.popitem(last=False)
         return out

@@ -165,8 +165,7 @@ def config_for(model_name: str) -> RetrievalConfig:
 class ScoredPassage:
     passage: Passage
     score: float  # the order's fused score, higher is better; comparable across questions and KBs
-    matches: bool = False  # the passage alone would make the KB cover the question (reaches the threshold)
-    margin: float | None = None  # by how much it clears that threshold (negative: misses it); decision_margin
+    margin: float | None = None  # by how much it clears the threshold (negative: misses it); decision_margin
     relevance: float | None = None  # CSLS of the centred vectors against the background (evidence())
     coverage: float | None = None  # share of the question's topical words in the passage
     latent: float | None = None  # cosine of the question's and the passage's latent terms
@@ -174,6 +173,11 @@ class ScoredPassage:
     dense_rank: int | None = None
     bm25_score: float | None = None
     similarity: float | None = None  # cosine
+
+    @property
+    def matches(self) -> bool:
+        """The passage alone would make the KB cover the question (it reaches the threshold)."""
+        return self.margin is not None and self.margin >= 0
 
     def evidence(self) -> dict:
         """What ranked it, rounded for people: `kbloop kb search` and the playground's search show this."""
@@ -357,22 +361,32 @@ def fuse(relevance: float | None, coverage: float, bm25_score: float | None, bes
     the order: the decision rests on evidence that does not scale with the KB.
     `question_share`, `passage_share`: the CJK shares of question and passage, which set the threshold
     (match_score) and the language pair's offsets (language_pair_offset)."""
-    base = (relevance or 0.0) + config.coverage_weight * coverage
-    lexical = config.bm25_weight * (bm25_score or 0.0) / best_bm25 if best_bm25 > 0 else 0.0
-    order = (base + ranking_latent_weight(config) * latent
-             - language_pair_offset(config, question_share, passage_share, ranking=True))
-    margin = decision_margin(relevance, coverage, config, question_share=question_share, latent=latent,
-                             passage_share=passage_share)
-    return order + lexical, margin >= 0
+    rel = relevance or 0.0
+    lexical = (bm25_score or 0.0) / best_bm25 if best_bm25 > 0 else 0.0
+    return (order_score(rel, coverage, config, question_share=question_share, latent=latent,
+                        passage_share=passage_share, lexical=lexical),
+            decision_margin(rel, coverage, config, question_share=question_share, latent=latent,
+                            passage_share=passage_share) >= 0)
 
 
-def decision_margin(relevance: float | None, coverage: float, config: RetrievalConfig, *, question_share: float = 0.0,
-                    latent: float = 0.0, passage_share: float = 0.0) -> float:
-    """How far the passage's decision score is above (or below: negative) the score that makes the KB cover the
-    question (fuse's second value is `margin >= 0`)."""
-    decisive = ((relevance or 0.0) + config.coverage_weight * coverage + config.latent_weight * latent
-                - language_pair_offset(config, question_share, passage_share))
-    return decisive - match_score(config, question_share)
+def order_score(relevance, coverage, config: RetrievalConfig, *, question_share=0.0, latent=0.0, passage_share=0.0,
+                lexical=0.0):
+    """The order's fused score: floats, or arrays of passages (the dense ranking, the bench's grids).
+    `lexical`: the passage's BM25 score over the query's best (0..1)."""
+    return (relevance + config.coverage_weight * coverage + ranking_latent_weight(config) * latent
+            - language_pair_offset(config, question_share, passage_share, ranking=True) + config.bm25_weight * lexical)
+
+
+def decision_score(relevance, coverage, config: RetrievalConfig, *, question_share=0.0, latent=0.0, passage_share=0.0):
+    """The decision's fused score, which match_score is measured against: floats, or arrays of passages."""
+    return (relevance + config.coverage_weight * coverage + config.latent_weight * latent
+            - language_pair_offset(config, question_share, passage_share))
+
+
+def decision_margin(relevance, coverage, config: RetrievalConfig, *, question_share=0.0, latent=0.0, passage_share=0.0):
+    """How far the decision score is above (or below: negative) the score that makes the KB cover the question."""
+    return (decision_score(relevance, coverage, config, question_share=question_share, latent=latent,
+                           passage_share=passage_share) - match_score(config, question_share))
 
 
 def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mode: str = "hybrid",
@@ -411,14 +425,13 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
     # The semantic ranking enters with the evidence of the order that does not need the passage's text; the
     # passage that the decision's evidence (coverage aside) puts first enters too, however low the order puts it.
     words, share = topical_words(question), cjk_share(question)
-    dense = np.where(hidden, -np.inf, ev.relevance + ranking_latent_weight(config) * ev.latent
-                     - language_pair_offset(config, share, ev.index.share, ranking=True))
+    shares = dict(question_share=share, latent=ev.latent, passage_share=ev.index.share)
+    dense = np.where(hidden, -np.inf, order_score(ev.relevance, 0.0, config, **shares))
     dense_order = np.argsort(-dense, kind="stable")[: min(depth, int((~hidden).sum()))]
     for rank, i in enumerate(dense_order.tolist(), 1):
         candidates.setdefault(int(ids[i]), {})["dense_rank"] = rank
     if (~hidden).any():
-        decisive = np.where(hidden, -np.inf, ev.relevance + config.latent_weight * ev.latent
-                            - language_pair_offset(config, share, ev.index.share))
+        decisive = np.where(hidden, -np.inf, decision_score(ev.relevance, 0.0, config, **shares))
         candidates.setdefault(int(ids[int(np.argmax(decisive))]), {})
     for p in get_passages(db, [pid for pid, info in candidates.items() if "passage" not in info]):
         candidates[p.id]["passage"] = p
@@ -434,10 +447,11 @@ def retrieve_scored(db: sqlite_utils.Database, question: str, *, k: int = 3, mod
         rel, latent = (float(ev.relevance[i]), float(ev.latent[i])) if i is not None else (None, 0.0)
         passage_share = float(ev.index.share[i]) if i is not None else cjk_share(info["passage"].content)
         cov = coverage(words, ev.index.terms.get(pid) or frozenset(index_terms(passage_text(info["passage"]))))
-        score, matches = fuse(rel, cov, info.get("bm25_score"), best_bm25, config, question_share=share,
-                              latent=latent, passage_share=passage_share)
-        margin = decision_margin(rel, cov, config, question_share=share, latent=latent, passage_share=passage_share)
-        scored.append(ScoredPassage(score=score, matches=matches, margin=margin, relevance=rel, coverage=cov,
+        evidence_of = dict(question_share=share, latent=latent, passage_share=passage_share)
+        lexical = (info.get("bm25_score") or 0.0) / best_bm25 if best_bm25 > 0 else 0.0
+        score = order_score(rel or 0.0, cov, config, lexical=lexical, **evidence_of)
+        margin = decision_margin(rel or 0.0, cov, config, **evidence_of)
+        scored.append(ScoredPassage(score=score, margin=margin, relevance=rel, coverage=cov,
                                     latent=latent if i is not None else None,
                                     similarity=float(ev.similarity[i]) if i is not None else None, **info))
     if config.min_score > float("-inf") and not any(s.matches for s in scored):

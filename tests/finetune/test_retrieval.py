@@ -366,8 +366,8 @@ def test_a_cache_file_that_cannot_be_used_is_passed_by(kbloop_home, monkeypatch)
         monkeypatch.setenv("KBLOOP_EMBEDDING_CACHE", setting)
         embedding._cache.forget_in_memory()
         assert np.allclose(embed_passages(text), fresh, atol=1e-6)
+    assert embedding.embedding_cache_path() is None  # "off": no file at all, not one named "off"
     assert damaged.read_bytes() == b"not a database" * 100  # left as it was, not overwritten
-    assert not (kbloop_home / "models" / "embedding-cache.sqlite").exists()
 
 
 def test_passage_vectors_are_reused_and_match_a_fresh_encoding(monkeypatch):
