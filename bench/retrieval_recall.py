@@ -5,7 +5,7 @@
     .venv/bin/python bench/retrieval_recall.py --tune --objective worst-ratio  # ... by the previous objective
     .venv/bin/python bench/retrieval_recall.py --tune --tune-fusion  # ... and the fusion weights too
     KBLOOP_EMBEDDING_MODEL=minilm .venv/bin/python bench/retrieval_recall.py --tune   # the other embedder
-    .venv/bin/python bench/retrieval_recall.py --caution           # the weak-match band -> retrieval_caution.json
+    .venv/bin/python bench/retrieval_recall.py --caution           # the weak-match band (and on 5 vs ~500 documents)
 
 Knowledge bases and questions (each question has a `split`, tune or test; only test is reported):
 - `sample`: samples/kb (English and Chinese documents) with samples/retrieval_eval.jsonl (split here,
@@ -275,6 +275,45 @@ def caution(rows: dict, cands: dict, config: RetrievalConfig) -> dict:
             "test_caught_off_topic": {kb: [r["question"] for r in split[kb]["test"] if r["source"] is None
                                            and (margins[kb][r["question"]] is None
                                                 or margins[kb][r["question"]] < chosen)] for kb in rows}}
+
+
+def transfer_kbs(tmp: Path, bilingual_rows: list[dict]):
+    """(5-document KB, ~500-document KB, the questions asked of both): the test half's questions about those 5
+    documents and its off-topic ones."""
+    (tmp / "small").mkdir()
+    (tmp / "large").mkdir()
+    small = build_kb(tmp / "small", [(DATA / "kb", SMALL_KB)])
+    # Not the sample KB: it covers some of the off-topic questions (travel booking, gym, bonus), so a
+    # "found" there would be right, not a change of decision.
+    large = build_kb(tmp / "large", [(DATA / "kb", None)], distractors=490)
+    asked = [r for r in bilingual_rows if r["split"] == "test" and (r["source"] in SMALL_KB or r["source"] is None)
+             and not r.get("near_miss")]
+    return small, large, asked
+
+
+def caution_transfer(tmp: Path, bilingual_rows: list[dict], config: RetrievalConfig, band: float) -> dict:
+    """The weak-match band on the 5- and the ~500-document KB: each question's state on each (nothing found, weak,
+    confident) and where they differ, with the best margins."""
+    small, large, asked = transfer_kbs(tmp, bilingual_rows)
+
+    def state(margin: float | None) -> str:
+        return "nothing found" if margin is None else ("weak" if margin < band else "confident")
+
+    out: dict = {"questions": len(asked), "same_state": {}, "differences": []}
+    for kind in ("covered", "off-topic"):
+        mine = [r for r in asked if (r["source"] is None) == (kind == "off-topic")]
+        same = 0
+        for r in mine:
+            m = {name: best_margin(candidates(db, r["question"], config), config)
+                 for name, db in (("small", small), ("large", large))}
+            same += state(m["small"]) == state(m["large"])
+            if state(m["small"]) != state(m["large"]):
+                out["differences"].append({"question": r["question"], "kind": kind,
+                                           **{f"{name}_state": state(v) for name, v in m.items()},
+                                           **{f"{name}_margin": None if v is None else round(v, 3)
+                                              for name, v in m.items()}})
+        out["same_state"][kind] = f"{same} / {len(mine)}"
+    return out
 
 
 def _tally(rows: list[dict], docs_for) -> dict:
@@ -822,11 +861,13 @@ def main() -> None:
         config, decision = config_for(model), "language"
         if args.caution:
             report["caution"] = caution(rows, cands, config)
+            report["caution"]["transfer"] = caution_transfer(tmp, rows["bilingual"], config,
+                                                             report["caution"]["chosen"])
             report["seconds"] = round(time.perf_counter() - started_all)
             OUT.mkdir(exist_ok=True)
             (OUT / "retrieval_caution.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
                                                          encoding="utf-8")
-            print(json.dumps({k: report["caution"][k] for k in ("chosen", "test")}, indent=1, ensure_ascii=False))
+            print(json.dumps({k: report["caution"][k] for k in ("chosen", "test", "transfer")}, indent=1, ensure_ascii=False))
             return
         if args.tune:
             # Both decisions tuned on the same tuning halves and objective; the per-pair offsets are adopted only
@@ -911,14 +952,7 @@ def main() -> None:
                                  "ranking_recall@3": evaluate(tune_rows, c, dataclasses.replace(config, min_score=float("-inf")))["covered"]["recall@3"]}
                 report["chunking"][size] = entry
         if not args.no_transfer:
-            (tmp / "small").mkdir()
-            (tmp / "large").mkdir()
-            small = build_kb(tmp / "small", [(DATA / "kb", SMALL_KB)])
-            # Not the sample KB: it covers some of the off-topic questions (travel booking, gym, bonus), so a
-            # "found" there would be right, not a change of decision.
-            large = build_kb(tmp / "large", [(DATA / "kb", None)], distractors=490)
-            asked = [r for r in rows["bilingual"] if r["split"] == "test" and (r["source"] in SMALL_KB or r["source"] is None)
-                     and not r.get("near_miss")]
+            small, large, asked = transfer_kbs(tmp, rows["bilingual"])
             small_c = {r["question"]: candidates(small, r["question"], config) for r in asked}
             large_c = {r["question"]: candidates(large, r["question"], config) for r in asked}
             same = sum(bool(decide(*small_c[r["question"]], config)) == bool(decide(*large_c[r["question"]], config))
