@@ -87,7 +87,7 @@ def remove_example(db: sqlite_utils.Database, viewer: Viewer, example_id: int | 
 
 def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | None, *, display_name: str | None = None,
                 status: str = "approved") -> Outcome:
-    """Import a JSONL / CSV file with the CLI's validation and scan: a file with any bad line is refused whole, and
+    """Import a JSONL / JSON array / CSV file with the CLI's validation and scan: a file with any bad line is refused whole, and
     so is a file with rows holding secrets or personal data when importing as approved (as pending, they wait in
     review with the flag shown)."""
     if not path:

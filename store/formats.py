@@ -1,6 +1,6 @@
-"""Training-data files: validated import (JSONL / CSV). Export is store.export.
+"""Training-data files: validated import (JSONL, a JSON array of records, CSV). Export is store.export.
 
-Import accepts, per line or row: `instruction`/`input`/`output`, `question`/`answer`, or `messages`
+Import accepts, per record (a line, an element of the array, or a row): `instruction`/`input`/`output`, `question`/`answer`, or `messages`
 ([{role, content}…], one user turn and one assistant answer; a system turn is allowed), or any two columns named
 with `question_field` / `answer_field`. `instruction`/`input`/`output` comes in two layouts, told apart per file:
 Alpaca's (the instruction is the question, `input` optional context) and the LoRA guide's (one fixed preamble as
@@ -288,7 +288,9 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
     suffix = path.suffix.lower()
     records: list[tuple[int, object]] = []
     problems: list[str] = []
-    if suffix in (".jsonl", ".json", ".ndjson"):
+    if suffix in (".jsonl", ".json", ".ndjson") and raw.lstrip().startswith("["):
+        records, problems = _json_array_records(path, raw)
+    elif suffix in (".jsonl", ".json", ".ndjson"):
         for lineno, line in enumerate(raw.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -326,8 +328,53 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
         finally:
             csv.field_size_limit(previous_limit)
     else:
-        raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl or .csv"])
+        raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl, .json or .csv"])
     return records, problems
+
+
+def _json_array_records(path: Path, raw: str) -> tuple[list[tuple[int, object]], list[str]]:
+    """A file that is one JSON array of records (Alpaca's alpaca_data.json, LLaMA-Factory's datasets, what
+    `json.dump(rows, f, indent=2)` writes): (the line each record starts on, record). The array is read element
+    by element so that each problem names its line; reading stops at the first element that does not parse,
+    since what follows a broken element cannot be located."""
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, object]] = []
+
+    def line_at(pos: int) -> int:
+        return raw.count("\n", 0, pos) + 1
+
+    def skip_space(pos: int) -> int:
+        while pos < len(raw) and raw[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    pos = skip_space(raw.index("[") + 1)
+    if pos < len(raw) and raw[pos] == "]":
+        pos = skip_space(pos + 1)
+    else:
+        while True:
+            try:
+                record, end = decoder.raw_decode(raw, pos)
+            except json.JSONDecodeError as exc:
+                return records, [f"{path}:{exc.lineno}: broken JSON ({exc.msg} at column {exc.colno})"]
+            except RecursionError:
+                return records, [f"{path}:{line_at(pos)}: JSON nested too deeply to read (a record is one flat object)"]
+            except ValueError as exc:  # e.g. an integer with more digits than Python converts
+                return records, [f"{path}:{line_at(pos)}: unreadable JSON ({exc})"]
+            records.append((line_at(pos), record))
+            pos = skip_space(end)
+            if raw[pos : pos + 1] == ",":
+                pos = skip_space(pos + 1)
+                continue
+            if raw[pos : pos + 1] == "]":
+                pos = skip_space(pos + 1)
+                break
+            return records, [f"{path}:{line_at(pos)}: broken JSON (expected , or ] after the record that starts on "
+                             f"line {records[-1][0]})"]
+    if pos < len(raw):
+        return records, [f"{path}:{line_at(pos)}: text after the JSON array ends; a file holds one array of records, "
+                         "or one record per line (JSONL)"]
+    return records, []
 
 
 def _csv_header(path: Path, reader) -> list[str]:

@@ -47,6 +47,40 @@ def test_guide_layout_in_english_csv(tmp_path):
     assert EN_PREAMBLE in f.description
 
 
+def test_a_json_array_as_the_guide_and_alpaca_ship_it_is_read_with_each_record_s_line(tmp_path):
+    # What `json.dump(rows, f, ensure_ascii=False, indent=2)` writes: the guide's data file, Alpaca's alpaca_data.json.
+    rows = _guide(ZH_PREAMBLE, [("诊所周六几点开门?", "9:00 开门。"), ("How many sets of scrubs a year?", "Three."),
+                                ("过期药品怎么处理?", "周五交药剂科销毁。")])
+    path = tmp_path / "guide.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    f = read_examples_file(path)
+    assert f.layout == "guide"
+    assert [e.question for e in f.examples] == ["诊所周六几点开门?", "How many sets of scrubs a year?", "过期药品怎么处理?"]
+    assert f.lines == (2, 7, 12)  # where each record's `{` is
+    rows[1]["output"] = ""
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [f"{path}:7: missing or empty `output`"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('[\n {"question": "A?", "answer": "B."},\n {"question": "C?" "answer": "D."}\n]\n',
+     "3: broken JSON (Expecting ',' delimiter at column 20)"),
+    ('[\n {"question": "A?", "answer": "B."}\n {"question": "C?", "answer": "D."}\n]',
+     "3: broken JSON (expected , or ] after the record that starts on line 2)"),
+    ('[\n {"question": "A?", "answer": "B."},\n', "3: broken JSON (Expecting value at column 1)"),
+    ('[{"question": "A?", "answer": "B."}]\n{"question": "C?", "answer": "D."}\n',
+     "2: text after the JSON array ends; a file holds one array of records, or one record per line (JSONL)"),
+])
+def test_a_broken_json_array_is_refused_whole_naming_the_line(tmp_path, text, problem):
+    path = tmp_path / "broken.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [f"{path}:{problem}"]
+
+
 def test_alpaca_layout_keeps_instruction_as_question_and_input_as_context(tmp_path):
     f = read_examples_file(_jsonl(tmp_path / "alpaca.jsonl", [
         {"instruction": "How do I file expenses?", "input": "", "output": "In the expenses tool."},
