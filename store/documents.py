@@ -1,21 +1,29 @@
-"""Reading knowledge-base files into titled passages (Markdown, plain text, HTML).
+"""Reading knowledge-base files into titled passages (Markdown, plain text, HTML, Word .docx, PDF).
 
 Passages are cut at paragraph boundaries to about `max_chars` characters, with the document title kept
 on every passage so a passage alone still says what it is about.
 
 A folder is read recursively without following links out of it: a committed `x.md -> ../.env` would otherwise put
-a secret into every prompt that retrieves it. Every document is scanned for secrets and personal data
-(store.sensitive) before anything is stored.
+a secret into every prompt that retrieves it. Files of other types in a folder are skipped and counted by type.
+Every document is scanned for secrets and personal data (store.sensitive) before anything is stored.
+
+Word and PDF files are read for their text: a .docx's paragraphs in order (headings become Markdown headings, so
+the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when set, is the title). A
+scanned PDF without a text layer is refused with that reason: kbloop does no OCR.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import os
 import re
+import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from xml.etree import ElementTree
 
 from store.db import StoreError
 from store.kb import NewPassage
@@ -23,7 +31,9 @@ from store.sensitive import describe, find_sensitive, line_of
 from store.teams import require_team
 from store.text import CJK_TEXT_END
 
-KB_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm")
+KB_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".docx", ".pdf")
+KB_TYPES = "Markdown, text, HTML, Word (.docx) or PDF"
+_BINARY_SUFFIXES = (".docx", ".pdf")  # read for their text (document_text); their findings name a line of that text
 
 
 class _HTMLText(HTMLParser):
@@ -76,13 +86,14 @@ def find_kb_files(paths: list[Path], skipped: list[str] | None = None) -> list[P
         elif p.suffix.lower() in KB_SUFFIXES:
             files.append(p)
         else:
-            raise StoreError(f"{p}: unsupported document type {p.suffix or '(none)'}; expected Markdown, text or HTML")
+            raise StoreError(f"{p}: unsupported document type {p.suffix or '(none)'}; expected {KB_TYPES}")
     return files
 
 
 def _folder_files(folder: Path, skipped: list[str]) -> list[Path]:
     root = folder.resolve()
     found: list[Path] = []
+    other_types: Counter[str] = Counter()
     # os.walk does not descend into linked folders (followlinks=False); a linked folder inside this one is reached
     # through its real path anyway, so only links that lead out of it are reported.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
@@ -95,6 +106,8 @@ def _folder_files(folder: Path, skipped: list[str]) -> list[Path]:
         for name in sorted(filenames):
             f = here / name
             if f.suffix.lower() not in KB_SUFFIXES:
+                if not name.startswith("."):  # .DS_Store, .gitignore: not documents anyone meant
+                    other_types[f.suffix.lower() or "(no extension)"] += 1
                 continue
             if f.is_symlink():
                 if not f.exists():
@@ -105,6 +118,11 @@ def _folder_files(folder: Path, skipped: list[str]) -> list[Path]:
                     continue
             if f.is_file():
                 found.append(f)
+    if other_types:
+        n = sum(other_types.values())
+        kinds = ", ".join(f"{suffix} {count}" for suffix, count in sorted(other_types.items(), key=lambda kv: (-kv[1], kv[0])))
+        skipped.append(f"{folder}: {n} {'file' if n == 1 else 'files'} of types kbloop does not read ({kinds}); "
+                       f"skipped (it reads {KB_TYPES})")
     return sorted(found)
 
 
@@ -124,9 +142,80 @@ def _decode(path: Path) -> str:
         raise StoreError(f"{path}:{line}: not UTF-8 text; save the document as UTF-8") from None
 
 
+def document_text(path: Path) -> str:
+    """What a document says, as text: a text file decoded; a .docx's paragraphs; a PDF's text layer."""
+    suffix = path.suffix.lower()
+    if suffix == ".docx":
+        return _docx_text(path)
+    if suffix == ".pdf":
+        return _pdf_text(path)
+    return _decode(path)
+
+
+_W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+_MAX_DOCX_XML = 200 * 1024 * 1024
+
+
+def _docx_text(path: Path) -> str:
+    """The paragraphs of word/document.xml in order, one per block; a Title or Heading N paragraph as a Markdown
+    heading (Title and Heading 1: `#`), so read_document takes the first as the title."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = z.getinfo("word/document.xml").file_size
+            if size > _MAX_DOCX_XML:  # unpacked size, read before unpacking: a small file can unpack to gigabytes
+                raise StoreError(f"{path}: its text part unpacks to {size:,} bytes, over the {_MAX_DOCX_XML:,} read")
+            root = ElementTree.fromstring(z.read("word/document.xml"))
+    except (zipfile.BadZipFile, KeyError, ElementTree.ParseError, OSError) as exc:
+        raise StoreError(f"{path}: not a readable Word document ({exc}); save it as .docx") from None
+    blocks = []
+    for para in root.iter(f"{_W}p"):
+        text = "".join((node.text or "") if node.tag == f"{_W}t" else ("\t" if node.tag == f"{_W}tab" else "\n")
+                       for node in para.iter() if node.tag in (f"{_W}t", f"{_W}tab", f"{_W}br")).strip()
+        if not text:
+            continue
+        style = para.find(f"{_W}pPr/{_W}pStyle")
+        name = (style.get(f"{_W}val") or "").lower() if style is not None else ""
+        level = 1 if name == "title" else int(m.group(1)) if (m := re.fullmatch(r"heading(\d)", name)) else 0
+        blocks.append(f"{'#' * level} {text}" if level else text)
+    return "\n\n".join(blocks)
+
+
+def _pdf_text(path: Path) -> str:
+    """The PDF's text layer, page by page (pypdf); its metadata title first, as a Markdown heading, when set."""
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    # pypdf logs what it repairs ("EOF marker not found"); the user gets one line, the StoreError, if it cannot read
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    try:
+        reader = PdfReader(path)
+        # Many PDFs are encrypted only to restrict printing or copying, with an empty password to open them.
+        if reader.is_encrypted and not _opens_without_password(reader):
+            raise StoreError(f"{path}: the PDF needs a password to open; save an unprotected copy to import it")
+        pages = [page.extract_text() or "" for page in reader.pages]
+        title = (reader.metadata.title or "").strip() if reader.metadata else ""
+    except (PyPdfError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        # pypdf meets malformed files with whichever of these its parser hits first
+        raise StoreError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    body = "\n\n".join(p.strip() for p in pages if p.strip())
+    if not body:
+        raise StoreError(f"{path}: the PDF has no text layer (a scanned document?); kbloop does not read text "
+                         "from images: import a PDF with text, or its text")
+    return f"# {title}\n\n{body}" if title else body
+
+
+def _opens_without_password(reader) -> bool:
+    from pypdf.errors import DependencyError, PyPdfError
+
+    try:
+        return bool(reader.decrypt(""))
+    except (PyPdfError, DependencyError, NotImplementedError):  # DependencyError: AES without `cryptography`
+        return False
+
+
 def read_document(path: Path, text: str | None = None) -> tuple[str, str]:
-    """(title, plain text) of one document (`text`: its contents, when already read)."""
-    text = _decode(path) if text is None else text
+    """(title, plain text) of one document (`text`: its contents, when already read: document_text)."""
+    text = document_text(path) if text is None else text
     if path.suffix.lower() in (".html", ".htm"):
         parser = _HTMLText()
         parser.feed(text)
@@ -136,7 +225,7 @@ def read_document(path: Path, text: str | None = None) -> tuple[str, str]:
         title = " ".join(parser.title.split()) or _first_line(body) or path.stem
         return title, body
     title = _first_line(text) or path.stem
-    if path.suffix.lower() in (".md", ".markdown"):
+    if path.suffix.lower() in (".md", ".markdown", *_BINARY_SUFFIXES):
         heading = re.search(r"^#\s+(.+)$", text, flags=re.M)
         if heading:
             title = heading.group(1).strip()
@@ -205,13 +294,14 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
     skipped: list[str] = []
     files = find_kb_files(paths, skipped)
     if not files:
-        raise StoreError("no Markdown, text or HTML documents found in " + ", ".join(map(str, paths))
+        raise StoreError(f"no {KB_TYPES.replace(' or ', ', ')} documents found in " + ", ".join(map(str, paths))
                          + "".join(f"\n{s}" for s in skipped))
     parsed, flagged, notices = [], [], []
     for f in files:
-        text = _decode(f)
+        text = document_text(f)
         for finding in find_sensitive(text):
-            where = f"{f}:{line_of(text, finding.start)}"
+            line = line_of(text, finding.start)
+            where = f"{f} (line {line} of its text)" if f.suffix.lower() in _BINARY_SUFFIXES else f"{f}:{line}"
             (flagged if finding.blocks else notices).append(f"{where}: {describe([finding])}")
         base = next((p for p in paths if p.is_dir() and f.is_relative_to(p)), f.parent)
         parsed.append(document_passages(f, f.relative_to(base).as_posix(), text=text, max_chars=max_chars))

@@ -195,7 +195,8 @@ def answer_log_likelihood(model, tokenizer, examples: Sequence[TrainingExample],
 def general_text_loss(model, tokenizer, text: str, *, max_tokens: int = 2048, window: int = 256,
                       batch_size: int = 4) -> float | None:
     """Plain language-model loss per token on `text`, read in windows (the forgetting probe)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    # verbose=False: the text is longer than the model reads at once on purpose (it is read in windows).
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
     windows = [(ids[i : i + window], 0) for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
     if not windows:
         return None

@@ -26,7 +26,7 @@ def load_general_text(path: Path | None = None) -> str:
 def general_text_items(tokenizer, n: int, *, window: int = 128, seed: int = 42) -> list[dict]:
     """n training items of plain general text (every token but the first learnt), drawn with replacement from
     the windows that come after the part the forgetting probe reads (`PROBE_TOKENS`)."""
-    ids = tokenizer(load_general_text(), add_special_tokens=False)["input_ids"][PROBE_TOKENS:]
+    ids = tokenizer(load_general_text(), add_special_tokens=False, verbose=False)["input_ids"][PROBE_TOKENS:]  # read in windows
     windows = [ids[i : i + window] for i in range(0, len(ids) - window // 2, window)]
     if not windows:
         return []

@@ -42,7 +42,7 @@ def init() -> None:
 
 @kb_app.command("import")
 def kb_import(
-    paths: Annotated[list[Path], typer.Argument(help="Markdown, text or HTML files, or folders (recursive).")],
+    paths: Annotated[list[Path], typer.Argument(help="Markdown, text, HTML, Word (.docx) or PDF files, or folders (recursive).")],
     embed: Annotated[bool, typer.Option(help="Compute semantic-search embeddings now (else on first answer).")] = True,
     allow_sensitive: Annotated[bool, typer.Option(
         "--allow-sensitive", help="Import documents although they hold secrets or personal data.")] = False,
@@ -51,7 +51,8 @@ def kb_import(
 ) -> None:
     """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it.
 
-    Folders are read recursively; links that lead out of a folder are not followed (each is named). Documents holding
+    Folders are read recursively; links that lead out of a folder are not followed (each is named), and files of other
+    types are skipped (counted by type). A PDF is read for its text layer: a scan without one is refused. Documents holding
     secrets or identity or payment numbers are refused (FILE:LINE for each) unless --allow-sensitive.
     """
     from store.documents import import_documents

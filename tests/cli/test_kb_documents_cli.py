@@ -1,0 +1,100 @@
+"""`kbloop kb import` on Word and PDF files, in Chinese and English, and on the files a real handbook folder also
+holds (images, spreadsheets, .DS_Store)."""
+
+import json
+
+import pytest
+from pypdf import PdfWriter
+
+from store import open_db
+from tests.fakes.documents import write_docx, write_pdf
+from tests.security.test_data_paths import AWS_LINE
+
+
+@pytest.fixture
+def workspace(kbloop):
+    assert kbloop("init").exit_code == 0
+    return kbloop
+
+
+def _handbook(folder):
+    folder.mkdir()
+    write_docx(folder / "uniforms.docx", [
+        ("Title", "Uniform policy 工服规定"),
+        (None, "Nurses wear navy scrubs.\nDoctors wear white coats over their own clothing."),
+        ("Heading2", "换新"),
+        (None, "每位员工每年领取三套刷手服。更换请到后勤服务台填写 F-12 表。"),
+    ])
+    write_pdf(folder / "warehouse-safety.pdf", [
+        ["Forklift certification", "Every forklift driver needs a valid certificate, renewed every three years."],
+        ["叉车证每三年复审一次。", "未持证人员不得驾驶叉车。"],
+    ], title="仓库安全手册 Warehouse safety")
+    (folder / "floor-plan.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / "rota.xlsx").write_bytes(b"PK\x03\x04")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    return folder
+
+
+def test_word_and_pdf_documents_are_imported_searched_and_other_files_counted(workspace, tmp_path, db_path):
+    kb = _handbook(tmp_path / "handbook")
+    r = workspace("kb", "import", kb)
+    assert r.exit_code == 0, r.stderr
+    assert "2 documents read, 2 new or changed" in r.stdout
+    # Skipped files are named by type, so a folder of spreadsheets does not vanish without a word; .DS_Store is not one.
+    assert (f"{kb}: 2 files of types kbloop does not read (.png 1, .xlsx 1); skipped "
+            "(it reads Markdown, text, HTML, Word (.docx) or PDF)") in r.stderr
+    db = open_db(db_path)
+    titles = dict(db.execute("SELECT doc_path, title FROM kb_docs WHERE chunk_index = 0").fetchall())
+    assert titles == {"uniforms.docx": "Uniform policy 工服规定", "warehouse-safety.pdf": "仓库安全手册 Warehouse safety"}
+    text = " ".join(row[0] for row in db.execute("SELECT content FROM kb_docs"))
+    # Both runs of a split paragraph, the line break, and the PDF's second page, Chinese included.
+    assert "Doctors wear white coats over their own clothing." in text and "更换请到后勤服务台填写 F-12 表。" in text
+    assert "叉车证每三年复审一次。" in text and "renewed every three years." in text
+
+    hits = json.loads(workspace("kb", "search", "叉车证多久复审一次？", "--json").stdout)
+    assert hits[0]["doc_path"] == "warehouse-safety.pdf"
+    hits = json.loads(workspace("kb", "search", "How many sets of scrubs do I get each year?", "--json").stdout)
+    assert hits[0]["doc_path"] == "uniforms.docx"
+
+
+def test_unreadable_word_and_pdf_files_refuse_the_import_whole(workspace, tmp_path, db_path):
+    kb = _handbook(tmp_path / "handbook")
+    cases = {
+        "broken.pdf": (b"%PDF-1.7\nnot really\n", "broken.pdf: not a readable PDF"),
+        "broken.docx": (b"this is no zip", "broken.docx: not a readable Word document"),
+    }
+    for name, (data, message) in cases.items():
+        (kb / name).write_bytes(data)
+        r = workspace("kb", "import", kb, "--no-embed")
+        assert r.exit_code == 1 and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        (kb / name).unlink()
+    write_pdf(kb / "scan.pdf", [[], []])  # pages holding no text: a scan's pages hold only images
+    r = workspace("kb", "import", kb, "--no-embed")
+    assert r.exit_code == 1 and "scan.pdf: the PDF has no text layer (a scanned document?)" in r.stderr
+    (kb / "scan.pdf").unlink()
+    locked = PdfWriter(clone_from=kb / "warehouse-safety.pdf")
+    locked.encrypt(user_password="open sesame", owner_password="owner", algorithm="RC4-128")
+    locked.write(kb / "locked.pdf")
+    r = workspace("kb", "import", kb, "--no-embed")
+    assert r.exit_code == 1 and "locked.pdf: the PDF needs a password to open" in r.stderr
+    assert open_db(db_path).execute("SELECT COUNT(*) FROM kb_docs").fetchone()[0] == 0  # nothing half-imported
+
+    # Encrypted only against printing and copying (an empty password opens it), as many published PDFs are: read.
+    (kb / "locked.pdf").unlink()
+    restricted = PdfWriter(clone_from=kb / "warehouse-safety.pdf")
+    restricted.encrypt(user_password="", owner_password="owner", algorithm="RC4-128")
+    restricted.write(kb / "restricted.pdf")
+    r = workspace("kb", "import", kb, "--no-embed")
+    assert r.exit_code == 0, r.stderr
+    assert "3 documents read" in r.stdout
+
+
+def test_secrets_in_a_word_document_are_found_and_located(workspace, tmp_path, db_path):
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    write_docx(kb / "deploy.docx", [("Title", "Deploy"), (None, "Set this first:"), (None, AWS_LINE)])
+    r = workspace("kb", "import", kb, "--no-embed")
+    # The line is the line of the document's text (Title, blank, paragraph, blank, the key): a .docx has no lines.
+    assert r.exit_code == 1 and f"{kb / 'deploy.docx'} (line 5 of its text): secret" in r.stderr, r.stderr
+    assert open_db(db_path).execute("SELECT COUNT(*) FROM kb_docs").fetchone()[0] == 0
