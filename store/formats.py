@@ -1,7 +1,8 @@
 """Training-data files: validated import (JSONL, a JSON array of records, CSV). Export is store.export.
 
-Import accepts, per record (a line, an element of the array, or a row): `instruction`/`input`/`output`, `question`/`answer`, or `messages`
-([{role, content}…], one user turn and one assistant answer; a system turn is allowed), or any two columns named
+Import accepts, per record (a line, an element of the array, or a row): `instruction`/`input`/`output`,
+`question`/`answer`, `messages` ([{role, content}…], one user turn and one assistant answer; a system turn is
+allowed) or ShareGPT's `conversations` ([{from: human|gpt|system, value}…], the same rule), or any two columns named
 with `question_field` / `answer_field`. `instruction`/`input`/`output` comes in two layouts, told apart per file:
 Alpaca's (the instruction is the question, `input` optional context) and the LoRA guide's (one fixed preamble as
 the instruction on every row, the employee's question in `input`). A file with any bad line is refused whole:
@@ -45,6 +46,7 @@ READ_AS = {
     "alpaca": "question = instruction, context = input (Alpaca layout)",
     "question/answer": "question = question, answer = answer",
     "messages": "question = the user turn, answer = the assistant turn (messages)",
+    "sharegpt": "question = the human turn, answer = the gpt turn (ShareGPT conversations)",
 }
 
 
@@ -106,28 +108,47 @@ def _shared_preamble(records: list[object]) -> str | None:
     return None
 
 
+_CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+# LLaMA-Factory's sharegpt layout: `from` human / gpt (system, when the system prompt is a turn); `role` / `content`
+# turns in a `conversations` list are read too, as some exports write them.
+_SHAREGPT_ROLES = {**_CHAT_ROLES, "human": "user", "gpt": "assistant"}
+
+
+def _one_exchange(turns: object, field: str, role_key: str, text_key: str, roles: dict[str, str]) -> NewExample:
+    """The question and answer of a chat record that holds one user turn and one assistant turn (a system turn
+    allowed); ValueError names what is wrong."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise ValueError(f"`{field}` must be a list of {{{role_key}, {text_key}}} objects")
+    if field == "conversations" and turns and all("role" in t and "from" not in t for t in turns):
+        role_key, text_key = "role", "content"
+    if any(role_key not in t for t in turns):
+        raise ValueError(f"a turn in `{field}` has no `{role_key}`")
+    unknown = sorted({r if isinstance(r, str) else repr(r) for t in turns
+                      if not isinstance(r := t[role_key], str) or r not in roles})
+    if unknown:
+        raise ValueError(f"unknown role(s) in `{field}`: {', '.join(unknown)}")
+    users = [t for t in turns if roles[t[role_key]] == "user"]
+    assistants = [t for t in turns if roles[t[role_key]] == "assistant"]
+    if len(users) != 1 or len(assistants) != 1:
+        raise ValueError(f"`{field}` must hold exactly one user turn and one assistant turn (kbloop trains "
+                         f"single questions; this one has {len(users)} and {len(assistants)})")
+    question, answer = _text_field(users[0], text_key), _text_field(assistants[0], text_key)
+    if not question:
+        raise ValueError("the user turn is empty")
+    if not answer:
+        raise ValueError("the assistant turn is empty")
+    return NewExample(question=question, answer=answer)
+
+
 def example_from_record(obj: object, *, preamble: str | None = None) -> tuple[str, NewExample]:
     """One record in any accepted shape -> (its kind, see READ_AS, or "guide"; the example). ValueError says what
     is wrong. `preamble` is the file's shared instruction (guide layout): its rows ask the question in `input`."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("`messages` must be a list of {role, content} objects")
-        users = [m for m in messages if m.get("role") == "user"]
-        assistants = [m for m in messages if m.get("role") == "assistant"]
-        unknown = {m.get("role") for m in messages} - {"system", "user", "assistant"}
-        if unknown:
-            raise ValueError(f"unknown role(s) in `messages`: {', '.join(map(str, unknown))}")
-        if len(users) != 1 or len(assistants) != 1:
-            raise ValueError("`messages` must hold exactly one user turn and one assistant turn")
-        question, answer = _text_field(users[0], "content"), _text_field(assistants[0], "content")
-        if not question:
-            raise ValueError("the user turn is empty")
-        if not answer:
-            raise ValueError("the assistant turn is empty")
-        return "messages", NewExample(question=question, answer=answer)
+        return "messages", _one_exchange(obj["messages"], "messages", "role", "content", _CHAT_ROLES)
+    if "conversations" in obj:
+        return "sharegpt", _one_exchange(obj["conversations"], "conversations", "from", "value", _SHAREGPT_ROLES)
     if "instruction" in obj or "output" in obj:
         instruction, answer = _text_field(obj, "instruction"), _text_field(obj, "output")
         inp = _text_field(obj, "input") or ""
@@ -150,7 +171,8 @@ def example_from_record(obj: object, *, preamble: str | None = None) -> tuple[st
             raise ValueError("missing or empty `answer`")
         return "question/answer", NewExample(question=question, input=_text_field(obj, "input") or "", answer=answer)
     keys = ", ".join(sorted(obj)) or "none"
-    raise ValueError(f"unknown format (fields: {keys}); expected instruction/input/output, question/answer or messages"
+    raise ValueError(f"unknown format (fields: {keys}); expected instruction/input/output, question/answer, "
+                     "messages or conversations"
                      " (or name the columns: `kbloop data import --question-field … --answer-field …`)")
 
 

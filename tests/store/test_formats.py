@@ -140,6 +140,39 @@ def test_question_answer_messages_and_mixed_files_say_how_they_were_read(tmp_pat
     assert "; 2 rows read as question = question, answer = answer" in mixed.description
 
 
+def test_sharegpt_conversations_as_llama_factory_writes_them(tmp_path):
+    rows = [{"conversations": [{"from": "system", "value": "你是诊所助手"}, {"from": "human", "value": "诊所周日开门吗？"},
+                               {"from": "gpt", "value": "不开，周日和法定节假日休息。"}], "system": "你是诊所助手"},
+            {"conversations": [{"role": "user", "content": "Who counts controlled substances?"},
+                               {"role": "assistant", "content": "The nurses, at every shift change."}]}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    f = read_examples_file(path)
+    assert (f.layout, f.description) == ("sharegpt", "question = the human turn, answer = the gpt turn (ShareGPT conversations)")
+    assert f.examples == [NewExample("诊所周日开门吗？", "不开，周日和法定节假日休息。"),
+                          NewExample("Who counts controlled substances?", "The nurses, at every shift change.")]
+
+
+def test_chat_records_with_more_than_one_exchange_or_unknown_turns_are_named(tmp_path):
+    two = [{"from": "human", "value": "Q1?"}, {"from": "gpt", "value": "A1."}, {"from": "human", "value": "Q2?"},
+           {"from": "gpt", "value": "A2."}]
+    path = _jsonl(tmp_path / "chat.jsonl", [
+        {"conversations": two},
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "bot", "value": "A."}]},
+        {"conversations": [{"value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": ["assistant"], "content": "A."}]},
+    ])
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [
+        f"{path}:1: `conversations` must hold exactly one user turn and one assistant turn (kbloop trains single "
+        "questions; this one has 2 and 2)",
+        f"{path}:2: unknown role(s) in `conversations`: bot",
+        f"{path}:3: a turn in `conversations` has no `from`",
+        f"{path}:4: unknown role(s) in `messages`: ['assistant']",
+    ]
+
+
 def test_named_fields_override_detection(tmp_path):
     custom = _jsonl(tmp_path / "custom.jsonl", [{"query": "Where is the Berlin office?", "response": "Mitte.", "n": 1}])
     f = read_examples_file(custom, question_field="query", answer_field="response")
