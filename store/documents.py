@@ -7,7 +7,8 @@ A folder is read recursively without following links out of it: a committed `x.m
 a secret into every prompt that retrieves it. Files of other types in a folder are skipped and counted by type.
 Every document is scanned for secrets and personal data (store.sensitive) before anything is stored.
 
-Word and PDF files are read for their text: a .docx's paragraphs in order (headings become Markdown headings, so
+Markdown front matter (YAML between `---` lines, TOML between `+++`, as Jekyll, Hugo, Docusaurus and Obsidian
+write it) is metadata, not content: it is dropped, and its `title` is the title. Word and PDF files are read for their text: a .docx's paragraphs in order (headings become Markdown headings, so
 the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when set, is the title). A
 scanned PDF without a text layer is refused with that reason: kbloop does no OCR.
 """
@@ -224,12 +225,40 @@ def read_document(path: Path, text: str | None = None) -> tuple[str, str]:
         body = re.sub(r"\n\s*\n+", "\n\n", body).strip()
         title = " ".join(parser.title.split()) or _first_line(body) or path.stem
         return title, body
+    meta_title = None
+    if path.suffix.lower() in (".md", ".markdown"):
+        meta_title, text = _front_matter(text)
     title = _first_line(text) or path.stem
     if path.suffix.lower() in (".md", ".markdown", *_BINARY_SUFFIXES):
         heading = re.search(r"^#\s+(.+)$", text, flags=re.M)
         if heading:
             title = heading.group(1).strip()
-    return title, text.strip()
+    return meta_title or title, text.strip()
+
+
+_FRONT_MATTER = re.compile(r"\A(---|\+\+\+)[ \t]*\r?\n(.*?)\r?\n\1[ \t]*(?:\r?\n|\Z)", re.S)
+
+
+def _front_matter(text: str) -> tuple[str | None, str]:
+    """(its `title`, the text without it) for Markdown that opens with front matter, as Jekyll, Hugo, Docusaurus and
+    Obsidian write it (YAML between `---` lines, TOML between `+++`); metadata is not content, and "---" is no
+    title. Front matter that does not parse is still removed; it just gives no title."""
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return None, text
+    try:
+        if match.group(1) == "---":
+            import yaml
+
+            meta = yaml.safe_load(match.group(2))
+        else:
+            import tomllib
+
+            meta = tomllib.loads(match.group(2))
+    except Exception:  # yaml.YAMLError, tomllib.TOMLDecodeError: a malformed header is not the reader's problem
+        meta = None
+    title = meta.get("title") if isinstance(meta, dict) else None
+    return (" ".join(str(title).split()) or None) if title is not None else None, text[match.end():]
 
 
 def _first_line(text: str) -> str:

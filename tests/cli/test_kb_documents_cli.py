@@ -98,3 +98,24 @@ def test_secrets_in_a_word_document_are_found_and_located(workspace, tmp_path, d
     # The line is the line of the document's text (Title, blank, paragraph, blank, the key): a .docx has no lines.
     assert r.exit_code == 1 and f"{kb / 'deploy.docx'} (line 5 of its text): secret" in r.stderr, r.stderr
     assert open_db(db_path).execute("SELECT COUNT(*) FROM kb_docs").fetchone()[0] == 0
+
+
+def test_markdown_front_matter_gives_the_title_and_is_not_content(workspace, tmp_path, db_path):
+    kb = tmp_path / "docs"
+    kb.mkdir()
+    (kb / "expenses.md").write_text('---\ntitle: "Expense policy 报销制度"\nsidebar_position: 3\ntags: [finance]\n---\n\n'
+                                    "Submit receipts within 30 days.\n", encoding="utf-8")  # Docusaurus, Jekyll
+    (kb / "parking.md").write_text('+++\ntitle = "Parking"\ndraft = false\n+++\n# Lot C\n\nStaff park in lot C.\n',
+                                   encoding="utf-8")  # Hugo's TOML
+    (kb / "vpn.md").write_text("---\nslug: /vpn\n---\n# VPN\n\nInstall WireGuard.\n", encoding="utf-8")
+    (kb / "odd.md").write_text("---\ntags: [unclosed\n---\nBody text.\n", encoding="utf-8")
+    (kb / "rules.md").write_text("# Rules\n\nText.\n\n---\n\nMore after a thematic break.\n", encoding="utf-8")
+    assert workspace("kb", "import", kb, "--no-embed").exit_code == 0
+    rows = open_db(db_path).execute("SELECT doc_path, title, content FROM kb_docs ORDER BY doc_path").fetchall()
+    assert rows == [
+        ("expenses.md", "Expense policy 报销制度", "Submit receipts within 30 days."),
+        ("odd.md", "Body text.", "Body text."),  # front matter that does not parse is still not content
+        ("parking.md", "Parking", "# Lot C\n\nStaff park in lot C."),
+        ("rules.md", "Rules", "# Rules\n\nText.\n\n---\n\nMore after a thematic break."),  # a rule later is content
+        ("vpn.md", "VPN", "# VPN\n\nInstall WireGuard."),  # no title in it: the first heading
+    ]
