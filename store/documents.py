@@ -73,6 +73,7 @@ class DocumentImport:
     changed: int  # of which new or changed
     skipped: tuple[str, ...] = ()  # `PATH: why` for links not followed
     notices: tuple[str, ...] = ()  # `FILE:LINE: …` contact details imported (shown, not refused)
+    removed: tuple[str, ...] = ()  # with `prune`: the documents removed because the import did not include them
 
 
 def find_kb_files(paths: list[Path], skipped: list[str] | None = None) -> list[Path]:
@@ -307,7 +308,7 @@ def document_passages(path: Path, doc_path: str, *, max_chars: int = 700, text: 
 
 
 def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, max_chars: int = 700,
-                     team: str | None = None) -> DocumentImport:
+                     team: str | None = None, prune: bool = False) -> DocumentImport:
     """Read every document under `paths`, then store them.
 
     All files are parsed and scanned before anything is written: one bad document stops the import with nothing
@@ -317,8 +318,10 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
     Each passage's `doc_path` is relative to the folder given (or the file's own folder). `max_chars`: the
     passage size (700 ranks best of 350, 700 and 1,200: bench/retrieval_recall.py --chunking).
     `team`: the documents belong to that team (it must exist; store.teams), None: shared.
+    `prune`: what was imported is the whole knowledge base of `team` (or the shared one): its documents that this
+    import did not include (deleted or renamed since) are removed, once the import succeeded.
     """
-    from store.kb import replace_document
+    from store.kb import delete_documents, list_documents, replace_document
 
     team = require_team(db, team)
     skipped: list[str] = []
@@ -340,4 +343,10 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
             f"nothing imported: {len(flagged)} finding(s) in the documents; remove them, or import with "
             "--allow-sensitive if they belong in the knowledge base"]))
     changed = sum(replace_document(db, passages[0].doc_path, passages, team=team)[1] for passages in parsed)
-    return DocumentImport(len(files), changed, tuple(skipped), tuple(notices + (flagged if allow_sensitive else [])))
+    removed: list[str] = []
+    if prune:
+        imported = {passages[0].doc_path for passages in parsed}
+        removed = [d.doc_path for d in list_documents(db, team=team) if d.doc_path not in imported]
+        delete_documents(db, removed, team=team)
+    return DocumentImport(len(files), changed, tuple(skipped), tuple(notices + (flagged if allow_sensitive else [])),
+                          tuple(removed))

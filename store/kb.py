@@ -134,8 +134,41 @@ def index_rows(db: sqlite_utils.Database, model_name: str) -> list[tuple[int, by
     ]
 
 
+@dataclass(frozen=True)
+class DocumentInfo:
+    doc_path: str
+    title: str
+    passages: int
+    team: str | None
+    updated_at: str  # when its current passages were stored
+
+    def to_dict(self) -> dict:
+        return {"doc_path": self.doc_path, "title": self.title, "passages": self.passages, "team": self.team,
+                "updated_at": self.updated_at}
+
+
+def list_documents(db: sqlite_utils.Database, *, team: str | None = None, every_team: bool = False) -> list[DocumentInfo]:
+    """The documents of `team` (None: the shared ones), or of every team and the shared ones, by path."""
+    where, params = ("", []) if every_team else ("WHERE team IS ?", [team])
+    rows = db.execute(
+        f"""SELECT doc_path, MIN(CASE WHEN chunk_index = 0 THEN title END), COUNT(*), team, MAX(created_at)
+            FROM kb_docs {where} GROUP BY COALESCE(team, ''), doc_path ORDER BY COALESCE(team, ''), doc_path""",
+        params).fetchall()
+    return [DocumentInfo(r[0], r[1] or "", int(r[2]), r[3], r[4]) for r in rows]
+
+
+def delete_documents(db: sqlite_utils.Database, doc_paths: Iterable[str], *, team: str | None = None) -> int:
+    """Remove these documents of `team` (None: shared) in one transaction; returns the passages removed."""
+    removed = 0
+    with write_transaction(db):
+        for doc_path in doc_paths:
+            removed += db.execute("DELETE FROM kb_docs WHERE doc_path = ? AND team IS ?", [doc_path, team]).rowcount
+    return removed
+
+
 def kb_stats(db: sqlite_utils.Database) -> dict:
-    row = db.execute("SELECT COUNT(DISTINCT doc_path), COUNT(*) FROM kb_docs").fetchone()
+    # A team's document may share its path with a shared one (or another team's): they are two documents.
+    row = db.execute("SELECT COUNT(DISTINCT COALESCE(team, '') || char(0) || doc_path), COUNT(*) FROM kb_docs").fetchone()
     return {"documents": row[0], "passages": row[1]}
 
 

@@ -48,8 +48,12 @@ def kb_import(
         "--allow-sensitive", help="Import documents although they hold secrets or personal data.")] = False,
     team: Annotated[Optional[str], typer.Option(
         help="The documents belong to this team (kbloop teams): only its questions see them. Default: shared.")] = None,
+    prune: Annotated[bool, typer.Option(
+        "--prune", help="What is imported is the whole knowledge base (of --team, or the shared one): documents "
+                        "it does not include, deleted or renamed since, are removed (each is named).")] = False,
 ) -> None:
-    """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it.
+    """Import knowledge-base documents as searchable passages. Re-importing a changed file replaces it; a file
+    deleted from the folder stays in the knowledge base until `kbloop kb remove` or an import with --prune.
 
     Folders are read recursively; links that lead out of a folder are not followed (each is named), and files of other
     types are skipped (counted by type). A PDF is read for its text layer: a scan without one is refused. Documents holding
@@ -59,9 +63,11 @@ def kb_import(
     from store.kb import kb_stats
 
     c = ctx()
-    result = import_documents(c.db, paths, allow_sensitive=allow_sensitive, team=team)
+    result = import_documents(c.db, paths, allow_sensitive=allow_sensitive, team=team, prune=prune)
     for line in result.skipped + result.notices:
         typer.echo(line, err=True)
+    for doc_path in result.removed:
+        typer.echo(f"removed {doc_path}: not in this import (--prune)", err=True)
     read, changed = result.read, result.changed
     if embed:
         _embed_passages(c)
@@ -88,6 +94,51 @@ def _embed_passages(c) -> None:
         task = progress.add_task(f"Embedding passages ({model})", total=todo)
         embed_missing_passages(c.db, progress=lambda done, total: progress.update(task, completed=done, total=total))
     typer.echo(f"{todo} passages embedded with {model}.", err=True)
+
+
+@kb_app.command("list")
+def kb_list(
+    team: Annotated[Optional[str], typer.Option(help="This team's documents. Default: the shared ones.")] = None,
+    every_team: Annotated[bool, typer.Option("--all", help="Shared documents and every team's.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of objects.")] = False,
+) -> None:
+    """The documents in the knowledge base: path, title, passages, team, when they were last changed."""
+    from store.kb import list_documents
+
+    if team is not None and every_team:
+        fail("--team and --all: give one of them")
+    c = ctx()
+    docs = list_documents(c.db, team=require_team(c.db, team), every_team=every_team)
+    if as_json:
+        typer.echo(json.dumps([d.to_dict() for d in docs], ensure_ascii=False, indent=1))
+        return
+    if not docs:
+        typer.echo("No documents" + (f" for team {team}" if team else "") + ". Add some with `kbloop kb import PATH`.")
+        return
+    for d in docs:
+        owner = f"  [team {d.team}]" if d.team else ""
+        typer.echo(f"{d.doc_path}  {d.title}  ({d.passages} passage{'s' if d.passages != 1 else ''}, "
+                   f"updated {d.updated_at[:16].replace('T', ' ')}){owner}")
+
+
+@kb_app.command("remove")
+def kb_remove(
+    doc_paths: Annotated[list[str], typer.Argument(help="Document paths as `kbloop kb list` shows them.")],
+    team: Annotated[Optional[str], typer.Option(help="Remove this team's documents. Default: shared ones.")] = None,
+) -> None:
+    """Remove documents from the knowledge base: the bot no longer retrieves or cites them. An unknown path
+    removes nothing."""
+    from store.kb import delete_documents, list_documents
+
+    c = ctx()
+    team = require_team(c.db, team)
+    known = {d.doc_path for d in list_documents(c.db, team=team)}
+    missing = [p for p in doc_paths if p not in known]
+    if missing:
+        where = f"team {team}'s documents" if team else "the shared documents"
+        fail(f"not in {where}: {', '.join(missing)}; nothing removed (see `kbloop kb list`)")
+    removed = delete_documents(c.db, dict.fromkeys(doc_paths), team=team)
+    typer.echo(f"Removed {len(set(doc_paths))} document(s), {removed} passage(s).")
 
 
 @kb_app.command("search")

@@ -119,3 +119,34 @@ def test_markdown_front_matter_gives_the_title_and_is_not_content(workspace, tmp
         ("rules.md", "Rules", "# Rules\n\nText.\n\n---\n\nMore after a thematic break."),  # a rule later is content
         ("vpn.md", "VPN", "# VPN\n\nInstall WireGuard."),  # no title in it: the first heading
     ]
+
+
+def test_a_document_deleted_from_the_folder_leaves_with_prune_or_remove_and_is_no_longer_found(workspace, tmp_path):
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "vpn.md").write_text("# VPN\n\nInstall WireGuard and import the profile from the IT portal.\n", encoding="utf-8")
+    (kb / "parking.md").write_text("# Parking 停车\n\nStaff park in lot C. 员工在 C 停车场停车。\n", encoding="utf-8")
+    (kb / "fax.md").write_text("# Fax\n\nThe fax machine is on the second floor.\n", encoding="utf-8")
+    assert workspace("teams", "add", "eng", "--channels", "C0ENG").exit_code == 0
+    team_doc = tmp_path / "eng-only"
+    team_doc.mkdir()
+    (team_doc / "fax.md").write_text("# Eng fax\n\nEngineering has no fax.\n", encoding="utf-8")
+    assert workspace("kb", "import", kb).exit_code == 0
+    assert workspace("kb", "import", team_doc, "--team", "eng").exit_code == 0
+    assert json.loads(workspace("kb", "search", "Where is the fax machine?", "--json").stdout)[0]["doc_path"] == "fax.md"
+
+    (kb / "fax.md").unlink()
+    r = workspace("kb", "import", kb)  # without --prune the old fax page stays, and is said to be unchanged
+    assert "2 documents read" in r.stdout and "knowledge base: 4 documents" in r.stdout
+    r = workspace("kb", "import", kb, "--prune")
+    assert r.exit_code == 0 and "removed fax.md: not in this import (--prune)" in r.stderr
+    listed = json.loads(workspace("kb", "list", "--all", "--json").stdout)
+    assert [(d["doc_path"], d["team"], d["passages"]) for d in listed] == [
+        ("parking.md", None, 1), ("vpn.md", None, 1), ("fax.md", "eng", 1)]  # the team's page is not the shared KB's
+    assert json.loads(workspace("kb", "search", "Where is the fax machine?", "--json").stdout) == []
+
+    r = workspace("kb", "remove", "vpn.md", "nope.md")
+    assert r.exit_code == 1 and "not in the shared documents: nope.md; nothing removed" in r.stderr
+    assert workspace("kb", "remove", "vpn.md").stdout.strip() == "Removed 1 document(s), 1 passage(s)."
+    assert workspace("kb", "list").stdout.startswith("parking.md  Parking 停车  (1 passage, updated ")
+    assert json.loads(workspace("kb", "search", "How do I set up the VPN?", "--json").stdout) == []
