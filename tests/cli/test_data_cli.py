@@ -31,7 +31,7 @@ def test_commands_before_init_say_what_to_do(kbloop):
 
 
 def test_every_command_has_help(kbloop):
-    for cmd in (["init"], ["kb", "import"], ["data", "import"], ["data", "export"], ["data", "stats"], ["review"],
+    for cmd in (["init"], ["kb", "import"], ["kb", "list"], ["kb", "remove"], ["kb", "search"], ["data", "import"], ["data", "export"], ["data", "stats"], ["review"],
                 ["review", "approve"], ["review", "reject"], ["db", "backup"]):
         r = kbloop(*cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.stdout, cmd
