@@ -7,7 +7,8 @@ A folder is read recursively without following links out of it: a committed `x.m
 a secret into every prompt that retrieves it. Files of other types in a folder are skipped and counted by type.
 Every document is scanned for secrets and personal data (store.sensitive) before anything is stored.
 
-Markdown front matter (YAML between `---` lines, TOML between `+++`, as Jekyll, Hugo, Docusaurus and Obsidian
+HTML is read for its text: table cells joined with " | ", navigation and footers dropped (unless nothing else is
+there), scripts and styles never read. Markdown front matter (YAML between `---` lines, TOML between `+++`, as Jekyll, Hugo, Docusaurus and Obsidian
 write it) is metadata, not content: it is dropped, and its `title` is the title. Word and PDF files are read for
 their text: a .docx's paragraphs in order (headings become Markdown headings, so the first is the title), a PDF's
 text layer page by page (pypdf; its metadata title, when set, is the title). A scanned PDF without a text layer is
@@ -38,6 +39,14 @@ KB_TYPES = "Markdown, text, HTML, Word (.docx) or PDF"
 _BINARY_SUFFIXES = (".docx", ".pdf")  # read for their text (document_text); their findings name a line of that text
 
 
+# Elements that start a block of their own; the text before and after them is not one word. Text in skipped
+# elements is not the page's content: code, and the navigation and footer an exported wiki page repeats.
+_HTML_BLOCKS = frozenset("""p div li br hr h1 h2 h3 h4 h5 h6 tr table thead tbody ul ol dl dt dd section article header
+main aside blockquote pre figure figcaption details summary form fieldset""".split())
+_HTML_SKIPPED = frozenset("script style noscript template svg".split())
+_HTML_BOILERPLATE = frozenset("nav footer".split())  # read after all when a page is nothing else (read_document)
+
+
 class _HTMLText(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -45,26 +54,45 @@ class _HTMLText(HTMLParser):
         self.parts: list[str] = []
         self._in_title = False
         self._skip = 0
+        self._boilerplate = 0
+        self.boilerplate: list[str] = []  # the text of nav and footer elements
+        self._cells = 0  # cells so far in the current table row: cells are joined with " | ", not glued together
 
     def handle_starttag(self, tag, attrs):
         if tag == "title":
             self._in_title = True
-        elif tag in ("script", "style"):
+        elif tag in _HTML_SKIPPED:
             self._skip += 1
-        elif tag in ("p", "div", "li", "br", "h1", "h2", "h3", "h4", "tr", "section"):
-            self.parts.append("\n\n")
+        elif tag in _HTML_BOILERPLATE:
+            self._boilerplate += 1
+            self.boilerplate.append("\n\n")
+        elif tag in ("td", "th"):
+            if self._cells:
+                self._out().append(" | ")
+            self._cells += 1
+        elif tag in _HTML_BLOCKS:
+            self._out().append("\n\n")
+            if tag == "tr":
+                self._cells = 0
 
     def handle_endtag(self, tag):
         if tag == "title":
             self._in_title = False
-        elif tag in ("script", "style"):
-            self._skip -= 1
+        elif tag in _HTML_SKIPPED:
+            self._skip = max(0, self._skip - 1)
+        elif tag in _HTML_BOILERPLATE:
+            self._boilerplate = max(0, self._boilerplate - 1)
+        elif tag in _HTML_BLOCKS:
+            self._out().append("\n\n")
 
     def handle_data(self, data):
         if self._in_title:
             self.title += data
         elif not self._skip:
-            self.parts.append(data)
+            self._out().append(data)
+
+    def _out(self) -> list[str]:
+        return self.boilerplate if self._boilerplate else self.parts
 
 
 @dataclass(frozen=True)
@@ -222,7 +250,8 @@ def read_document(path: Path, text: str | None = None) -> tuple[str, str]:
     if path.suffix.lower() in (".html", ".htm"):
         parser = _HTMLText()
         parser.feed(text)
-        body = html.unescape("".join(parser.parts))
+        # An unclosed <nav> would hide the rest of the page: a page with nothing outside nav and footer is read whole.
+        body = html.unescape("".join(parser.parts if "".join(parser.parts).strip() else parser.boilerplate))
         body = re.sub(r"[ \t]+", " ", body)
         body = re.sub(r"\n\s*\n+", "\n\n", body).strip()
         title = " ".join(parser.title.split()) or _first_line(body) or path.stem

@@ -150,3 +150,19 @@ def test_a_document_deleted_from_the_folder_leaves_with_prune_or_remove_and_is_n
     assert workspace("kb", "remove", "vpn.md").stdout.strip() == "Removed 1 document(s), 1 passage(s)."
     assert workspace("kb", "list").stdout.startswith("parking.md  Parking 停车  (1 passage, updated ")
     assert json.loads(workspace("kb", "search", "How do I set up the VPN?", "--json").stdout) == []
+
+
+def test_an_exported_wiki_page_keeps_its_table_cells_apart_and_drops_navigation(workspace, tmp_path, db_path):
+    kb = tmp_path / "wiki"
+    kb.mkdir()
+    (kb / "phones.html").write_text(
+        "<html><head><title>IT : Phone list 电话</title><script>var x = 1;</script></head><body>"
+        '<nav><a href="/">Home</a><a href="/spaces">Spaces</a></nav><h1>Phones</h1>'
+        "<table><tr><th>Team</th><th>Phone</th></tr><tr><td>IT helpdesk</td><td>1234</td></tr>"
+        "<tr><td>人事部</td><td>5678</td></tr></table><p>Call<br>any time.</p><footer>© 2025 ACME</footer></body></html>",
+        encoding="utf-8")
+    (kb / "menu.html").write_text("<nav><a>Home</a><p>Canteen menu: soup on Mondays.</p>", encoding="utf-8")  # unclosed
+    assert workspace("kb", "import", kb, "--no-embed").exit_code == 0
+    content = dict(open_db(db_path).execute("SELECT doc_path, content FROM kb_docs").fetchall())
+    assert content["phones.html"] == "Phones\n\nTeam | Phone\n\nIT helpdesk | 1234\n\n人事部 | 5678\n\nCall\n\nany time."
+    assert content["menu.html"] == "Home\n\nCanteen menu: soup on Mondays."  # nothing outside the nav: read whole
