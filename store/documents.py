@@ -10,8 +10,8 @@ Every document is scanned for secrets and personal data (store.sensitive) before
 HTML is read for its text: table cells joined with " | ", navigation and footers dropped (unless nothing else is
 there), scripts and styles never read. Markdown front matter (YAML between `---` lines, TOML between `+++`, as
 Jekyll, Hugo, Docusaurus and Obsidian write it) is metadata, not content: it is dropped, and its `title` is the
-title. Word and PDF files are read for their text: a .docx's paragraphs in order (headings become Markdown
-headings, so the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when set, is the
+title. Word and PDF files are read for their text: a .docx's paragraphs and table rows in order (headings become
+Markdown headings, so the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when set, is the
 title). A scanned PDF without a text layer is refused with that reason: kbloop does no OCR.
 """
 
@@ -188,8 +188,9 @@ _MAX_DOCX_XML = 200 * 1024 * 1024
 
 
 def _docx_text(path: Path) -> str:
-    """The paragraphs of word/document.xml in order, one per block; a Title or Heading N paragraph as a Markdown
-    heading (Title and Heading 1: `#`), so read_document takes the first as the title."""
+    """The body of word/document.xml in order, one block per paragraph; a Title or Heading N paragraph as a
+    Markdown heading (Title and Heading 1: `#`), so read_document takes the first as the title; a table one
+    block per row, its cells joined with " | " (as HTML tables are read)."""
     try:
         with zipfile.ZipFile(path) as z:
             size = z.getinfo("word/document.xml").file_size
@@ -198,17 +199,36 @@ def _docx_text(path: Path) -> str:
             root = ElementTree.fromstring(z.read("word/document.xml"))
     except (zipfile.BadZipFile, KeyError, ElementTree.ParseError, OSError) as exc:
         raise StoreError(f"{path}: not a readable Word document ({exc}); save it as .docx") from None
+    body = root.find(f"{_W}body")
+    return "\n\n".join(_docx_blocks(body)) if body is not None else ""
+
+
+def _docx_blocks(parent) -> list[str]:
     blocks = []
-    for para in root.iter(f"{_W}p"):
-        text = "".join((node.text or "") if node.tag == f"{_W}t" else ("\t" if node.tag == f"{_W}tab" else "\n")
-                       for node in para.iter() if node.tag in (f"{_W}t", f"{_W}tab", f"{_W}br")).strip()
-        if not text:
-            continue
-        style = para.find(f"{_W}pPr/{_W}pStyle")
-        name = (style.get(f"{_W}val") or "").lower() if style is not None else ""
-        level = 1 if name == "title" else int(m.group(1)) if (m := re.fullmatch(r"heading(\d)", name)) else 0
-        blocks.append(f"{'#' * level} {text}" if level else text)
-    return "\n\n".join(blocks)
+    for child in parent:
+        if child.tag == f"{_W}p":
+            text = _docx_paragraph(child)
+            style = child.find(f"{_W}pPr/{_W}pStyle")
+            name = (style.get(f"{_W}val") or "").lower() if style is not None else ""
+            level = 1 if name == "title" else int(m.group(1)) if (m := re.fullmatch(r"heading(\d)", name)) else 0
+            if text:
+                blocks.append(f"{'#' * level} {text}" if level else text)
+        elif child.tag == f"{_W}tbl":
+            for row in child.findall(f"{_W}tr"):
+                cells = [" ".join(filter(None, map(_docx_paragraph, cell.iter(f"{_W}p")))) for cell in row.findall(f"{_W}tc")]
+                if any(cells):
+                    blocks.append(" | ".join(cells))
+        elif child.tag == f"{_W}sdt":  # a content control: its paragraphs and tables are in sdtContent
+            content = child.find(f"{_W}sdtContent")
+            if content is not None:
+                blocks += _docx_blocks(content)
+    return blocks
+
+
+def _docx_paragraph(para) -> str:
+    """A paragraph's text: its runs' text, tabs and line breaks (text boxes anchored in it included)."""
+    return "".join((node.text or "") if node.tag == f"{_W}t" else ("\t" if node.tag == f"{_W}tab" else "\n")
+                   for node in para.iter() if node.tag in (f"{_W}t", f"{_W}tab", f"{_W}br")).strip()
 
 
 def _pdf_text(path: Path) -> str:

@@ -24,6 +24,7 @@ def _handbook(folder):
         (None, "Nurses wear navy scrubs.\nDoctors wear white coats over their own clothing."),
         ("Heading2", "换新"),
         (None, "每位员工每年领取三套刷手服。更换请到后勤服务台填写 F-12 表。"),
+        [["Role 岗位", "Colour"], ["Nurse 护士", "Navy"], ["Doctor", "White coat"]],
     ])
     write_pdf(folder / "warehouse-safety.pdf", [
         ["Forklift certification", "Every forklift driver needs a valid certificate, renewed every three years."],
@@ -50,6 +51,7 @@ def test_word_and_pdf_documents_are_imported_searched_and_other_files_counted(wo
     # Both runs of a split paragraph, the line break, and the PDF's second page, Chinese included.
     assert "Doctors wear white coats over their own clothing." in text and "更换请到后勤服务台填写 F-12 表。" in text
     assert "叉车证每三年复审一次。" in text and "renewed every three years." in text
+    assert "Role 岗位 | Colour\n\nNurse 护士 | Navy\n\nDoctor | White coat" in text  # a table, row by row
 
     hits = json.loads(workspace("kb", "search", "叉车证多久复审一次？", "--json").stdout)
     assert hits[0]["doc_path"] == "warehouse-safety.pdf"

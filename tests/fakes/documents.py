@@ -21,19 +21,29 @@ _RELS = (
     'Target="word/document.xml"/></Relationships>')
 
 
-def write_docx(path: Path, paragraphs: list[tuple[str | None, str]]) -> Path:
-    """A .docx of (style, text) paragraphs, style e.g. "Title", "Heading2" or None; a text's "\\n" is a line
-    break inside its paragraph, and each paragraph's text is split over two runs, as Word does after an edit."""
+def _paragraph(style: str | None, text: str) -> str:
+    ppr = f'<w:pPr><w:pStyle w:val="{style}"/></w:pPr>' if style else ""
+    runs = []
+    for i, line in enumerate(text.split("\n")):
+        if i:
+            runs.append("<w:r><w:br/></w:r>")
+        half = len(line) // 2
+        runs += [f'<w:r><w:t xml:space="preserve">{escape(part)}</w:t></w:r>' for part in (line[:half], line[half:])]
+    return f"<w:p>{ppr}{''.join(runs)}</w:p>"
+
+
+def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]]]) -> Path:
+    """A .docx of (style, text) paragraphs, style e.g. "Title", "Heading2" or None, and tables (a list of rows of
+    cell texts); a text's "\\n" is a line break inside its paragraph, and each paragraph's text is split over two
+    runs, as Word does after an edit."""
     body = []
-    for style, text in paragraphs:
-        ppr = f'<w:pPr><w:pStyle w:val="{style}"/></w:pPr>' if style else ""
-        runs = []
-        for i, line in enumerate(text.split("\n")):
-            if i:
-                runs.append("<w:r><w:br/></w:r>")
-            half = len(line) // 2
-            runs += [f'<w:r><w:t xml:space="preserve">{escape(part)}</w:t></w:r>' for part in (line[:half], line[half:])]
-        body.append(f"<w:p>{ppr}{''.join(runs)}</w:p>")
+    for block in blocks:
+        if isinstance(block, list):
+            rows = "".join("<w:tr>" + "".join(f"<w:tc>{_paragraph(None, cell)}</w:tc>" for cell in row) + "</w:tr>"
+                           for row in block)
+            body.append(f"<w:tbl>{rows}</w:tbl>")
+        else:
+            body.append(_paragraph(*block))
     document = ('<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
                 '<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
                 f'<w:body>{"".join(body)}<w:sectPr/></w:body></w:document>')
