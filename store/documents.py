@@ -11,8 +11,8 @@ HTML is read for its text: table cells joined with " | ", navigation and footers
 there), scripts and styles never read. Markdown front matter (YAML between `---` lines, TOML between `+++`, as
 Jekyll, Hugo, Docusaurus and Obsidian write it) is metadata, not content: it is dropped, and its `title` is the
 title. Word and PDF files are read for their text: a .docx's paragraphs and table rows in order (headings become
-Markdown headings, so the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when set, is the
-title). A scanned PDF without a text layer is refused with that reason: kbloop does no OCR.
+Markdown headings, so the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when
+set, is the title). A scanned PDF without a text layer is refused with that reason: kbloop does no OCR.
 """
 
 from __future__ import annotations
