@@ -12,7 +12,8 @@ there), scripts and styles never read. Markdown front matter (YAML between `---`
 Jekyll, Hugo, Docusaurus and Obsidian write it) is metadata, not content: it is dropped, and its `title` is the
 title. Word and PDF files are read for their text: a .docx's paragraphs and table rows in order (headings become
 Markdown headings, so the first is the title), a PDF's text layer page by page (pypdf; its metadata title, when
-set, is the title). A scanned PDF without a text layer is refused with that reason: kbloop does no OCR.
+set and not a file name, is the title). A scanned PDF without a text layer is refused with that reason: kbloop does
+no OCR. Word heading styles are found by name (styles.xml), since their ids are localised.
 """
 
 from __future__ import annotations
@@ -197,20 +198,37 @@ def _docx_text(path: Path) -> str:
             if size > _MAX_DOCX_XML:  # unpacked size, read before unpacking: a small file can unpack to gigabytes
                 raise StoreError(f"{path}: its text part unpacks to {size:,} bytes, over the {_MAX_DOCX_XML:,} read")
             root = ElementTree.fromstring(z.read("word/document.xml"))
+            levels = _docx_heading_levels(z)
     except (zipfile.BadZipFile, KeyError, ElementTree.ParseError, OSError) as exc:
         raise StoreError(f"{path}: not a readable Word document ({exc}); save it as .docx") from None
     body = root.find(f"{_W}body")
-    return "\n\n".join(_docx_blocks(body)) if body is not None else ""
+    return "\n\n".join(_docx_blocks(body, levels)) if body is not None else ""
 
 
-def _docx_blocks(parent) -> list[str]:
+def _docx_heading_levels(z: zipfile.ZipFile) -> dict[str, int]:
+    """Style id -> heading level (Title: 1). Ids are localised ("Heading1" in English Word, "1" in Chinese, …);
+    the names in word/styles.xml are not ("heading 1", "Title"), so the ids are looked up there."""
+    levels = {"title": 1, **{f"heading{n}": n for n in range(1, 10)}}  # the English ids, when styles.xml is absent
+    try:
+        styles = ElementTree.fromstring(z.read("word/styles.xml"))
+    except KeyError:
+        return levels
+    for style in styles.iter(f"{_W}style"):
+        name = style.find(f"{_W}name")
+        name = (name.get(f"{_W}val") or "").lower() if name is not None else ""
+        level = 1 if name == "title" else int(m.group(1)) if (m := re.fullmatch(r"heading ([1-9])", name)) else 0
+        if level:
+            levels[(style.get(f"{_W}styleId") or "").lower()] = level
+    return levels
+
+
+def _docx_blocks(parent, levels: dict[str, int]) -> list[str]:
     blocks = []
     for child in parent:
         if child.tag == f"{_W}p":
             text = _docx_paragraph(child)
             style = child.find(f"{_W}pPr/{_W}pStyle")
-            name = (style.get(f"{_W}val") or "").lower() if style is not None else ""
-            level = 1 if name == "title" else int(m.group(1)) if (m := re.fullmatch(r"heading(\d)", name)) else 0
+            level = levels.get((style.get(f"{_W}val") or "").lower(), 0) if style is not None else 0
             if text:
                 blocks.append(f"{'#' * level} {text}" if level else text)
         elif child.tag == f"{_W}tbl":
@@ -221,7 +239,7 @@ def _docx_blocks(parent) -> list[str]:
         elif child.tag == f"{_W}sdt":  # a content control: its paragraphs and tables are in sdtContent
             content = child.find(f"{_W}sdtContent")
             if content is not None:
-                blocks += _docx_blocks(content)
+                blocks += _docx_blocks(content, levels)
     return blocks
 
 
@@ -244,7 +262,7 @@ def _pdf_text(path: Path) -> str:
         if reader.is_encrypted and not _opens_without_password(reader):
             raise StoreError(f"{path}: the PDF needs a password to open; save an unprotected copy to import it")
         pages = [page.extract_text() or "" for page in reader.pages]
-        title = (reader.metadata.title or "").strip() if reader.metadata else ""
+        title = " ".join(str(reader.metadata.title or "").split()) if reader.metadata else ""
     except (PyPdfError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         # pypdf meets malformed files with whichever of these its parser hits first
         raise StoreError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
@@ -252,6 +270,10 @@ def _pdf_text(path: Path) -> str:
     if not body:
         raise StoreError(f"{path}: the PDF has no text layer (a scanned document?); kbloop does not read text "
                          "from images: import a PDF with text, or its text")
+    # Writers often leave the file they printed from as the title ("Microsoft Word - handbook.docx"): no title.
+    if re.search(r"\.(docx?|pdf|pptx?|xlsx?|odt|rtf|txt|md|html?|pages|key)$", title, flags=re.I) or \
+            title.lower() in ("untitled", "unknown"):
+        title = ""
     return f"# {title}\n\n{body}" if title else body
 
 

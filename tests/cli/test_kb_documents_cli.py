@@ -19,17 +19,19 @@ def workspace(kbloop):
 
 def _handbook(folder):
     folder.mkdir()
-    write_docx(folder / "uniforms.docx", [
-        ("Title", "Uniform policy 工服规定"),
+    write_docx(folder / "uniforms.docx", [  # saved by Chinese Word: localised style ids
+        ("a3", "Uniform policy 工服规定"),
         (None, "Nurses wear navy scrubs.\nDoctors wear white coats over their own clothing."),
-        ("Heading2", "换新"),
+        ("2", "换新"),
         (None, "每位员工每年领取三套刷手服。更换请到后勤服务台填写 F-12 表。"),
         [["Role 岗位", "Colour"], ["Nurse 护士", "Navy"], ["Doctor", "White coat"]],
-    ])
+    ], styles={"a3": "Title", "1": "heading 1", "2": "heading 2", "a4": "Normal"})
     write_pdf(folder / "warehouse-safety.pdf", [
         ["Forklift certification", "Every forklift driver needs a valid certificate, renewed every three years."],
         ["叉车证每三年复审一次。", "未持证人员不得驾驶叉车。"],
     ], title="仓库安全手册 Warehouse safety")
+    # The title a writer left behind names the file it printed from: the first line is the title instead.
+    write_pdf(folder / "rota.pdf", [["Night shift rota 夜班", "Nurses rotate weekly."]], title="Microsoft Word - rota.docx")
     (folder / "floor-plan.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (folder / "rota.xlsx").write_bytes(b"PK\x03\x04")
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
@@ -40,18 +42,20 @@ def test_word_and_pdf_documents_are_imported_searched_and_other_files_counted(wo
     kb = _handbook(tmp_path / "handbook")
     r = workspace("kb", "import", kb)
     assert r.exit_code == 0, r.stderr
-    assert "2 documents read, 2 new or changed" in r.stdout
+    assert "3 documents read, 3 new or changed" in r.stdout
     # Skipped files are named by type, so a folder of spreadsheets does not vanish without a word; .DS_Store is not one.
     assert (f"{kb}: 2 files of types kbloop does not read (.png 1, .xlsx 1); skipped "
             "(it reads Markdown, text, HTML, Word (.docx) or PDF)") in r.stderr
     db = open_db(db_path)
     titles = dict(db.execute("SELECT doc_path, title FROM kb_docs WHERE chunk_index = 0").fetchall())
-    assert titles == {"uniforms.docx": "Uniform policy 工服规定", "warehouse-safety.pdf": "仓库安全手册 Warehouse safety"}
+    assert titles == {"uniforms.docx": "Uniform policy 工服规定", "warehouse-safety.pdf": "仓库安全手册 Warehouse safety",
+                      "rota.pdf": "Night shift rota 夜班"}
     text = " ".join(row[0] for row in db.execute("SELECT content FROM kb_docs"))
     # Both runs of a split paragraph, the line break, and the PDF's second page, Chinese included.
     assert "Doctors wear white coats over their own clothing." in text and "更换请到后勤服务台填写 F-12 表。" in text
     assert "叉车证每三年复审一次。" in text and "renewed every three years." in text
     assert "Role 岗位 | Colour\n\nNurse 护士 | Navy\n\nDoctor | White coat" in text  # a table, row by row
+    assert "\n\n## 换新\n\n" in text  # a heading, by its style's name
 
     hits = json.loads(workspace("kb", "search", "叉车证多久复审一次？", "--json").stdout)
     assert hits[0]["doc_path"] == "warehouse-safety.pdf"
@@ -89,7 +93,7 @@ def test_unreadable_word_and_pdf_files_refuse_the_import_whole(workspace, tmp_pa
     restricted.write(kb / "restricted.pdf")
     r = workspace("kb", "import", kb, "--no-embed")
     assert r.exit_code == 0, r.stderr
-    assert "3 documents read" in r.stdout
+    assert "4 documents read" in r.stdout
 
 
 def test_secrets_in_a_word_document_are_found_and_located(workspace, tmp_path, db_path):

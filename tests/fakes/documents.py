@@ -32,10 +32,12 @@ def _paragraph(style: str | None, text: str) -> str:
     return f"<w:p>{ppr}{''.join(runs)}</w:p>"
 
 
-def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]]]) -> Path:
-    """A .docx of (style, text) paragraphs, style e.g. "Title", "Heading2" or None, and tables (a list of rows of
-    cell texts); a text's "\\n" is a line break inside its paragraph, and each paragraph's text is split over two
-    runs, as Word does after an edit."""
+def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]]], *,
+               styles: dict[str, str] | None = None) -> Path:
+    """A .docx of (style id, text) paragraphs, style id e.g. "Title", "Heading2" or None, and tables (a list of rows
+    of cell texts); a text's "\\n" is a line break inside its paragraph, and each paragraph's text is split over two
+    runs, as Word does after an edit. `styles`: style id -> style name, written to word/styles.xml (Chinese Word
+    names its heading styles "heading 1" but gives them the ids "1", "2", …, and Title the id "a3")."""
     body = []
     for block in blocks:
         if isinstance(block, list):
@@ -51,6 +53,11 @@ def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]]
         z.writestr("[Content_Types].xml", _CONTENT_TYPES)
         z.writestr("_rels/.rels", _RELS)
         z.writestr("word/document.xml", document)
+        if styles:
+            z.writestr("word/styles.xml", '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+                       '<w:styles xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
+                       + "".join(f'<w:style w:type="paragraph" w:styleId="{escape(i)}"><w:name w:val="{escape(n)}"/>'
+                                 "</w:style>" for i, n in styles.items()) + "</w:styles>")
     return path
 
 
