@@ -2,8 +2,9 @@
 
 Import accepts, per record (a line, an element of the array, or a row): `instruction`/`input`/`output`,
 `question`/`answer`, `messages` ([{role, content}…], one user turn and one assistant answer; a system turn is
-allowed) or ShareGPT's `conversations` ([{from: human|gpt|system, value}…], the same rule), or any two columns named
-with `question_field` / `answer_field`. `instruction`/`input`/`output` comes in two layouts, told apart per file:
+allowed) or ShareGPT's `conversations` ([{from: human|gpt|system, value}…], the same rule), `prompt`/`completion`,
+`query`/`response` or `问题`/`答案` (field names in any case), or any two columns named with `question_field` /
+`answer_field`. `instruction`/`input`/`output` comes in two layouts, told apart per file:
 Alpaca's (the instruction is the question, `input` optional context) and the LoRA guide's (one fixed preamble as
 the instruction on every row, the employee's question in `input`). A file with any bad line is refused whole:
 every problem is reported as `FILE:LINE: reason`, including a text over its limit (store.examples.MAX_QUESTION_CHARS,
@@ -48,6 +49,11 @@ READ_AS = {
     "messages": "question = the user turn, answer = the assistant turn (messages)",
     "sharegpt": "question = the human turn, answer = the gpt turn (ShareGPT conversations)",
 }
+# Other names for a question and its answer, in the order they are looked for: TRL's prompt-completion datasets,
+# ms-swift's query/response, a Chinese spreadsheet's 问题/答案. Field names are matched whatever their case
+# ("Question" from a spreadsheet's header row).
+_QA_FIELDS = (("question", "answer"), ("prompt", "completion"), ("query", "response"), ("问题", "答案"))
+READ_AS.update({f"{q}/{a}": f"question = {q}, answer = {a}" for q, a in _QA_FIELDS[1:]})
 
 
 class ImportFileError(StoreError):
@@ -61,7 +67,8 @@ class ImportedFile:
     """A validated training-data file: its examples, and how it was read (for the user to check)."""
 
     examples: list[NewExample]
-    layout: str  # "alpaca", "guide", "question/answer", "messages", "fields" (named by the caller) or "mixed"
+    layout: str  # "alpaca", "guide", "question/answer" (or another pair of _QA_FIELDS), "messages", "sharegpt",
+    # "fields" (named by the caller) or "mixed"
     description: str
     lines: tuple[int, ...] = ()  # the line (or CSV row end) each example was read from
 
@@ -163,16 +170,19 @@ def example_from_record(obj: object, *, preamble: str | None = None) -> tuple[st
             # The preamble is dropped: an employee's bare question is what the model gets when it answers.
             return "guide", NewExample(question=inp, answer=answer)
         return "alpaca", NewExample(question=instruction, input=inp, answer=answer)
-    if "question" in obj or "answer" in obj:
-        question, answer = _text_field(obj, "question"), _text_field(obj, "answer")
-        if not question:
-            raise ValueError("missing or empty `question`")
-        if not answer:
-            raise ValueError("missing or empty `answer`")
-        return "question/answer", NewExample(question=question, input=_text_field(obj, "input") or "", answer=answer)
+    # A pair whose both names are there; else question/answer, so that a row missing its answer says so.
+    for q, a in (*((q, a) for q, a in _QA_FIELDS if q in obj and a in obj), ("question", "answer")):
+        if q in obj or a in obj:
+            question, answer = _text_field(obj, q), _text_field(obj, a)
+            if not question:
+                raise ValueError(f"missing or empty `{q}`")
+            if not answer:
+                raise ValueError(f"missing or empty `{a}`")
+            context = (_text_field(obj, "input") or "") if q == "question" else ""
+            return f"{q}/{a}", NewExample(question=question, input=context, answer=answer)
     keys = ", ".join(sorted(obj)) or "none"
-    raise ValueError(f"unknown format (fields: {keys}); expected instruction/input/output, question/answer, "
-                     "messages or conversations"
+    raise ValueError(f"unknown format (fields: {keys}); expected instruction/input/output, question/answer "
+                     "(prompt/completion, query/response, 问题/答案), messages or conversations"
                      " (or name the columns: `kbloop data import --question-field … --answer-field …`)")
 
 
@@ -190,6 +200,7 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     if question_field or answer_field:
         read, fields = _field_reader(path, [obj for _, obj in records], question_field, answer_field)
     else:
+        records = _with_lowercase_fields(path, records, problems)
         preamble = _shared_preamble([obj for _, obj in records])
         read = partial(example_from_record, preamble=preamble)
     examples: list[NewExample] = []
@@ -214,6 +225,30 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     if not examples:
         raise ImportFileError([f"{path}: no examples in the file"])
     return ImportedFile(examples, *_describe(kinds, preamble=preamble, fields=fields), lines=tuple(lines))
+
+
+def _with_lowercase_fields(path: Path, records: list[tuple[int, object]],
+                           problems: list[str]) -> list[tuple[int, object]]:
+    """The records with their field names in lower case, so that a header row's "Question" or "Instruction" is
+    read; a record whose names differ only in case ("Question" and "question") is a problem, not a guess."""
+    out, clashes = [], set()
+    for lineno, obj in records:
+        if isinstance(obj, dict) and any(isinstance(k, str) and k != k.strip().lower() for k in obj):
+            lowered: dict = {}
+            for key, value in obj.items():
+                name = key.strip().lower() if isinstance(key, str) else key
+                if name in lowered:
+                    if name not in clashes:  # once per name: a CSV header would repeat it on every row
+                        problems.append(f"{path}:{lineno}: fields that differ only in case or spaces ({name!r} "
+                                        "twice); keep one")
+                    clashes.add(name)
+                    break
+                lowered[name] = value
+            else:
+                out.append((lineno, lowered))
+            continue
+        out.append((lineno, obj))
+    return out
 
 
 def _problem_line(problem: str) -> int:

@@ -117,14 +117,14 @@ def test_english_csv_in_both_layouts(workspace, tmp_path):
 
 
 def test_field_options_override_detection_and_unknown_fields_are_named(workspace, tmp_path):
-    custom = _write(tmp_path / "custom.jsonl", [json.dumps({"query": "Where is Berlin's office?", "response": "Mitte."})])
+    custom = _write(tmp_path / "custom.jsonl", [json.dumps({"ask": "Where is Berlin's office?", "reply": "Mitte."})])
     assert "unknown format" in workspace("data", "import", custom).stderr
-    r = workspace("data", "import", custom, "--question-field", "query", "--answer-field", "response")
+    r = workspace("data", "import", custom, "--question-field", "ask", "--answer-field", "reply")
     assert r.exit_code == 0, r.stderr
-    assert "1 examples imported" in r.stdout and "Read as: question = query, answer = response" in r.stdout
-    r = workspace("data", "import", custom, "--question-field", "prompt", "--answer-field", "response")
+    assert "1 examples imported" in r.stdout and "Read as: question = ask, answer = reply" in r.stdout
+    r = workspace("data", "import", custom, "--question-field", "prompt", "--answer-field", "reply")
     assert r.exit_code == 1
-    assert r.stderr.strip() == f"kbloop: {custom}: no field `prompt` in the file (fields: query, response)"
+    assert r.stderr.strip() == f"kbloop: {custom}: no field `prompt` in the file (fields: ask, reply)"
     # Forcing input/output on a file detection reads Alpaca-style (a single row shares no preamble).
     row = {"instruction": ZH_PREAMBLE, "input": "VPN 怎么连?", "output": "WireGuard。"}
     one = _write(tmp_path / "one.jsonl", [json.dumps(row, ensure_ascii=False)])

@@ -173,6 +173,30 @@ def test_chat_records_with_more_than_one_exchange_or_unknown_turns_are_named(tmp
     ]
 
 
+def test_field_names_in_any_case_and_the_other_common_names_of_a_question_and_answer(tmp_path):
+    sheet = tmp_path / "sheet.csv"  # a spreadsheet's header row
+    sheet.write_text("Question,Answer\nWhen do we close?,At 19:00.\n", encoding="utf-8")
+    assert read_examples_file(sheet).examples == [NewExample("When do we close?", "At 19:00.")]
+    zh = tmp_path / "zh.csv"
+    zh.write_text("问题,答案\n诊所几点关门？,19:00 关门。\n", encoding="utf-8")
+    assert (read_examples_file(zh).description, read_examples_file(zh).examples) == (
+        "question = 问题, answer = 答案", [NewExample("诊所几点关门？", "19:00 关门。")])
+    trl = _jsonl(tmp_path / "trl.jsonl", [{"prompt": "When do we open?", "completion": "07:30."}])
+    assert (read_examples_file(trl).layout, read_examples_file(trl).examples) == (
+        "prompt/completion", [NewExample("When do we open?", "07:30.")])
+    swift = _jsonl(tmp_path / "swift.jsonl", [{"query": "Who signs contracts?", "response": "Legal.", "history": []}])
+    assert read_examples_file(swift).description == "question = query, answer = response"
+    guide = tmp_path / "guide.csv"  # the guide's layout with capitalised headers is still the guide's layout
+    guide.write_text("Instruction,Input,Output\n" + "".join(f'"{EN_PREAMBLE}",Q{i}?,A{i}.\n' for i in range(3)),
+                     encoding="utf-8")
+    assert [e.question for e in read_examples_file(guide).examples] == ["Q0?", "Q1?", "Q2?"]
+    clash = tmp_path / "clash.csv"
+    clash.write_text("Question,question,Answer\nA?,B?,C.\nD?,E?,F.\n", encoding="utf-8")
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(clash)
+    assert err.value.problems == [f"{clash}:2: fields that differ only in case or spaces ('question' twice); keep one"]
+
+
 def test_named_fields_override_detection(tmp_path):
     custom = _jsonl(tmp_path / "custom.jsonl", [{"query": "Where is the Berlin office?", "response": "Mitte.", "n": 1}])
     f = read_examples_file(custom, question_field="query", answer_field="response")
