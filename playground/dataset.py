@@ -87,11 +87,11 @@ def remove_example(db: sqlite_utils.Database, viewer: Viewer, example_id: int | 
 
 def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | None, *, display_name: str | None = None,
                 status: str = "approved") -> Outcome:
-    """Import a JSONL / JSON array / CSV file with the CLI's validation and scan: a file with any bad line is refused whole, and
+    """Import a JSONL / JSON array / CSV / Excel file with the CLI's validation and scan: a file with any bad line is refused whole, and
     so is a file with rows holding secrets or personal data when importing as approved (as pending, they wait in
     review with the flag shown)."""
     if not path:
-        return Outcome(False, "Nothing imported: choose a .jsonl or .csv file first")
+        return Outcome(False, "Nothing imported: choose a .jsonl, .json, .csv or .xlsx file first")
     if status not in ("approved", "pending"):
         return Outcome(False, f"Nothing imported: status must be approved or pending, not {status!r}")
     path = Path(path)

@@ -104,10 +104,10 @@ def build_dataset_tab(ctx: TabContext) -> DatasetTab:
             ds_msg = gr.Markdown()
         with gr.Row():
             with gr.Column():
-                gr.Markdown("#### Import\nJSONL, a JSON array of records, or CSV: instruction/input/output, question/answer, messages "
+                gr.Markdown("#### Import\nJSONL, a JSON array of records, CSV or Excel: instruction/input/output, question/answer, messages "
                             "or ShareGPT conversations. "
                             "A file with any bad line is refused whole.")
-                imp_file = gr.File(label="File", file_types=[".jsonl", ".json", ".ndjson", ".csv", ".tsv"])
+                imp_file = gr.File(label="File", file_types=[".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".xlsx"])
                 imp_status = gr.Radio(["approved", "pending"], value="approved", label="Import as")
                 imp_btn = gr.Button("Import")
                 imp_msg = gr.Textbox(label="Result", lines=4, interactive=False, elem_id="import-result")

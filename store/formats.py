@@ -1,4 +1,4 @@
-"""Training-data files: validated import (JSONL, a JSON array of records, CSV). Export is store.export.
+"""Training-data files: validated import (JSONL, a JSON array of records, CSV, Excel). Export is store.export.
 
 Import accepts, per record (a line, an element of the array, or a row): `instruction`/`input`/`output`,
 `question`/`answer`, `messages` ([{role, content}…], one user turn and one assistant answer; a system turn is
@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import unicodedata
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -341,8 +342,10 @@ def _describe(kinds: Counter[str], *, preamble: str | None, fields: str | None) 
 
 def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
     """(line number, record) for each line or row, and `FILE:LINE: reason` for each one that does not parse."""
-    raw = _read_text(path)
     suffix = path.suffix.lower()
+    if suffix == ".xlsx":
+        return _xlsx_records(path)
+    raw = _read_text(path)
     records: list[tuple[int, object]] = []
     problems: list[str] = []
     if suffix in (".jsonl", ".json", ".ndjson") and raw.lstrip().startswith("["):
@@ -385,8 +388,43 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
         finally:
             csv.field_size_limit(previous_limit)
     else:
-        raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl, .json or .csv"])
+        raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl, .json, .csv or .xlsx"])
     return records, problems
+
+
+def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
+    """The first sheet of an Excel workbook, read as a CSV is: its first row names the columns, each row after it
+    is a record (row number as its line). Numbers and dates are written as text (19 -> "19")."""
+    import openpyxl
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    data = _read_bytes(path)  # says what is wrong with a path that is not a readable file
+    try:
+        book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+    except (InvalidFileException, zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+        raise ImportFileError([f"{path}: not a readable Excel workbook ({exc}); save it as .xlsx or CSV"]) from None
+    try:
+        rows = book.worksheets[0].iter_rows(values_only=True) if book.worksheets else iter(())
+        header = _checked_header(path, [_cell_text(v).strip() for v in next(rows, ())])
+        records = []
+        for number, row in enumerate(rows, start=2):
+            values = [_cell_text(v) for v in row]
+            if not any(v.strip() for v in values):
+                continue  # an empty row, as spreadsheets keep between blocks
+            records.append((number, {k: v for k, v in zip(header, values) if k}))
+        return records, []
+    finally:
+        book.close()
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def _json_array_records(path: Path, raw: str) -> tuple[list[tuple[int, object]], list[str]]:
@@ -441,6 +479,11 @@ def _csv_header(path: Path, reader) -> list[str]:
         header = []
     except csv.Error as exc:
         raise ImportFileError([f"{path}:1: unreadable header row ({exc})"]) from None
+    return _checked_header(path, header)
+
+
+def _checked_header(path: Path, header: list[str]) -> list[str]:
+    """A CSV's or a sheet's header row, refused when it is empty or names a column twice."""
     if not any(header):
         raise ImportFileError([f"{path}:1: no header row"])
     repeated = [name for name, n in Counter(h for h in header if h).items() if n > 1]
@@ -451,15 +494,19 @@ def _csv_header(path: Path, reader) -> list[str]:
     return header
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise StoreError(f"{path}: no such file")
     if path.is_dir():
         raise StoreError(f"{path}: is a folder, expected a file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except PermissionError:
         raise StoreError(f"{path}: not readable (permission denied)") from None
+
+
+def _read_text(path: Path) -> str:
+    data = _read_bytes(path)
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data[:nul].count(b"\n") + 1

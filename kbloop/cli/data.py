@@ -176,7 +176,7 @@ def kb_search(
 
 @data_app.command("import")
 def data_import(
-    file: Annotated[Path, typer.Argument(help="JSONL, one JSON array of records, or CSV: instruction/input/output, question/answer, messages or conversations (ShareGPT).")],
+    file: Annotated[Path, typer.Argument(help="JSONL, one JSON array of records, CSV or Excel (.xlsx, first sheet): instruction/input/output, question/answer, messages or conversations (ShareGPT).")],
     status: Annotated[str, typer.Option(help="approved (default) or pending (send through review).")] = "approved",
     question_field: Annotated[Optional[str], typer.Option(help="Read the question from this field.")] = None,
     answer_field: Annotated[Optional[str], typer.Option(help="Read the answer from this field.")] = None,

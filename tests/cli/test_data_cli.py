@@ -149,7 +149,7 @@ def test_guide_file_with_a_bad_line_is_refused_whole(workspace, tmp_path):
 
 
 def test_unknown_file_type_missing_path_and_non_utf8(workspace, tmp_path):
-    assert "unknown file type .xlsx" in workspace("data", "import", _write(tmp_path / "a.xlsx", ["x"])).stderr
+    assert "unknown file type .xls;" in workspace("data", "import", _write(tmp_path / "a.xls", ["x"])).stderr
     assert "no such file" in workspace("data", "import", tmp_path / "missing.jsonl").stderr
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"question": "caf\xe9?", "answer": "oui"}\n'.encode("latin-1"))

@@ -197,6 +197,32 @@ def test_field_names_in_any_case_and_the_other_common_names_of_a_question_and_an
     assert err.value.problems == [f"{clash}:2: fields that differ only in case or spaces ('question' twice); keep one"]
 
 
+def test_an_excel_sheet_is_read_as_a_csv_is_with_rows_as_lines(tmp_path):
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in (["问题", "答案", "Owner"], ["诊所几点关门？", "19:00 关门。", "前台"], [None, None, None],
+                ["How many scrub sets a year?", 3, "Facilities"], ["Who keeps the cabinet key?", None, "Nursing"]):
+        sheet.append(row)
+    book.create_sheet("Notes").append(["not read"])
+    path = tmp_path / "qa.xlsx"
+    book.save(path)
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [f"{path}:5: missing or empty `答案`"]  # the sheet's row 5; row 3 is empty
+    sheet.delete_rows(5)
+    book.save(path)
+    f = read_examples_file(path)
+    assert f.description == "question = 问题, answer = 答案"
+    assert f.examples == [NewExample("诊所几点关门？", "19:00 关门。"), NewExample("How many scrub sets a year?", "3")]
+    assert f.lines == (2, 4)
+    broken = tmp_path / "broken.xlsx"
+    broken.write_bytes(b"PK\x03\x04 not a workbook")
+    with pytest.raises(ImportFileError, match=r"broken.xlsx: not a readable Excel workbook \("):
+        read_examples_file(broken)
+
+
 def test_named_fields_override_detection(tmp_path):
     custom = _jsonl(tmp_path / "custom.jsonl", [{"query": "Where is the Berlin office?", "response": "Mitte.", "n": 1}])
     f = read_examples_file(custom, question_field="query", answer_field="response")
