@@ -13,6 +13,11 @@ from tests.fakes.slack_api import FakeSlackAPI
 
 SECRET = "test-signing-secret"
 ADMIN = "UADMIN"
+# How long a test waits for an effect that must not happen (a second answer, an answer to a refused request) before
+# asserting it did not. The first thing such an answer does is its chat.postMessage placeholder, which the fake Slack
+# records 10-15 ms after the event's 200 (43 ms at worst in 40 tries with three busy processes beside the two
+# workers on two cores): 0.15 s is three times that worst case.
+SETTLE_S = 0.15
 
 
 @pytest.fixture
@@ -46,14 +51,12 @@ class RunningBot:
 
 
 @pytest.fixture
-def start_bot(fake_slack, db_path):
-    """start_bot(engine=None, **config overrides) -> RunningBot; every bot started is stopped at the end."""
+def start_bot(fake_slack, db_path, db):
+    """start_bot(engine=None, **config overrides) -> RunningBot; every bot started is stopped at the end.
+    The store at db_path is migrated (the `db` fixture) before any of the bot's threads races to open it."""
     started: list[RunningBot] = []
 
     def start(engine=None, **overrides) -> RunningBot:
-        from store import open_db
-
-        open_db(db_path)  # migrate once before threads race to open it
         engine = engine or ScriptedEngine(db_path)
         app = build_app(config=bot_config(fake_slack, **overrides), engine=engine, db_path=db_path)
         server = BackgroundHttpServer(app).start()

@@ -8,6 +8,7 @@ test can choose what "the model" says; tests/bot/test_real_engine.py runs the re
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -18,7 +19,7 @@ from store.examples import list_examples
 from store.interactions import list_interactions, votes_for
 from store.jobs import active_jobs, list_jobs
 from store.slack_events import count_slack_answers, list_bot_errors
-from tests.bot.conftest import ADMIN, SECRET
+from tests.bot.conftest import ADMIN, SECRET, SETTLE_S
 from tests.fakes.engine import ScriptedEngine
 from tests.fakes.slack_api import (
     BOT_ID,
@@ -41,7 +42,7 @@ def _answers(slack, channel="C123"):
     return [m for m in slack.messages(channel) if m.get("blocks")]
 
 
-def _settle(slack, seconds=0.3):
+def _settle(slack, seconds=SETTLE_S):
     """Give a (wrongly) duplicated answer the chance to show up before asserting it did not."""
     time.sleep(seconds)
 
@@ -413,3 +414,53 @@ def test_healthz_reports_model_readiness(start_bot, db_path):
     engine.ready = True
     with urllib.request.urlopen(url) as resp:
         assert resp.status == 200 and json.loads(resp.read())["store"] == "ok"
+
+
+class _ReadinessHeld(ScriptedEngine):
+    """Once `held`, the next /healthz waits in the server for `release`: a request in flight for as long as a test
+    wants. (Only /healthz asks `ready` while the inbox is empty.)"""
+
+    held = False
+
+    def __init__(self, db_path):
+        super().__init__(db_path)
+        self.asked, self.release = threading.Event(), threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        if self.held:
+            self.asked.set()
+            self.release.wait(10)
+        return True
+
+    @ready.setter
+    def ready(self, value) -> None:  # ScriptedEngine.__init__ sets it
+        pass
+
+
+def test_stopping_the_server_lets_a_request_in_flight_finish_then_refuses_connections(start_bot, db_path):
+    """BackgroundHttpServer.stop() wakes uvicorn at once (bot.server._thread_server) and still waits, as uvicorn
+    does, for the answers in flight."""
+    engine = _ReadinessHeld(db_path)
+    bot = start_bot(engine=engine)
+    url = bot.server.url + "/healthz"
+    engine.held = True
+    statuses = []
+
+    def ask():
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            statuses.append(resp.status)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    assert engine.asked.wait(5)
+    stopping = threading.Thread(target=bot.server.stop)
+    stopping.start()
+    stopping.join(0.3)
+    assert stopping.is_alive() and statuses == []  # stop() waits for the answer in flight
+    engine.release.set()
+    stopping.join(10)
+    asking.join(10)
+    assert not stopping.is_alive() and statuses == [200]
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=5)

@@ -157,7 +157,9 @@ class FakeSlackAPI:
 
         self._server = ThreadingHTTPServer((self._host, self._port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+        # stop() waits for serve_forever's next look at its shutdown flag: every 10 ms, as nearly every test of
+        # the bot starts and stops one of these.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
                                         name="fake-slack", daemon=True)
         self._thread.start()
         return self

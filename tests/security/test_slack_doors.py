@@ -23,7 +23,7 @@ from store.audit import list_audit
 from store.interactions import list_interactions
 from store.jobs import claim_next_job, enqueue_job, finish_job, list_jobs, set_job_progress
 from store.slack_inbox import count_pending_slack_events
-from tests.bot.conftest import ADMIN, SECRET, fake_slack, start_bot  # noqa: F401 - fixtures
+from tests.bot.conftest import ADMIN, SECRET, SETTLE_S, fake_slack, start_bot  # noqa: F401 - fixtures
 from tests.fakes.engine import ScriptedEngine
 from tests.fakes.slack_api import (
     BOT_USER_ID,
@@ -48,7 +48,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
 
 
 def _nothing_happened(bot, slack) -> None:
-    time.sleep(0.3)  # a (wrong) late effect would show up by now
+    time.sleep(SETTLE_S)  # a (wrong) late effect would show up by now (tests/bot/conftest.py says why it is enough)
     assert slack.requests() == []
     assert list_interactions(bot.db) == [] and list_jobs(bot.db) == [] and list_audit(bot.db) == []
     assert count_pending_slack_events(bot.db) == 0
@@ -93,14 +93,14 @@ def test_acknowledged_event_is_answered_after_a_restart_once(start_bot, fake_sla
         time.sleep(0.1)
 
     restarted = start_bot(engine=ScriptedEngine(db_path, ready=False))
-    time.sleep(0.5)
+    time.sleep(SETTLE_S)
     assert fake_slack.requests("chat.postMessage") == []  # held until the model is loaded, not "ask again"
     restarted.engine.ready = True
     update = fake_slack.wait_for("chat.update", 1)[0].params
     assert update["channel"] == "C123" and "feedback_up" in json.dumps(update["blocks"])
     # Slack's own retry of the same event (new timestamp, so a new signature) changes nothing.
     assert post_signed(restarted.events_url, body, SECRET, retry_num=1)[0] == 200
-    time.sleep(0.5)
+    time.sleep(SETTLE_S)
     assert len(fake_slack.requests("chat.postMessage")) == 1
     assert len(restarted.engine.calls) == 1 and restarted.engine.calls[0]["event_id"] == "EvInbox"
     assert count_pending_slack_events(restarted.db) == 0
@@ -218,7 +218,7 @@ def test_replayed_rollback_is_refused(start_bot, fake_slack):
     fake_slack.wait_for("response_url:rb", 1)
     status, text = post_signed(bot.events_url, body, SECRET, timestamp=sent_at)  # the same bytes and headers
     assert status == 401 and "replayed" in json.loads(text)["error"]
-    time.sleep(0.3)
+    time.sleep(SETTLE_S)
     assert active_adapter(bot.db).version == "v2"  # rolled back once, from v3
     assert [a["action"] for a in list_audit(bot.db)].count("rollback") == 1
     # A new request from Slack (a new timestamp, so a new signature) is not a replay.
@@ -248,7 +248,7 @@ def test_slack_retries_of_an_event_are_not_refused_and_answer_once(start_bot, fa
     # The same signature without Slack's retry header is a copy, not a retry.
     assert post_signed(bot.events_url, body, SECRET, timestamp=sent_at)[0] == 401
     fake_slack.wait_for("chat.update", 1)
-    time.sleep(0.5)
+    time.sleep(SETTLE_S)
     assert len(fake_slack.requests("chat.postMessage")) == 1 and len(bot.engine.calls) == 1
 
 
