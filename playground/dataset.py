@@ -103,8 +103,7 @@ def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | No
         lines = str(exc).replace(str(path), name).splitlines()
         head = f"Nothing imported: {len(lines)} problem(s)" if isinstance(exc, ImportFileError) else "Nothing imported"
         return Outcome(False, head + "\n" + "\n".join(lines))
-    message = (f"{name}: {result.added} examples imported as {status}, {result.duplicates} duplicates skipped.\n"
-               f"Read as: {result.description}")
+    message = result.summary(name)
     if result.held:
         message += f"\n{len(result.held)} row(s) hold secrets or personal data: review them before approving.\n"
         message += "\n".join(line.replace(str(path), name) for line in result.held)

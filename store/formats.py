@@ -83,6 +83,12 @@ class ImportResult:
     held: tuple[str, ...] = ()  # `FILE:LINE: reason` of rows held as pending because the scan flagged them
     notices: tuple[str, ...] = ()  # `FILE:LINE: …` of contact details imported (shown, not refused)
 
+    def summary(self, name: str, team: str | None = None) -> str:
+        """What the CLI and the playground say first: how many were added, as what, and how the file was read."""
+        return (f"{name}: {self.added} example{'' if self.added == 1 else 's'} imported as {self.status}"
+                f"{f' for team {team}' if team else ''}, {self.duplicates} duplicate{'' if self.duplicates == 1 else 's'} "
+                f"skipped.\nRead as: {self.description}")
+
 
 def _text_field(obj: dict, key: str) -> str | None:
     value = obj.get(key)

@@ -199,9 +199,7 @@ def data_import(
     c = ctx()
     result = import_examples(c.db, file, status=status, reviewer="import", question_field=question_field,
                              answer_field=answer_field, team=team)
-    typer.echo(f"{file}: {result.added} examples imported as {status}{f' for team {team}' if team else ''}, "
-               f"{result.duplicates} duplicates skipped.")
-    typer.echo(f"Read as: {result.description}")
+    typer.echo(result.summary(str(file), team))
     if result.held:
         typer.echo(f"{len(result.held)} row(s) hold secrets or personal data; review them before approving:", err=True)
         for line in result.held:

@@ -70,7 +70,7 @@ def test_bad_csv_is_refused_whole(workspace, tmp_path):
     good = tmp_path / "ok.csv"
     good.write_text('instruction,input,output\n"What is SSO?",,"Okta, via the portal"\n', encoding="utf-8")
     r = workspace("data", "import", good)
-    assert r.exit_code == 0 and "1 examples imported" in r.stdout
+    assert r.exit_code == 0 and "1 example imported" in r.stdout
 
 
 ZH_PREAMBLE = "请根据公司知识库回答以下问题:"
@@ -121,7 +121,7 @@ def test_field_options_override_detection_and_unknown_fields_are_named(workspace
     assert "unknown format" in workspace("data", "import", custom).stderr
     r = workspace("data", "import", custom, "--question-field", "ask", "--answer-field", "reply")
     assert r.exit_code == 0, r.stderr
-    assert "1 examples imported" in r.stdout and "Read as: question = ask, answer = reply" in r.stdout
+    assert "1 example imported" in r.stdout and "Read as: question = ask, answer = reply" in r.stdout
     r = workspace("data", "import", custom, "--question-field", "prompt", "--answer-field", "reply")
     assert r.exit_code == 1
     assert r.stderr.strip() == f"kbloop: {custom}: no field `prompt` in the file (fields: ask, reply)"

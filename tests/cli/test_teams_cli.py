@@ -71,7 +71,7 @@ def test_imports_belong_to_the_team_and_remove_keeps_them_private(teams, tmp_pat
     assert teams("data", "import", shared).exit_code == 0
     r = teams("data", "import", eng, "--team", "eng")
     assert r.exit_code == 0, r.stderr
-    assert "1 examples imported as approved for team eng, 0 duplicates skipped" in r.stdout  # not a duplicate
+    assert "1 example imported as approved for team eng, 0 duplicates skipped" in r.stdout  # not a duplicate
     (tmp_path / "kb").mkdir()
     (tmp_path / "kb" / "rota.md").write_text("# Rota\n\nEng on-call rotates weekly.\n", encoding="utf-8")
     r = teams("kb", "import", tmp_path / "kb", "--team", "eng", "--no-embed")
