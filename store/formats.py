@@ -178,15 +178,15 @@ def example_from_record(obj: object, *, preamble: str | None = None) -> tuple[st
             return "guide", NewExample(question=inp, answer=answer)
         return "alpaca", NewExample(question=instruction, input=inp, answer=answer)
     # A pair whose both names are there; else question/answer, so that a row missing its answer says so.
-    for q, a in (*((q, a) for q, a in _QA_FIELDS if q in obj and a in obj), ("question", "answer")):
-        if q in obj or a in obj:
-            question, answer = _text_field(obj, q), _text_field(obj, a)
-            if not question:
-                raise ValueError(f"missing or empty `{q}`")
-            if not answer:
-                raise ValueError(f"missing or empty `{a}`")
-            context = (_text_field(obj, "input") or "") if q == "question" else ""
-            return f"{q}/{a}", NewExample(question=question, input=context, answer=answer)
+    q, a = next(((q, a) for q, a in _QA_FIELDS if q in obj and a in obj), ("question", "answer"))
+    if q in obj or a in obj:
+        question, answer = _text_field(obj, q), _text_field(obj, a)
+        if not question:
+            raise ValueError(f"missing or empty `{q}`")
+        if not answer:
+            raise ValueError(f"missing or empty `{a}`")
+        context = (_text_field(obj, "input") or "") if q == "question" else ""
+        return f"{q}/{a}", NewExample(question=question, input=context, answer=answer)
     keys = ", ".join(sorted(obj)) or "none"
     raise ValueError(f"unknown format (fields: {keys}); expected instruction/input/output, question/answer "
                      "(prompt/completion, query/response, 问题/答案), messages or conversations"
@@ -441,8 +441,12 @@ def _json_array_records(path: Path, raw: str) -> tuple[list[tuple[int, object]],
     decoder = json.JSONDecoder()
     records: list[tuple[int, object]] = []
 
+    counted = [0, 1]  # (position, its line): positions only grow, so each stretch of the file is counted once
+
     def line_at(pos: int) -> int:
-        return raw.count("\n", 0, pos) + 1
+        counted[1] += raw.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
 
     def skip_space(pos: int) -> int:
         while pos < len(raw) and raw[pos] in " \t\r\n":

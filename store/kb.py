@@ -151,7 +151,7 @@ def list_documents(db: sqlite_utils.Database, *, team: str | None = None, every_
     """The documents of `team` (None: the shared ones), or of every team and the shared ones, by path."""
     where, params = ("", []) if every_team else ("WHERE team IS ?", [team])
     rows = db.execute(
-        f"""SELECT doc_path, MIN(CASE WHEN chunk_index = 0 THEN title END), COUNT(*), team, MAX(created_at)
+        f"""SELECT doc_path, MIN(title), COUNT(*), team, MAX(created_at)
             FROM kb_docs {where} GROUP BY COALESCE(team, ''), doc_path ORDER BY COALESCE(team, ''), doc_path""",
         params).fetchall()
     return [DocumentInfo(r[0], r[1] or "", int(r[2]), r[3], r[4]) for r in rows]
