@@ -132,13 +132,12 @@ def train_vs_seed() -> Row:
             ("held-out loss", k["heldout_answer_loss"] <= s["heldout_answer_loss"]), ("stop rate", k["stop_rate"] >= 0.99),
             ("memory", k["peak_rss_mb"]["median"] <= s["peak_rss_mb"]["median"])) if not met]
         passages = sorted({str(r["kbloop"]["config"]["k_passages"]) for r in d["runs"]})
-        loop = d.get("loop_ratio") or {}
+        loop = d["loop_ratio"]
         parts.append(
             f"{d['shape']}, {' or '.join(passages) or '?'} passage(s) per training prompt (the default is "
             f"{SEED_DEFAULTS['k_passages']}): **{ratio['median']:.2f}×** (median of {n}{spread}; {k['train_seconds']['median']:.0f} s vs "
             f"{s['train_seconds']['median']:.0f} s from loading the base to the adapter saved; load "
-            f"{min(loads):.0f}–{max(loads):.0f}" + (f"; the training loop alone {loop['median']:.2f}×" if loop else "")
-            + f"), held-out loss "
+            f"{min(loads):.0f}–{max(loads):.0f}; the training loop alone {loop['median']:.2f}×), held-out loss "
             f"{k['heldout_answer_loss']:.2f} vs {s['heldout_answer_loss']:.2f}, stop rate {pct(k['stop_rate'])} vs "
             f"{pct(s['stop_rate'])}, peak RSS {k['peak_rss_mb']['median']:,.0f} vs {s['peak_rss_mb']['median']:,.0f} MB, "
             f"tokens trained per example {k['data_tokens_per_example']:.0f} vs {s['data_tokens_per_example']:.0f}, "

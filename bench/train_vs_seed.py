@@ -507,14 +507,14 @@ def run_shape(shape: str, base: str, work: Path, a, peak: dict, n_params: int, o
 def _summarise(results: dict, n_params: int, peak: dict, epochs: int) -> None:
     runs = results["runs"]
     results["time_ratio"] = _spread([r["time_ratio"] for r in runs])
-    results["loop_ratio"] = _spread([r["loop_ratio"] for r in runs if "loop_ratio" in r])
+    results["loop_ratio"] = _spread([r["loop_ratio"] for r in runs])
     for name in ("seed", "kbloop"):
         seconds = [r[name]["train_seconds"] for r in runs]
         first = runs[0][name]
         tokens = first["data_tokens_per_epoch"] * epochs
         flops = 6 * n_params * tokens
         results[name] = {
-            "train_seconds": _spread(seconds), "loop_seconds": _spread([r[name].get("loop_seconds", 0) for r in runs]),
+            "train_seconds": _spread(seconds), "loop_seconds": _spread([r[name]["loop_seconds"] for r in runs]),
             "peak_rss_mb": _spread([r[name]["peak_rss_mb"] for r in runs]),
             "steps": first["steps"], "data_tokens_per_example": first["data_tokens_per_epoch"] / results["train"],
             "data_tokens": tokens, "model_tflop": flops / 1e12,
