@@ -134,7 +134,7 @@ def train_vs_seed() -> Row:
         passages = sorted({str(r["kbloop"]["config"]["k_passages"]) for r in d["runs"]})
         loop = d["loop_ratio"]
         parts.append(
-            f"{d['shape']}, {' or '.join(passages) or '?'} passage(s) per training prompt (the default is "
+            f"{d['shape']}, {' or '.join(passages)} passage(s) per training prompt (the default is "
             f"{SEED_DEFAULTS['k_passages']}): **{ratio['median']:.2f}×** (median of {n}{spread}; {k['train_seconds']['median']:.0f} s vs "
             f"{s['train_seconds']['median']:.0f} s from loading the base to the adapter saved; load "
             f"{min(loads):.0f}–{max(loads):.0f}; the training loop alone {loop['median']:.2f}×), held-out loss "
