@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,11 @@ SAMPLES = REPO / "samples"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled modules are cached (in the git-ignored __pycache__ folders) even where PYTHONDONTWRITEBYTECODE is set, as
+# it is on our development and CI machines. Otherwise each xdist worker compiles the project and rewrites the ~80
+# test modules' asserts anew, and so does every process a test starts for what it imports.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # Under pytest-xdist (the default: addopts in pyproject.toml runs two workers) each worker process runs its models
 # on one OpenMP thread, and so do the processes its tests start (they inherit the variable): two workers of two
 # threads each on two cores wait on each other, and `tiny`'s matrices are too small for a second thread to pay.

@@ -235,7 +235,8 @@ def _validate(c: TrainConfig, *, n_examples: int) -> None:
     if n_examples < MIN_TRAIN_EXAMPLES:  # the data, not a setting
         raise StoreError(
             f"only {n_examples} training example{'s' if n_examples != 1 else ''}; at least {MIN_TRAIN_EXAMPLES} "
-            "are needed (approve more in `kbloop review` or import a file with `kbloop data import`)"
+            "are needed beside the held-out ones (approve more in `kbloop review` or import a file with "
+            "`kbloop data import`)"
         )
 
 

@@ -31,6 +31,7 @@ from finetune.model.prompting import (
 )
 from finetune.serving.retrieval import retrieve_passages
 from finetune.serving.verified import related_examples
+from finetune.training.config import MIN_TRAIN_EXAMPLES
 from store import StoreError
 from store.interactions import get_interaction, thread_interactions
 
@@ -94,15 +95,21 @@ def _unit_hash(question: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_heldout(examples: Sequence, *, fraction: float = 0.1) -> tuple[list, list]:
+def split_heldout(examples: Sequence, *, fraction: float = 0.1, min_train: int = 0) -> tuple[list, list]:
     """(train, heldout), deterministic by question hash: an example stays on its side as the data grows.
 
-    With at least 5 examples the held-out side gets at least one.
+    With at least 5 examples the held-out side gets at least one. On a small set the hashes can hold out far more
+    than `fraction` (3 of 10); the held-out side then gives examples back to training, highest hash first, until
+    `min_train` train or one is left, so that 9 examples are enough to train on 8 and evaluate on 1. Only sets
+    that small can see an example go from training to held-out as they grow.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"held-out fraction must be in [0, 1), not {fraction}")
     keyed = [(_unit_hash(ex.question), i) for i, ex in enumerate(examples)]
-    held = {i for h, i in keyed if h < fraction}
+    held_keys = sorted((h, i) for h, i in keyed if h < fraction)
+    while len(held_keys) > 1 and len(examples) - len(held_keys) < min_train:
+        held_keys.pop()
+    held = {i for _, i in held_keys}
     if fraction > 0 and not held and len(examples) >= 5:
         held = {min(keyed)[1]}
     train = [ex for i, ex in enumerate(examples) if i not in held]
@@ -121,7 +128,7 @@ def split_for_training(examples: Sequence, *, fraction: float = 0.1) -> tuple[li
     """
     corrections = [ex for ex in examples if getattr(ex, "interaction_id", None) is not None]
     rest = [ex for ex in examples if getattr(ex, "interaction_id", None) is None]
-    train, heldout = split_heldout(rest, fraction=fraction)
+    train, heldout = split_heldout(rest, fraction=fraction, min_train=MIN_TRAIN_EXAMPLES - len(corrections))
     return train + corrections, heldout
 
 

@@ -118,6 +118,26 @@ def test_split_heldout_small_sets_get_one_heldout():
     assert split_heldout(exs[:3]) == (exs[:3], [])
 
 
+def test_a_small_set_that_hashes_heavily_to_held_out_still_trains_on_eight():
+    """10 examples of which the hash rule would hold out 3 (it happened to a 10-example file in the LoRA guide's
+    layout): training was refused with 7. Held-out examples go back, highest hash first, until 8 train."""
+    from finetune.training.config import MIN_TRAIN_EXAMPLES
+    from finetune.training.data import _unit_hash
+
+    candidates = [_example(question=f"Where is depot {i}?") for i in range(200)]
+    low = sorted((ex for ex in candidates if _unit_hash(ex.question) < 0.1), key=lambda ex: _unit_hash(ex.question))
+    high = [ex for ex in candidates if _unit_hash(ex.question) >= 0.1]
+    ten = low[:3] + high[:7]
+    assert split_heldout(ten)[1] == low[:3]  # the hash rule alone
+    train, held = split_for_training(ten)
+    assert len(train) == MIN_TRAIN_EXAMPLES == 8 and held == low[:2]  # the lowest hashes stay held out
+    train, held = split_for_training(low[:2] + high[:7])  # 9: 8 to train, 1 to evaluate
+    assert (len(train), held) == (8, low[:1])
+    # Large sets keep the hash rule whole.
+    many = low[:30] + high[:100]
+    assert split_for_training(many)[1] == split_heldout(many)[1] == sorted(low[:30], key=many.index)
+
+
 def test_split_for_training_always_trains_corrections_last_and_holds_out_from_the_rest():
     from types import SimpleNamespace
 

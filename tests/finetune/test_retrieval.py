@@ -186,7 +186,7 @@ def test_the_decision_does_not_depend_on_the_size_of_the_kb(kb_db, tmp_path):
     big = open_db(tmp_path / "big.db")
     add_docs(big, DOCS)
     add_docs(big, {f"other/{i}.md": (f"Team {i} notes", f"The team {i} stand-up is on Monday at {9 + i % 8}:00. "
-                                     f"第 {i} 小组的周会在周一举行，请在服务门户提交需求。") for i in range(40)})
+                                     f"第 {i} 小组的周会在周一举行，请在服务门户提交需求。") for i in range(12)})
     embed_missing_passages(big)
     for question in ("开叉车需要什么证书？", "How long is the forklift certificate valid?", "食堂晚饭几点开始？",
                      "How do I bake sourdough bread?"):
