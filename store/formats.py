@@ -154,11 +154,23 @@ def _one_exchange(turns: object, field: str, role_key: str, text_key: str, roles
     return NewExample(question=question, answer=answer)
 
 
+def _refuse_history(obj: dict) -> None:
+    """LLaMA-Factory's Alpaca layout and ms-swift's query/response may carry earlier turns in `history`. A follow-up
+    ("What about weekends?") trained without them would teach an answer to a question it does not ask."""
+    history = obj.get("history")
+    if history in (None, "", []):
+        return
+    turns = f"{len(history)} earlier turn{'s' if len(history) != 1 else ''}" if isinstance(history, list) else "turns"
+    raise ValueError(f"`history` holds {turns}: kbloop trains single questions, and this one read alone may not "
+                     "ask what its answer answers (put what it needs into the question, or leave the row out)")
+
+
 def example_from_record(obj: object, *, preamble: str | None = None) -> tuple[str, NewExample]:
     """One record in any accepted shape -> (its kind, see READ_AS, or "guide"; the example). ValueError says what
     is wrong. `preamble` is the file's shared instruction (guide layout): its rows ask the question in `input`."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    _refuse_history(obj)
     if "messages" in obj:
         return "messages", _one_exchange(obj["messages"], "messages", "role", "content", _CHAT_ROLES)
     if "conversations" in obj:

@@ -197,6 +197,21 @@ def test_field_names_in_any_case_and_the_other_common_names_of_a_question_and_an
     assert err.value.problems == [f"{clash}:2: fields that differ only in case or spaces ('question' twice); keep one"]
 
 
+def test_a_row_with_earlier_turns_in_history_is_refused_not_read_alone(tmp_path):
+    """LLaMA-Factory's Alpaca layout keeps a follow-up's earlier turns in `history` (ms-swift's query/response too):
+    "What about weekends?" read alone would train an answer to a question it does not ask."""
+    path = _jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "When is the depot open?", "input": "", "output": "Weekdays 7 to 19.", "history": []},
+        {"instruction": "What about weekends?", "input": "", "output": "Closed on Sundays.",
+         "history": [["When is the depot open?", "Weekdays 7 to 19."]]},
+        {"query": "周末呢？", "response": "周日休息。", "history": [["仓库几点开门？", "七点。"], ["几点关门？", "十九点。"]]},
+    ])
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert [p.split(": `history` holds ")[0] for p in err.value.problems] == [f"{path}:2", f"{path}:3"]
+    assert "1 earlier turn:" in err.value.problems[0] and "2 earlier turns:" in err.value.problems[1]
+
+
 def test_an_excel_sheet_is_read_as_a_csv_is_with_rows_as_lines(tmp_path):
     import openpyxl
 
