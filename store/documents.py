@@ -33,7 +33,7 @@ from store.db import StoreError
 from store.kb import NewPassage
 from store.sensitive import describe, find_sensitive, line_of
 from store.teams import require_team
-from store.text import CJK_TEXT_END
+from store.text import CJK_TEXT_END, decode_text
 
 KB_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".docx", ".pdf")
 KB_TYPES = "Markdown, text, HTML, Word (.docx) or PDF"
@@ -168,10 +168,11 @@ def _decode(path: Path) -> str:
     except PermissionError:
         raise StoreError(f"{path}: not readable (permission denied)") from None
     try:
-        return raw.decode("utf-8-sig")
+        return decode_text(raw)[0]
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise StoreError(f"{path}:{line}: not UTF-8 text; save the document as UTF-8") from None
+        raise StoreError(f"{path}:{line}: not UTF-8 text, nor Chinese text in GB18030 or GBK; save the document as "
+                         "UTF-8") from None
 
 
 def document_text(path: Path) -> str:

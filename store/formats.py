@@ -38,6 +38,7 @@ from store.examples import (
 )
 from store.sensitive import describe, find_sensitive_in
 from store.teams import require_team
+from store.text import decode_text
 
 # The longest CSV field read at all: the largest text an example may hold, with room for quoting. Python's csv
 # stops at 128 KiB by default with an exception that names no line.
@@ -214,7 +215,7 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     is one of them.
     """
     path = Path(path)
-    records, problems = _read_records(path)
+    records, problems, encoding = _read_records(path)
     preamble, fields = None, None
     if question_field or answer_field:
         read, fields = _field_reader(path, [obj for _, obj in records], question_field, answer_field)
@@ -243,7 +244,10 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
         raise ImportFileError(problems)
     if not examples:
         raise ImportFileError([f"{path}: no examples in the file"])
-    return ImportedFile(examples, *_describe(kinds, preamble=preamble, fields=fields), lines=tuple(lines))
+    layout, description = _describe(kinds, preamble=preamble, fields=fields)
+    if encoding != "UTF-8":
+        description += f" (the file's text is {encoding}, not UTF-8)"
+    return ImportedFile(examples, layout, description, lines=tuple(lines))
 
 
 def _with_lowercase_fields(path: Path, records: list[tuple[int, object]],
@@ -358,12 +362,13 @@ def _describe(kinds: Counter[str], *, preamble: str | None, fields: str | None) 
     return "mixed", "; ".join(f"{n} {'row' if n == 1 else 'rows'} read as {READ_AS[k]}" for k, n in kinds.items())
 
 
-def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
-    """(line number, record) for each line or row, and `FILE:LINE: reason` for each one that does not parse."""
+def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], str]:
+    """(line number, record) for each line or row, `FILE:LINE: reason` for each one that does not parse, and the
+    text's encoding ("UTF-8" for a workbook)."""
     suffix = path.suffix.lower()
     if suffix == ".xlsx":
-        return _xlsx_records(path)
-    raw = _read_text(path)
+        return *_xlsx_records(path), "UTF-8"
+    raw, encoding = _read_text(path)
     records: list[tuple[int, object]] = []
     problems: list[str] = []
     if suffix in (".jsonl", ".json", ".ndjson") and raw.lstrip().startswith("["):
@@ -407,7 +412,7 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
             csv.field_size_limit(previous_limit)
     else:
         raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl, .json, .csv or .xlsx"])
-    return records, problems
+    return records, problems, encoding
 
 
 def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
@@ -527,14 +532,18 @@ def _read_bytes(path: Path) -> bytes:
         raise StoreError(f"{path}: not readable (permission denied)") from None
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path) -> tuple[str, str]:
+    """(text, encoding): see store.text.decode_text."""
     data = _read_bytes(path)
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        line = data[:nul].count(b"\n") + 1
-        raise StoreError(f"{path}:{line}: contains a NUL byte; a text file holds none (UTF-16? save the file as UTF-8)")
     try:
-        return data.decode("utf-8-sig")
+        text, encoding = decode_text(data)
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise StoreError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+        raise StoreError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}), nor Chinese text in GB18030 "
+                         "or GBK; save the file as UTF-8") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text[:nul].count("\n") + 1
+        raise StoreError(f"{path}:{line}: contains a NUL byte; a text file holds none (UTF-16 without its byte order "
+                         "mark? save the file as UTF-8)")
+    return text, encoding

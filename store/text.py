@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
 import hashlib
 import re
@@ -20,6 +21,33 @@ CJK_CHAR = re.compile(f"[{CJK_RANGES}]")  # one CJK character
 CJK_RUN = re.compile(f"[{CJK_RANGES}]+")  # a run of them: one unspaced stretch of CJK text
 CJK_TEXT_END = re.compile(f"[{CJK_RANGES}{CJK_PUNCTUATION}]$")  # text that ends in CJK: joined without a space
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+def _in_gb2312(char: str) -> bool:
+    """Is the character in GB2312, the common core of GBK (two bytes, both 0xA1-0xFE): nearly every character of
+    Chinese text is; a Latin-1 letter followed by ASCII that happens to decode as GBK ("ü" + "r") is not."""
+    encoded = char.encode("gb18030")
+    return len(encoded) == 2 and encoded[0] >= 0xA1 and encoded[1] >= 0xA1
+
+
+def decode_text(data: bytes) -> tuple[str, str]:
+    """(text, encoding) of a text file: UTF-8 (with or without its BOM); UTF-16 with its BOM (Excel's "Unicode
+    text"); or GB18030, the superset of GBK and GB2312 that Excel and Notepad on Chinese Windows save in, when
+    the file is not UTF-8 and 90% of its non-ASCII characters are GB2312's (so Latin-1 "Zwei für alle", which
+    decodes as GBK, is not taken for it). Otherwise raises the UTF-8 reading's UnicodeDecodeError, whose
+    `start` is where it failed."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16"), "UTF-16"
+    try:
+        return data.decode("utf-8-sig"), "UTF-8"
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    try:
+        text = data.decode("gb18030")
+    except UnicodeDecodeError:
+        raise utf8_error from None
+    wide = [c for c in text if ord(c) > 127]
+    if sum(map(_in_gb2312, wide)) >= 0.9 * len(wide):
+        return text, "GB18030"
+    raise utf8_error
 
 
 def now() -> str:

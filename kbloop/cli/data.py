@@ -72,9 +72,13 @@ def kb_import(
     if embed:
         _embed_passages(c)
     stats = kb_stats(c.db)
-    typer.echo(f"{read} documents read{f' for team {team}' if team else ''}, {changed} new or changed, "
+    typer.echo(f"{_count(read, 'document')} read{f' for team {team}' if team else ''}, {changed} new or changed, "
                f"{read - changed} unchanged; "
-               f"knowledge base: {stats['documents']} documents, {stats['passages']} passages.")
+               f"knowledge base: {_count(stats['documents'], 'document')}, {_count(stats['passages'], 'passage')}.")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _embed_passages(c) -> None:

@@ -127,6 +127,23 @@ def test_markdown_front_matter_gives_the_title_and_is_not_content(workspace, tmp
     ]
 
 
+def test_documents_saved_in_gbk_are_read_and_latin_1_is_refused_whole(workspace, tmp_path, db_path):
+    """Notepad and Word on Chinese Windows save plain text in GBK; an HTML export may say `charset=gb2312`."""
+    kb = tmp_path / "docs"
+    kb.mkdir()
+    (kb / "仓库规定.txt").write_bytes("仓库管理规定\n\n叉车操作证每四年复审一次。\n".encode("gbk"))
+    (kb / "night.html").write_bytes('<html><head><meta charset="gb2312"><title>夜班交接</title></head>'
+                                    "<body><p>夜班在晚上十点交接。</p></body></html>".encode("gb2312"))
+    assert workspace("kb", "import", kb, "--no-embed").exit_code == 0
+    rows = open_db(db_path).execute("SELECT doc_path, title, content FROM kb_docs ORDER BY doc_path").fetchall()
+    assert rows == [("night.html", "夜班交接", "夜班在晚上十点交接。"),
+                    ("仓库规定.txt", "仓库管理规定", "仓库管理规定\n\n叉车操作证每四年复审一次。")]
+    (kb / "cafe.md").write_bytes("# Café\n\nZwei für alle.\n".encode("latin-1"))
+    r = workspace("kb", "import", kb, "--no-embed")
+    assert r.exit_code == 1 and f"{kb / 'cafe.md'}:1: not UTF-8 text" in r.stderr
+    assert len(open_db(db_path).execute("SELECT doc_path FROM kb_docs").fetchall()) == 2  # nothing of it imported
+
+
 def test_a_document_deleted_from_the_folder_leaves_with_prune_or_remove_and_is_no_longer_found(workspace, tmp_path):
     kb = tmp_path / "kb"
     kb.mkdir()

@@ -75,7 +75,7 @@ def test_imports_belong_to_the_team_and_remove_keeps_them_private(teams, tmp_pat
     (tmp_path / "kb").mkdir()
     (tmp_path / "kb" / "rota.md").write_text("# Rota\n\nEng on-call rotates weekly.\n", encoding="utf-8")
     r = teams("kb", "import", tmp_path / "kb", "--team", "eng", "--no-embed")
-    assert r.exit_code == 0 and "1 documents read for team eng" in r.stdout
+    assert r.exit_code == 0 and "1 document read for team eng" in r.stdout
     db = open_db(db_path)
     assert sorted((r[0] or "-") for r in db.execute("SELECT team FROM examples")) == ["-", "eng"]
     assert [r[0] for r in db.execute("SELECT team FROM kb_docs")] == ["eng"]

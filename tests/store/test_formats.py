@@ -212,6 +212,26 @@ def test_a_row_with_earlier_turns_in_history_is_refused_not_read_alone(tmp_path)
     assert "1 earlier turn:" in err.value.problems[0] and "2 earlier turns:" in err.value.problems[1]
 
 
+def test_chinese_windows_csv_in_gbk_and_excel_unicode_text_are_read_and_said(tmp_path):
+    """Excel on Chinese Windows saves a CSV in GBK (code page 936); its "Unicode text" is UTF-16 with a BOM."""
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes("问题,答案\n仓库几点开门？,早上七点。\n“叉车证”多久复审？,每四年一次。\n".encode("gbk"))
+    read = read_examples_file(gbk)
+    assert read.examples == [NewExample("仓库几点开门？", "早上七点。"), NewExample("“叉车证”多久复审？", "每四年一次。")]
+    assert read.description == "question = 问题, answer = 答案 (the file's text is GB18030, not UTF-8)"
+    utf16 = tmp_path / "unicode.tsv"
+    utf16.write_bytes("question\tanswer\nWhere is lot B?\tBehind gate 2.\n".encode("utf-16"))
+    assert read_examples_file(utf16).examples == [NewExample("Where is lot B?", "Behind gate 2.")]
+    assert read_examples_file(utf16).description.endswith("(the file's text is UTF-16, not UTF-8)")
+    # Latin-1 is refused, whether its bytes fail as GBK ("café open": é, then a space) or read as GBK characters
+    # outside GB2312 ("Cafés", "für": é then s, ü then r).
+    for line in ("Is the café open?,oui", "Cafés?,Zwei für alle"):
+        latin = tmp_path / "latin.csv"
+        latin.write_bytes(f"question,answer\n{line}\n".encode("latin-1"))
+        with pytest.raises(StoreError, match=r"latin.csv:2: not UTF-8 text \(byte 0x..\), nor Chinese text in GB18030"):
+            read_examples_file(latin)
+
+
 def test_an_excel_sheet_is_read_as_a_csv_is_with_rows_as_lines(tmp_path):
     import openpyxl
 
