@@ -343,7 +343,8 @@ def _first_line(text: str) -> str:
 
 
 def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
-    """Split at blank lines (then at sentence ends for long paragraphs), packing up to max_chars."""
+    """Split at blank lines (then at sentence ends for long paragraphs), packing up to max_chars. A sentence still
+    longer (a list or table without full stops, Chinese with commas only, a long link) is cut by _split_long."""
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     pieces: list[str] = []
     for para in paragraphs:
@@ -352,7 +353,7 @@ def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
             continue
         sentences = re.split(r"(?<=[.!?。！？])\s*", para)
         buf = ""
-        for s in sentences:
+        for s in (part for sentence in sentences for part in _split_long(sentence, max_chars)):
             if buf and len(buf) + len(s) > max_chars:
                 pieces.append(buf.strip())
                 buf = ""
@@ -369,6 +370,32 @@ def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
     if buf:
         chunks.append(buf)
     return chunks or [title]
+
+
+# Where a sentence longer than a passage is cut, in order: at line breaks (kept, so a table stays a table), after
+# clause marks and at spaces; a run with none of them (a link, unpunctuated Chinese) at the limit itself.
+_LONG_BREAKS = ((re.compile(r"\n"), "\n"), (re.compile(r"(?<=[，；、：,;:])\s*|\s+"), " "))
+
+
+def _split_long(text: str, max_chars: int, level: int = 0) -> list[str]:
+    """`text` as pieces of at most max_chars, each cut where _LONG_BREAKS says; `text` itself when it fits."""
+    if len(text) <= max_chars:
+        return [text]
+    if level == len(_LONG_BREAKS):
+        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+    pattern, joiner = _LONG_BREAKS[level]
+    out: list[str] = []
+    buf = ""
+    for part in (p for piece in pattern.split(text) if piece.strip() for p in _split_long(piece.strip(), max_chars,
+                                                                                          level + 1)):
+        sep = "" if not buf or (joiner == " " and CJK_TEXT_END.search(buf)) else joiner
+        if buf and len(buf) + len(sep) + len(part) > max_chars:
+            out.append(buf)
+            buf, sep = "", ""
+        buf += sep + part
+    if buf:
+        out.append(buf)
+    return out
 
 
 def document_passages(path: Path, doc_path: str, *, max_chars: int = 700, text: str | None = None) -> list[NewPassage]:
@@ -401,9 +428,13 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
     if not files:
         raise StoreError(f"no {KB_TYPES.replace(' or ', ', ')} documents found in " + ", ".join(map(str, paths))
                          + "".join(f"\n{s}" for s in skipped))
+    named = {p for p in paths if not p.is_dir()}
     parsed, flagged, notices = [], [], []
     for f in files:
         text = document_text(f)
+        if f not in named and not read_document(f, text)[1].strip():
+            skipped.append(f"{f}: empty; skipped")  # a placeholder page in a folder: nothing to import, nothing wrong
+            continue
         for finding in find_sensitive(text):
             line = line_of(text, finding.start)
             where = f"{f} (line {line} of its text)" if f.suffix.lower() in _BINARY_SUFFIXES else f"{f}:{line}"
@@ -414,11 +445,13 @@ def import_documents(db, paths: list[Path], *, allow_sensitive: bool = False, ma
         raise StoreError("\n".join([f"{line} (secret or personal data)" for line in flagged] + [
             f"nothing imported: {len(flagged)} finding(s) in the documents; remove them, or import with "
             "--allow-sensitive if they belong in the knowledge base"]))
+    if not parsed:
+        raise StoreError("every document found is empty: " + ", ".join(map(str, files)))
     changed = sum(replace_document(db, passages[0].doc_path, passages, team=team)[1] for passages in parsed)
     removed: list[str] = []
     if prune:
         imported = {passages[0].doc_path for passages in parsed}
         removed = [d.doc_path for d in list_documents(db, team=team) if d.doc_path not in imported]
         delete_documents(db, removed, team=team)
-    return DocumentImport(len(files), changed, tuple(skipped), tuple(notices + (flagged if allow_sensitive else [])),
+    return DocumentImport(len(parsed), changed, tuple(skipped), tuple(notices + (flagged if allow_sensitive else [])),
                           tuple(removed))

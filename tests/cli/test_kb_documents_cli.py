@@ -127,6 +127,25 @@ def test_markdown_front_matter_gives_the_title_and_is_not_content(workspace, tmp
     ]
 
 
+def test_an_empty_page_in_a_folder_is_skipped_and_said_but_refused_when_named(workspace, tmp_path, db_path):
+    """A handbook folder holds placeholder pages (an empty index.md, a page of front matter only)."""
+    kb = tmp_path / "docs"
+    kb.mkdir()
+    (kb / "vpn.md").write_text("# VPN\n\nInstall WireGuard.\n", encoding="utf-8")
+    (kb / "index.md").write_text("", encoding="utf-8")
+    (kb / "todo.md").write_text("---\ntitle: To do\n---\n\n  \n", encoding="utf-8")
+    r = workspace("kb", "import", kb, "--no-embed")
+    assert r.exit_code == 0, r.stderr
+    assert f"{kb / 'index.md'}: empty; skipped" in r.stderr and f"{kb / 'todo.md'}: empty; skipped" in r.stderr
+    assert "1 document read, 1 new or changed" in r.stdout
+    assert [row[0] for row in open_db(db_path).execute("SELECT doc_path FROM kb_docs")] == ["vpn.md"]
+    r = workspace("kb", "import", kb / "index.md", "--no-embed")
+    assert r.exit_code == 1 and "index.md: the document is empty" in r.stderr
+    (kb / "vpn.md").unlink()
+    r = workspace("kb", "import", kb, "--no-embed")
+    assert r.exit_code == 1 and "every document found is empty" in r.stderr
+
+
 def test_documents_saved_in_gbk_are_read_and_latin_1_is_refused_whole(workspace, tmp_path, db_path):
     """Notepad and Word on Chinese Windows save plain text in GBK; an HTML export may say `charset=gb2312`."""
     kb = tmp_path / "docs"

@@ -73,3 +73,22 @@ def test_a_chinese_sentence_is_joined_to_the_next_without_a_space():
 
     chunks = chunk_text("标题", "第一句话。" * 80 + "第二段！" * 80, max_chars=300)
     assert all(" " not in c for c in chunks)
+
+
+def test_a_sentence_longer_than_a_passage_is_cut_at_lines_then_clauses_then_the_limit():
+    """Text with no full stop between blank lines was one passage however long: a 120-row table, Chinese with
+    commas only, a 5,000-character link, 30,000 characters of unpunctuated Chinese."""
+    from store.documents import chunk_text
+
+    table = "| Part | Shelf |\n|---|---|\n" + "\n".join(f"| Part {i} | Shelf {i} |" for i in range(120))
+    commas = "，".join(f"第{i}条规定员工需要遵守仓库的安全规则" for i in range(100)) + "。"
+    link = "See https://wiki.example.com/" + "a" * 5000 + " for details"
+    unbroken = "仓库管理规定叉车操作证每四年复审一次" * 1600
+    for long_text in (table, commas, link, unbroken):
+        chunks = chunk_text("T", long_text, max_chars=700)
+        assert len(chunks) >= len(long_text) // 700 and all(len(c) <= 700 for c in chunks)
+        assert "".join("".join(c.split()) for c in chunks) == "".join(long_text.split())  # nothing lost, nothing added
+    rows = chunk_text("T", table, max_chars=700)
+    assert all(line.startswith("|") for c in rows for line in c.split("\n"))  # cut between rows, rows whole
+    clauses = chunk_text("T", commas, max_chars=700)
+    assert all(c.endswith(("，", "。")) for c in clauses) and " " not in "".join(clauses)  # Chinese joined without spaces
