@@ -48,7 +48,12 @@ def write_export(db: sqlite_utils.Database, fmt: str, out: Path | str, *, team: 
     """Write `fmt` records as JSONL to `out` (`team`: export_records); returns (written, left out as flagged)."""
     require_team(db, team)
     records, left_out = export_records(db, fmt, team=team)
+    write_jsonl(out, records)
+    return len(records), left_out
+
+
+def write_jsonl(out: Path | str, records: list[dict]) -> None:
+    """One JSON record a line, UTF-8 as written (Chinese stays readable), replacing `out` whole."""
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return len(records), left_out

@@ -75,6 +75,37 @@ def build_training_examples(db, examples: Sequence, *, k: int, team: str | None 
     return out
 
 
+def trained_conversation(ex: TrainingExample) -> list[dict]:
+    """The conversation training learns from `ex`: the prompt the engine would build (build_messages) and the answer.
+    Before the max-length cut (encode_example), which drops passages and earlier turns of an over-long prompt."""
+    return [*build_messages(ex.question, input=ex.input, passages=ex.passages, approved=ex.approved,
+                            history=ex.history), {"role": "assistant", "content": ex.answer}]
+
+
+def as_trained_records(db, fmt: str, *, k: int, team: str | None = None) -> tuple[list[dict], int]:
+    """`kbloop data export --as-trained`: the approved examples that train (store.examples.training_examples) as
+    the prompts they train with, and how many were left out as flagged. `messages`: the whole conversation,
+    system turn first (TRL's conversational format); `sft`: LLaMA-Factory's Alpaca columns with `system` and
+    `history` (a follow-up's earlier turns as [question, answer] pairs)."""
+    from store.examples import training_examples
+
+    if fmt not in ("sft", "messages"):
+        raise StoreError(f"--as-trained writes sft or messages records, not {fmt!r} (dpo and kto are written as "
+                         "questions and answers only)")
+    examples, withheld = training_examples(db, team=team)
+    records = []
+    for ex in build_training_examples(db, examples, k=k, team=team):
+        conversation = trained_conversation(ex)
+        if fmt == "messages":
+            records.append({"messages": conversation})
+            continue
+        system, *turns, question, answer = conversation
+        history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns), 2)]
+        records.append({"system": system["content"], "instruction": question["content"], "input": "",
+                        "output": answer["content"], "history": history})
+    return records, len(withheld)
+
+
 def _thread_turns(db, interaction_id: int | None) -> list[Turn]:
     """The turns before an interaction in its Slack thread (none outside a thread)."""
     if interaction_id is None:

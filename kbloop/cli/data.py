@@ -218,15 +218,41 @@ def data_export(
     out: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
     team: Annotated[Optional[str], typer.Option(
         help="What trains this team's adapter: the shared and the team's rows. Default: shared rows only.")] = None,
+    as_trained: Annotated[bool, typer.Option(
+        "--as-trained", help="sft and messages: each example as `kbloop train` prompts it (kbloop's system prompt, "
+        "the passages retrieved for its question, approved answers to related ones, a follow-up's earlier turns), "
+        "to train elsewhere an adapter that kbloop serves.")] = False,
+    passages: Annotated[Optional[int], typer.Option(
+        help="With --as-trained: passages per prompt. Default: `kbloop train`'s for the workspace's base.")] = None,
 ) -> None:
-    """Write training data as JSONL for TRL / LLaMA-Factory: what `kbloop train` (with the same --team) trains on.
-    A team's rows are exported only with --team."""
-    from store.export import EXPORT_FORMATS, write_export
+    """Write training data as JSONL for TRL / LLaMA-Factory: the examples `kbloop train` (with the same --team)
+    trains on, as question and answer, or with --as-trained as the prompts it trains with. A team's rows are
+    exported only with --team."""
+    from store.export import EXPORT_FORMATS, write_export, write_jsonl
 
     if format not in EXPORT_FORMATS:
         fail(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
-    n, left_out = write_export(ctx().db, format, out, team=team)
-    typer.echo(f"{n} {format} records written to {out}.")
+    if passages is not None and not as_trained:
+        fail("--passages goes with --as-trained: the plain export has no prompts")
+    if passages is not None and passages < 0:
+        fail(f"--passages must be 0 or more, not {passages}")
+    c = ctx()
+    if as_trained:
+        from finetune.model.loading import TINY, is_tiny_base
+        from finetune.training.config import TrainConfig, prompt_passages
+        from finetune.training.data import as_trained_records
+        from store.teams import require_team
+
+        base = c.settings.base_model
+        k = prompt_passages(TrainConfig(base=base, k_passages=passages), tiny=base == TINY or is_tiny_base(base))
+        records, left_out = as_trained_records(c.db, format, k=k, team=require_team(c.db, team))
+        write_jsonl(out, records)
+        n = len(records)
+        typer.echo(f"{n} {format} records written to {out}, as trained with {k} passage{'' if k == 1 else 's'} "
+                   "per prompt.")
+    else:
+        n, left_out = write_export(c.db, format, out, team=team)
+        typer.echo(f"{n} {format} records written to {out}.")
     if left_out:
         typer.echo(f"{left_out} record(s) left out: they hold secrets or personal data that no curator confirmed "
                    "(see `kbloop review --status approved` and the playground's review).", err=True)

@@ -211,6 +211,37 @@ def test_sample_workflow_and_exports_load_with_datasets(workspace, tmp_path):
     assert workspace("data", "export", "--format", "alpaca", "--out", tmp_path / "x").exit_code == 1
 
 
+def test_export_as_trained_writes_the_prompts_training_sees_for_trl_and_llama_factory(workspace, tmp_path):
+    """To train elsewhere an adapter that kbloop serves, the prompts must be kbloop's: system prompt, passages."""
+    datasets = pytest.importorskip("datasets")
+    from finetune.model.prompting import SYSTEM_PROMPT
+    from tests.conftest import small_sample_kb
+
+    assert workspace("kb", "import", small_sample_kb(tmp_path / "kb")).exit_code == 0
+    qa = _write(tmp_path / "qa.jsonl", [json.dumps({"question": q, "answer": a}, ensure_ascii=False) for q, a in (
+        ("How do I connect to the VPN from my laptop?", "Install the client, then sign in with SSO."),
+        ("年假有多少天？", "每年二十五天。"))])
+    assert workspace("data", "import", qa).exit_code == 0
+    out = tmp_path / "messages.jsonl"
+    r = workspace("data", "export", "--format", "messages", "--as-trained", "--passages", "2", "--out", out)
+    assert r.exit_code == 0 and "2 messages records written" in r.stdout and "with 2 passages per prompt" in r.stdout
+    records = datasets.load_dataset("json", data_files=str(out), split="train")["messages"]
+    for (system, user, assistant), question in zip(records, ("How do I connect", "年假有多少天？")):
+        assert (system["role"], system["content"]) == ("system", SYSTEM_PROMPT)
+        assert user["content"].startswith("Knowledge base:\n[1] ") and "\n\n[2] " in user["content"]
+        assert user["content"].split("Question: ")[1].startswith(question)
+        assert assistant["role"] == "assistant"
+    out = tmp_path / "sft.jsonl"
+    assert workspace("data", "export", "--format", "sft", "--as-trained", "--passages", "2", "--out", out).exit_code == 0
+    sft = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert sft.column_names == ["system", "instruction", "input", "output", "history"]
+    assert sft["instruction"] == [m[1]["content"] for m in records] and sft["history"] == [[], []]
+    r = workspace("data", "export", "--format", "kto", "--as-trained", "--out", tmp_path / "kto.jsonl")
+    assert r.exit_code == 1 and "--as-trained writes sft or messages records, not 'kto'" in r.stderr
+    r = workspace("data", "export", "--format", "sft", "--passages", "2", "--out", tmp_path / "x.jsonl")
+    assert r.exit_code == 1 and "--passages goes with --as-trained" in r.stderr
+
+
 def test_backup_is_a_consistent_copy(workspace, tmp_path):
     workspace("data", "import", SAMPLES / "qa.jsonl")
     out = tmp_path / "backup.db"

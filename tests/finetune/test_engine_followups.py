@@ -13,11 +13,12 @@ from finetune.model.prompting import (
     build_messages,
     history_within,
     is_follow_up,
+    render_prompt,
     standalone_question,
 )
 from finetune.serving.engine import Engine, EngineConfig, thread_history
 from finetune.serving.retrieval import embed_missing_passages
-from finetune.training.data import IGNORE_INDEX, build_training_examples, encode_example
+from finetune.training.data import IGNORE_INDEX, as_trained_records, build_training_examples, encode_example
 from store import open_db
 from store.documents import import_documents
 from store.examples import review_example, training_examples
@@ -104,6 +105,16 @@ def test_a_correction_on_a_follow_up_trains_on_the_prompt_that_was_served(db_pat
     trained_prompt = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label == IGNORE_INDEX]
     assert trained_prompt == served  # train and serve see the same prompt
     assert get_interaction(db, second).thread_ts == "1711111111.000100"
+
+    # `kbloop data export --as-trained`: the conversation, rendered by the chat template, is the served prompt.
+    [record], left_out = as_trained_records(db, "messages", k=3)
+    *prompt, answer = record["messages"]
+    assert tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"] == served
+    assert answer == {"role": "assistant", "content": "Contractors follow their contract."} and left_out == 0
+    [alpaca], _ = as_trained_records(db, "sft", k=3)
+    assert alpaca["history"] == [[f"Question: {FIRST.question}", FIRST.answer]]
+    assert (alpaca["system"], alpaca["instruction"], alpaca["output"]) == (
+        prompt[0]["content"], prompt[-1]["content"], answer["content"])
 
 
 def _all_examples(db):
