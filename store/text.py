@@ -95,13 +95,30 @@ def cjk_words(run: str) -> list[str]:
     return [w for w in _jieba_tokenizer().cut_for_search(run, HMM=True) if w.strip()]
 
 
+_to_simplified = None
+
+
+def fold_script(text: str) -> str:
+    """Traditional Chinese characters as simplified, for matching only (search terms, embeddings): an employee in
+    Taiwan or Hong Kong asks "叉車證多久需要複審？" of a KB that writes 叉车证. Only matching sees the folded text;
+    what is stored, shown and put in the prompt is what was written. Text without CJK comes back as it is."""
+    if not CJK_CHAR.search(text):
+        return text
+    global _to_simplified
+    if _to_simplified is None:
+        from opencc import OpenCC
+
+        _to_simplified = OpenCC("t2s").convert
+    return _to_simplified(text)
+
+
 def segment(text: str, *, cjk: tuple[str, ...] = ("bigrams",)) -> list[str]:
     """Tokens: words for alphabetic scripts; for CJK runs, jieba `words` and/or overlapping `bigrams`.
 
     segment("报销流程 VPN") -> ["报销", "销流", "流程", "vpn"];
     segment("报销流程 VPN", cjk=("words",)) -> ["报销", "流程", "vpn"]. A single CJK character stays itself.
     """
-    text = unicodedata.normalize("NFKC", text).lower()
+    text = fold_script(unicodedata.normalize("NFKC", text).lower())
     terms: list[str] = []
     for token in _WORD.findall(text):
         pos = 0

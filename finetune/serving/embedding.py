@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from store.text import fold_script
+
 DEFAULT_EMBEDDING_MODEL = "multilingual-e5-small"
 MINILM = "all-MiniLM-L6-v2"
 _ALIASES = {
@@ -226,6 +228,7 @@ def embedding_dim() -> int:
 
 def embed_queries(texts: list[str]) -> np.ndarray:
     """Questions (or anything matched against passages or other questions): (N, D) float32, unit rows."""
+    texts = [fold_script(t) for t in texts]
     if len(texts) == 1:
         return _cached_query(embedding_model_name(), texts[0])[None, :].copy()
     embedder = _embedder()
@@ -239,7 +242,9 @@ def embed_passages(texts: list[str]) -> np.ndarray:
     """What is searched (KB passages): (N, D) float32, unit rows.
 
     Vectors of texts seen before are reused (`_cache`): re-importing an edited KB embeds only the text that
-    changed, and a text another process of the workspace embedded is read back, not embedded again."""
+    changed, and a text another process of the workspace embedded is read back, not embedded again. Every text
+    is embedded as store.text.fold_script folds it, questions as passages."""
+    texts = [fold_script(t) for t in texts]
     embedder = _embedder()
     vectors = _cache.get_or_compute(
         texts, lambda text: (embedder.name, text), lambda todo: list(embedder.encode(todo, is_query=False)), _VECTOR)
@@ -416,6 +421,7 @@ def has_latents() -> bool:
 def embed_passage_latents(texts: list[str], top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each text's `top_k` strongest latent terms: (ids int32, weights float32), strongest first; reused for
     texts seen before, as embed_passages does."""
+    texts = [fold_script(t) for t in texts]
     embedder = _embedder()
     return _cache.get_or_compute(
         texts, lambda text: (embedder.name, "latents", top_k, text),
@@ -444,7 +450,7 @@ def embed_question(text: str, *, latent_terms: int) -> tuple[np.ndarray, tuple[n
     or when latent_terms is 0). The two passes of the model run at once, one on this thread and one on a
     helper thread, each on one OpenMP thread: with a free second core, a question takes about as long as one
     pass (on a loaded machine they queue: docs/benchmarks.md, "Retrieval")."""
-    name = embedding_model_name()
+    name, text = embedding_model_name(), fold_script(text)
     if not latent_terms or not has_latents():
         return _cached_query(name, text).copy(), None
     pending = _second_pass.submit(_cached_latents, name, text, latent_terms)

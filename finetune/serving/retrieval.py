@@ -73,7 +73,7 @@ from finetune.serving.kb_index import (  # noqa: F401  (embed_missing_passages, 
     warm_retrieval,
 )
 from store.kb import Passage, get_passages, search_passages
-from store.text import CJK_CHAR, CJK_RUN, cjk_words, index_terms
+from store.text import CJK_CHAR, CJK_RUN, cjk_words, fold_script, index_terms
 
 # Words that carry no topic. FTS5 has no stop list, so "what is the … of an …" would match every
 # passage a little; dropping them keeps BM25 and coverage about the question's topic.
@@ -209,8 +209,8 @@ def is_cjk(text: str) -> bool:
 def topical_words(question: str) -> list[str]:
     """The question's words that say what it is about: English words and jieba's Chinese words, stop words out.
 
-    "开叉车需要什么证书？" -> ["开", "叉车", "证书"]."""
-    text = question.lower()
+    "开叉车需要什么证书？" -> ["开", "叉车", "证书"]; traditional characters as simplified (fold_script)."""
+    text = fold_script(question.lower())
     words: list[str] = []
     pos = 0
     for run in CJK_RUN.finditer(text):

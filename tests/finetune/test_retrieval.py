@@ -200,6 +200,33 @@ def test_the_decision_does_not_depend_on_the_size_of_the_kb(kb_db, tmp_path):
                 assert big_hits[path].matches == s.matches
 
 
+def test_traditional_characters_are_matched_as_simplified_both_ways(kb_db, tmp_path):
+    """An employee in Taiwan or Hong Kong writes 員工食堂 where the KB writes 员工食堂; a KB may be written in
+    traditional characters and asked in simplified ones. Either way the evidence is what simplified gets."""
+    simplified, traditional = "食堂晚饭几点开始？公司有餐补吗？", "食堂晚飯幾點開始？公司有餐補嗎？"
+    assert segment(traditional, cjk=("words", "bigrams")) == segment(simplified, cjk=("words", "bigrams"))
+
+    def evidence(db, question):
+        return [(s.passage.doc_path, round(s.score, 6), s.coverage, s.bm25_rank) for s in retrieve_scored(db, question)]
+
+    asked_simplified = evidence(kb_db, simplified)
+    assert asked_simplified[0][0] == "zh/canteen.md"
+    assert evidence(kb_db, traditional) == asked_simplified
+    written_traditional = open_db(tmp_path / "traditional.db")
+    to_traditional = {"员工": "員工", "号楼": "號樓", "补贴": "補貼", "餐补": "餐補"}
+
+    def written(text: str) -> str:
+        for simple, full in to_traditional.items():
+            text = text.replace(simple, full)
+        return text
+
+    add_docs(written_traditional, {path: (written(title), written(body)) for path, (title, body) in DOCS.items()})
+    embed_missing_passages(written_traditional)
+    stored = written_traditional.execute("SELECT title, content FROM kb_docs WHERE doc_path = 'zh/canteen.md'").fetchone()
+    assert stored[0] == "員工食堂" and "補貼" in stored[1]  # stored and shown as written
+    assert evidence(written_traditional, simplified) == asked_simplified
+
+
 def test_scored_passages_carry_their_evidence(kb_db):
     hits = retrieve_scored(kb_db, "食堂餐补是多少？", k=3)
     top = hits[0]
