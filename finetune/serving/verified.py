@@ -31,6 +31,7 @@ import sqlite_utils
 
 from finetune.serving.retrieval import is_cjk
 from store.db import database_file
+from store.text import fold_script
 from store.verified import (
     ApprovedExample,
     approved_examples,
@@ -62,7 +63,9 @@ _CLOSING = re.compile(r"[\s?？!！.。,，;；:：]+$")
 
 
 def normalise_question(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).casefold()
+    """The question for the exact comparison: case, spacing, closing punctuation and traditional characters
+    (store.text.fold_script) set aside."""
+    text = fold_script(unicodedata.normalize("NFKC", text).casefold())
     return _CLOSING.sub("", " ".join(text.split()))
 
 

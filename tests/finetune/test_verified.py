@@ -41,6 +41,8 @@ def test_the_same_question_written_differently_always_matches(db, approved):
     assert match is not None and match.exact
     assert match.example.answer == APPROVED[0].answer
     assert normalise_question("ＷＨＯ is  it？") == "who is it"
+    traditional = find_verified(db, "在國內出差坐高鐵可以坐一等座嗎？")  # the approved question in traditional characters
+    assert traditional is not None and traditional.exact and traditional.example.question == "在国内出差坐高铁可以坐一等座吗？"
 
 
 @pytest.mark.parametrize("question, expected", MATCHING)
