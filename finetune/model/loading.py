@@ -61,7 +61,9 @@ def compute_dtype():
 
 def _load_error(base: str, exc: Exception) -> StoreError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StoreError(f"base model {base!r} could not be loaded: {first[:300]}")
+    hint = ("" if Path(base).exists() else "; a machine without the model hub needs KBLOOP_BASE_MODEL set to a "
+            "folder holding the model (downloaded elsewhere), or to `tiny`, the offline demo base")
+    return StoreError(f"base model {base!r} could not be loaded: {first[:300]}{hint}")
 
 
 def load_tokenizer(base: str):

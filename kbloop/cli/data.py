@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kbloop.cli.app import app, ctx, fail
+from kbloop.cli.app import app, count, ctx, fail
 from kbloop.settings import ENV_EXAMPLE
 from store.teams import SHARED, require_team
 
@@ -72,13 +72,10 @@ def kb_import(
     if embed:
         _embed_passages(c)
     stats = kb_stats(c.db)
-    typer.echo(f"{_count(read, 'document')} read{f' for team {team}' if team else ''}, {changed} new or changed, "
+    typer.echo(f"{count(read, 'document')} read{f' for team {team}' if team else ''}, {changed} new or changed, "
                f"{read - changed} unchanged; "
-               f"knowledge base: {_count(stats['documents'], 'document')}, {_count(stats['passages'], 'passage')}.")
+               f"knowledge base: {count(stats['documents'], 'document')}, {count(stats['passages'], 'passage')}.")
 
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _embed_passages(c) -> None:

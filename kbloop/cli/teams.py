@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from kbloop.cli.app import app, ctx
+from kbloop.cli.app import app, count, ctx
 from store.adapters import active_adapter
 from store.teams import add_team, list_teams, parse_channels, remove_team, team_row_counts
 
@@ -53,6 +53,6 @@ def teams_remove(name: Annotated[str, typer.Argument(help="The team to remove.")
     kept = remove_team(ctx().db, name)
     typer.echo(f"Team {name} removed; its channels now get shared answers.")
     if any(kept.values()):
-        typer.echo(f"Kept under the name {name!r}, private: {kept['examples']} examples, {kept['kb_docs']} passages, "
-                   f"{kept['interactions']} answers, {kept['adapters']} adapters (`kbloop teams add {name}` brings "
-                   "them back).")
+        typer.echo(f"Kept under the name {name!r}, private: {count(kept['examples'], 'example')}, "
+                   f"{count(kept['kb_docs'], 'passage')}, {count(kept['interactions'], 'answer')}, "
+                   f"{count(kept['adapters'], 'adapter')} (`kbloop teams add {name}` brings them back).")

@@ -86,7 +86,7 @@ def test_imports_belong_to_the_team_and_remove_keeps_them_private(teams, tmp_pat
     assert "#2 " not in teams("review", "--status", "approved", "--team", "-").stdout
     r = teams("teams", "remove", "eng")
     assert r.exit_code == 0
-    assert "Kept under the name 'eng', private: 1 examples, 1 passages, 0 answers, 0 adapters" in r.stdout
+    assert "Kept under the name 'eng', private: 1 example, 1 passage, 0 answers, 0 adapters" in r.stdout
     assert [r[0] for r in db.execute("SELECT team FROM kb_docs")] == ["eng"]  # neither deleted nor shared
 
 
