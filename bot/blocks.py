@@ -70,6 +70,26 @@ def unescape_slack(text: str) -> str:
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
+# A control sequence in text Slack sends: a typed "<" arrives as &lt;, so every "<" opens one.
+_CONTROL = re.compile(r"<([^<>]*)>")
+
+
+def _plain_control(match: re.Match) -> str:
+    target, _, label = match.group(1).partition("|")
+    if target.startswith(("#", "@")):  # <#C123|general>, <#C123|>, <@U123>
+        return target[0] + (label or target[1:])
+    if target.startswith("!"):  # <!subteam^S1|@ops>, <!date^1392734382^{date}|Feb 18th>; <!here>, <!channel>
+        return label or "@" + target[1:].split("^")[0]
+    return label or target.removeprefix("mailto:")  # <https://wiki/vpn|the VPN page>, <https://wiki/vpn>
+
+
+def plain_slack_text(text: str) -> str:
+    """Slack's message text as the person typed it: a link as its label (its address when it has none), a
+    channel as #name, a user or group as @name (or @ID), &amp;/&lt;/&gt; as characters. Slack's formatting
+    reference (https://api.slack.com/reference/surfaces/formatting) lists the sequences."""
+    return unescape_slack(_CONTROL.sub(_plain_control, text))
+
+
 def _cut_point(text: str, limit: int) -> int:
     """Where to end a chunk of at most `limit` characters: a paragraph, line or word boundary in the second
     half of the window if there is one, and never inside an HTML entity such as `&amp;`."""

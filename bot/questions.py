@@ -60,10 +60,11 @@ def ignored_event(event: dict, *, bot_user_id: str | None) -> str | None:
 
 
 def question_text(text: str, *, bot_user_id: str | None) -> str:
-    """The question as the user typed it: our mention removed, Slack's &amp;/&lt;/&gt; turned back."""
+    """The question as the user typed it: our mention removed, links, channels and mentions as plain text, Slack's
+    &amp;/&lt;/&gt; turned back (blocks.plain_slack_text)."""
     if bot_user_id:
         text = re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", " ", text or "")
-    return re.sub(r"\s+", " ", blocks.unescape_slack(text or "")).strip()
+    return re.sub(r"\s+", " ", blocks.plain_slack_text(text or "")).strip()
 
 
 def _render_args(answer) -> dict:
@@ -263,7 +264,7 @@ def register_question_handlers(app: App, rt: BotRuntime) -> None:
     @app.command("/kb")
     @rt.after_ack
     def on_kb(ack, command, respond):
-        question = blocks.unescape_slack(command.get("text") or "").strip()
+        question = blocks.plain_slack_text(command.get("text") or "").strip()
         user, channel = command.get("user_id"), command.get("channel_id")
         if not question:
             ack(text=messages.EMPTY_QUESTION, response_type="ephemeral")

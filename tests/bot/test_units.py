@@ -43,8 +43,25 @@ def test_rate_limiter_sliding_window():
 
 
 def test_question_text_strips_our_mention_and_unescapes():
-    assert question_text("<@UBOT> is 1 &lt; 2 &amp;&amp; <@U9> ok?", bot_user_id="UBOT") == "is 1 < 2 && <@U9> ok?"
+    assert question_text("<@UBOT> is 1 &lt; 2 &amp;&amp; <@U9> ok?", bot_user_id="UBOT") == "is 1 < 2 && @U9 ok?"
     assert question_text("<@UBOT|kbloop>   ", bot_user_id="UBOT") == ""
+
+
+def test_links_channels_and_groups_in_a_question_read_as_the_user_saw_them():
+    """Slack sends what the user saw as `wiki page` as <https://…|wiki page>: retrieval and the model must see the
+    words, not the markup (Slack's formatting reference)."""
+    cases = {
+        "<@UBOT> Is <https://wiki.example.com/vpn|the VPN page> still right?": "Is the VPN page still right?",
+        "<@UBOT> what does <https://wiki.example.com/vpn> say about MFA?": "what does https://wiki.example.com/vpn say "
+                                                                         "about MFA?",
+        "<@UBOT> 在 <#C0OPS|ops-仓库> 里说的叉车证多久复审？": "在 #ops-仓库 里说的叉车证多久复审？",
+        "<@UBOT> should <!subteam^S0OPS|@warehouse-leads> sign this?": "should @warehouse-leads sign this?",
+        "<@UBOT> can <!here> see <#C0PRIVATE|> and mail <mailto:it@example.com|it@example.com>?":
+            "can @here see #C0PRIVATE and mail it@example.com?",
+        "<@UBOT> A &lt;b&gt; tag &amp; <https://x.example/a?b=1&amp;c=2|a &amp; b>": "A <b> tag & a & b",
+    }
+    for text, question in cases.items():
+        assert question_text(text, bot_user_id="UBOT") == question
 
 
 @pytest.mark.parametrize("event,ignored", [
