@@ -351,7 +351,7 @@ def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
         if len(para) <= max_chars:
             pieces.append(para)
             continue
-        sentences = re.split(r"(?<=[.!?。！？])\s*", para)
+        sentences = re.split(r"(?<=[.!?])\s+|(?<=[。！？])\s*", para)
         buf = ""
         for s in (part for sentence in sentences for part in _split_long(sentence, max_chars)):
             if buf and len(buf) + len(s) > max_chars:

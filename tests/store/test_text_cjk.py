@@ -92,3 +92,14 @@ def test_a_sentence_longer_than_a_passage_is_cut_at_lines_then_clauses_then_the_
     assert all(line.startswith("|") for c in rows for line in c.split("\n"))  # cut between rows, rows whole
     clauses = chunk_text("T", commas, max_chars=700)
     assert all(c.endswith(("，", "。")) for c in clauses) and " " not in "".join(clauses)  # Chinese joined without spaces
+
+
+def test_a_long_paragraph_is_cut_between_sentences_not_inside_numbers_and_host_names():
+    from store.documents import chunk_text
+
+    para = " ".join(["Install version 3.14 from ledgr.nwl.internal, e.g. on Windows."] * 20 + ["安装完成。重启电脑！"] * 5)
+    chunks = chunk_text("T", para, max_chars=300)
+    assert len(chunks) > 1 and all(len(c) <= 300 for c in chunks)
+    text = " ".join(chunks)
+    assert text.count("version 3.14 from ledgr.nwl.internal, e.g. on Windows.") == 20 and "3. 14" not in text
+    assert "安装完成。重启电脑！" in text
