@@ -351,6 +351,10 @@ def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
         if len(para) <= max_chars:
             pieces.append(para)
             continue
+        rows = _table_rows(para, max_chars)
+        if rows is not None:
+            pieces += rows
+            continue
         sentences = re.split(r"(?<=[.!?])\s+|(?<=[。！？])\s*", para)
         buf = ""
         for s in (part for sentence in sentences for part in _split_long(sentence, max_chars)):
@@ -370,6 +374,28 @@ def chunk_text(title: str, text: str, *, max_chars: int = 700) -> list[str]:
     if buf:
         chunks.append(buf)
     return chunks or [title]
+
+
+_TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")  # | --- | :---: |
+
+
+def _table_rows(para: str, max_chars: int) -> list[str] | None:
+    """A Markdown table longer than a passage, as pieces of whole rows, each under the table's header and rule
+    so that a row read alone still says what its cells are; None when `para` is not such a table."""
+    lines = para.split("\n")
+    if len(lines) < 3 or "|" not in lines[0] or not _TABLE_RULE.match(lines[1].strip()):
+        return None
+    header = lines[0] + "\n" + lines[1]
+    room = max_chars - len(header) - 1
+    if room < max_chars // 2:  # a header that long leaves too little for rows: cut as any long text
+        return None
+    pieces: list[str] = []
+    for row in (part for line in lines[2:] for part in _split_long(line, room)):
+        if pieces and len(pieces[-1]) + 1 + len(row) <= max_chars:
+            pieces[-1] += "\n" + row
+        else:
+            pieces.append(header + "\n" + row)
+    return pieces
 
 
 # Where a sentence longer than a passage is cut, in order: at line breaks (kept, so a table stays a table), after

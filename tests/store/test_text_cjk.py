@@ -80,7 +80,7 @@ def test_a_sentence_longer_than_a_passage_is_cut_at_lines_then_clauses_then_the_
     commas only, a 5,000-character link, 30,000 characters of unpunctuated Chinese."""
     from store.documents import chunk_text
 
-    table = "| Part | Shelf |\n|---|---|\n" + "\n".join(f"| Part {i} | Shelf {i} |" for i in range(120))
+    table = "\n".join(f"| Part {i} | Shelf {i} |" for i in range(120))  # rows without a header: a list of lines
     commas = "，".join(f"第{i}条规定员工需要遵守仓库的安全规则" for i in range(100)) + "。"
     link = "See https://wiki.example.com/" + "a" * 5000 + " for details"
     unbroken = "仓库管理规定叉车操作证每四年复审一次" * 1600
@@ -103,3 +103,15 @@ def test_a_long_paragraph_is_cut_between_sentences_not_inside_numbers_and_host_n
     text = " ".join(chunks)
     assert text.count("version 3.14 from ledgr.nwl.internal, e.g. on Windows.") == 20 and "3. 14" not in text
     assert "安装完成。重启电脑！" in text
+
+
+def test_a_long_markdown_table_is_cut_between_rows_each_piece_under_its_header():
+    from store.documents import chunk_text
+
+    header = "| 岗位 Role | Colour | Notes |\n|---|:---:|---|"
+    rows = [f"| Role {i} | {('navy', 'white', 'green')[i % 3]} | Shift {i % 4}, rule 3.{i} applies. |" for i in range(60)]
+    chunks = chunk_text("Uniforms", "Intro.\n\n" + header + "\n" + "\n".join(rows), max_chars=700)
+    with_rows = [c for c in chunks if "| Role " in c]
+    assert len(with_rows) > 2 and all(len(c) <= 700 for c in chunks)
+    assert all(header + "\n| Role " in c for c in with_rows)  # each piece of the table starts with its header
+    assert [line for c in chunks for line in c.split("\n") if line.startswith("| Role ")] == rows  # once, whole, in order
