@@ -331,3 +331,16 @@ def m120_teams(db) -> None:
                "ON kb_docs (COALESCE(team, ''), doc_path, chunk_index)")
     db["examples"].create_index(["team"])
     db["adapters"].create_index(["team", "status"])
+
+
+@MIGRATIONS()
+def m130_kb_search_text_folded(db) -> None:
+    # Traditional Chinese is indexed and queried as simplified (store.text.fold_script). A passage written in
+    # traditional characters and indexed before would no longer match the folded question's words; it is
+    # re-indexed here: only those that folding changes (the FTS triggers follow each update).
+    from store.text import CJK_CHAR, fold_script, search_text
+
+    rows = db.execute("SELECT id, title, content FROM kb_docs").fetchall()
+    db.conn.executemany("UPDATE kb_docs SET search_text = ? WHERE id = ?", [
+        (search_text(title + "\n" + content), pid) for pid, title, content in rows
+        if CJK_CHAR.search(title + content) and fold_script(title + "\n" + content) != title + "\n" + content])

@@ -178,3 +178,24 @@ def test_not_a_database_is_a_clear_error(tmp_path):
     bad.write_text("hello, I am not SQLite " * 100)
     with pytest.raises(StoreError, match="not a usable SQLite database"):
         open_db(bad)
+
+
+def test_a_traditional_chinese_passage_indexed_before_folding_is_reindexed(db_path):
+    """m130: passages written in traditional characters were indexed as written; questions are now folded into
+    simplified (store.text.fold_script), so the migration re-indexes those passages and no other."""
+    from store.kb import search_passages
+
+    db = open_db(db_path)
+    for doc, title, content in (("tw.md", "叉車證", "叉車證每三年複審一次。"), ("en.md", "VPN", "Install WireGuard."),
+                                ("zh.md", "食堂", "食堂在二号楼。")):
+        db["kb_docs"].insert({"doc_path": doc, "title": title, "chunk_index": 0, "content": content,
+                              "search_text": f"kept {doc}", "content_hash": doc, "created_at": "t"})
+    db.execute("UPDATE kb_docs SET search_text = '叉車 車證 叉車證 每三 三年 複審' WHERE doc_path = 'tw.md'")
+    db.execute("DELETE FROM _sqlite_migrations WHERE name = 'm130_kb_search_text_folded'")
+    db.conn.commit()
+    db.conn.close()
+    db = open_db(db_path)
+    rows = dict(db.execute("SELECT doc_path, search_text FROM kb_docs").fetchall())
+    assert "叉车" in rows["tw.md"].split() and "复审" in rows["tw.md"].split()
+    assert (rows["en.md"], rows["zh.md"]) == ("kept en.md", "kept zh.md")  # nothing folds: left as it was
+    assert [p.doc_path for p, _ in search_passages(db, "叉车证多久复审", limit=3)] == ["tw.md"]  # FTS follows
