@@ -215,9 +215,13 @@ def test_export_as_trained_writes_the_prompts_training_sees_for_trl_and_llama_fa
     """To train elsewhere an adapter that kbloop serves, the prompts must be kbloop's: system prompt, passages."""
     datasets = pytest.importorskip("datasets")
     from finetune.model.prompting import SYSTEM_PROMPT
-    from tests.conftest import small_sample_kb
 
-    assert workspace("kb", "import", small_sample_kb(tmp_path / "kb")).exit_code == 0
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "vpn.md").write_text("# VPN\n\nInstall the WireGuard client, then sign in with SSO.\n", encoding="utf-8")
+    (kb / "leave.md").write_text("# 年假\n\n员工每年有二十五天年假。\n", encoding="utf-8")
+    (kb / "canteen.md").write_text("# Canteen\n\nLunch is served from 11:30 to 13:30.\n", encoding="utf-8")
+    assert workspace("kb", "import", kb).exit_code == 0
     qa = _write(tmp_path / "qa.jsonl", [json.dumps({"question": q, "answer": a}, ensure_ascii=False) for q, a in (
         ("How do I connect to the VPN from my laptop?", "Install the client, then sign in with SSO."),
         ("年假有多少天？", "每年二十五天。"))])
