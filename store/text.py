@@ -21,6 +21,8 @@ CJK_CHAR = re.compile(f"[{CJK_RANGES}]")  # one CJK character
 CJK_RUN = re.compile(f"[{CJK_RANGES}]+")  # a run of them: one unspaced stretch of CJK text
 CJK_TEXT_END = re.compile(f"[{CJK_RANGES}{CJK_PUNCTUATION}]$")  # text that ends in CJK: joined without a space
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
 def _in_gb2312(char: str) -> bool:
     """Is the character in GB2312, the common core of GBK (two bytes, both 0xA1-0xFE): nearly every character of
     Chinese text is; a Latin-1 letter followed by ASCII that happens to decode as GBK ("ü" + "r") is not."""

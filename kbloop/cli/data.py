@@ -238,15 +238,13 @@ def data_export(
         from finetune.model.loading import TINY, is_tiny_base
         from finetune.training.config import TrainConfig, prompt_passages
         from finetune.training.data import as_trained_records
-        from store.teams import require_team
 
         base = c.settings.base_model
         k = prompt_passages(TrainConfig(base=base, k_passages=passages), tiny=base == TINY or is_tiny_base(base))
         records, left_out = as_trained_records(c.db, format, k=k, team=require_team(c.db, team))
         write_jsonl(out, records)
         n = len(records)
-        typer.echo(f"{n} {format} records written to {out}, as trained with {k} passage{'' if k == 1 else 's'} "
-                   "per prompt.")
+        typer.echo(f"{n} {format} records written to {out}, as trained with {count(k, 'passage')} per prompt.")
     else:
         n, left_out = write_export(c.db, format, out, team=team)
         typer.echo(f"{n} {format} records written to {out}.")
