@@ -49,6 +49,10 @@ _HTML_BOILERPLATE = frozenset("nav footer".split())  # read after all when a pag
 
 
 class _HTMLText(HTMLParser):
+    """A page's text. A table becomes one block, a row a line of cells joined by " | ", and a header row of <th>
+    cells is followed by a Markdown rule ("--- | ---"), so that chunk_text can cut a long table between rows, each
+    piece under its header (_table_rows)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.title = ""
@@ -57,7 +61,8 @@ class _HTMLText(HTMLParser):
         self._skip = 0
         self._boilerplate = 0
         self.boilerplate: list[str] = []  # the text of nav and footer elements
-        self._cells = 0  # cells so far in the current table row: cells are joined with " | ", not glued together
+        self._tables: list[list[int]] = []  # per open table: [rows so far, cells in this row, all of them <th>]
+        self._in_cell = 0
 
     def handle_starttag(self, tag, attrs):
         if tag == "title":
@@ -67,14 +72,21 @@ class _HTMLText(HTMLParser):
         elif tag in _HTML_BOILERPLATE:
             self._boilerplate += 1
             self.boilerplate.append("\n\n")
-        elif tag in ("td", "th"):
-            if self._cells:
+        elif tag in ("td", "th") and self._tables:
+            row = self._tables[-1]
+            if row[1]:
                 self._out().append(" | ")
-            self._cells += 1
-        elif tag in _HTML_BLOCKS:
+            row[1] += 1
+            row[2] = row[2] and tag == "th"
+            self._in_cell += 1
+        elif tag == "tr" and self._tables:
+            self._tables[-1][1:] = [0, 1]
+            self._out().append("\n")
+        elif tag == "table":
+            self._tables.append([0, 0, 1])
             self._out().append("\n\n")
-            if tag == "tr":
-                self._cells = 0
+        elif tag in _HTML_BLOCKS and not (self._tables and tag in ("thead", "tbody")):
+            self._out().append(" " if self._in_cell else "\n\n")  # a cell's paragraphs stay on its row
 
     def handle_endtag(self, tag):
         if tag == "title":
@@ -83,14 +95,29 @@ class _HTMLText(HTMLParser):
             self._skip = max(0, self._skip - 1)
         elif tag in _HTML_BOILERPLATE:
             self._boilerplate = max(0, self._boilerplate - 1)
-        elif tag in _HTML_BLOCKS:
+        elif tag in ("td", "th") and self._tables:
+            self._in_cell = max(0, self._in_cell - 1)
+        elif tag == "tr" and self._tables:
+            rows, cells, header = self._tables[-1]
+            if rows == 0 and header and cells > 1:
+                self._out().append("\n" + " | ".join(["---"] * cells))
+            self._tables[-1][0] += 1
+        elif tag == "table" and self._tables:
+            self._tables.pop()
             self._out().append("\n\n")
+        elif tag in _HTML_BLOCKS and not (self._tables and tag in ("thead", "tbody")):
+            self._out().append(" " if self._in_cell else "\n\n")
 
     def handle_data(self, data):
         if self._in_title:
             self.title += data
-        elif not self._skip:
-            self._out().append(data)
+        elif self._skip:
+            return
+        elif self._tables and not self._in_cell:
+            if data.strip():  # text between a table's cells (not valid HTML): a line of its own
+                self._out().append("\n" + data.strip())
+        else:
+            self._out().append(" ".join(data.split("\n")) if self._in_cell else data)
 
     def _out(self) -> list[str]:
         return self.boilerplate if self._boilerplate else self.parts
@@ -296,6 +323,7 @@ def read_document(path: Path, text: str | None = None) -> tuple[str, str]:
         # An unclosed <nav> would hide the rest of the page: a page with nothing outside nav and footer is read whole.
         body = html.unescape("".join(parser.parts if "".join(parser.parts).strip() else parser.boilerplate))
         body = re.sub(r"[ \t]+", " ", body)
+        body = re.sub(r" ?\n ?", "\n", body)
         body = re.sub(r"\n\s*\n+", "\n\n", body).strip()
         title = " ".join(parser.title.split()) or _first_line(body) or path.stem
         return title, body

@@ -204,7 +204,16 @@ def test_an_exported_wiki_page_keeps_its_table_cells_apart_and_drops_navigation(
         "<tr><td>人事部</td><td>5678</td></tr></table><p>Call<br>any time.</p><footer>© 2025 ACME</footer></body></html>",
         encoding="utf-8")
     (kb / "menu.html").write_text("<nav><a>Home</a><p>Canteen menu: soup on Mondays.</p>", encoding="utf-8")  # unclosed
+    rows = "".join(f"<tr>\n  <td>Part {i}</td>\n  <td><p>Shelf {i}</p><p>aisle {i % 7}</p></td>\n</tr>" for i in range(80))
+    (kb / "parts.html").write_text(f"<h1>Parts</h1><table><thead><tr><th>Part</th><th>Where</th></tr></thead>"
+                                   f"<tbody>{rows}</tbody></table>", encoding="utf-8")  # longer than a passage
     assert workspace("kb", "import", kb, "--no-embed").exit_code == 0
     content = dict(open_db(db_path).execute("SELECT doc_path, content FROM kb_docs").fetchall())
-    assert content["phones.html"] == "Phones\n\nTeam | Phone\n\nIT helpdesk | 1234\n\n人事部 | 5678\n\nCall\n\nany time."
+    # A table is one block, a row a line, a header row followed by a Markdown rule.
+    assert content["phones.html"] == "Phones\n\nTeam | Phone\n--- | ---\nIT helpdesk | 1234\n人事部 | 5678\n\nCall\n\nany time."
     assert content["menu.html"] == "Home\n\nCanteen menu: soup on Mondays."  # nothing outside the nav: read whole
+    parts = [row[0] for row in open_db(db_path).execute(
+        "SELECT content FROM kb_docs WHERE doc_path = 'parts.html' ORDER BY chunk_index")]
+    assert len(parts) > 2 and all("Part | Where\n--- | ---\nPart " in p for p in parts)  # each piece under the header
+    assert [line for p in parts for line in p.split("\n") if line.startswith("Part ") and line != "Part | Where"] == [
+        f"Part {i} | Shelf {i} aisle {i % 7}" for i in range(80)]
