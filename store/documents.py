@@ -219,7 +219,8 @@ _MAX_DOCX_XML = 200 * 1024 * 1024
 def _docx_text(path: Path) -> str:
     """The body of word/document.xml in order, one block per paragraph; a Title or Heading N paragraph as a
     Markdown heading (Title and Heading 1: `#`), so read_document takes the first as the title; a table one
-    block per row, its cells joined with " | " (as HTML tables are read)."""
+    block, a row a line of cells joined by " | ", a row Word marks as the header followed by a Markdown rule (as
+    HTML tables are read)."""
     try:
         with zipfile.ZipFile(path) as z:
             size = z.getinfo("word/document.xml").file_size
@@ -260,10 +261,15 @@ def _docx_blocks(parent, levels: dict[str, int]) -> list[str]:
             if text:
                 blocks.append(f"{'#' * level} {text}" if level else text)
         elif child.tag == f"{_W}tbl":
-            for row in child.findall(f"{_W}tr"):
+            lines = []
+            for i, row in enumerate(child.findall(f"{_W}tr")):
                 cells = [" ".join(filter(None, map(_docx_paragraph, cell.iter(f"{_W}p")))) for cell in row.findall(f"{_W}tc")]
                 if any(cells):
-                    blocks.append(" | ".join(cells))
+                    lines.append(" | ".join(cells))
+                    if i == 0 and len(cells) > 1 and row.find(f"{_W}trPr/{_W}tblHeader") is not None:
+                        lines.append(" | ".join(["---"] * len(cells)))  # Word's header row, as HTML's <th> row
+            if lines:
+                blocks.append("\n".join(lines))
         elif child.tag == f"{_W}sdt":  # a content control: its paragraphs and tables are in sdtContent
             content = child.find(f"{_W}sdtContent")
             if content is not None:
@@ -408,21 +414,23 @@ _TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")  # | --
 
 
 def _table_rows(para: str, max_chars: int) -> list[str] | None:
-    """A Markdown table longer than a passage, as pieces of whole rows, each under the table's header and rule
-    so that a row read alone still says what its cells are; None when `para` is not such a table."""
+    """A table longer than a passage (every line a row of cells joined by "|"; a Markdown one has a header and a
+    rule) as pieces of whole rows, each under the header if there is one, so that a row read alone still says
+    what its cells are; None when `para` is not a table."""
     lines = para.split("\n")
-    if len(lines) < 3 or "|" not in lines[0] or not _TABLE_RULE.match(lines[1].strip()):
+    if len(lines) < 2 or not all("|" in line for line in lines):
         return None
-    header = lines[0] + "\n" + lines[1]
-    room = max_chars - len(header) - 1
+    ruled = len(lines) >= 3 and _TABLE_RULE.match(lines[1].strip())
+    header = lines[0] + "\n" + lines[1] + "\n" if ruled else ""
+    room = max_chars - len(header)
     if room < max_chars // 2:  # a header that long leaves too little for rows: cut as any long text
         return None
     pieces: list[str] = []
-    for row in (part for line in lines[2:] for part in _split_long(line, room)):
+    for row in (part for line in lines[2 if ruled else 0:] for part in _split_long(line, room)):
         if pieces and len(pieces[-1]) + 1 + len(row) <= max_chars:
             pieces[-1] += "\n" + row
         else:
-            pieces.append(header + "\n" + row)
+            pieces.append(header + row)
     return pieces
 
 

@@ -24,7 +24,8 @@ def _handbook(folder):
         (None, "Nurses wear navy scrubs.\nDoctors wear white coats over their own clothing."),
         ("2", "换新"),
         (None, "每位员工每年领取三套刷手服。更换请到后勤服务台填写 F-12 表。"),
-        [["Role 岗位", "Colour"], ["Nurse 护士", "Navy"], ["Doctor", "White coat"]],
+        {"header": ["Role 岗位", "Colour"], "rows": [["Nurse 护士", "Navy"], ["Doctor", "White coat"]]},
+        [["Locker", "Floor"], ["A1-A40", "B1"]],  # no header row marked
     ], styles={"a3": "Title", "1": "heading 1", "2": "heading 2", "a4": "Normal"})
     write_pdf(folder / "warehouse-safety.pdf", [
         ["Forklift certification", "Every forklift driver needs a valid certificate, renewed every three years."],
@@ -54,7 +55,8 @@ def test_word_and_pdf_documents_are_imported_searched_and_other_files_counted(wo
     # Both runs of a split paragraph, the line break, and the PDF's second page, Chinese included.
     assert "Doctors wear white coats over their own clothing." in text and "更换请到后勤服务台填写 F-12 表。" in text
     assert "叉车证每三年复审一次。" in text and "renewed every three years." in text
-    assert "Role 岗位 | Colour\n\nNurse 护士 | Navy\n\nDoctor | White coat" in text  # a table, row by row
+    # A table is one block, a row a line; the row Word marks as the header is followed by a Markdown rule.
+    assert "Role 岗位 | Colour\n--- | ---\nNurse 护士 | Navy\nDoctor | White coat\n\nLocker | Floor\nA1-A40 | B1" in text
     assert "\n\n## 换新\n\n" in text  # a heading, by its style's name
 
     hits = json.loads(workspace("kb", "search", "叉车证多久复审一次？", "--json").stdout)

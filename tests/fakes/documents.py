@@ -32,7 +32,7 @@ def _paragraph(style: str | None, text: str) -> str:
     return f"<w:p>{ppr}{''.join(runs)}</w:p>"
 
 
-def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]]], *,
+def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]] | dict], *,
                styles: dict[str, str] | None = None) -> Path:
     """A .docx of (style id, text) paragraphs, style id e.g. "Title", "Heading2" or None, and tables (a list of rows
     of cell texts); a text's "\\n" is a line break inside its paragraph, and each paragraph's text is split over two
@@ -40,7 +40,14 @@ def write_docx(path: Path, blocks: list[tuple[str | None, str] | list[list[str]]
     names its heading styles "heading 1" but gives them the ids "1", "2", …, and Title the id "a3")."""
     body = []
     for block in blocks:
-        if isinstance(block, list):
+        if isinstance(block, dict):  # {"header": [cells], "rows": [[cells], …]}: the header row marked as Word marks
+            # one to repeat on every page (Table Properties > Row > "Repeat as header row at the top of each page")
+            header = ("<w:tr><w:trPr><w:tblHeader/></w:trPr>"
+                      + "".join(f"<w:tc>{_paragraph(None, cell)}</w:tc>" for cell in block["header"]) + "</w:tr>")
+            rows = "".join("<w:tr>" + "".join(f"<w:tc>{_paragraph(None, cell)}</w:tc>" for cell in row) + "</w:tr>"
+                           for row in block["rows"])
+            body.append(f"<w:tbl>{header}{rows}</w:tbl>")
+        elif isinstance(block, list):
             rows = "".join("<w:tr>" + "".join(f"<w:tc>{_paragraph(None, cell)}</w:tc>" for cell in row) + "</w:tr>"
                            for row in block)
             body.append(f"<w:tbl>{rows}</w:tbl>")
