@@ -95,6 +95,8 @@ def _text_field(obj: dict, key: str) -> str | None:
     value = obj.get(key)
     if value is None:
         return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # "answer": 25, as a spreadsheet's number cell is read
     if not isinstance(value, str):
         raise ValueError(f"`{key}` must be text, got {type(value).__name__}")
     if "\x00" in value:
@@ -226,15 +228,18 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     examples: list[NewExample] = []
     lines: list[int] = []
     kinds: Counter[str] = Counter()
-    for lineno, obj in records:
+    # A JSON array written on one line puts every record on line 1: there, a problem also names the record.
+    per_line = Counter(lineno for lineno, _ in records)
+    for number, (lineno, obj) in enumerate(records, start=1):
+        where = f"{path}:{lineno}: record {number}" if per_line[lineno] > 1 else f"{path}:{lineno}"
         try:
             kind, example = read(obj)
         except ValueError as exc:
-            problems.append(f"{path}:{lineno}: {exc}")
+            problems.append(f"{where}: {exc}")
             continue
         too_big = example_problems(example.question, example.answer, example.input)
         if too_big:
-            problems += [f"{path}:{lineno}: {p}" for p in too_big]
+            problems += [f"{where}: {p}" for p in too_big]
             continue
         kinds[kind] += 1
         examples.append(example)

@@ -64,6 +64,20 @@ def test_a_json_array_as_the_guide_and_alpaca_ship_it_is_read_with_each_record_s
     assert err.value.problems == [f"{path}:7: missing or empty `output`"]
 
 
+def test_a_json_array_on_one_line_names_the_record_and_numbers_are_answers(tmp_path):
+    """`json.dump(rows, f)` without indent puts every record on line 1; a number answers as a spreadsheet's does."""
+    path = tmp_path / "qa.json"
+    rows = [{"question": "How many days of leave?", "answer": 25}, {"question": "Open on Sunday?", "answer": False},
+            {"question": "Floor of the canteen?", "answer": None}, {"question": "VAT rate?", "answer": 19.5}]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(path)
+    assert err.value.problems == [f"{path}:1: record 2: `answer` must be text, got bool",
+                                  f"{path}:1: record 3: missing or empty `answer`"]
+    path.write_text(json.dumps([rows[0], rows[3]]), encoding="utf-8")
+    assert [e.answer for e in read_examples_file(path).examples] == ["25", "19.5"]
+
+
 @pytest.mark.parametrize("text, problem", [
     ('[\n {"question": "A?", "answer": "B."},\n {"question": "C?" "answer": "D."}\n]\n',
      "3: broken JSON (Expecting ',' delimiter at column 20)"),
