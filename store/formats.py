@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import unicodedata
 import zipfile
@@ -217,7 +218,7 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     is one of them.
     """
     path = Path(path)
-    records, problems, encoding = _read_records(path)
+    records, problems, notes = _read_records(path)
     preamble, fields = None, None
     if question_field or answer_field:
         read, fields = _field_reader(path, [obj for _, obj in records], question_field, answer_field)
@@ -250,8 +251,7 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     if not examples:
         raise ImportFileError([f"{path}: no examples in the file"])
     layout, description = _describe(kinds, preamble=preamble, fields=fields)
-    if encoding != "UTF-8":
-        description += f" (the file's text is {encoding}, not UTF-8)"
+    description += "".join(f" ({note})" for note in notes)
     return ImportedFile(examples, layout, description, lines=tuple(lines))
 
 
@@ -367,15 +367,16 @@ def _describe(kinds: Counter[str], *, preamble: str | None, fields: str | None) 
     return "mixed", "; ".join(f"{n} {'row' if n == 1 else 'rows'} read as {READ_AS[k]}" for k, n in kinds.items())
 
 
-def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], str]:
-    """(line number, record) for each line or row, `FILE:LINE: reason` for each one that does not parse, and the
-    text's encoding ("UTF-8" for a workbook)."""
+def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list[str]]:
+    """(line number, record) for each line or row, `FILE:LINE: reason` for each one that does not parse, and
+    notes on how the file was read that its user should know (a text not in UTF-8, a title skipped)."""
     suffix = path.suffix.lower()
     if suffix == ".xlsx":
-        return *_xlsx_records(path), "UTF-8"
+        return _xlsx_records(path)
     raw, encoding = _read_text(path)
     records: list[tuple[int, object]] = []
     problems: list[str] = []
+    notes = [] if encoding == "UTF-8" else [f"the file's text is {encoding}, not UTF-8"]
     if suffix in (".jsonl", ".json", ".ndjson") and raw.lstrip().startswith("["):
         records, problems = _json_array_records(path, raw)
     elif suffix in (".jsonl", ".json", ".ndjson"):
@@ -391,9 +392,18 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], str]
             except ValueError as exc:  # e.g. an integer with more digits than Python converts
                 problems.append(f"{path}:{lineno}: unreadable JSON ({exc})")
     elif suffix in (".csv", ".tsv"):
-        reader = csv.reader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ",")
+        delimiter = "\t" if suffix == ".tsv" else ","
+        reader = csv.reader(io.StringIO(raw), delimiter=delimiter)
         previous_limit = csv.field_size_limit(_MAX_CSV_FIELD)
         try:
+            try:
+                title = _title_rows(itertools.islice(csv.reader(io.StringIO(raw), delimiter=delimiter), _TITLE_ROWS + 1))
+            except csv.Error:
+                title = 0  # the header's own reading reports it
+            for _ in range(title):
+                next(reader)
+            if title:
+                notes.append(f"{_rows(title)} above the header skipped: a title")
             header = _csv_header(path, reader)
             while True:
                 try:
@@ -417,12 +427,17 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], str]
             csv.field_size_limit(previous_limit)
     else:
         raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl, .json, .csv or .xlsx"])
-    return records, problems, encoding
+    return records, problems, notes
 
 
-def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
-    """The first sheet of an Excel workbook, read as a CSV is: its first row names the columns, each row after it
-    is a record (row number as its line). Numbers and dates are written as text (19 -> "19")."""
+def _rows(n: int) -> str:
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
+def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list[str]]:
+    """The first sheet of an Excel workbook, read as a CSV is: its header row (the first, or the first under a
+    title: _title_rows) names the columns, each row after it is a record (row number as its line). Numbers and
+    dates are written as text (19 -> "19")."""
     import openpyxl
     from openpyxl.utils.exceptions import InvalidFileException
 
@@ -432,15 +447,17 @@ def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
     except (InvalidFileException, zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
         raise ImportFileError([f"{path}: not a readable Excel workbook ({exc}); save it as .xlsx or CSV"]) from None
     try:
-        rows = book.worksheets[0].iter_rows(values_only=True) if book.worksheets else iter(())
+        sheet = book.worksheets[0] if book.worksheets else None
+        title = _title_rows(sheet.iter_rows(values_only=True, max_row=_TITLE_ROWS + 1)) if sheet is not None else 0
+        rows = sheet.iter_rows(values_only=True, min_row=title + 1) if sheet is not None else iter(())
         header = _checked_header(path, [_cell_text(v).strip() for v in next(rows, ())])
         records = []
-        for number, row in enumerate(rows, start=2):
+        for number, row in enumerate(rows, start=title + 2):
             values = [_cell_text(v) for v in row]
             if not any(v.strip() for v in values):
                 continue  # an empty row, as spreadsheets keep between blocks
             records.append((number, {k: v for k, v in zip(header, values) if k}))
-        return records, []
+        return records, [], [f"{_rows(title)} above the header skipped: a title"] if title else []
     finally:
         book.close()
 
@@ -502,6 +519,20 @@ def _json_array_records(path: Path, raw: str) -> tuple[list[tuple[int, object]],
         return records, [f"{path}:{line_at(pos)}: text after the JSON array ends; a file holds one array of records, "
                          "or one record per line (JSONL)"]
     return records, []
+
+
+# Rows a spreadsheet often has above its header: a title ("员工常见问题汇总（2025版）"), a blank row. A header names at
+# least two columns: rows of at most one filled cell before the first row of two are skipped, up to this many.
+_TITLE_ROWS = 5
+
+
+def _title_rows(first_rows) -> int:
+    """How many of the leading rows are a title or blank above the header (see _TITLE_ROWS); 0 if none."""
+    for i, row in enumerate(first_rows):
+        filled = sum(1 for cell in row if str(cell if cell is not None else "").strip())
+        if filled >= 2:
+            return i if i <= _TITLE_ROWS else 0
+    return 0
 
 
 def _csv_header(path: Path, reader) -> list[str]:

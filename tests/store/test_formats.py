@@ -246,6 +246,34 @@ def test_chinese_windows_csv_in_gbk_and_excel_unicode_text_are_read_and_said(tmp
             read_examples_file(latin)
 
 
+def test_a_title_above_the_header_of_a_sheet_or_csv_is_skipped_and_said(tmp_path):
+    """Spreadsheets kept by people often start with a title row, and a blank one, above the header."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    for row in (["员工常见问题汇总（2025版）"], [], ["序号", "问题", "答案"], [1, "仓库几点开门？", "早上七点。"],
+                [2, "叉车证多久复审？", None]):
+        book.active.append(row)
+    sheet = tmp_path / "faq.xlsx"
+    book.save(sheet)
+    with pytest.raises(ImportFileError) as err:
+        read_examples_file(sheet)
+    assert err.value.problems == [f"{sheet}:5: missing or empty `答案`"]  # the sheet's own row numbers
+    book.active.delete_rows(5)
+    book.save(sheet)
+    read = read_examples_file(sheet)
+    assert read.examples == [NewExample("仓库几点开门？", "早上七点。")]
+    assert read.description == "question = 问题, answer = 答案 (2 rows above the header skipped: a title)"
+    csv_file = tmp_path / "faq.csv"
+    csv_file.write_text("Staff FAQ,,\nquestion,answer,owner\nWhen do we open?,At 7.,Ops\n", encoding="utf-8")
+    read = read_examples_file(csv_file)
+    assert read.examples == [NewExample("When do we open?", "At 7.")] and read.lines == (3,)
+    assert read.description.endswith("(1 row above the header skipped: a title)")
+    plain = tmp_path / "plain.csv"  # a header on the first row is read as before, nothing said
+    plain.write_text("question,answer\nWhen do we open?,At 7.\n", encoding="utf-8")
+    assert read_examples_file(plain).description == "question = question, answer = answer"
+
+
 def test_an_excel_sheet_is_read_as_a_csv_is_with_rows_as_lines(tmp_path):
     import openpyxl
 
