@@ -251,6 +251,10 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     if not examples:
         raise ImportFileError([f"{path}: no examples in the file"])
     layout, description = _describe(kinds, preamble=preamble, fields=fields)
+    with_system = sum(1 for _, obj in records if _has_system_prompt(obj))
+    if with_system:
+        notes.append(f"`system` of {_rows(with_system)} not used: the bot answers with kbloop's system prompt, and "
+                     "training uses the same")
     description += "".join(f" ({note})" for note in notes)
     return ImportedFile(examples, layout, description, lines=tuple(lines))
 
@@ -428,6 +432,19 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list
     else:
         raise ImportFileError([f"{path}: unknown file type {suffix or '(none)'}; expected .jsonl, .json, .csv or .xlsx"])
     return records, problems, notes
+
+
+def _has_system_prompt(obj: object) -> bool:
+    """A row's own system prompt: LLaMA-Factory's and ms-swift's `system`, or a system turn of a chat."""
+    if not isinstance(obj, dict):
+        return False
+    if isinstance(obj.get("system"), str) and obj["system"].strip():
+        return True
+    turns = obj.get("messages") or obj.get("conversations")
+    return isinstance(turns, list) and any(
+        isinstance(t, dict) and (t.get("role") or t.get("from")) == "system" and str(t.get("content") or
+                                                                                  t.get("value") or "").strip()
+        for t in turns)
 
 
 def _rows(n: int) -> str:

@@ -162,7 +162,9 @@ def test_sharegpt_conversations_as_llama_factory_writes_them(tmp_path):
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
     f = read_examples_file(path)
-    assert (f.layout, f.description) == ("sharegpt", "question = the human turn, answer = the gpt turn (ShareGPT conversations)")
+    assert (f.layout, f.description) == ("sharegpt", "question = the human turn, answer = the gpt turn (ShareGPT "
+                                         "conversations) (`system` of 1 row not used: the bot answers with kbloop's "
+                                         "system prompt, and training uses the same)")
     assert f.examples == [NewExample("诊所周日开门吗？", "不开，周日和法定节假日休息。"),
                           NewExample("Who counts controlled substances?", "The nurses, at every shift change.")]
 
@@ -224,6 +226,19 @@ def test_a_row_with_earlier_turns_in_history_is_refused_not_read_alone(tmp_path)
         read_examples_file(path)
     assert [p.split(": `history` holds ")[0] for p in err.value.problems] == [f"{path}:2", f"{path}:3"]
     assert "1 earlier turn:" in err.value.problems[0] and "2 earlier turns:" in err.value.problems[1]
+    # A row's own system prompt is not used, and the import says so.
+    path = _jsonl(tmp_path / "system.jsonl", [
+        {"system": "You are the depot assistant.", "instruction": "When is the depot open?", "output": "7 to 19."},
+        {"system": "", "instruction": "Who runs nights?", "output": "Li Wei."}])
+    assert read_examples_file(path).description == (
+        "question = instruction, context = input (Alpaca layout) (`system` of 1 row not used: the bot answers with "
+        "kbloop's system prompt, and training uses the same)")
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "system", "content": "You are the depot assistant."}, {"role": "user", "content": "Open on Sunday?"},
+        {"role": "assistant", "content": "No."}]}, {"messages": [
+        {"role": "user", "content": "Open on Monday?"}, {"role": "assistant", "content": "Yes."}]}])
+    assert read_examples_file(chat).description.endswith("(`system` of 1 row not used: the bot answers with kbloop's "
+                                                         "system prompt, and training uses the same)")
 
 
 def test_chinese_windows_csv_in_gbk_and_excel_unicode_text_are_read_and_said(tmp_path):
