@@ -63,6 +63,7 @@ class _HTMLText(HTMLParser):
         self.boilerplate: list[str] = []  # the text of nav and footer elements
         self._tables: list[list[int]] = []  # per open table: [rows so far, cells in this row, all of them <th>]
         self._in_cell = 0
+        self._pre = 0  # inside <pre>, line breaks are the text's own; elsewhere they are spaces, as a browser shows
 
     def handle_starttag(self, tag, attrs):
         if tag == "title":
@@ -86,6 +87,7 @@ class _HTMLText(HTMLParser):
             self._tables.append([0, 0, 1])
             self._out().append("\n\n")
         elif tag in _HTML_BLOCKS and not (self._tables and tag in ("thead", "tbody")):
+            self._pre += tag == "pre"
             self._out().append(" " if self._in_cell else "\n\n")  # a cell's paragraphs stay on its row
 
     def handle_endtag(self, tag):
@@ -106,6 +108,7 @@ class _HTMLText(HTMLParser):
             self._tables.pop()
             self._out().append("\n\n")
         elif tag in _HTML_BLOCKS and not (self._tables and tag in ("thead", "tbody")):
+            self._pre = max(0, self._pre - (tag == "pre"))
             self._out().append(" " if self._in_cell else "\n\n")
 
     def handle_data(self, data):
@@ -117,7 +120,7 @@ class _HTMLText(HTMLParser):
             if data.strip():  # text between a table's cells (not valid HTML): a line of its own
                 self._out().append("\n" + data.strip())
         else:
-            self._out().append(" ".join(data.split("\n")) if self._in_cell else data)
+            self._out().append(data if self._pre and not self._in_cell else data.replace("\n", " "))
 
     def _out(self) -> list[str]:
         return self.boilerplate if self._boilerplate else self.parts

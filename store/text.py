@@ -35,7 +35,12 @@ def decode_text(data: bytes) -> tuple[str, str]:
     text"); or GB18030, the superset of GBK and GB2312 that Excel and Notepad on Chinese Windows save in, when
     the file is not UTF-8 and 90% of its non-ASCII characters are GB2312's (so Latin-1 "Zwei für alle", which
     decodes as GBK, is not taken for it). Otherwise raises the UTF-8 reading's UnicodeDecodeError, whose
-    `start` is where it failed."""
+    `start` is where it failed. Windows' line ends (\r\n) and old Macs' (\r) come back as \n."""
+    text, encoding = _decoded(data)
+    return text.replace("\r\n", "\n").replace("\r", "\n"), encoding
+
+
+def _decoded(data: bytes) -> tuple[str, str]:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16"), "UTF-16"
     try:

@@ -148,6 +148,19 @@ def test_an_empty_page_in_a_folder_is_skipped_and_said_but_refused_when_named(wo
     assert r.exit_code == 1 and "every document found is empty" in r.stderr
 
 
+def test_windows_line_ends_and_wrapped_html_read_as_a_browser_shows_them(workspace, tmp_path, db_path):
+    kb = tmp_path / "docs"
+    kb.mkdir()
+    (kb / "parking.md").write_bytes(b"# Parking\r\n\r\nStaff park in lot B.\r\nVisitors in lot A.\r\n")  # Notepad
+    (kb / "vpn.html").write_bytes(b"<html><body>\r\n<p>Install the client,\r\n   then sign in\nwith SSO.</p>\r\n"
+                                  b"<pre>wg-quick up\n  office</pre></body></html>")  # an exported page, wrapped
+    assert workspace("kb", "import", kb, "--no-embed").exit_code == 0
+    rows = open_db(db_path).execute("SELECT doc_path, title, content FROM kb_docs ORDER BY doc_path").fetchall()
+    assert rows == [("parking.md", "Parking", "# Parking\n\nStaff park in lot B.\nVisitors in lot A."),
+                    ("vpn.html", "Install the client, then sign in with SSO.",
+                     "Install the client, then sign in with SSO.\n\nwg-quick up\noffice")]
+
+
 def test_documents_saved_in_gbk_are_read_and_latin_1_is_refused_whole(workspace, tmp_path, db_path):
     """Notepad and Word on Chinese Windows save plain text in GBK; an HTML export may say `charset=gb2312`."""
     kb = tmp_path / "docs"

@@ -248,6 +248,9 @@ def test_chinese_windows_csv_in_gbk_and_excel_unicode_text_are_read_and_said(tmp
     read = read_examples_file(gbk)
     assert read.examples == [NewExample("仓库几点开门？", "早上七点。"), NewExample("“叉车证”多久复审？", "每四年一次。")]
     assert read.description == "question = 问题, answer = 答案 (the file's text is GB18030, not UTF-8)"
+    crlf = tmp_path / "crlf.csv"  # Excel's CSV: \r\n between rows and inside a quoted, multi-line cell
+    crlf.write_bytes(b'question,answer\r\nWhere is lot B?,"Behind gate 2.\r\nAsk security for a pass."\r\n')
+    assert read_examples_file(crlf).examples == [NewExample("Where is lot B?", "Behind gate 2.\nAsk security for a pass.")]
     utf16 = tmp_path / "unicode.tsv"
     utf16.write_bytes("question\tanswer\nWhere is lot B?\tBehind gate 2.\n".encode("utf-16"))
     assert read_examples_file(utf16).examples == [NewExample("Where is lot B?", "Behind gate 2.")]
