@@ -104,6 +104,8 @@ def import_file(db: sqlite_utils.Database, viewer: Viewer, path: str | Path | No
         head = f"Nothing imported: {len(lines)} problem(s)" if isinstance(exc, ImportFileError) else "Nothing imported"
         return Outcome(False, head + "\n" + "\n".join(lines))
     message = result.summary(name)
+    if result.other_answers:
+        message += "\n" + "\n".join(line.replace(str(path), name) for line in result.other_answers)
     if result.held:
         message += f"\n{len(result.held)} row(s) hold secrets or personal data: review them before approving.\n"
         message += "\n".join(line.replace(str(path), name) for line in result.held)

@@ -35,11 +35,12 @@ from store.examples import (
     MAX_QUESTION_CHARS,
     NewExample,
     add_examples,
+    example_hash,
     example_problems,
 )
 from store.sensitive import describe, find_sensitive_in
 from store.teams import require_team
-from store.text import decode_text
+from store.text import decode_text, normalize
 
 # The longest CSV field read at all: the largest text an example may hold, with room for quoting. Python's csv
 # stops at 128 KiB by default with an exception that names no line.
@@ -84,12 +85,18 @@ class ImportResult:
     status: str  # what the examples were added as
     held: tuple[str, ...] = ()  # `FILE:LINE: reason` of rows held as pending because the scan flagged them
     notices: tuple[str, ...] = ()  # `FILE:LINE: …` of contact details imported (shown, not refused)
+    # `FILE:LINE: …` of rows not added because their question already has another answer (of the duplicates)
+    other_answers: tuple[str, ...] = ()
 
     def summary(self, name: str, team: str | None = None) -> str:
         """What the CLI and the playground say first: how many were added, as what, and how the file was read."""
+        same = self.duplicates - len(self.other_answers)
+        n = len(self.other_answers)
+        other = (f", {n} not added because {'its' if n == 1 else 'their'} question already has another answer "
+                 "(below)" if n else "")
         return (f"{name}: {self.added} example{'' if self.added == 1 else 's'} imported as {self.status}"
-                f"{f' for team {team}' if team else ''}, {self.duplicates} duplicate{'' if self.duplicates == 1 else 's'} "
-                f"skipped.\nRead as: {self.description}")
+                f"{f' for team {team}' if team else ''}, {same} duplicate{'' if same == 1 else 's'} skipped{other}."
+                f"\nRead as: {self.description}")
 
 
 def _text_field(obj: dict, key: str) -> str | None:
@@ -322,9 +329,35 @@ def import_examples(db: sqlite_utils.Database, path: Path | str, *, status: str 
     if flagged and status == "approved":
         raise ImportFileError(flagged + [f"{path}: nothing imported: {len(flagged)} row(s) hold secrets or personal "
                                          "data; redact them, or import with --status pending to review them"])
+    other_answers = _other_answers(db, path, imported, team=team)
     added, dupes = add_examples(db, imported.examples, status=status, source="import",
                                 reviewer=reviewer if status == "approved" else None, team=team)
-    return ImportResult(added, dupes, imported.description, status, held=tuple(flagged), notices=tuple(notices))
+    return ImportResult(added, dupes, imported.description, status, held=tuple(flagged), notices=tuple(notices),
+                        other_answers=tuple(other_answers))
+
+
+def _other_answers(db: sqlite_utils.Database, path: Path | str, imported: ImportedFile, *,
+                   team: str | None) -> list[str]:
+    """`FILE:LINE: …` for each row whose question (with its context) is already there, in the store or earlier
+    in the file, with another answer: such a row is skipped as a duplicate, and an updated answer in a re-imported
+    file must not vanish unsaid. Which answer is right is a curator's call: the message says how to change it."""
+    hashes = [example_hash(ex.question, ex.input, team) for ex in imported.examples]
+    stored = {row[0]: row[1:] for row in db.execute(
+        f"SELECT content_hash, id, answer, status FROM examples WHERE content_hash IN "
+        f"({','.join('?' * len(set(hashes)))})", list(set(hashes))).fetchall()} if hashes else {}
+    first: dict[str, tuple[int, str]] = {}
+    out = []
+    for ex, h, line in zip(imported.examples, hashes, imported.lines):
+        if h in stored and normalize(stored[h][1]) != normalize(ex.answer):
+            ex_id, _, ex_status = stored[h]
+            out.append(f"{path}:{line}: example #{ex_id} ({ex_status}) already holds this question with another "
+                       f"answer; kept (`kbloop review approve {ex_id} --answer …` or the playground's Review tab "
+                       "changes it)")
+        elif h not in stored and h in first and normalize(first[h][1]) != normalize(ex.answer):
+            out.append(f"{path}:{line}: the same question as line {first[h][0]} with another answer; the first "
+                       "was added")
+        first.setdefault(h, (line, ex.answer))
+    return out
 
 
 def _field_reader(path: Path, records: list[object], question_field: str | None, answer_field: str | None):

@@ -201,6 +201,8 @@ def data_import(
     result = import_examples(c.db, file, status=status, reviewer="import", question_field=question_field,
                              answer_field=answer_field, team=team)
     typer.echo(result.summary(str(file), team))
+    for line in result.other_answers:
+        typer.echo(line, err=True)
     if result.held:
         typer.echo(f"{len(result.held)} row(s) hold secrets or personal data; review them before approving:", err=True)
         for line in result.held:

@@ -389,3 +389,28 @@ def test_import_examples_lists_contact_details_without_refusing(db, tmp_path):
     path = _jsonl(tmp_path / "contact.jsonl", [{"question": "Payroll?", "answer": "Ask payroll@example.com."}])
     result = import_examples(db, path, reviewer="import")
     assert result.added == 1 and result.notices == (f"{path}:1: contact details e-mail address (payr…om)",)
+
+
+def test_another_answer_to_a_question_already_there_is_said_not_skipped_as_a_duplicate(db, tmp_path):
+    """A company re-imports its FAQ with an updated answer: the approved one stays (a curator decides which is right),
+    but the row is named, with how to change it, instead of counting as one more duplicate."""
+    from store.formats import import_examples
+
+    first = _jsonl(tmp_path / "faq.jsonl", [{"question": "Where is lot B?", "answer": "Behind gate 2."},
+                                            {"question": "Where is lot B?", "answer": "Next to the canteen."},
+                                            {"question": "Where is lot A?", "answer": "By reception."}])
+    result = import_examples(db, first, reviewer="import")
+    assert (result.added, result.duplicates) == (2, 1)
+    assert result.other_answers == (f"{first}:2: the same question as line 1 with another answer; the first was added",)
+    [lot_b] = [e for e in list_examples(db) if e.question == "Where is lot B?"]
+    updated = _jsonl(tmp_path / "faq-v2.jsonl", [{"question": "Where is lot B?", "answer": "Behind gate 3 since March."},
+                                                 {"question": "Where is lot A?", "answer": "By reception."}])
+    result = import_examples(db, updated, reviewer="import")
+    assert (result.added, result.duplicates) == (0, 2)
+    assert result.other_answers == (
+        f"{updated}:1: example #{lot_b.id} (approved) already holds this question with another answer; kept "
+        f"(`kbloop review approve {lot_b.id} --answer …` or the playground's Review tab changes it)",)
+    assert result.summary("faq-v2.jsonl").startswith(
+        "faq-v2.jsonl: 0 examples imported as approved, 1 duplicate skipped, 1 not added because its question already "
+        "has another answer (below).")
+    assert [e.answer for e in list_examples(db) if e.question == "Where is lot B?"] == ["Behind gate 2."]
