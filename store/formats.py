@@ -342,9 +342,13 @@ def _other_answers(db: sqlite_utils.Database, path: Path | str, imported: Import
     in the file, with another answer: such a row is skipped as a duplicate, and an updated answer in a re-imported
     file must not vanish unsaid. Which answer is right is a curator's call: the message says how to change it."""
     hashes = [example_hash(ex.question, ex.input, team) for ex in imported.examples]
-    stored = {row[0]: row[1:] for row in db.execute(
-        f"SELECT content_hash, id, answer, status FROM examples WHERE content_hash IN "
-        f"({','.join('?' * len(set(hashes)))})", list(set(hashes))).fetchall()} if hashes else {}
+    unique = sorted(set(hashes))
+    stored = {}
+    for i in range(0, len(unique), 500):  # SQLite caps the parameters of one statement
+        batch = unique[i:i + 500]
+        stored.update({row[0]: row[1:] for row in db.execute(
+            f"SELECT content_hash, id, answer, status FROM examples WHERE content_hash IN ({','.join('?' * len(batch))})",
+            batch).fetchall()})
     first: dict[str, tuple[int, str]] = {}
     out = []
     for ex, h, line in zip(imported.examples, hashes, imported.lines):
