@@ -40,7 +40,7 @@ from store.examples import (
 )
 from store.sensitive import describe, find_sensitive_in
 from store.teams import require_team
-from store.text import decode_text, normalize
+from store.text import count, decode_text, normalize
 
 # The longest CSV field read at all: the largest text an example may hold, with room for quoting. Python's csv
 # stops at 128 KiB by default with an exception that names no line.
@@ -260,7 +260,7 @@ def read_examples_file(path: Path | str, *, question_field: str | None = None,
     layout, description = _describe(kinds, preamble=preamble, fields=fields)
     with_system = sum(1 for _, obj in records if _has_system_prompt(obj))
     if with_system:
-        notes.append(f"`system` of {_rows(with_system)} not used: the bot answers with kbloop's system prompt, and "
+        notes.append(f"`system` of {count(with_system, 'row')} not used: the bot answers with kbloop's system prompt, and "
                      "training uses the same")
     description += "".join(f" ({note})" for note in notes)
     return ImportedFile(examples, layout, description, lines=tuple(lines))
@@ -444,7 +444,7 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list
             for _ in range(title):
                 next(reader)
             if title:
-                notes.append(f"{_rows(title)} above the header skipped: a title")
+                notes.append(f"{count(title, 'row')} above the header skipped: a title")
             header = _csv_header(path, reader)
             while True:
                 try:
@@ -484,10 +484,6 @@ def _has_system_prompt(obj: object) -> bool:
         for t in turns)
 
 
-def _rows(n: int) -> str:
-    return f"{n} row{'' if n == 1 else 's'}"
-
-
 def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list[str]]:
     """The first sheet of an Excel workbook, read as a CSV is: its header row (the first, or the first under a
     title: _title_rows) names the columns, each row after it is a record (row number as its line). Numbers and
@@ -511,7 +507,7 @@ def _xlsx_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list
             if not any(v.strip() for v in values):
                 continue  # an empty row, as spreadsheets keep between blocks
             records.append((number, {k: v for k, v in zip(header, values) if k}))
-        return records, [], [f"{_rows(title)} above the header skipped: a title"] if title else []
+        return records, [], [f"{count(title, 'row')} above the header skipped: a title"] if title else []
     finally:
         book.close()
 

@@ -57,6 +57,11 @@ def _decoded(data: bytes) -> tuple[str, str]:
     raise utf8_error
 
 
+def count(n: int, noun: str) -> str:
+    """"1 document", "3 documents": a count with its noun (plural by -s), for what users read."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def now() -> str:
     """UTC timestamp, ISO 8601 with microseconds: sorts as text."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")

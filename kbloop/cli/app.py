@@ -42,11 +42,6 @@ def ctx() -> Context:
     return Context()
 
 
-def count(n: int, noun: str) -> str:
-    """"1 document", "3 documents": a count with its noun (plural by -s)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def fail(message: str) -> None:
     raise UserError(message)
 

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from kbloop.cli.app import app, count, ctx, fail
+from kbloop.cli.app import app, ctx, fail
 from kbloop.settings import ENV_EXAMPLE
 from store.teams import SHARED, require_team
+from store.text import count
 
 kb_app = typer.Typer(help="The knowledge base the bot answers from.", no_args_is_help=True)
 data_app = typer.Typer(help="Training examples: import, export, statistics.", no_args_is_help=True)

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from kbloop.cli.app import app, count, ctx
+from kbloop.cli.app import app, ctx
 from store.adapters import active_adapter
 from store.teams import add_team, list_teams, parse_channels, remove_team, team_row_counts
+from store.text import count
 
 teams_app = typer.Typer(
     help="Teams: each with its Slack channels, its examples and documents, and its own active adapter.",
