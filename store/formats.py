@@ -94,8 +94,8 @@ class ImportResult:
         n = len(self.other_answers)
         other = (f", {n} not added because {'its' if n == 1 else 'their'} question already has another answer "
                  "(below)" if n else "")
-        return (f"{name}: {self.added} example{'' if self.added == 1 else 's'} imported as {self.status}"
-                f"{f' for team {team}' if team else ''}, {same} duplicate{'' if same == 1 else 's'} skipped{other}."
+        return (f"{name}: {count(self.added, 'example')} imported as {self.status}"
+                f"{f' for team {team}' if team else ''}, {count(same, 'duplicate')} skipped{other}."
                 f"\nRead as: {self.description}")
 
 
@@ -171,7 +171,7 @@ def _refuse_history(obj: dict) -> None:
     history = obj.get("history")
     if history in (None, "", []):
         return
-    turns = f"{len(history)} earlier turn{'s' if len(history) != 1 else ''}" if isinstance(history, list) else "turns"
+    turns = count(len(history), "earlier turn") if isinstance(history, list) else "turns"
     raise ValueError(f"`history` holds {turns}: kbloop trains single questions, and this one read alone may not "
                      "ask what its answer answers (put what it needs into the question, or leave the row out)")
 
