@@ -117,8 +117,8 @@ class _HTMLText(HTMLParser):
         elif self._skip:
             return
         elif self._tables and not self._in_cell:
-            if data.strip():  # text between a table's cells (not valid HTML): a line of its own
-                self._out().append("\n" + data.strip())
+            if data.strip():  # a <caption>, or stray text between cells: a paragraph of its own, before the rows
+                self._out().append("\n\n" + " ".join(data.split()) + "\n\n")
         else:
             self._out().append(data if self._pre and not self._in_cell else data.replace("\n", " "))
 

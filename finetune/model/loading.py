@@ -50,6 +50,12 @@ def is_tiny_base(path: str | Path) -> bool:
     return (Path(path) / "TINY.md").exists()
 
 
+def names_tiny(base: str) -> bool:
+    """Whether a base as configured (`tiny`, a folder, a hub id) trains with TINY_DEFAULTS, without building
+    `tiny` to find out (resolve_base builds it)."""
+    return base == TINY or is_tiny_base(base)
+
+
 def compute_dtype():
     """bf16 where the hardware has it (CUDA with bf16), else fp16 on older GPUs, fp32 on the CPU (never fp16)."""
     import torch

@@ -238,12 +238,12 @@ def data_export(
         fail(f"--passages must be 0 or more, not {passages}")
     c = ctx()
     if as_trained:
-        from finetune.model.loading import TINY, is_tiny_base
+        from finetune.model.loading import names_tiny
         from finetune.training.config import TrainConfig, prompt_passages
         from finetune.training.data import as_trained_records
 
         base = c.settings.base_model
-        k = prompt_passages(TrainConfig(base=base, k_passages=passages), tiny=base == TINY or is_tiny_base(base))
+        k = prompt_passages(TrainConfig(base=base, k_passages=passages), tiny=names_tiny(base))
         records, left_out = as_trained_records(c.db, format, k=k, team=require_team(c.db, team))
         write_jsonl(out, records)
         n = len(records)

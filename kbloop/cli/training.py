@@ -183,11 +183,11 @@ def train(
 def _echo_defaults(config, examples, *, label: str | None = None) -> None:
     """Say which defaults apply (before the long part), as the trainer will resolve them; `label` names the
     run when it is not a registered version (`file:qa.jsonl`)."""
-    from finetune.model.loading import TINY, is_tiny_base
+    from finetune.model.loading import names_tiny
     from finetune.training.config import resolve_config
     from finetune.training.recommend import profile_examples
 
-    tiny = config.base == TINY or is_tiny_base(config.base)
+    tiny = names_tiny(config.base)
     try:
         resolved, notes = resolve_config(config, tiny=tiny, n_examples=len(examples),
                                          profile=profile_examples(examples) if config.rank == "auto" else None)
@@ -298,7 +298,7 @@ def sweep(
     exact match) is named for `kbloop promote`. The `tiny` base trains with full fine-tuning by default (its
     weights are random), which has no rank: on tiny the sweep needs --method lora.
     """
-    from finetune.model.loading import TINY, is_tiny_base
+    from finetune.model.loading import names_tiny
     from finetune.registry.candidates import train_candidate
     from finetune.registry.folders import next_free_version
     from finetune.training.config import SEED_DEFAULTS, TINY_DEFAULTS
@@ -313,7 +313,7 @@ def sweep(
         fail("--method full has no rank to sweep")
     c = ctx()
     base = base or c.settings.base_model
-    tiny = base == TINY or is_tiny_base(base)
+    tiny = names_tiny(base)
     defaults = TINY_DEFAULTS if tiny else SEED_DEFAULTS
     if (method or defaults["method"]) == "full":  # the rank would be ignored: N equal runs, not a sweep
         fail("the `tiny` base trains with full fine-tuning by default (random weights), which has no rank to sweep; "

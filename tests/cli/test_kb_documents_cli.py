@@ -220,7 +220,8 @@ def test_an_exported_wiki_page_keeps_its_table_cells_apart_and_drops_navigation(
         encoding="utf-8")
     (kb / "menu.html").write_text("<nav><a>Home</a><p>Canteen menu: soup on Mondays.</p>", encoding="utf-8")  # unclosed
     rows = "".join(f"<tr>\n  <td>Part {i}</td>\n  <td><p>Shelf {i}</p><p>aisle {i % 7}</p></td>\n</tr>" for i in range(80))
-    (kb / "parts.html").write_text(f"<h1>Parts</h1><table><thead><tr><th>Part</th><th>Where</th></tr></thead>"
+    (kb / "parts.html").write_text(f"<h1>Parts</h1><table><caption>Where parts\n are kept</caption>"
+                                   f"<thead><tr><th>Part</th><th>Where</th></tr></thead>"
                                    f"<tbody>{rows}</tbody></table>", encoding="utf-8")  # longer than a passage
     assert workspace("kb", "import", kb, "--no-embed").exit_code == 0
     content = dict(open_db(db_path).execute("SELECT doc_path, content FROM kb_docs").fetchall())
@@ -229,6 +230,8 @@ def test_an_exported_wiki_page_keeps_its_table_cells_apart_and_drops_navigation(
     assert content["menu.html"] == "Home\n\nCanteen menu: soup on Mondays."  # nothing outside the nav: read whole
     parts = [row[0] for row in open_db(db_path).execute(
         "SELECT content FROM kb_docs WHERE doc_path = 'parts.html' ORDER BY chunk_index")]
-    assert len(parts) > 2 and all("Part | Where\n--- | ---\nPart " in p for p in parts)  # each piece under the header
+    assert parts[0].split("\n\n")[:2] == ["Parts", "Where parts are kept"]  # the caption: a paragraph of its own
+    with_rows = [p for p in parts if "| Shelf " in p]
+    assert len(with_rows) > 2 and all("Part | Where\n--- | ---\nPart " in p for p in with_rows)  # each under the header
     assert [line for p in parts for line in p.split("\n") if line.startswith("Part ") and line != "Part | Where"] == [
         f"Part {i} | Shelf {i} aisle {i % 7}" for i in range(80)]
