@@ -438,7 +438,7 @@ def _read_records(path: Path) -> tuple[list[tuple[int, object]], list[str], list
         previous_limit = csv.field_size_limit(_MAX_CSV_FIELD)
         try:
             try:
-                title = _title_rows(itertools.islice(csv.reader(io.StringIO(raw), delimiter=delimiter), _TITLE_ROWS + 1))
+                title = _title_rows(csv.reader(io.StringIO(raw), delimiter=delimiter))
             except csv.Error:
                 title = 0  # the header's own reading reports it
             for _ in range(title):
@@ -576,12 +576,11 @@ def _json_array_records(path: Path, raw: str) -> tuple[list[tuple[int, object]],
 _TITLE_ROWS = 5
 
 
-def _title_rows(first_rows) -> int:
+def _title_rows(rows) -> int:
     """How many of the leading rows are a title or blank above the header (see _TITLE_ROWS); 0 if none."""
-    for i, row in enumerate(first_rows):
-        filled = sum(1 for cell in row if str(cell if cell is not None else "").strip())
-        if filled >= 2:
-            return i if i <= _TITLE_ROWS else 0
+    for i, row in enumerate(itertools.islice(rows, _TITLE_ROWS + 1)):
+        if sum(1 for cell in row if str(cell if cell is not None else "").strip()) >= 2:
+            return i
     return 0
 
 
